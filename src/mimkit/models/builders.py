@@ -1,0 +1,62 @@
+"""Registered MAE builders: the official B/L/H recipes, CPU-sized tiny/small presets, and the seeds' aliases."""
+
+from __future__ import annotations
+
+from mimkit.models.mae import MaskedAutoencoderViT
+from mimkit.models.registry import register_alias, register_model
+
+# Constructor options a user may override on any MAE preset.
+MAE_OPTIONS = (
+    "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path",
+)
+
+
+def _mae(defaults: dict, overrides: dict) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(**{**defaults, **overrides})
+
+
+def _preset(fn):
+    fn.accepts = MAE_OPTIONS
+    return register_model(fn)
+
+
+@_preset
+def mae_vit_tiny_patch16(**kw) -> MaskedAutoencoderViT:
+    """ViT-Ti/16 encoder (192-d, 12 blocks, 3 heads), decoder 128-d, 4 blocks, 4 heads: trains on a CPU."""
+    return _mae(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                     decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), kw)
+
+
+@_preset
+def mae_vit_small_patch16(**kw) -> MaskedAutoencoderViT:
+    """ViT-S/16 encoder (384-d, 12 blocks, 6 heads), decoder 256-d, 4 blocks, 8 heads."""
+    return _mae(dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                     decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8), kw)
+
+
+@_preset
+def mae_vit_base_patch16(**kw) -> MaskedAutoencoderViT:
+    """ViT-B/16 encoder, decoder 512-d, 8 blocks, 16 heads (MAE paper)."""
+    return _mae(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kw)
+
+
+@_preset
+def mae_vit_large_patch16(**kw) -> MaskedAutoencoderViT:
+    """ViT-L/16 encoder, decoder 512-d, 8 blocks, 16 heads (MAE paper)."""
+    return _mae(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kw)
+
+
+@_preset
+def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
+    """ViT-H/14 encoder, decoder 512-d, 8 blocks, 16 heads (MAE paper)."""
+    return _mae(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kw)
+
+
+for _size, _patch in (("base", 16), ("large", 16), ("huge", 14)):
+    # official names (facebookresearch/mae models_mae.py) and seed 000's continual names
+    register_alias(f"mae_vit_{_size}_patch{_patch}_dec512d8b", f"mae_vit_{_size}_patch{_patch}")
+    register_alias(f"continual_mae_vit_{_size}_patch{_patch}", f"mae_vit_{_size}_patch{_patch}")

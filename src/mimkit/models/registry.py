@@ -1,0 +1,70 @@
+"""Model registry: the builder function's name is the model name; aliases map the seeds' names."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch.nn as nn
+
+from mimkit.errors import UserError, suggest
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register `fn` under its own name."""
+    _BUILDERS[fn.__name__] = fn
+    return fn
+
+
+def register_alias(alias: str, target: str) -> None:
+    """Register another name for an existing model (e.g. the official or a seed's name)."""
+    _ALIASES[alias] = target
+
+
+def list_models(include_aliases: bool = True) -> list[str]:
+    """Every registered model name (sorted), aliases included unless asked otherwise."""
+    _import_builders()
+    names = set(_BUILDERS) | (set(_ALIASES) if include_aliases else set())
+    return sorted(names)
+
+
+def resolve_name(name: str) -> str:
+    """Alias -> canonical model name; unknown names raise UserError with the closest match."""
+    _import_builders()
+    if name in _BUILDERS:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    raise UserError(f"unknown model '{name}'{suggest(name, list_models())}; `mimkit models` lists them")
+
+
+def model_kwargs(name: str) -> set[str]:
+    """The override names a model accepts."""
+    fn = _BUILDERS[resolve_name(name)]
+    return set(getattr(fn, "accepts", ())) or set(inspect.signature(fn).parameters) - {"kwargs"}
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model, applying overrides such as img_size, patch_size, in_chans, norm_pix_loss."""
+    canonical = resolve_name(name)
+    fn = _BUILDERS[canonical]
+    allowed = model_kwargs(canonical)
+    for key in overrides:
+        if allowed and key not in allowed:
+            raise UserError(
+                f"model '{name}' has no option '{key}'{suggest(key, allowed)}; options: {', '.join(sorted(allowed))}"
+            )
+    try:
+        model = fn(**overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build model '{name}' with {overrides}: {e}") from None
+    model.model_name = canonical
+    return model
+
+
+def _import_builders() -> None:
+    # Importing the builder modules fills the registry; done lazily so registry.py has no cycles.
+    from mimkit.models import builders  # noqa: F401
