@@ -1,0 +1,1 @@
+"""Data: folders, built-in sets, transforms; `open_dataset` is the entry point tasks call."""

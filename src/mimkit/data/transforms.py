@@ -1,0 +1,177 @@
+"""Image pipelines: MAE pretraining, evaluation, fine-tuning (official recipes) and joint image+mask for segmentation.
+
+Every pipeline takes a PIL image and returns a normalised float tensor (C, H, W). `input_size` is an int or (H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import AugmentOp
+from timm.data.auto_augment import posterize as timm_posterize
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+# The official eval recipe resizes to input_size / 0.875 (224 -> 256) before the centre crop.
+EVAL_CROP_PCT = 0.875
+# One-channel inputs use the mean of ImageNet's per-channel statistics (the usual grayscale convention).
+GRAY_MEAN = (sum(IMAGENET_DEFAULT_MEAN) / 3,)
+GRAY_STD = (sum(IMAGENET_DEFAULT_STD) / 3,)
+
+
+def to_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
+    """int or (H, W) (or timm's (C, H, W)) -> (H, W)."""
+    if isinstance(input_size, int):
+        return (input_size, input_size)
+    size = tuple(int(s) for s in input_size)[-2:]
+    if len(size) != 2:
+        raise ValueError(f"input_size must be an int or (H, W), got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def mean_std(in_chans: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation statistics for 3-channel (ImageNet) or 1-channel inputs."""
+    if in_chans == 3:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if in_chans == 1:
+        return GRAY_MEAN, GRAY_STD
+    raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+
+
+class ConvertMode:
+    """PIL image -> the given mode ('RGB' or 'L'); a class rather than a lambda so DataLoader workers can pickle it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+def _mode(in_chans: int) -> ConvertMode:
+    mean_std(in_chans)  # validates in_chans
+    return ConvertMode("L" if in_chans == 1 else "RGB")
+
+
+def pretrain_transform(
+    input_size: int | Sequence[int], in_chans: int = 3, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True
+) -> T.Compose:
+    """Official MAE pretraining: RandomResizedCrop(0.2-1, bicubic) + flip + ToTensor + normalise -> (C, H, W)."""
+    mean, std = mean_std(in_chans)
+    return T.Compose([
+        _mode(in_chans),
+        T.RandomResizedCrop(to_hw(input_size), scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+        *([T.RandomHorizontalFlip()] if hflip else []),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(input_size: int | Sequence[int], in_chans: int = 3) -> T.Compose:
+    """Official linprobe/finetune eval: resize to size/0.875 (bicubic), centre crop, normalise -> (C, H, W)."""
+    mean, std = mean_std(in_chans)
+    h, w = to_hw(input_size)
+    # An int resizes the shorter side as the official code does; a non-square size resizes both sides (as timm).
+    resize = int(h / EVAL_CROP_PCT) if h == w else (int(h / EVAL_CROP_PCT), int(w / EVAL_CROP_PCT))
+    return T.Compose([
+        _mode(in_chans),
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop((h, w)),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def finetune_transform(
+    input_size: int | Sequence[int],
+    aa: str | None = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    remode: str = "pixel",
+    recount: int = 1,
+    color_jitter: float | None = None,
+    in_chans: int = 3,
+) -> T.Compose:
+    """Official main_finetune training transform, built by timm's create_transform (defaults = official flags)."""
+    mean, std = mean_std(in_chans)
+    timm_tf = create_transform(
+        input_size=to_hw(input_size),
+        is_training=True,
+        color_jitter=color_jitter,
+        auto_augment=aa,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode=remode,
+        re_count=recount,
+        mean=mean,
+        std=std,
+    )
+    for t in timm_tf.transforms:
+        _patch_posterize(t)
+    return T.Compose([_mode(in_chans), *timm_tf.transforms])
+
+
+def _posterize_zero_ok(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, but keeping 0 bits gives the black image older Pillow gave (Pillow 13 raises instead)."""
+    if bits_to_keep < 1:
+        return img.point(lambda _: 0)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _patch_posterize(t: object) -> None:
+    """Swap the posterize op inside timm's RandAugment/AutoAugment: at m9 + mstd0.5 ('rand-m9-mstd0.5-inc1')
+    PosterizeIncreasing sometimes asks to keep 0 bits, which Pillow >= 13 rejects with a ValueError mid-epoch."""
+    ops = list(getattr(t, "ops", []) or [])
+    for sub in getattr(t, "policy", []) or []:  # AutoAugment: a list of sub-policies, each a list of ops
+        ops.extend(sub)
+    for op in ops:
+        if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_zero_ok
+
+
+class SegTransform:
+    """Joint (PIL image, PIL mask) -> (image (C, H, W) float, mask (H, W) long); torchvision v2 resamples masks nearest."""
+
+    def __init__(self, ops: list, in_chans: int = 3) -> None:
+        mean, std = mean_std(in_chans)
+        self.mode = _mode(in_chans)
+        self.ops = v2.Compose([
+            *ops,
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean, std),  # v2.Normalize touches images only, masks pass through
+        ])
+
+    def __call__(self, img: Image.Image, mask: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = v2.functional.to_image(self.mode(img))
+        target = tv_tensors.Mask(torch.from_numpy(np.array(mask, dtype=np.int64)))
+        image, target = self.ops(image, target)
+        return image.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor).long()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.ops})"
+
+
+def seg_train_transform(
+    input_size: int | Sequence[int], scale: tuple[float, float] = (0.5, 1.0), in_chans: int = 3
+) -> SegTransform:
+    """Segmentation training: the same random resized crop (bicubic image, nearest mask) and flip on both."""
+    return SegTransform(
+        [
+            v2.RandomResizedCrop(to_hw(input_size), scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(),
+        ],
+        in_chans,
+    )
+
+
+def seg_eval_transform(input_size: int | Sequence[int], in_chans: int = 3) -> SegTransform:
+    """Segmentation evaluation: resize both to input_size (bicubic image, nearest mask)."""
+    return SegTransform([v2.Resize(to_hw(input_size), interpolation=v2.InterpolationMode.BICUBIC)], in_chans)

@@ -1,0 +1,5 @@
+"""Metrics: RankMe, k-NN classification, forgetting / backward transfer."""
+
+from mimkit.metrics.rankme import rankme
+
+__all__ = ["rankme"]
