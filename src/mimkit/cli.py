@@ -1,0 +1,53 @@
+"""`mimkit <command>`: parses arguments and calls a task; user mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from mimkit.errors import UserError
+
+# command -> (module, one-line description); each module has add_arguments(parser) and run(args) -> int
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("mimkit.tasks.pretrain", "MAE / LocalMIM pretraining (no arguments: the embedded demo)"),
+    "visualize": ("mimkit.tasks.visualize", "original / masked / reconstruction picture from a checkpoint"),
+    "models": ("mimkit.tasks.list_models", "list the registered models with their parameter counts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per command."""
+    from mimkit import __version__
+
+    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit.")
+    parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=(importlib.import_module(module).__doc__ or help_text),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module(module).add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except UserError as e:
+        print(f"mimkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mimkit {args.command}: interrupted; resume with the same command (auto_resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

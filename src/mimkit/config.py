@@ -1,0 +1,301 @@
+"""One config system: OmegaConf structured schemas, YAML/JSON files, familiar flags and dotted overrides.
+
+Layers, later wins: schema defaults <- demo preset (only when no data path is given anywhere)
+<- config file <- command-line flags <- `section.key=value` overrides. The section layout is seed 001's
+(`model / optimization / schedule / data / checkpointing / logging / misc`), so its JSON files load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mimkit.errors import ConfigError, suggest
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    type: str = "mae_vit_large_patch16"  # registered model name (`mimkit models` lists them)
+    norm_pix_loss: bool = False  # predict per-patch normalised pixels (the paper's best setting)
+    mask_ratio: float = 0.75  # fraction of patches removed, in [0, 1)
+    loss_mode: str = "masked_only"  # masked_only (official) | all_pixels (seed 000's dense loss)
+    freeze_mode: str = "none"  # none | encoder_layernorms_only | layernorm_only | encoder_only
+    drop_path: float = 0.0  # stochastic depth rate of the encoder
+    init_from: Optional[str] = None  # weights to start from: official MAE .pth, Hugging Face, mimkit, safetensors
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # other builder options (depth, patch_size, hog_nbins, ...)
+
+
+@dataclass
+class OptimizationConfig:
+    batch_size: int = 64  # per-device batch size
+    accum_iter: int = 1  # gradient accumulation steps
+    base_lr: float = 1.5e-4  # blr: lr = blr * effective batch / 256
+    lr: Optional[float] = None  # absolute lr; overrides base_lr when set
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.05  # not applied to biases, norms, tokens
+    optimizer: str = "adamw"  # adamw (the only choice for pretraining, as the paper)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    gradient_clip: Optional[float] = None  # max grad norm; None = no clipping (official pretraining)
+    on_nonfinite: str = "stop"  # what a NaN/inf loss does: stop | skip (the step)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 400  # training epochs
+    warmup_epochs: float = 40  # linear warmup, per iteration
+    start_epoch: int = 0  # first epoch (a resume overrides it)
+
+
+@dataclass
+class AugmentationConfig:
+    crop_scale_min: float = 0.2  # RandomResizedCrop scale range lower bound
+    crop_scale_max: float = 1.0
+    hflip: bool = True  # random horizontal flip
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = None  # class folders, a flat image folder, or a built-in set; None = the demo
+    input_size: Any = 224  # int or [H, W]
+    num_workers: int = 10  # data-loading worker processes
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass
+class CheckpointingConfig:
+    checkpoint_dir: Optional[str] = None  # default: <output_dir>/checkpoints
+    save_freq_epochs: int = 50  # epoch-N/ every N epochs (and the last); 0 = never
+    save_freq_steps: int = 0  # step-N/ every N optimiser steps; 0 = never
+    keep_last_n: int = 5  # epoch-N/ and step-N/ folders kept (each kind); 0 = keep all
+    safetensors: bool = False  # also write model.safetensors (weights only) beside each checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    print_freq: int = 100  # log a line every N iterations when not on a terminal
+    console_clear_freq: int = 100  # kept for seed 001 configs; the progress bar redraws in place
+    tensorboard: bool = True  # write TensorBoard scalars and images to <output_dir>/tb
+    vis_freq_epochs: int = 1  # reconstruction PNG every N epochs; 0 = only at the end
+
+
+@dataclass
+class EvalConfig:
+    eval_data_path: Optional[str] = None  # labelled folder or built-in set for k-NN / RankMe monitoring
+    eval_every: int = 0  # epochs between evaluations; 0 = never
+    knn_k: List[int] = field(default_factory=lambda: [20])
+
+
+@dataclass
+class FreezeOutConfig:
+    enabled: bool = False  # progressive layer freezing (Brock et al. 2017)
+    how_scale: str = "cubic"  # linear | squared | cubic
+    t_0: float = 0.8  # fraction of training at which the first block freezes (before scaling)
+    scale_lr: bool = True  # raise each block's lr by 1/t_i
+    freeze_heads: bool = False  # freeze a tap's decoder head with its block (LocalMIM ablation)
+
+
+@dataclass
+class MiscConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "./output_dir"  # the run folder
+    resume: Optional[str] = None  # checkpoint to resume from (a .pt file or a checkpoint folder)
+    auto_resume: bool = True  # resume from <checkpoint_dir>/latest.pt when it exists
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    compile: bool = False  # torch.compile the model
+    max_steps: int = 0  # stop after N optimiser steps (smoke tests); 0 = no limit
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
+    misc: MiscConfig = field(default_factory=MiscConfig)
+
+
+# Value constraints: key -> (predicate, what a valid value is). Types are checked by OmegaConf.
+CONSTRAINTS: dict[str, tuple] = {
+    "model.mask_ratio": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "model.loss_mode": (lambda v: v in ("masked_only", "all_pixels"), "masked_only or all_pixels"),
+    "model.freeze_mode": (
+        lambda v: v in ("none", "encoder_layernorms_only", "layernorm_only", "encoder_only"),
+        "none, encoder_layernorms_only, layernorm_only or encoder_only",
+    ),
+    "model.drop_path": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optimization.batch_size": (lambda v: v >= 1, ">= 1"),
+    "optimization.accum_iter": (lambda v: v >= 1, ">= 1"),
+    "optimization.base_lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "optimization.lr": (lambda v: v is None or (v > 0 and math.isfinite(v)), "> 0"),
+    "optimization.min_lr": (lambda v: v >= 0, ">= 0"),
+    "optimization.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optimization.optimizer": (lambda v: v == "adamw", "adamw"),
+    "optimization.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimization.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimization.gradient_clip": (lambda v: v is None or v > 0, "> 0 (or null for no clipping)"),
+    "optimization.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    "schedule.epochs": (lambda v: v >= 1, ">= 1"),
+    "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "schedule.start_epoch": (lambda v: v >= 0, ">= 0"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.augmentation.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.augmentation.crop_scale_max": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "checkpointing.save_freq_epochs": (lambda v: v >= 0, ">= 0"),
+    "checkpointing.save_freq_steps": (lambda v: v >= 0, ">= 0"),
+    "checkpointing.keep_last_n": (lambda v: v >= 0, ">= 0"),
+    "logging.print_freq": (lambda v: v >= 1, ">= 1"),
+    "eval.eval_every": (lambda v: v >= 0, ">= 0"),
+    "freezeout.how_scale": (lambda v: v in ("linear", "squared", "cubic"), "linear, squared or cubic"),
+    "freezeout.t_0": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "misc.amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
+    "misc.max_steps": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k in cfg.keys():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig) and not full.endswith("kwargs"):
+            keys.extend(_all_keys(node, full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{origin}: unknown config key '{key}'{suggest(str(key), _all_keys(schema))}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{origin}: bad value for '{key}': {msg}")
+    return ConfigError(f"{origin}: {str(err).splitlines()[0]} (key '{key}')")
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a plain dict; a missing or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        preset = PRESET_DIR / path
+        if preset.is_file():
+            p = preset
+        else:
+            raise ConfigError(f"config file not found: {path}")
+    try:
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return _strip_seed001_extras(data)
+
+
+def _strip_seed001_extras(data: dict) -> dict:
+    # seed 001's JSON spells the augmentation block as "{...}" in its docs; an empty dict is fine, and
+    # "misc.resume" may be "" (meaning none), as in the official repo's argparse default.
+    misc = data.get("misc")
+    if isinstance(misc, dict) and misc.get("resume") == "":
+        misc["resume"] = None
+    return data
+
+
+def parse_dotlist(items: list[str]) -> dict:
+    """`a.b=1` items -> nested dict, values parsed as YAML scalars/lists."""
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+
+
+def build_config(
+    schema: type,
+    layers: list[tuple[str, dict]],
+    demo_preset: Optional[str] = None,
+) -> DictConfig:
+    """Merge `layers` (origin, dict) over the schema's defaults, check every key, type and value.
+
+    When `demo_preset` is given and no layer sets data.data_path, that preset is merged first.
+    """
+    schema_cfg = OmegaConf.structured(schema)
+    if demo_preset and not any(_get(d, "data.data_path") for _, d in layers):
+        layers = [(demo_preset, load_file(demo_preset))] + layers
+    cfg = schema_cfg
+    for origin, data in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema_cfg, origin) from None
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value constraints and cross-field rules; raise ConfigError naming the key."""
+    for key, (ok, valid) in CONSTRAINTS.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except OmegaConfBaseException:
+            continue
+        if key.startswith("freezeout.") and "freezeout" not in cfg:
+            continue
+        if not ok(value):
+            raise ConfigError(f"bad value for '{key}': {value!r} (must be {valid})")
+    if "data" in cfg:
+        size = input_size(cfg)
+        if any(s < 1 for s in size):
+            raise ConfigError(f"bad value for 'data.input_size': {size} (must be positive)")
+        if cfg.data.augmentation.crop_scale_min > cfg.data.augmentation.crop_scale_max:
+            raise ConfigError("data.augmentation.crop_scale_min must not exceed crop_scale_max")
+
+
+def input_size(cfg: DictConfig) -> tuple[int, int]:
+    """data.input_size as an (H, W) pair."""
+    v = cfg.data.input_size
+    if isinstance(v, (list, tuple, ListConfig)):
+        if len(v) != 2 or not all(isinstance(x, int) for x in v):
+            raise ConfigError(f"bad value for 'data.input_size': {list(v)} (an int or [H, W])")
+        return int(v[0]), int(v[1])
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(f"bad value for 'data.input_size': {v!r} (an int or [H, W])")
+    return v, v
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain nested dict (for checkpoints and results files)."""
+    return OmegaConf.to_container(cfg, resolve=True)

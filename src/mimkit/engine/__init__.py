@@ -1,0 +1,1 @@
+"""The one training engine: loop, optimiser groups and schedules, checkpoints, logging, distributed."""

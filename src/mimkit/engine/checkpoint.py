@@ -1,0 +1,199 @@
+"""One checkpoint format, written atomically: epoch-N/ and step-N/ folders, latest.pt, final.pt, keep_last_n.
+
+A checkpoint is a dict with `model`, `optimizer`, `scaler`, `scheduler`, `epoch`, `step`, `config`, `rng`,
+`mimkit_version` (and `data_position`, `extra`), readable with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mimkit import __version__
+from mimkit.errors import CheckpointError
+
+CKPT_NAME = "model.pt"
+_KIND_RE = re.compile(r"^(epoch|step)-(\d+)$")
+
+
+def capture_rng() -> dict:
+    """RNG states of torch (CPU + CUDA), Python and NumPy, as weights_only-loadable objects."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of capture_rng."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write text atomically (tmp + fsync + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_checkpoint(**fields: Any) -> dict:
+    """The checkpoint dict with the version stamped in."""
+    return {**fields, "mimkit_version": __version__}
+
+
+class CheckpointManager:
+    """Writes epoch-N/ and step-N/ folders (model.pt + config.yaml + log.txt), latest.pt, final.pt; prunes."""
+
+    def __init__(self, ckpt_dir: str | Path, keep_last_n: int = 5, log_file: Path | None = None,
+                 safetensors: bool = False) -> None:
+        self.dir = Path(ckpt_dir)
+        self.keep_last_n = keep_last_n
+        self.log_file = log_file
+        self.safetensors = safetensors
+
+    def save(self, ckpt: dict, kind: str, index: int, config_yaml: str) -> Path:
+        """Write <kind>-<index>/ atomically (a temp folder renamed into place) and point latest.pt at it."""
+        final = self.dir / f"{kind}-{index}"
+        tmp = self.dir / f".{kind}-{index}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        atomic_save(ckpt, tmp / CKPT_NAME)
+        atomic_write_text(config_yaml, tmp / "config.yaml")
+        if self.log_file is not None and self.log_file.exists():
+            shutil.copyfile(self.log_file, tmp / "log.txt")
+        if self.safetensors:
+            save_weights_safetensors(ckpt["model"], tmp / "model.safetensors")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self._link(final / CKPT_NAME, self.dir / "latest.pt")
+        self.prune(kind)
+        return final
+
+    def save_final(self, ckpt: dict) -> Path:
+        """Write final.pt (and final.safetensors when asked)."""
+        path = self.dir / "final.pt"
+        atomic_save(ckpt, path)
+        if self.safetensors:
+            save_weights_safetensors(ckpt["model"], self.dir / "final.safetensors")
+        return path
+
+    def _link(self, src: Path, dst: Path) -> None:
+        # A hard link costs no second write; the rename makes the switch atomic.
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    def list(self, kind: str) -> list[tuple[int, Path]]:
+        """Existing <kind>-N folders, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _KIND_RE.match(p.name)
+            if m and m.group(1) == kind and (p / CKPT_NAME).exists():
+                found.append((int(m.group(2)), p))
+        return sorted(found)
+
+    def prune(self, kind: str) -> None:
+        """Keep the newest keep_last_n folders of this kind (0 keeps all)."""
+        if self.keep_last_n <= 0:
+            return
+        for _, p in self.list(kind)[: -self.keep_last_n]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """latest.pt when present."""
+        p = self.dir / "latest.pt"
+        return p if p.exists() else None
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A .pt file, or a checkpoint folder holding model.pt (or a run folder's checkpoints/latest.pt)."""
+    p = Path(path)
+    for cand in (p, p / CKPT_NAME, p / "latest.pt", p / "checkpoints" / "latest.pt"):
+        if cand.is_file():
+            return cand
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """Read a mimkit training checkpoint safely (weights_only); a foreign or corrupt file is a CheckpointError."""
+    p = resolve_checkpoint_path(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / unsafe files
+        raise CheckpointError(f"cannot read checkpoint {p}: {str(e).splitlines()[0][:200]}") from None
+    missing = [k for k in ("model", "optimizer", "epoch", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{p} is not a mimkit training checkpoint (missing {', '.join(missing)}); "
+            "to start from its weights use model.init_from instead of --resume"
+        )
+    return ckpt
+
+
+def save_weights_safetensors(state_dict: dict, path: str | Path) -> None:
+    """Weights only, as safetensors (contiguous, unshared tensors)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""Run logging: console progress (tqdm on a terminal, sparse lines otherwise), log.txt, metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LOGGER_NAME = "mimkit"
+
+
+def get_logger() -> logging.Logger:
+    """The package logger (console handler added once)."""
+    log = logging.getLogger(LOGGER_NAME)
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+class SmoothedValue:
+    """Exponential moving average of a scalar, for the smoothed loss."""
+
+    def __init__(self, beta: float = 0.98) -> None:
+        self.beta, self.avg, self.n = beta, 0.0, 0
+
+    def update(self, v: float) -> float:
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * v
+        return self.avg / (1 - self.beta**self.n)
+
+
+class RunLogger:
+    """Everything a run reports goes through here; only rank 0 writes files."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, print_freq: int = 100) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.print_freq = max(1, print_freq)
+        self.log = get_logger()
+        self.tty = sys.stdout.isatty()
+        self.metrics_file = None
+        self.tb = None
+        self.log_path = self.run_dir / "log.txt"
+        self._file_handler = None
+        self._bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file_handler = logging.FileHandler(self.log_path)
+        self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self._file_handler.setLevel(logging.INFO)
+        self.file_log = logging.getLogger(f"{LOGGER_NAME}.file.{id(self)}")
+        self.file_log.addHandler(self._file_handler)
+        self.file_log.setLevel(logging.INFO)
+        self.file_log.propagate = False
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+
+    # -------------------------------------------------------------- text
+    def info(self, msg: str) -> None:
+        """A line on the console and in log.txt."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            self.log.info(msg)
+        self.file_log.info(msg)
+
+    def file_only(self, msg: str) -> None:
+        """A line in log.txt only."""
+        if self.enabled:
+            self.file_log.info(msg)
+
+    # -------------------------------------------------------------- progress
+    def start_epoch(self, epoch: int, total_iters: int, initial: int = 0) -> None:
+        """Begin the per-epoch progress display."""
+        self._t0 = time.perf_counter()
+        self._iters = total_iters
+        self._epoch = epoch
+        if self.enabled and self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_iters, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True, leave=True)
+
+    def progress(self, it: int, fields: dict[str, float]) -> None:
+        """Update the bar (terminal) or print a line every print_freq iterations (CI, files)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: _fmt(v) for k, v in fields.items()}, refresh=False)
+        elif it % self.print_freq == 0 or it == self._iters - 1:
+            done = it + 1
+            elapsed = time.perf_counter() - self._t0
+            eta = elapsed / max(done, 1) * (self._iters - done)
+            text = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+            self.info(f"epoch {self._epoch} [{done}/{self._iters}] {text}  eta {eta:.0f}s")
+
+    def end_epoch(self) -> None:
+        """Close the bar."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -------------------------------------------------------------- machine-readable
+    def metrics(self, record: dict[str, Any], step: int, tb_prefix: str = "train") -> None:
+        """One JSON line in metrics.jsonl and the numeric fields as TensorBoard scalars."""
+        if not self.enabled:
+            return
+        self.metrics_file.write(json.dumps(_jsonable(record)) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(f"{tb_prefix}/{k}", v, step)
+
+    def image(self, tag: str, img_hwc: np.ndarray, step: int) -> None:
+        """A uint8 (H, W, 3) image into TensorBoard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, img_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        """Flush and close files."""
+        self.end_epoch()
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self._file_handler:
+            self._file_handler.close()
+            self.file_log.removeHandler(self._file_handler)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        elif hasattr(v, "item"):
+            v = v.item()
+        out[k] = v
+    return out

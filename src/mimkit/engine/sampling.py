@@ -1,0 +1,83 @@
+"""Deterministic data order: each sample is a pure function of (seed, epoch, index), whatever the workers.
+
+This is what makes a resume in the middle of an epoch continue bitwise where the straight run would be.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset; item (epoch, i) is base[i] computed with torch and Python RNGs seeded for (epoch, i)."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        s = sample_seed(self.seed, epoch, index)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py_state)
+
+
+class EpochSampler(Sampler):
+    """DistributedSampler order (shuffled by seed + epoch, split over ranks), yielding (epoch, index) keys.
+
+    `set_start(k)` skips the first k samples of this rank's order (resume in the middle of an epoch).
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def full_len(self) -> int:
+        """Samples of one whole epoch on this rank."""
+        return len(self.inner)
+
+    def __len__(self) -> int:
+        return max(0, len(self.inner) - self.start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i, idx in enumerate(self.inner):
+            if i >= self.start:
+                yield (self.epoch, idx)
+
+
+def build_loader(
+    dataset: Dataset, batch_size: int, sampler: EpochSampler, collate: Callable, num_workers: int,
+    pin_memory: bool, persistent_workers: bool, seed: int,
+) -> DataLoader:
+    """DataLoader over `sampler` with drop_last and its own generator (never the global RNG)."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=True, persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

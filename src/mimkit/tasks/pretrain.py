@@ -1,0 +1,326 @@
+"""`mimkit pretrain`: MAE-family pretraining (also LocalMIM, FreezeOut), one recipe read top to bottom.
+
+    mimkit pretrain                                   # the embedded demo (tiny MAE, bundled photos, CPU)
+    mimkit pretrain --data_path /imagenet --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64
+    mimkit pretrain configs/pretrain/mae_vit_base.yaml data.data_path=/imagenet
+    torchrun --nproc_per_node 8 -m mimkit pretrain configs/pretrain/mae_vit_base.yaml --data_path /imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mimkit import config as C
+from mimkit.engine import distributed as D
+from mimkit.engine.checkpoint import CheckpointManager, load_training_checkpoint
+from mimkit.engine.logging import RunLogger
+from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
+from mimkit.errors import ConfigError, UserError
+
+DEMO_PRESET = "pretrain/demo.yaml"
+
+
+@dataclass
+class Flag:
+    """A familiar command-line flag and the config key it sets."""
+
+    name: str
+    key: str
+    type: Any = str
+    help: str = ""
+    const: Any = None  # for store_const flags (value set when the flag is present)
+
+
+# The official MAE / seeds' flag names, mapped onto config keys.
+FLAGS: list[Flag] = [
+    Flag("model", "model.type", str, "model name (`mimkit models`)"),
+    Flag("data_path", "data.data_path", str, "class folders, a flat image folder or a built-in set; unset = demo"),
+    Flag("output_dir", "misc.output_dir", str, "run folder"),
+    Flag("epochs", "schedule.epochs", int),
+    Flag("warmup_epochs", "schedule.warmup_epochs", float),
+    Flag("start_epoch", "schedule.start_epoch", int),
+    Flag("batch_size", "optimization.batch_size", int, "per-device batch size"),
+    Flag("accum_iter", "optimization.accum_iter", int, "gradient accumulation steps"),
+    Flag("blr", "optimization.base_lr", float, "base lr: lr = blr * effective batch / 256"),
+    Flag("lr", "optimization.lr", float, "absolute lr (overrides --blr)"),
+    Flag("min_lr", "optimization.min_lr", float),
+    Flag("weight_decay", "optimization.weight_decay", float),
+    Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
+    Flag("mask_ratio", "model.mask_ratio", float),
+    Flag("norm_pix_loss", "model.norm_pix_loss", None, "normalised-pixel targets", const=True),
+    Flag("loss_mode", "model.loss_mode", str, "masked_only | all_pixels"),
+    Flag("freeze_mode", "model.freeze_mode", str, "none | encoder_layernorms_only | layernorm_only | encoder_only"),
+    Flag("init_from", "model.init_from", str, "start from these weights (official / HF / mimkit)"),
+    Flag("drop_path", "model.drop_path", float),
+    Flag("patch_size", "model.kwargs.patch_size", int, "override the model's patch size"),
+    Flag("in_chans", "model.kwargs.in_chans", int, "input channels (1 = grayscale)"),
+    Flag("hog_nbins", "model.kwargs.hog_nbins", int, "LocalMIM: HOG orientation bins"),
+    Flag("hog_bias", "model.kwargs.hog_bias", None, "LocalMIM: fixed random bias on the HOG gradients", const=True),
+    Flag("input_size", "data.input_size", int, "image size"),
+    Flag("num_workers", "data.num_workers", int),
+    Flag("pin_mem", "data.pin_memory", None, "pin host memory", const=True),
+    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory", const=False),
+    Flag("seed", "misc.seed", int),
+    Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
+    Flag("resume", "misc.resume", str, "checkpoint (file or folder) to resume"),
+    Flag("no_auto_resume", "misc.auto_resume", None, "do not resume from <output_dir>/checkpoints/latest.pt",
+         const=False),
+    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("no_tf32", "misc.tf32", None, "disable TF32 matmuls", const=False),
+    Flag("compile", "misc.compile", None, "torch.compile the model", const=True),
+    Flag("max_steps", "misc.max_steps", int, "stop after N optimiser steps"),
+    Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
+    Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
+    Flag("keep_last_n", "checkpointing.keep_last_n", int),
+    Flag("save_safetensors", "checkpointing.safetensors", None, "also write weights as safetensors", const=True),
+    Flag("print_freq", "logging.print_freq", int),
+    Flag("eval_data_path", "eval.eval_data_path", str, "labelled data for k-NN / RankMe monitoring"),
+    Flag("eval_every", "eval.eval_every", int, "epochs between monitoring evaluations"),
+    Flag("freezeout", "freezeout.enabled", None, "progressive layer freezing", const=True),
+    Flag("how_scale", "freezeout.how_scale", str, "FreezeOut: linear | squared | cubic"),
+    Flag("t_0", "freezeout.t_0", float, "FreezeOut: first freezing point, in (0, 1]"),
+    Flag("no_scale_lr", "freezeout.scale_lr", None, "FreezeOut: keep every block's base lr", const=False),
+    Flag("freeze_heads", "freezeout.freeze_heads", None, "FreezeOut: freeze a tap's head with its block", const=True),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema: type = C.PretrainConfig) -> None:
+    """Register the config-file / override positionals and every flag, its help showing the default."""
+    p.add_argument("items", nargs="*", metavar="CONFIG_OR_KEY=VALUE",
+                   help="a YAML/JSON config file (or a preset under configs/, e.g. pretrain/mae_vit_base.yaml) "
+                        "and dotted overrides such as optimization.base_lr=1.5e-4")
+    p.add_argument("--config", default=None, help="config file (same as the positional)")
+    defaults = OmegaConf.structured(schema)
+    for f in flags:
+        default = OmegaConf.select(defaults, f.key, default=None)
+        help_text = f"{f.help + '; ' if f.help else ''}sets {f.key} (default: {default})"
+        if f.const is not None:
+            p.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=f.const, default=None,
+                           help=help_text)
+        else:
+            p.add_argument(f"--{f.name}", dest=f.name, type=f.type, default=None, help=help_text)
+    p.add_argument("--world_size", type=int, default=None, help="accepted for the official launch commands; "
+                   "must equal the number of processes torchrun started")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log_dir", default=None, help="accepted for the official commands; TensorBoard always "
+                   "writes to <output_dir>/tb")
+
+
+def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema: type = C.PretrainConfig,
+                     demo_preset: Optional[str] = DEMO_PRESET) -> DictConfig:
+    """Layers: preset/demo <- config file <- flags <- dotted overrides; validated before any work."""
+    files = [i for i in args.items if "=" not in i] + ([args.config] if args.config else [])
+    overrides = [i for i in args.items if "=" in i]
+    if len(files) > 1:
+        raise ConfigError(f"give at most one config file, got {', '.join(files)}")
+    layers = []
+    if files:
+        layers.append((files[0], C.load_file(files[0])))
+    from_flags: dict = {}
+    for f in flags:
+        v = getattr(args, f.name, None)
+        if v is not None:
+            _set_dotted(from_flags, f.key, v)
+    layers.append(("command-line flags", from_flags))
+    if overrides:
+        layers.append(("overrides", C.parse_dotlist(overrides)))
+    cfg = C.build_config(schema, layers, demo_preset=demo_preset)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if getattr(args, "world_size", None) not in (None, world):
+        raise ConfigError(f"--world_size {args.world_size} but {world} process(es) were launched")
+    return cfg
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, NumPy and Python's RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
+    """The model the config names, sized to data.input_size; bad options fail on the meta device first."""
+    from mimkit.models import create_model
+
+    kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    kwargs.update(img_size=C.input_size(cfg), norm_pix_loss=cfg.model.norm_pix_loss)
+    if cfg.model.drop_path:
+        kwargs["drop_path"] = cfg.model.drop_path
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model.type, **kwargs)
+    except UserError as e:
+        raise ConfigError(f"model settings (model.type, model.kwargs, data.input_size): {e}") from None
+    with torch.device(device):
+        return create_model(cfg.model.type, **kwargs)
+
+
+def pretrain_step(mask_ratio: float, loss_mode: str) -> Callable:
+    """The step function the engine runs: loss = model(images)."""
+
+    def step(model, batch):
+        out = model(batch["images"], mask_ratio=mask_ratio, loss_mode=loss_mode)
+        return out[0], {}
+
+    return step
+
+
+def open_train_set(cfg: DictConfig, in_chans: int):
+    """The training images with the official augmentation."""
+    from mimkit.data.builtin import open_dataset
+    from mimkit.data.transforms import pretrain_transform
+
+    aug = cfg.data.augmentation
+    tf = pretrain_transform(C.input_size(cfg), in_chans=in_chans, scale=(aug.crop_scale_min, aug.crop_scale_max),
+                            hflip=aug.hflip)
+    return open_dataset(cfg.data.data_path or "demo", "train", tf)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: build the config, then train."""
+    cfg = config_from_args(args)
+    train(cfg)
+    return 0
+
+
+def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -> dict:
+    """Pretrain as `cfg` says; returns a summary (run folder, final loss, paths)."""
+    from mimkit.data.datasets import collate_batch
+    from mimkit.tasks.visualize import ReconstructionHook
+
+    # 1. validate everything that can be checked before any work
+    dist = D.init_distributed(cfg.misc.device)
+    model = build_model(cfg, "cpu")
+    train_set = open_train_set(cfg, model.in_chans)
+    out_dir = Path(cfg.misc.output_dir)
+    ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
+    resume_ckpt = None
+    if cfg.misc.resume:
+        resume_ckpt = load_training_checkpoint(cfg.misc.resume)
+    elif cfg.misc.auto_resume and (ckpt_dir / "latest.pt").exists():
+        resume_ckpt = load_training_checkpoint(ckpt_dir / "latest.pt")
+    if cfg.model.init_from and resume_ckpt is None:
+        from mimkit.models.convert import load_into_model
+
+        report = load_into_model(model, cfg.model.init_from)
+    else:
+        report = None
+    eff_batch = cfg.optimization.batch_size * cfg.optimization.accum_iter * dist.world_size
+    lr = cfg.optimization.lr or scaled_lr(cfg.optimization.base_lr, cfg.optimization.batch_size,
+                                          cfg.optimization.accum_iter, dist.world_size)
+    OmegaConf.set_struct(cfg, False)
+    cfg.optimization.lr = lr  # the derived value is written into the saved config
+    OmegaConf.set_struct(cfg, True)
+
+    # 2. set up: run folder, logging, seeds, model on device, optimiser
+    run_log = RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                        print_freq=cfg.logging.print_freq)
+    seed_everything(cfg.misc.seed + dist.rank)
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if dist.is_main:
+        C.save_config(cfg, out_dir / "config.yaml")
+    run_log.info(f"mimkit pretrain: model {cfg.model.type} ({sum(p.numel() for p in model.parameters()):,} params), "
+                 f"{len(train_set)} training images, device {dist.device}, {dist.world_size} process(es)")
+    if report is not None:
+        run_log.info(str(report))
+    model.apply_freeze_mode(cfg.model.freeze_mode)
+    if cfg.model.freeze_mode != "none":
+        run_log.info(model.format_param_status())
+    if dist.device.type == "cuda" and cfg.misc.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(dist.device)
+    if cfg.misc.compile:
+        model.compile()
+    optimizer = build_adamw(param_groups(model, cfg.optimization.weight_decay), lr,
+                            (cfg.optimization.adam_beta1, cfg.optimization.adam_beta2), dist.device)
+    sched = cfg.schedule
+
+    def lr_schedule(opt, epoch_f: float) -> None:
+        set_lr(opt, warmup_cosine(epoch_f, lr, cfg.optimization.min_lr, sched.warmup_epochs, sched.epochs))
+
+    amp = resolve_amp(cfg.misc.amp, dist.device)
+    run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
+                 f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp}")
+    hooks = list(extra_hooks)
+    vis_images = torch.stack([_first_image(train_set, i) for i in range(min(4, len(train_set)))])
+    recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio, run_log,
+                               dist.is_main, sched.epochs)
+    hooks.append(recon)
+    if cfg.freezeout.enabled:
+        from mimkit.engine.freezeout import FreezeOutHook
+
+        hooks.append(FreezeOutHook.from_config(cfg.freezeout, model, run_log))
+    if cfg.eval.eval_data_path and cfg.eval.eval_every:
+        from mimkit.tasks.monitor import MonitorHook
+
+        hooks.append(MonitorHook.from_config(cfg, run_log))
+    settings = LoopSettings(
+        epochs=sched.epochs, batch_size=cfg.optimization.batch_size, accum_iter=cfg.optimization.accum_iter,
+        gradient_clip=cfg.optimization.gradient_clip, on_nonfinite=cfg.optimization.on_nonfinite, amp=amp,
+        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
+        persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
+        save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
+        max_steps=cfg.misc.max_steps,
+    )
+    ckpt = CheckpointManager(ckpt_dir, cfg.checkpointing.keep_last_n, run_log.log_path, cfg.checkpointing.safetensors)
+    trainer = Trainer(model=model, optimizer=optimizer, dataset=train_set, collate=collate_batch,
+                      step_fn=pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode), lr_schedule=lr_schedule,
+                      settings=settings, dist=dist, run=run_log, ckpt=ckpt, config=C.to_container(cfg),
+                      config_yaml=cfg_yaml, hooks=hooks)
+    if resume_ckpt is not None:
+        trainer.load(resume_ckpt)
+        run_log.info(f"resumed at epoch {trainer.state.epoch}, batch {trainer.state.batch}, step {trainer.state.step}")
+    elif sched.start_epoch:
+        trainer.state.epoch = sched.start_epoch
+
+    # 3. train, 4. report
+    try:
+        state = trainer.fit()
+    finally:
+        run_log.close()
+    summary = {
+        "output_dir": str(out_dir), "checkpoints": str(ckpt_dir), "final_checkpoint": str(ckpt_dir / "final.pt"),
+        "log": str(out_dir / "log.txt"), "metrics": str(out_dir / "metrics.jsonl"),
+        "tensorboard": str(out_dir / "tb"), "reconstruction": str(recon.last_path) if recon.last_path else None,
+        "final_loss": state.history[-1]["loss"] if state.history else None, "steps": state.step,
+        "skipped_images": state.skipped_images,
+    }
+    if print_summary and dist.is_main:
+        print("\nDone. Everything is in " + str(out_dir) + ":")
+        for k in ("final_checkpoint", "log", "metrics", "tensorboard", "reconstruction"):
+            if summary[k]:
+                print(f"  {k:<17}{summary[k]}")
+        if summary["final_loss"] is not None:
+            print(f"  {'final loss':<17}{summary['final_loss']:.4f}")
+        print(f"  view the curves: tensorboard --logdir {out_dir / 'tb'}")
+    return summary
+
+
+def _first_image(ds, i: int) -> torch.Tensor:
+    # a fixed crop per picture, drawn without moving the training RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(i)
+        state = random.getstate()
+        random.seed(i)
+        item = ds[i * max(1, len(ds) // 4) % len(ds)]
+        random.setstate(state)
+    if item is None:
+        raise UserError(f"cannot read training image {i} for the reconstruction picture")
+    return item[0]

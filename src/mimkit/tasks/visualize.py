@@ -1,0 +1,180 @@
+"""Reconstruction pictures: original / masked / reconstruction / reconstruction + visible (the official demo's grid).
+
+`mimkit visualize CHECKPOINT IMAGE...` draws it for any mimkit, official or Hugging Face MAE checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from mimkit.errors import UserError
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
+COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def _to_display(imgs: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) ImageNet-normalised -> (N, H, W, 3) in [0, 1]; grayscale repeated, extra bands dropped."""
+    c = imgs.shape[1]
+    mean = IMAGENET_MEAN[:c].view(1, -1, 1, 1) if c <= 3 else torch.full((1, c, 1, 1), 0.45)
+    std = IMAGENET_STD[:c].view(1, -1, 1, 1) if c <= 3 else torch.full((1, c, 1, 1), 0.225)
+    x = imgs.float().cpu() * std + mean
+    x = x.repeat(1, 3, 1, 1) if c == 1 else x[:, :3]
+    if x.shape[1] < 3:
+        x = torch.cat([x, x[:, -1:].expand(-1, 3 - x.shape[1], -1, -1)], dim=1)
+    return x.clamp(0, 1).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
+    """Run the MAE; returns (pred_pixels (N, C, H, W), mask_pixels (N, C, H, W) with 1 = removed, note str).
+
+    With norm_pix_loss the predictions are per-patch normalised; they are mapped back to pixels with the
+    mean and variance of the original patch (the only way to show them), which the note says.
+    """
+    was_training = model.training
+    model.eval()
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    model.train(was_training)
+    note = ""
+    if getattr(model, "norm_pix_loss", False):
+        target = model.patchify(imgs)
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        note = "norm_pix_loss: predicted patches un-normalised with each original patch's mean and std"
+    p = model.patch_size
+    mask_px = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * model.in_chans).to(pred.dtype))
+    return model.unpatchify(pred), mask_px, note
+
+
+def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
+                        title: str = "") -> np.ndarray:
+    """A uint8 (rows*H + header, 4*W, 3) picture: one row per image, the four columns of COLUMNS."""
+    pred, mask, note = reconstruct(model, imgs, mask_ratio, noise)
+    orig = _to_display(imgs)
+    rec = _to_display(pred)
+    m = mask[:, :1].permute(0, 2, 3, 1).cpu()
+    masked = orig * (1 - m) + 0.5 * m
+    pasted = orig * (1 - m) + rec * m
+    rows = [torch.cat([orig[i], masked[i], rec[i], pasted[i]], dim=1) for i in range(imgs.shape[0])]
+    grid = (torch.cat(rows, dim=0).numpy() * 255).round().astype(np.uint8)
+    return _with_header(grid, imgs.shape[-1], [t for t in (title, note) if t])
+
+
+def _with_header(grid: np.ndarray, col_w: int, lines: Sequence[str]) -> np.ndarray:
+    """Add a white band with the column names and notes above the grid."""
+    line_h = 12
+    band = line_h * (1 + len(lines)) + 4
+    img = Image.new("RGB", (grid.shape[1], grid.shape[0] + band), "white")
+    img.paste(Image.fromarray(grid), (0, band))
+    draw = ImageDraw.Draw(img)
+    for j, name in enumerate(COLUMNS):
+        draw.text((j * col_w + 2, 2), name if col_w >= 96 else name.split()[0][:5], fill="black")
+    for k, text in enumerate(lines):
+        draw.text((2, 2 + line_h * (k + 1)), text, fill="black")
+    return np.asarray(img)
+
+
+def save_png(picture: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 (H, W, 3) array as PNG, upscaling small pictures so they are visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(picture)
+    if img.width < 512:
+        k = max(1, 512 // img.width)
+        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+class ReconstructionHook:
+    """Engine hook: after every `every` epochs (and at the end) draw fixed images with a fixed mask."""
+
+    def __init__(self, images: torch.Tensor, out_dir: Path, every: int, mask_ratio: float, logger, is_main: bool,
+                 epochs: int) -> None:
+        self.images = images
+        self.out_dir = Path(out_dir)
+        self.every = every
+        self.mask_ratio = mask_ratio
+        self.logger = logger
+        self.is_main = is_main
+        self.epochs = epochs
+        self.noise: torch.Tensor | None = None
+        self.last_path: Path | None = None
+
+    def on_train_start(self, trainer) -> None:
+        # The mask comes from its own generator: drawing pictures never moves the training RNG.
+        gen = torch.Generator().manual_seed(1234)
+        self.noise = torch.rand(self.images.shape[0], trainer.model.num_patches, generator=gen)
+        if trainer.state.epoch == 0 and trainer.state.batch == 0:
+            self.draw(trainer, "init")
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        last = epoch + 1 == self.epochs
+        if last or (self.every and (epoch + 1) % self.every == 0):
+            self.draw(trainer, f"epoch-{epoch + 1}")
+
+    def draw(self, trainer, tag: str) -> None:
+        if not self.is_main:
+            return
+        model = trainer.model
+        dev = next(model.parameters()).device
+        pic = reconstruction_grid(model, self.images.to(dev), self.mask_ratio, self.noise.to(dev), title=tag)
+        self.last_path = save_png(pic, self.out_dir / f"recon_{tag}.png")
+        self.logger.image("reconstruction", pic, trainer.state.step)
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `mimkit visualize`."""
+    p.add_argument("checkpoint", help="mimkit, official MAE or Hugging Face ViTMAE checkpoint")
+    p.add_argument("images", nargs="+", help="image files to reconstruct")
+    p.add_argument("--model", default=None, help="model name (default: from a mimkit checkpoint's config)")
+    p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed (default 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default 0)")
+    p.add_argument("--output", default="reconstruction.png", help="PNG to write (default reconstruction.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`mimkit visualize`: load a checkpoint, reconstruct the images, write the PNG."""
+    from mimkit.data.transforms import eval_transform
+    from mimkit.models.loading import model_from_checkpoint
+
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"image not found: {p}")
+    model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
+    tf = eval_transform(model.img_size, in_chans=model.in_chans) if _accepts_chans() else eval_transform(model.img_size)
+    imgs = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                imgs.append(tf(im.convert("L" if model.in_chans == 1 else "RGB")))
+        except OSError as e:
+            raise UserError(f"cannot read image {p}: {e}") from None
+    batch = torch.stack(imgs)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(batch.shape[0], model.num_patches, generator=gen)
+    pic = reconstruction_grid(model, batch, args.mask_ratio, noise, title=f"{info} mask {args.mask_ratio:g}")
+    out = save_png(pic, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def _accepts_chans() -> bool:
+    import inspect
+
+    from mimkit.data.transforms import eval_transform
+
+    return "in_chans" in inspect.signature(eval_transform).parameters
