@@ -1,4 +1,4 @@
-"""MaskedAutoencoderViT: official layout and counts, sin-cos embeddings, masking, losses, shapes, freezing, registry."""
+"""MaskedAutoencoderViT: official layout and counts, sin-cos, masking, losses, shapes, freezing, registry."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def numpy_sincos(dim: int, gh: int, gw: int) -> np.ndarray:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.divmod(np.arange(gh * gw), gw)  # row-major patch order
-    emb = np.concatenate([one_d(dim // 2, cols.astype(np.float64)), one_d(dim // 2, rows.astype(np.float64))], 1)
+    emb = np.concatenate([one_d(dim // 2, cols.astype(float)), one_d(dim // 2, rows.astype(float))], axis=1)
     return np.concatenate([np.zeros((1, dim)), emb], axis=0)
 
 
@@ -152,7 +152,7 @@ def test_bad_mask_ratio_raises(ratio):
 
 
 # ---------------------------------------------------------------------------------------------- losses
-def hand_loss(imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, p: int, norm_pix: bool, mode: str) -> float:
+def hand_loss(imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, p: int, norm_pix: bool, mode: str):
     """Per-patch MSE with explicit loops over patches (float64)."""
     n, c, h, w = imgs.shape
     per_patch = np.zeros(mask.shape)
@@ -338,7 +338,7 @@ def test_huge_decoder_is_the_papers():
 
 
 def test_unknown_model_and_override_are_user_errors():
-    with pytest.raises(UserError, match="unknown model 'mae_vit_bse_patch16'.*did you mean 'mae_vit_base_patch16'"):
+    with pytest.raises(UserError, match="unknown model 'mae_vit_bse_patch16'.*mean 'mae_vit_base_patch16'"):
         create_model("mae_vit_bse_patch16")
     with pytest.raises(UserError, match="has no option 'norm_pix_los'.*did you mean 'norm_pix_loss'"):
         create_model("mae_vit_tiny_patch16", norm_pix_los=True)
