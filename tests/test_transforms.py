@@ -1,4 +1,4 @@
-"""Pretraining / eval / fine-tuning / segmentation pipelines: shapes, normalisation, recipe parameters, modes."""
+"""Pretrain / eval / fine-tune / segmentation pipelines: shapes, normalisation, recipe parameters, modes."""
 
 import numpy as np
 import pytest
@@ -31,6 +31,9 @@ def test_pretrain_recipe_parameters() -> None:
     assert rrc.size == (224, 224) and rrc.scale == (0.2, 1.0)
     assert rrc.interpolation == T.InterpolationMode.BICUBIC
     assert any(isinstance(t, T.RandomHorizontalFlip) for t in tf.transforms)
+    custom = pretrain_transform(32, scale=(0.5, 0.9), hflip=False)
+    assert next(t for t in custom.transforms if isinstance(t, T.RandomResizedCrop)).scale == (0.5, 0.9)
+    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in custom.transforms)
 
 
 @pytest.mark.parametrize("size,hw", [(32, (32, 32)), ((24, 40), (24, 40))])
@@ -107,5 +110,6 @@ def test_posterize_zero_bits_does_not_crash() -> None:
     op.prob = 1.0
     out = op(Image.new("RGB", (8, 8), (200, 100, 50)))
     assert np.asarray(out).max() == 0
-    for aa in ("rand-m9-mstd0.5-inc1", "original", "augmix-m5"):  # every timm policy with posterize builds + runs
+    # every timm policy that has a posterize op builds and runs
+    for aa in ("rand-m9-mstd0.5-inc1", "original", "augmix-m5"):
         finetune_transform(16, aa=aa)(_img())

@@ -1,11 +1,11 @@
-"""Image pipelines: MAE pretraining, evaluation, fine-tuning (official recipes) and joint image+mask for segmentation.
+"""Image pipelines: MAE pretraining, evaluation, fine-tuning (official recipes), segmentation pairs.
 
-Every pipeline takes a PIL image and returns a normalised float tensor (C, H, W). `input_size` is an int or (H, W).
+Every pipeline takes a PIL image and returns a normalised float tensor (C, H, W); input_size: int or (H, W).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def mean_std(in_chans: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 class ConvertMode:
-    """PIL image -> the given mode ('RGB' or 'L'); a class rather than a lambda so DataLoader workers can pickle it."""
+    """PIL image -> mode 'RGB' or 'L'; a class, not a lambda, so DataLoader workers can pickle it."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -63,9 +63,12 @@ def _mode(in_chans: int) -> ConvertMode:
 
 
 def pretrain_transform(
-    input_size: int | Sequence[int], in_chans: int = 3, scale: tuple[float, float] = (0.2, 1.0), hflip: bool = True
+    input_size: int | Sequence[int],
+    in_chans: int = 3,
+    scale: tuple[float, float] = (0.2, 1.0),
+    hflip: bool = True,
 ) -> T.Compose:
-    """Official MAE pretraining: RandomResizedCrop(0.2-1, bicubic) + flip + ToTensor + normalise -> (C, H, W)."""
+    """Official MAE pretraining: RandomResizedCrop(0.2-1, bicubic), flip, ToTensor, normalise -> (C, H, W)."""
     mean, std = mean_std(in_chans)
     return T.Compose([
         _mode(in_chans),
@@ -77,10 +80,10 @@ def pretrain_transform(
 
 
 def eval_transform(input_size: int | Sequence[int], in_chans: int = 3) -> T.Compose:
-    """Official linprobe/finetune eval: resize to size/0.875 (bicubic), centre crop, normalise -> (C, H, W)."""
+    """Official linprobe/finetune eval: resize to size/0.875 bicubic, centre crop, normalise -> (C, H, W)."""
     mean, std = mean_std(in_chans)
     h, w = to_hw(input_size)
-    # An int resizes the shorter side as the official code does; a non-square size resizes both sides (as timm).
+    # Square: resize the shorter side, as the official code; non-square: resize both sides, as timm.
     resize = int(h / EVAL_CROP_PCT) if h == w else (int(h / EVAL_CROP_PCT), int(w / EVAL_CROP_PCT))
     return T.Compose([
         _mode(in_chans),
@@ -100,7 +103,7 @@ def finetune_transform(
     color_jitter: float | None = None,
     in_chans: int = 3,
 ) -> T.Compose:
-    """Official main_finetune training transform, built by timm's create_transform (defaults = official flags)."""
+    """Official main_finetune training transform, by timm's create_transform (defaults = official flags)."""
     mean, std = mean_std(in_chans)
     timm_tf = create_transform(
         input_size=to_hw(input_size),
@@ -120,7 +123,7 @@ def finetune_transform(
 
 
 def _posterize_zero_ok(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
-    """timm's posterize, but keeping 0 bits gives the black image older Pillow gave (Pillow 13 raises instead)."""
+    """timm's posterize; keeping 0 bits gives the black image older Pillow gave (Pillow 13 raises instead)."""
     if bits_to_keep < 1:
         return img.point(lambda _: 0)
     return timm_posterize(img, bits_to_keep, **kwargs)
@@ -128,7 +131,7 @@ def _posterize_zero_ok(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.I
 
 def _patch_posterize(t: object) -> None:
     """Swap the posterize op inside timm's RandAugment/AutoAugment: at m9 + mstd0.5 ('rand-m9-mstd0.5-inc1')
-    PosterizeIncreasing sometimes asks to keep 0 bits, which Pillow >= 13 rejects with a ValueError mid-epoch."""
+    PosterizeIncreasing sometimes keeps 0 bits, which Pillow >= 13 rejects with a ValueError mid-epoch."""
     ops = list(getattr(t, "ops", []) or [])
     for sub in getattr(t, "policy", []) or []:  # AutoAugment: a list of sub-policies, each a list of ops
         ops.extend(sub)
@@ -138,7 +141,7 @@ def _patch_posterize(t: object) -> None:
 
 
 class SegTransform:
-    """Joint (PIL image, PIL mask) -> (image (C, H, W) float, mask (H, W) long); torchvision v2 resamples masks nearest."""
+    """Joint (PIL image, PIL mask) -> (image (C, H, W) float, mask (H, W) long); masks resampled nearest."""
 
     def __init__(self, ops: list, in_chans: int = 3) -> None:
         mean, std = mean_std(in_chans)

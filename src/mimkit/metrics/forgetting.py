@@ -1,10 +1,11 @@
-"""Continual-learning measures from a stage x domain matrix R: R[i][j] = metric on domain j after training stage i,
+"""Continual-learning measures from a stage x domain matrix R: R[i][j] = metric on domain j after stage i,
 stage i having trained on domain i.
 
-    forgetting (Chaudhry et al. 2018): for each domain j trained before the last stage, the drop from its best value
-        at any earlier stage to its final value, max_{l < T-1} R[l][j] - R[T-1][j] (for a loss: the rise).
-    backward transfer (Lopez-Paz & Ranzato 2017): mean over j < T-1 of R[T-1][j] - R[j][j], sign-flipped for a loss.
-Both are signed so that positive forgetting is bad and positive backward transfer is good, whatever the metric.
+    forgetting (Chaudhry et al. 2018): for each domain j trained before the last stage, the drop from its
+        best value at any earlier stage to its final value, max_{l < T-1} R[l][j] - R[T-1][j]
+        (for a loss: the rise).
+    backward transfer (Lopez-Paz & Ranzato 2017): mean_{j < T-1} R[T-1][j] - R[j][j], negated for a loss.
+Signed so that positive forgetting is bad and positive backward transfer good, whatever the metric.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +29,13 @@ def _as_matrix(R: Matrix) -> np.ndarray:
     return m
 
 
+def _stage_names(n: int, domains: Sequence[str]) -> list[str]:
+    """Default stage names: after_<domain trained at that stage>."""
+    return [f"after_{domains[i]}" if i < len(domains) else f"stage_{i}" for i in range(n)]
+
+
 def forgetting(R: Matrix, higher_is_better: bool = True) -> list[float | None]:
-    """Per-domain forgetting (length = domains); None for a domain not trained before the last stage or unmeasured."""
+    """Per-domain forgetting; None for a domain not trained before the last stage, or not measured."""
     m = _as_matrix(R)
     T, D = m.shape
     out: list[float | None] = []
@@ -70,34 +77,36 @@ def summarize(
     R: Matrix, domains: Sequence[str], higher_is_better: bool = True, metric: str = "metric",
     stages: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Matrix, per-domain forgetting, average forgetting, BWT and the final average, as JSON-ready plain values."""
+    """Matrix, per-domain and average forgetting, BWT and the final average, as JSON-ready plain values."""
     m = _as_matrix(R)
     if len(domains) != m.shape[1]:
         raise ValueError(f"{len(domains)} domain names for {m.shape[1]} columns")
-    stages = list(stages) if stages is not None else [f"after_{d}" for d in domains[: m.shape[0]]]
+    stages = list(stages) if stages is not None else _stage_names(m.shape[0], domains)
     return {
         "metric": metric,
         "higher_is_better": higher_is_better,
         "stages": stages,
         "domains": list(domains),
         "matrix": m.tolist(),
-        "forgetting": dict(zip(domains, forgetting(m, higher_is_better))),
+        "forgetting": dict(zip(domains, forgetting(m, higher_is_better), strict=True)),
         "average_forgetting": average_forgetting(m, higher_is_better),
         "backward_transfer": backward_transfer(m, higher_is_better) if m.shape[1] >= m.shape[0] else None,
         "final_average": float(m[-1].mean()),
     }
 
 
-def write_matrix_csv(path: str | Path, R: Matrix, domains: Sequence[str], stages: Sequence[str] | None = None) -> Path:
+def write_matrix_csv(
+    path: str | Path, R: Matrix, domains: Sequence[str], stages: Sequence[str] | None = None
+) -> Path:
     """CSV with a header `stage,<domain>...` and one row per stage."""
     m = _as_matrix(R)
-    stages = list(stages) if stages is not None else [f"after_{d}" for d in domains[: m.shape[0]]]
+    stages = list(stages) if stages is not None else _stage_names(m.shape[0], domains)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["stage", *domains])
-        for name, row in zip(stages, m.tolist()):
+        for name, row in zip(stages, m.tolist(), strict=True):
             w.writerow([name, *(repr(v) for v in row)])  # repr: round-trips floats exactly
     return path
 

@@ -1,14 +1,14 @@
-"""Weighted k-NN classification on frozen features, as DINO's evaluation (eval_knn.py): L2-normalised features,
+"""Weighted k-NN classification on frozen features, as DINO's eval_knn.py: L2-normalised features,
 cosine similarity, each of the k nearest training samples votes for its label with weight exp(sim / T)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-# Test features are processed in chunks so the (chunk, N_train) similarity matrix stays about this many floats.
+# Test features go in chunks so the (chunk, N_train) similarity matrix stays about this many floats.
 MAX_SIM_ELEMENTS = 1 << 24
 
 
