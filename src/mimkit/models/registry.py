@@ -68,3 +68,4 @@ def create_model(name: str, **overrides) -> nn.Module:
 def _import_builders() -> None:
     # Importing the builder modules fills the registry; done lazily so registry.py has no cycles.
     from mimkit.models import builders  # noqa: F401
+    from mimkit.models import localmim  # noqa: F401
