@@ -158,8 +158,9 @@ class LocalMIMViT(MaskedAutoencoderViT):
             raise ValueError(f"LocalMIM taps [1, 3, depth-3, depth-1]; depth must be >= 4, got {depth}")
         if patch_size % 4:
             raise ValueError(f"LocalMIM's x4 scale needs patch_size divisible by 4, got {patch_size}")
-        # The parent builds and initialises the encoder exactly as the reference does (same init order);
-        # its MAE pixel decoder is dropped right after (decoder_depth=0 keeps that cheap).
+        # The parent builds and initialises the encoder with the reference's init rules (its random stream
+        # differs: the parent also draws for its own decoder); that MAE pixel decoder is dropped right after
+        # (decoder_depth=0 keeps it cheap).
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=0,
@@ -190,7 +191,7 @@ class LocalMIMViT(MaskedAutoencoderViT):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> latents [4 x (N, 1+L_keep, D)], mask (N, L), ids_restore"""
+        """imgs (N, C, H, W) -> latents [4 x (N, 1+L_keep, D)], mask (N, L), ids_restore (N, L)."""
         x, mask, ids_restore = self.embed(imgs, mask_ratio, noise)
         distinct = sorted(set(self.taps))  # taps repeat for depth < 7; each block output is kept once
         _, outs = self.run_blocks(x, taps=distinct)
