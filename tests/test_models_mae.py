@@ -124,6 +124,19 @@ def test_mask_is_a_function_of_noise(ratio):
     assert not torch.equal(mask1, mask3)
 
 
+def test_mask_is_float32_for_half_precision_tokens():
+    from mimkit.models.vit import random_masking
+
+    x = torch.randn(2, 16, 8, dtype=torch.float16)
+    kept, mask, _ = random_masking(x, 0.75, noise=torch.rand(2, 16))
+    assert mask.dtype == torch.float32 and kept.dtype == torch.float16 and kept.shape == (2, 4, 8)
+
+
+def test_attention_uses_fused_sdpa():
+    model = tiny()
+    assert all(blk.attn.fused_attn for blk in [*model.blocks, *model.decoder_blocks])
+
+
 def test_noise_with_wrong_shape_raises():
     with pytest.raises(ValueError, match=r"noise must have shape \(N, L\) = \(2, 16\)"):
         tiny()(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 15))

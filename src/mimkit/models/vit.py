@@ -77,7 +77,7 @@ def random_masking(
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     x_kept = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, d))
-    mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+    mask = torch.ones(n, length, device=x.device)  # float32 as the official code, whatever x.dtype
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)
     return x_kept, mask, ids_restore
