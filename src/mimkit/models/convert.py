@@ -421,30 +421,34 @@ def load_into_model(
     decoder_fresh = not any(k in sd for k in own if not _is_encoder_key(k))
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    mismatched = [
-        (k, tuple(v.shape), tuple(own[k].shape))
-        for k, v in sd.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    fatal_missing = [k for k in missing if not (decoder_fresh and not _is_encoder_key(k))] if strict else []
-    if fatal_missing or (strict and unexpected) or mismatched:
+    problems = _fit_problems(own, sd, missing, unexpected, strict, decoder_fresh)
+    if problems:
         name = getattr(model, "model_name", type(model).__name__)
-        problems = []
-        if fatal_missing:
-            problems.append(f"{len(fatal_missing)} missing keys ({_preview(fatal_missing)})")
-        if strict and unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
-        if mismatched:
-            shown = ", ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:4])
-            more = f" and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
-            problems.append(f"{len(mismatched)} shape mismatches ({shown}{more})")
-        problems_text = "; ".join(problems)
-        raise CheckpointError(f"checkpoint{where} ({source}) does not fit model {name}: {problems_text}")
+        raise CheckpointError(f"checkpoint{where} ({source}) does not fit model {name}: {problems}")
 
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     report = LoadReport(source, missing, unexpected, dropped, resized, decoder_fresh)
     (log.warning if decoder_fresh or missing else log.info)(report.summary())
     return report
+
+
+def _fit_problems(own: StateDict, sd: StateDict, missing: list[str], unexpected: list[str],
+                  strict: bool, decoder_fresh: bool) -> str:
+    """'' when `sd` fits, else one line: missing / unexpected keys (a few + count), mismatched shapes."""
+    problems = []
+    if strict:
+        fatal = [k for k in missing if not (decoder_fresh and not _is_encoder_key(k))]
+        if fatal:
+            problems.append(f"{len(fatal)} missing keys ({_preview(fatal)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys ({_preview(unexpected)})")
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched:
+        shown = ", ".join(f"{k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:4])
+        more = f" and {len(mismatched) - 4} more" if len(mismatched) > 4 else ""
+        problems.append(f"{len(mismatched)} shape mismatches ({shown}{more})")
+    return "; ".join(problems)
 
 
 def _is_encoder_key(key: str) -> bool:
