@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides and a config file may come after flags too: collect what argparse left over.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "items") or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.items = list(args.items) + rest
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

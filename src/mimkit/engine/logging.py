@@ -59,7 +59,9 @@ class RunLogger:
         self._file_handler = logging.FileHandler(self.log_path)
         self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self._file_handler.setLevel(logging.INFO)
-        self.file_log = logging.getLogger(f"{LOGGER_NAME}.file.{id(self)}")
+        # Everything under the package logger (data warnings naming a skipped file too) lands in log.txt.
+        self.log.addHandler(self._file_handler)
+        self.file_log = logging.getLogger(f"{LOGGER_NAME}.fileonly.{id(self)}")
         self.file_log.addHandler(self._file_handler)
         self.file_log.setLevel(logging.INFO)
         self.file_log.propagate = False
@@ -76,9 +78,9 @@ class RunLogger:
             return
         if self._bar is not None:
             self._bar.write(msg)
+            self.file_log.info(msg)
         else:
             self.log.info(msg)
-        self.file_log.info(msg)
 
     def file_only(self, msg: str) -> None:
         """A line in log.txt only."""
@@ -143,8 +145,9 @@ class RunLogger:
         if self.metrics_file:
             self.metrics_file.close()
         if self._file_handler:
-            self._file_handler.close()
+            self.log.removeHandler(self._file_handler)
             self.file_log.removeHandler(self._file_handler)
+            self._file_handler.close()
 
 
 def _fmt(v: Any) -> str:

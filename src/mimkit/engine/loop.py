@@ -201,6 +201,10 @@ class Trainer:
                     self.lr_schedule(self.optimizer, epoch + i / self.iters_per_epoch)
                 update = (i + 1) % s.accum_iter == 0
                 st.skipped_images += int(batch.get("skipped", 0))
+                # every image of the batch unreadable (on any rank): all ranks skip it together
+                if not D.all_true(batch["images"].shape[0] > 0, self.device):
+                    st.batch = i + 1
+                    continue
                 batch = _to_device(batch, self.device)
                 sync_ctx = self.wrapped.no_sync() if (self.dist.enabled and not update) else contextlib.nullcontext()
                 with sync_ctx:
@@ -241,17 +245,10 @@ class Trainer:
                 if stop:
                     break
             self.run.end_epoch()
-            epoch_time = time.perf_counter() - t_epoch
-            mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
-            summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
-                       "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
-                       "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
-            st.history.append(summary)
-            self.run.metrics(summary, st.step, tb_prefix="epoch")
-            self.run.info(
-                f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
-                + (f"  skipped images {st.skipped_images}" if st.skipped_images else "")
-            )
+            if ep_n == 0 and start_batch >= self.iters_per_epoch:
+                pass  # resumed exactly at the end of this epoch: its summary was logged by the earlier run
+            else:
+                self._epoch_summary(epoch, ep_loss, ep_n, time.perf_counter() - t_epoch)
             if stop:
                 break
             st.epoch, st.batch = epoch + 1, 0
@@ -263,6 +260,20 @@ class Trainer:
             self.ckpt.save_final(self.checkpoint())
         D.barrier()
         return st
+
+    def _epoch_summary(self, epoch: int, ep_loss: float, ep_n: int, epoch_time: float) -> None:
+        st = self.state
+        if True:
+            mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
+            summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
+                       "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                       "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
+            st.history.append(summary)
+            self.run.metrics(summary, st.step, tb_prefix="epoch")
+            self.run.info(
+                f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
+                + (f"  skipped images {st.skipped_images}" if st.skipped_images else "")
+            )
 
     def _nonfinite(self, value: float, epoch: int, i: int) -> None:
         self.state.skipped_nonfinite += 1

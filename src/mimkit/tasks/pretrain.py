@@ -162,11 +162,14 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
     kwargs.update(img_size=C.input_size(cfg), norm_pix_loss=cfg.model.norm_pix_loss)
     if cfg.model.drop_path:
         kwargs["drop_path"] = cfg.model.drop_path
-    try:
-        with torch.device("meta"):
-            create_model(cfg.model.type, **kwargs)
-    except UserError as e:
-        raise ConfigError(f"model settings (model.type, model.kwargs, data.input_size): {e}") from None
+    size = C.input_size(cfg)
+    with torch.device("meta"):
+        probe = create_model(cfg.model.type, **{k: v for k, v in kwargs.items() if k != "img_size"})
+        p = probe.patch_size
+        if size[0] % p or size[1] % p:
+            raise ConfigError(f"data.input_size {size[0]}x{size[1]} is not a multiple of the patch size {p} "
+                              f"of {cfg.model.type}")
+        create_model(cfg.model.type, **kwargs)
     with torch.device(device):
         return create_model(cfg.model.type, **kwargs)
 
@@ -200,12 +203,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -> dict:
-    """Pretrain as `cfg` says; returns a summary (run folder, final loss, paths)."""
+    """Pretrain as `cfg` says; returns a summary (run folder, paths, final loss, the trained `model`)."""
     from mimkit.data.datasets import collate_batch
     from mimkit.tasks.visualize import ReconstructionHook
 
     # 1. validate everything that can be checked before any work
     dist = D.init_distributed(cfg.misc.device)
+    seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
     out_dir = Path(cfg.misc.output_dir)
@@ -231,7 +235,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     # 2. set up: run folder, logging, seeds, model on device, optimiser
     run_log = RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
                         print_freq=cfg.logging.print_freq)
-    seed_everything(cfg.misc.seed + dist.rank)
+    seed_everything(cfg.misc.seed + dist.rank)  # masks and drop-path differ across ranks
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist.is_main:
         C.save_config(cfg, out_dir / "config.yaml")
@@ -259,7 +263,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
                  f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp}")
     hooks = list(extra_hooks)
-    vis_images = torch.stack([_first_image(train_set, i) for i in range(min(4, len(train_set)))])
+    vis_images = picture_images(train_set, min(4, len(train_set)))
     recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio, run_log,
                                dist.is_main, sched.epochs)
     hooks.append(recon)
@@ -300,7 +304,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         "log": str(out_dir / "log.txt"), "metrics": str(out_dir / "metrics.jsonl"),
         "tensorboard": str(out_dir / "tb"), "reconstruction": str(recon.last_path) if recon.last_path else None,
         "final_loss": state.history[-1]["loss"] if state.history else None, "steps": state.step,
-        "skipped_images": state.skipped_images,
+        "skipped_images": state.skipped_images, "model": model,
     }
     if print_summary and dist.is_main:
         print("\nDone. Everything is in " + str(out_dir) + ":")
@@ -313,14 +317,25 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     return summary
 
 
-def _first_image(ds, i: int) -> torch.Tensor:
-    # a fixed crop per picture, drawn without moving the training RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(i)
-        state = random.getstate()
-        random.seed(i)
-        item = ds[i * max(1, len(ds) // 4) % len(ds)]
-        random.setstate(state)
-    if item is None:
-        raise UserError(f"cannot read training image {i} for the reconstruction picture")
-    return item[0]
+def picture_images(ds, n: int = 4) -> torch.Tensor:
+    """n readable training images, spread over the set, for the reconstruction picture: (n, C, H, W).
+
+    Drawn with fixed seeds inside a forked RNG, so picking them never moves the training RNG.
+    """
+    picked: list[torch.Tensor] = []
+    step = max(1, len(ds) // n)
+    for k in range(len(ds)):
+        idx = (k * step + k // n) % len(ds)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(idx)
+            state = random.getstate()
+            random.seed(idx)
+            item = ds[idx]
+            random.setstate(state)
+        if item is not None:
+            picked.append(item[0])
+        if len(picked) == n:
+            break
+    if not picked:
+        raise UserError("no training image could be read")
+    return torch.stack(picked)
