@@ -242,7 +242,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     run_log.info(f"mimkit pretrain: model {cfg.model.type} ({sum(p.numel() for p in model.parameters()):,} params), "
                  f"{len(train_set)} training images, device {dist.device}, {dist.world_size} process(es)")
     if report is not None:
-        run_log.info(str(report))
+        run_log.info(report.summary())
     model.apply_freeze_mode(cfg.model.freeze_mode)
     if cfg.model.freeze_mode != "none":
         run_log.info(model.format_param_status())

@@ -1,0 +1,66 @@
+"""Build the right model for a checkpoint: mimkit (its saved config), official MAE or Hugging Face (by shape)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from mimkit.errors import CheckpointError
+from mimkit.models.convert import extract_state_dict, load_checkpoint_file, load_into_model, to_mae_state_dict
+from mimkit.models.registry import create_model, list_models
+
+
+def _preset_signature(name: str) -> tuple[int, int, int]:
+    with torch.device("meta"):
+        m = create_model(name)
+    return m.embed_dim, m.depth, m.patch_size
+
+
+def infer_model_name(sd: dict) -> Optional[str]:
+    """The registered MAE preset whose (width, depth, patch) match an MAE-layout state dict, if any."""
+    try:
+        width = sd["cls_token"].shape[-1]
+        patch = sd["patch_embed.proj.weight"].shape[-1]
+    except KeyError:
+        return None
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for name in list_models(include_aliases=False):
+        if name.startswith("mae_") and _preset_signature(name) == (width, depth, patch):
+            return name
+    return None
+
+
+def model_from_checkpoint(
+    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
+):
+    """(model with the checkpoint's weights, one-line description) for any mimkit / official / HF MAE file.
+
+    A mimkit checkpoint rebuilds the model its config names (type, kwargs, input size, norm_pix_loss); other
+    files need `model_name` unless their shapes match a registered preset.
+    """
+    obj = load_checkpoint_file(path)
+    cfg = obj.get("config") if isinstance(obj, dict) and "mimkit_version" in obj else None
+    kwargs: dict[str, Any] = {}
+    if cfg:
+        mcfg = cfg.get("model", {})
+        model_name = model_name or mcfg.get("type")
+        kwargs.update(mcfg.get("kwargs", {}) or {})
+        size = cfg.get("data", {}).get("input_size")
+        if size is not None:
+            kwargs["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size
+        kwargs["norm_pix_loss"] = bool(mcfg.get("norm_pix_loss", False))
+    if model_name is None:
+        sd, _ = extract_state_dict(obj)
+        sd, _ = to_mae_state_dict(sd)
+        model_name = infer_model_name(sd)
+        if model_name is None:
+            raise CheckpointError(f"cannot tell which model {path} holds; pass --model (see `mimkit models`)")
+    if input_size is not None:
+        kwargs["img_size"] = input_size
+    kwargs.update(overrides)
+    model = create_model(model_name, **kwargs)
+    report = load_into_model(model, obj, strict=False)
+    model.eval()
+    return model, f"{model_name} from {os.path.basename(str(path))} ({report.source})"
