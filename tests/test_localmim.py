@@ -296,8 +296,10 @@ def test_names_aliases_and_options() -> None:
     assert resolve_name("MIM_vit_large_patch16") == "localmim_vit_large_patch16"
     assert {"hog_nbins", "hog_bias", "img_size", "patch_size", "in_chans", "depth"} <= model_kwargs(
         "MIM_vit_base_patch16")
-    with pytest.raises(UserError, match="no option 'norm_pix_loss'"):
+    with pytest.raises(UserError, match="norm_pix_loss does not apply to LocalMIM"):
         create_model("MIM_vit_base_patch16", norm_pix_loss=True)
+    with pytest.raises(UserError, match="no option 'hog_nbin'.*did you mean 'hog_nbins'"):
+        create_model("MIM_vit_base_patch16", hog_nbin=9)
     with pytest.raises(UserError, match="patch_size divisible by 4"):
         create_model("localmim_vit_tiny_patch16", img_size=30, patch_size=6)
     with pytest.raises(UserError, match="even patch grid"):

@@ -152,8 +152,12 @@ class LocalMIMViT(MaskedAutoencoderViT):
         hog_nbins: int = 9,
         hog_bias: bool = False,
         drop_path: float = 0.0,
+        norm_pix_loss: bool = False,
     ) -> None:
         check_nbins(hog_nbins)
+        # accepted so that one pretrain recipe builds MAE and LocalMIM alike; only False makes sense here
+        if norm_pix_loss:
+            raise ValueError("norm_pix_loss does not apply to LocalMIM: its targets are HOG features")
         if depth < 4:
             raise ValueError(f"LocalMIM taps [1, 3, depth-3, depth-1]; depth must be >= 4, got {depth}")
         if patch_size % 4:
@@ -304,7 +308,7 @@ class LocalMIMViT(MaskedAutoencoderViT):
 # ---------------------------------------------------------------------- registered builders
 LOCALMIM_OPTIONS = (
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-    "decoder_depth", "decoder_num_heads", "mlp_ratio", "drop_path", "hog_nbins", "hog_bias",
+    "decoder_depth", "decoder_num_heads", "mlp_ratio", "drop_path", "hog_nbins", "hog_bias", "norm_pix_loss",
 )
 
 
