@@ -8,7 +8,7 @@ import torch
 
 from mimkit.errors import UserError
 from mimkit.models import MaskedAutoencoderViT, create_model
-from mimkit.models.localmim import LocalMIMViT, default_taps, mask_at_scale
+from mimkit.models.localmim import LocalMIMViT, default_taps, localmim_to_mae_encoder, mask_at_scale
 from mimkit.models.registry import model_kwargs, resolve_name
 
 # 32 px, patch 4 -> an 8x8 grid; HOG cells of 1, 2, 4, 8 px -> 32^2, 16^2, 8^2, 4^2 cells.
@@ -207,6 +207,8 @@ def test_encoder_export_loads_strictly_into_timm_and_mae() -> None:
                         if k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed")} | {
         "norm.weight", "norm.bias"}
     assert torch.equal(enc["norm.weight"], model.norm[3].weight)  # the LayerNorm after the last block
+    # the same mapping on a raw reference-layout checkpoint dict (no model instantiated)
+    assert set(localmim_to_mae_encoder(dict(model.state_dict()))) == set(enc)
     imgs = torch.randn(2, 3, 32, 32)
     ours = model.forward_features(imgs)
     assert ours.shape == (2, 65, 32)

@@ -75,6 +75,21 @@ def mask_at_scale(mask: torch.Tensor, grid_size: Sequence[int], scale: float) ->
     return grid.reshape(n, -1)
 
 
+def localmim_to_mae_encoder(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LocalMIM state dict (this model's or a reference checkpoint's 'model') -> MAE / timm encoder keys.
+
+    norm.3, the LayerNorm after the last block, becomes `norm`; norm.0-2, decoder.* and hog_enc.* are dropped.
+    """
+    last = len(SCALES) - 1
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed"):
+            out[k] = v
+        elif k.startswith(f"norm.{last}."):
+            out["norm." + k.rsplit(".", 1)[1]] = v
+    return out
+
+
 class LocalMIMDecoder(nn.Module):
     """A light MAE-style decoder (linear, mask tokens, sin-cos pos, blocks, LayerNorm) and a scale head."""
 
@@ -222,14 +237,7 @@ class LocalMIMViT(MaskedAutoencoderViT):
         the HOG layers are dropped. Loads strictly into a timm VisionTransformer(num_classes=0) of the
         same size, or into the encoder keys of MaskedAutoencoderViT. Tensors share storage with the model.
         """
-        out = {}
-        last = len(self.taps) - 1
-        for k, v in self.state_dict().items():
-            if k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed"):
-                out[k] = v
-            elif k.startswith(f"norm.{last}."):
-                out["norm." + k.rsplit(".", 1)[1]] = v
-        return out
+        return localmim_to_mae_encoder(self.state_dict())
 
     # ------------------------------------------------------------------ decoders, targets, loss
     def forward_decoder(
