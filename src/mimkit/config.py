@@ -260,9 +260,14 @@ def _get(d: dict, dotted: str):
     return d
 
 
+_ABSENT = object()
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value constraints and cross-field rules; raise ConfigError naming the key."""
     for key, (ok, valid) in CONSTRAINTS.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            continue  # a key of another command's schema: each command's config holds the keys it uses
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
         except OmegaConfBaseException:

@@ -1,0 +1,215 @@
+"""`mimkit export`: a checkpoint's encoder (unmasked features) or fine-tuned classifier in a deployable format.
+
+    mimkit export runs/demo/checkpoints/final.pt --format torchscript      # -> <output>.pt, features (N, 1+L, D)
+    mimkit export runs/demo --format onnx --output encoder.onnx
+    mimkit export runs/demo --format safetensors | timm | hf
+    mimkit export output_dir/checkpoints/best.pt --format onnx             # a fine-tuned classifier: logits
+
+The encoder export is `forward_features` (no masking: tracing the masked training forward, as seed 001 did,
+freezes one random mask into the graph). Every export is reloaded and run on random input beside the
+PyTorch model; the max absolute difference is printed and written to export.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from mimkit.errors import CheckpointError, UserError
+
+FORMATS = ("torchscript", "onnx", "safetensors", "timm", "hf")
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors", "timm": ".safetensors", "hf": ""}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `mimkit export`."""
+    p.add_argument("checkpoint", help="mimkit / official MAE / Hugging Face checkpoint, or a fine-tuned classifier")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--output", default=None, help="file (folder for hf); default: beside the checkpoint")
+    p.add_argument("--model", default=None, help="model name when the checkpoint does not say")
+    p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=int, default=2, help="batch of the random parity input")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference accepted")
+    p.add_argument("--seed", type=int, default=0)
+
+
+class EncoderFeatures(nn.Module):
+    """The unmasked encoder as a module: imgs (N, C, H, W) -> normed tokens (N, 1+L, D)."""
+
+    def __init__(self, mae: nn.Module) -> None:
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.mae.forward_features(imgs)
+
+
+def load_for_export(path: str, model_name: str | None = None, input_size: int | None = None):
+    """(module to export, kind 'encoder' | 'classifier', the MAE encoder or None, description)."""
+    from mimkit.models.convert import extract_state_dict, load_checkpoint_file
+    from mimkit.tasks.evaluate import _resolve, load_encoder
+
+    p = _resolve(path)
+    obj = load_checkpoint_file(p)
+    sd, _ = extract_state_dict(obj)
+    if "head.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:
+        model, kind = _classifier(obj, sd, input_size)
+        return model, kind, None, f"fine-tuned classifier from {p.name}"
+    mae, desc = load_encoder(str(p), model_name, input_size)
+    return EncoderFeatures(mae).eval(), "encoder", mae, desc
+
+
+def _classifier(obj: dict, sd: dict, input_size: int | None):
+    """Rebuild a `mimkit finetune` classifier from the timm arguments its config saved; load it strictly."""
+    from mimkit.models.heads import vit_from_arch
+
+    arch = ((obj.get("config") or {}).get("model") or {}).get("arch")
+    if not arch:
+        raise CheckpointError("this classifier checkpoint's config has no model.arch (not from mimkit finetune)")
+    if input_size is not None and [input_size, input_size] != list(arch["img_size"]):
+        raise UserError(f"a fine-tuned classifier exports at its own size {arch['img_size']}; drop --input_size")
+    model = vit_from_arch(arch)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"classifier checkpoint does not fit its architecture: {str(e).splitlines()[1][:200]}")
+    return model.eval(), "classifier"
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
+    """torch.jit.trace -> out; returns the reloaded module's forward."""
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(out))
+    return torch.jit.load(str(out))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
+    """torch.onnx.export (opset 17, dynamic batch) -> out; returns a runner (onnxruntime if installed, else
+    onnx's reference evaluator)."""
+    import onnx
+
+    with torch.no_grad():
+        torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["output"],
+                          dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    onnx.checker.check_model(onnx.load(str(out)))
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        ref = ReferenceEvaluator(str(out))
+        return lambda x: torch.from_numpy(ref.run(None, {"images": x.numpy()})[0])
+
+
+def export_safetensors(model: nn.Module, kind: str, mae, out: Path) -> Callable:
+    """Weights only (MAE names for an encoder, timm names for a classifier); returns a reloaded model's forward."""
+    from safetensors.torch import load_file
+
+    from mimkit.models.convert import save_safetensors
+
+    sd = model.mae.state_dict() if kind == "encoder" else model.state_dict()
+    save_safetensors(sd, out, metadata={"format": "pt", "mimkit_kind": kind})
+    clone = _fresh_copy(model)
+    clone.load_state_dict({("mae." + k if kind == "encoder" else k): v for k, v in load_file(str(out)).items()})
+    return clone.eval()
+
+
+def export_timm(model: nn.Module, kind: str, mae, out: Path) -> Callable:
+    """A timm VisionTransformer state dict (num_classes=0 for an encoder); returns the timm model's features."""
+    from safetensors.torch import load_file
+
+    from mimkit.models.convert import mae_to_timm_vit, save_safetensors
+    from mimkit.models.heads import vit_classifier_like
+
+    if kind == "classifier":
+        save_safetensors(model.state_dict(), out, metadata={"format": "pt"})
+        clone = _fresh_copy(model)
+        clone.load_state_dict(load_file(str(out)))
+        return clone.eval()
+    save_safetensors(mae_to_timm_vit(_mae_sd(mae)), out, metadata={"format": "pt"})
+    timm_vit = vit_classifier_like(mae, 0, global_pool=False)
+    timm_vit.load_state_dict(load_file(str(out)), strict=True)
+    return timm_vit.eval().forward_features  # (N, 1+L, D) after norm, as ours
+
+
+def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
+    """A transformers ViTMAEModel folder (save_pretrained), run with mask_ratio 0 and the identity order."""
+    if kind != "encoder":
+        raise UserError("--format hf exports MAE encoders; export a fine-tuned classifier as timm or onnx")
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from mimkit.models.convert import hf_config_kwargs, mae_to_hf
+
+    hf_cfg = ViTMAEConfig(**hf_config_kwargs(mae), mask_ratio=0.0)
+    hf = ViTMAEModel(hf_cfg)
+    sd = {k[len("vit."):]: v for k, v in mae_to_hf(_mae_sd(mae)).items() if k.startswith("vit.")}
+    hf.load_state_dict(sd, strict=True)
+    hf.save_pretrained(str(out))
+    hf = ViTMAEModel.from_pretrained(str(out)).eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # noise = position index: argsort keeps the patch order, so no token is shuffled (mask ratio 0)
+        noise = torch.arange(mae.num_patches, dtype=torch.float32).expand(len(x), -1)
+        return hf(pixel_values=x, noise=noise).last_hidden_state
+
+    return run
+
+
+def _mae_sd(mae: nn.Module) -> dict:
+    return mae.encoder_state_dict() if hasattr(mae, "encoder_state_dict") else mae.state_dict()
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.zero_()  # the reloaded weights, not the copied ones, must make the outputs match
+    return clone
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
+    torch.manual_seed(args.seed)
+    model, kind, mae, desc = load_for_export(args.checkpoint, args.model, args.input_size)
+    size = model.patch_embed.img_size if kind == "classifier" else mae.img_size
+    in_chans = model.patch_embed.proj.in_channels if kind == "classifier" else mae.in_chans
+    example = torch.randn(args.batch_size, in_chans, *size)
+    src = Path(args.checkpoint)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}_{kind}_{args.format}{SUFFIX[args.format]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    exporters = {
+        "torchscript": lambda: export_torchscript(model, example, out),
+        "onnx": lambda: export_onnx(model, example, out),
+        "safetensors": lambda: export_safetensors(model, kind, mae, out),
+        "timm": lambda: export_timm(model, kind, mae, out),
+        "hf": lambda: export_hf(model, kind, mae, out),
+    }
+    runner = exporters[args.format]()
+    check = torch.randn(args.batch_size + 1, in_chans, *size)  # another batch size than the traced one
+    if args.format == "torchscript":
+        check = torch.randn(args.batch_size, in_chans, *size)  # a trace fixes no batch size, but keep it simple
+    with torch.no_grad():
+        expected = model(check)
+        got = runner(check)
+    err = float((expected - got).abs().max())
+    ok = err <= args.atol
+    record = {"checkpoint": str(args.checkpoint), "format": args.format, "kind": kind, "output": str(out),
+              "output_shape": list(expected.shape), "max_abs_error": err, "atol": args.atol, "ok": ok,
+              "model": desc}
+    Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json").write_text(
+        json.dumps(record, indent=2) + "\n")
+    print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})")
+    print(f"max abs error vs PyTorch on random input: {err:.3e} ({'ok' if ok else 'ABOVE'} atol {args.atol:g})")
+    return 0 if ok else 1

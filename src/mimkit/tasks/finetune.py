@@ -1,0 +1,180 @@
+"""`mimkit finetune`: end-to-end classification fine-tuning of an MAE encoder, the official recipe, on THE loop.
+
+    mimkit finetune --finetune runs/demo/checkpoints/final.pt --data_path digits --input_size 64 --epochs 10
+    mimkit finetune --finetune mae_pretrain_vit_base.pth --data_path /imagenet --model mae_vit_base_patch16 \
+        --batch_size 32 --accum_iter 4 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
+        --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
+    mimkit finetune --data_path digits --eval --resume output_dir/checkpoints/best.pt
+
+A timm VisionTransformer with the encoder's weights (position embeddings interpolated when --input_size
+differs), global average pooling + fc_norm (or --cls_token), head at trunc_normal(2e-5); AdamW over
+layer-decay groups (lr scale layer_decay ** (depth + 1 - layer_id)), warmup + cosine to --min_lr, drop path,
+RandAugment + random erasing (timm create_transform), mixup / cutmix / label smoothing (timm Mixup,
+SoftTargetCrossEntropy, LabelSmoothingCrossEntropy), --clip_grad; val/ after every epoch, best.pt kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from mimkit import config as C
+from mimkit.tasks import eval_config as EC
+from mimkit.tasks import evaluate as E
+from mimkit.tasks.pretrain import add_arguments as _add_arguments
+from mimkit.tasks.pretrain import config_from_args, seed_everything
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The official main_finetune.py flags, a config file and dotted overrides."""
+    _add_arguments(p, EC.FINETUNE_FLAGS, EC.FinetuneConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: config, then fine-tune."""
+    cfg = config_from_args(args, EC.FINETUNE_FLAGS, EC.FinetuneConfig, demo_preset=None)
+    finetune(cfg)
+    return 0
+
+
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """timm's layer-decay parameter groups: no decay for 1-D params, cls token and pos embed; each with lr_scale."""
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=layer_decay)
+
+
+def build_mixup(cfg, nb_classes: int):
+    """timm Mixup when --mixup / --cutmix is on (it also smooths the labels), else None."""
+    from timm.data import Mixup
+
+    a = cfg.data.augmentation
+    if not (a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, cutmix_minmax=a.cutmix_minmax, prob=a.mixup_prob,
+                 switch_prob=a.mixup_switch_prob, mode=a.mixup_mode, label_smoothing=a.smoothing,
+                 num_classes=nb_classes)
+
+
+def build_criterion(cfg, mixup) -> torch.nn.Module:
+    """SoftTargetCrossEntropy with mixup, LabelSmoothingCrossEntropy with --smoothing, else cross-entropy."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.data.augmentation.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.data.augmentation.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def finetune_step(criterion: torch.nn.Module, mixup: Optional[Callable]) -> Callable:
+    """step_fn for the engine: (mixed) images -> logits -> loss."""
+
+    def step(model, batch):
+        x, y = batch["images"], batch["labels"]
+        if mixup is not None:
+            if len(x) % 2:  # timm's Mixup pairs images; a batch that lost an unreadable image drops one more
+                x, y = x[:-1], y[:-1]
+            x, y = mixup(x, y)
+        return criterion(model(x), y), {}
+
+    return step
+
+
+def build_classifier(cfg, size: tuple[int, int], resume: Optional[dict], nb_classes: int):
+    """(timm ViT classifier, description): encoder weights from model.finetune, or the shape of a resume."""
+    from mimkit.models.heads import vit_classifier
+
+    encoder_path = cfg.model.finetune or ((resume or {}).get("config") or {}).get("model", {}).get("finetune")
+    if encoder_path is None and not cfg.model.random_init:
+        from mimkit.errors import ConfigError
+
+        raise ConfigError("mimkit finetune: give --finetune PRETRAINED_CHECKPOINT (the encoder's architecture)")
+    encoder, desc = E.load_encoder(encoder_path, cfg.model.type, size, cfg.model.random_init, cfg.misc.seed)
+    model = vit_classifier(encoder, nb_classes, cfg.model.global_pool, cfg.model.drop_path)
+    pool = "global average pool + fc_norm" if cfg.model.global_pool else "cls token"
+    return model, f"{desc}, ViT classifier ({pool}, {nb_classes} classes)"
+
+
+def vit_arch_of(model) -> dict:
+    """The timm ViT arguments of a built classifier (what `mimkit export` rebuilds it from)."""
+    blk = model.blocks[0]
+    return dict(img_size=list(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
+                in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes,
+                global_pool=model.global_pool, embed_dim=model.embed_dim, depth=len(model.blocks),
+                num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim)
+
+
+def finetune(cfg) -> dict:
+    """Fine-tune (or with misc.eval only evaluate) as cfg says; returns the results' metrics."""
+    from mimkit.data.transforms import eval_transform, finetune_transform
+    from mimkit.engine import distributed as D
+    from mimkit.engine.logging import RunLogger
+    from mimkit.engine.optim import build_adamw, scaled_lr
+
+    # 1. validate config, data and checkpoint before any training
+    EC.check_classifier_config(cfg, "finetune")
+    dist = D.init_distributed(cfg.misc.device)
+    seed_everything(cfg.misc.seed)
+    size = C.input_size(cfg)
+    a = cfg.data.augmentation
+    resume = E.read_resume(cfg)
+    saved_classes = None
+    if resume is not None:
+        saved_classes = (resume.get("config") or {}).get("model", {}).get("nb_classes")
+    probe_train, _ = E.open_labelled(cfg.data.data_path, None, None)
+    nb_classes = E.check_nb_classes(cfg.model.nb_classes or saved_classes, probe_train.classes)
+    model, desc = build_classifier(cfg, size, resume, nb_classes)
+    in_chans = model.patch_embed.proj.in_channels
+    aa = None if a.aa in (None, "none") else a.aa
+    train_tf = finetune_transform(size, aa, a.reprob, a.remode, a.recount, a.color_jitter, in_chans)
+    train_set, val_set = E.open_labelled(cfg.data.data_path, train_tf, eval_transform(size, in_chans))
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.nb_classes = nb_classes  # written into the saved config: export and --eval rebuild from it
+    cfg.model.arch = vit_arch_of(model)
+    lr = cfg.optimization.lr or scaled_lr(cfg.optimization.base_lr, cfg.optimization.batch_size,
+                                          cfg.optimization.accum_iter, dist.world_size)
+    cfg.optimization.lr = lr
+    OmegaConf.set_struct(cfg, True)
+    model.to(dist.device)
+
+    if cfg.misc.eval:
+        return _evaluate_only(cfg, model, val_set, resume, dist, desc)
+
+    # 2. set up: run folder, seeds, layer-decay AdamW, mixup and the loss
+    run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                        print_freq=cfg.logging.print_freq)
+    if dist.is_main:
+        C.save_config(cfg, f"{cfg.misc.output_dir}/config.yaml")
+    seed_everything(cfg.misc.seed + dist.rank)  # augmentation, mixup and drop path differ across ranks
+    o = cfg.optimization
+    groups = layer_decay_groups(model, o.weight_decay, o.layer_decay)
+    optimizer = build_adamw(groups, lr, (o.adam_beta1, o.adam_beta2), dist.device)
+    mixup = build_mixup(cfg, nb_classes)
+    criterion = build_criterion(cfg, mixup)
+    run_log.info(f"criterion {type(criterion).__name__}; mixup {'on' if mixup else 'off'}; "
+                 f"{len(groups)} parameter groups, layer decay {o.layer_decay}")
+
+    # 3. train with per-epoch evaluation, 4. report
+    return E.train_classifier(cfg, "finetune", model, optimizer, train_set, val_set,
+                              finetune_step(criterion, mixup), model, lr, dist, run_log, cfg.data.num_workers,
+                              resume, desc)
+
+
+def _evaluate_only(cfg, model, val_set, resume, dist, desc: str) -> dict:
+    """--eval: a fine-tuned checkpoint (misc.resume) on val/, reported as a run's results."""
+    from mimkit.errors import ConfigError
+
+    if resume is None:
+        raise ConfigError("mimkit finetune --eval: give --resume FINETUNED_CHECKPOINT (e.g. checkpoints/best.pt)")
+    E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
+    stats = E.evaluate_classifier(model, val_set, cfg.optimization.batch_size, dist.device, cfg.data.dist_eval)
+    metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
+    if dist.is_main:
+        E.report(cfg.misc.output_dir, "finetune", metrics, cfg.misc.resume, cfg.data.data_path,
+                 C.to_container(cfg), {"model": desc, "eval_only": True})
+    return metrics

@@ -1,0 +1,66 @@
+"""`mimkit knn`: weighted k-NN accuracy of a frozen encoder (DINO's evaluation) on a labelled set.
+
+    mimkit knn --checkpoint runs/demo --data_path digits --k 10 20 100
+    mimkit knn --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet --pool avg --batch_size 256
+
+Features of train/ and val/ (no augmentation, the official eval resize + centre crop) are L2-normalised;
+each val image takes the temperature-weighted vote of its k most cosine-similar training images.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mimkit.tasks import evaluate as E
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `mimkit knn`."""
+    E.add_encoder_arguments(p)
+    p.add_argument("--data_path", required=True, help="labelled set: class folders under train/ and val/, or digits")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts (several at once)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T)")
+    p.add_argument("--pool", choices=("cls", "avg"), default="cls", help="cls token or mean of the patch tokens")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="./output_dir/knn")
+
+
+def features(args: argparse.Namespace):
+    """(model, description, train (feats, labels), val (feats, labels), classes) for knn / rankme."""
+    import torch
+
+    from mimkit.data.transforms import eval_transform
+    from mimkit.tasks.features import extract_features
+
+    torch.manual_seed(args.seed)
+    model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)
+    tf = eval_transform(model.img_size, model.in_chans)
+    train, val = E.open_labelled(args.data_path, tf, tf)
+    device = E.pick_device(args.device)
+    model.to(device)
+    tr = extract_features(model, train, args.batch_size, device, args.pool, args.num_workers)
+    va = extract_features(model, val, args.batch_size, device, args.pool, args.num_workers)
+    return model, desc, tr, va, list(train.classes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Extract features, classify val by k-NN for every k, report."""
+    from mimkit.errors import UserError
+    from mimkit.metrics.knn import knn_accuracy
+
+    if min(args.k) < 1 or args.temperature <= 0:
+        raise UserError("--k must be >= 1 and --temperature > 0")
+    _, desc, (xtr, ytr), (xva, yva), classes = features(args)
+    print(f"mimkit knn: {desc}; {len(xtr)} train / {len(xva)} val images, {len(classes)} classes")
+    acc = knn_accuracy(xtr, ytr, xva, yva, ks=args.k, temperature=args.temperature, num_classes=len(classes))
+    metrics = {f"knn_top1_k{k}": 100.0 * a for k, a in acc.items()}
+    E.report(args.output_dir, "knn", metrics, args.checkpoint, args.data_path, _config(args),
+             {"model": desc, "num_train": len(xtr), "num_val": len(xva), "classes": classes})
+    return 0
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "items")}

@@ -1,0 +1,149 @@
+"""`mimkit linprobe`: linear probe of a frozen encoder, the official MAE recipe, on THE engine loop.
+
+    mimkit linprobe --finetune runs/demo/checkpoints/final.pt --data_path digits --input_size 64 --epochs 20
+    mimkit linprobe --finetune mae_pretrain_vit_base.pth --data_path /imagenet --batch_size 512 --blr 0.1
+    mimkit linprobe linprobe/digits.yaml --finetune runs/demo                         # a preset
+    mimkit linprobe --finetune ... --data_path ... --eval --resume output_dir/checkpoints/best.pt
+
+Head: BatchNorm1d(affine=False) + Linear on the cls token (or, with --global_pool, the layer-normed mean of
+the patch tokens); LARS (or --opt sgd), lr = blr * batch / 256, warmup + cosine, top-1 / top-5 on val/
+after every epoch, best.pt kept. The encoder is frozen and stays bitwise unchanged. With --no_aug the
+features are computed once and the probe trains on the cache (minutes instead of hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset
+
+from mimkit import config as C
+from mimkit.tasks import eval_config as EC
+from mimkit.tasks import evaluate as E
+from mimkit.tasks.pretrain import add_arguments as _add_arguments
+from mimkit.tasks.pretrain import config_from_args, seed_everything
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The official main_linprobe.py flags, a config file and dotted overrides."""
+    _add_arguments(p, EC.LINPROBE_FLAGS, EC.LinprobeConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: config, then probe."""
+    cfg = config_from_args(args, EC.LINPROBE_FLAGS, EC.LinprobeConfig, demo_preset=None)
+    probe(cfg)
+    return 0
+
+
+class FeatureSet(Dataset):
+    """Cached features: item i is (features[i] (D,), label[i]), as an image dataset's (image, label)."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+        self.feats, self.labels, self.classes = feats, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.feats[i], int(self.labels[i])
+
+
+@torch.no_grad()
+def cache_features(model, dataset, batch_size: int, device: torch.device) -> FeatureSet:
+    """Pooled frozen features of every image, once: (N, D) float32 on CPU."""
+    from torch.utils.data import DataLoader
+
+    from mimkit.data.datasets import collate_batch
+
+    feats, labels = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
+            if len(batch["images"]):
+                feats.append(model.features(batch["images"].to(device)).float().cpu())
+                labels.append(batch["labels"])
+    return FeatureSet(torch.cat(feats), torch.cat(labels), list(dataset.classes))
+
+
+def probe_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy of the probe on images (N, C, H, W) or cached features (N, D)."""
+    return torch.nn.functional.cross_entropy(model(batch["images"]), batch["labels"]), {}
+
+
+def build_optimizer(cfg, params, lr: float) -> torch.optim.Optimizer:
+    """LARS (official) or SGD with momentum over the head's parameters."""
+    from mimkit.engine.lars import LARS
+
+    o = cfg.optimization
+    if o.opt == "lars":
+        return LARS(params, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def probe(cfg) -> dict:
+    """Train (or with misc.eval only evaluate) the linear probe; returns the results' metrics."""
+    from mimkit.data.transforms import eval_transform, pretrain_transform
+    from mimkit.engine import distributed as D
+    from mimkit.engine.logging import RunLogger
+    from mimkit.engine.optim import scaled_lr
+    from mimkit.models.heads import LinearProbe
+
+    # 1. validate config, data and checkpoint before any training
+    EC.check_classifier_config(cfg, "linprobe")
+    dist = D.init_distributed(cfg.misc.device)
+    seed_everything(cfg.misc.seed)
+    size = C.input_size(cfg)
+    resume = E.read_resume(cfg)
+    encoder_path = cfg.model.finetune or ((resume or {}).get("config") or {}).get("model", {}).get("finetune")
+    encoder, desc = E.load_encoder(encoder_path, cfg.model.type, size, cfg.model.random_init, cfg.misc.seed)
+    aug = cfg.data.augmentation
+    val_tf = eval_transform(size, encoder.in_chans)
+    train_tf = (pretrain_transform(size, encoder.in_chans, (aug.crop_scale_min, aug.crop_scale_max), aug.hflip)
+                if aug.enabled else val_tf)
+    train_set, val_set = E.open_labelled(cfg.data.data_path, train_tf, val_tf)
+    nb_classes = E.check_nb_classes(cfg.model.nb_classes, train_set.classes)
+    model = LinearProbe(encoder, nb_classes, cfg.model.global_pool).to(dist.device)
+    desc += f", linear probe on the {'mean patch token' if cfg.model.global_pool else 'cls token'}"
+    lr = cfg.optimization.lr or scaled_lr(cfg.optimization.base_lr, cfg.optimization.batch_size,
+                                          cfg.optimization.accum_iter, dist.world_size)
+    OmegaConf.set_struct(cfg, False)
+    cfg.optimization.lr = lr  # the derived value goes into the saved config
+    OmegaConf.set_struct(cfg, True)
+
+    if cfg.misc.eval:
+        return _evaluate_only(cfg, model, val_set, resume, dist, desc)
+
+    # 2. set up: run folder, seeds, the cache when there is no augmentation, the head's optimiser
+    run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                        print_freq=cfg.logging.print_freq)
+    if dist.is_main:
+        C.save_config(cfg, f"{cfg.misc.output_dir}/config.yaml")
+    seed_everything(cfg.misc.seed + dist.rank)
+    num_workers = cfg.data.num_workers
+    if not aug.enabled:
+        run_log.info("no augmentation: computing the frozen features once")
+        train_set = cache_features(model, train_set, cfg.optimization.batch_size, dist.device)
+        val_set = cache_features(model, val_set, cfg.optimization.batch_size, dist.device)
+        num_workers = 0  # the cache is in memory
+    optimizer = build_optimizer(cfg, model.head.parameters(), lr)
+
+    # 3. train with per-epoch evaluation, 4. report
+    return E.train_classifier(cfg, "linprobe", model, optimizer, train_set, val_set, probe_step, model,
+                              lr, dist, run_log, num_workers, resume, desc)
+
+
+def _evaluate_only(cfg, model, val_set, resume, dist, desc: str) -> dict:
+    """--eval: the probe checkpoint (misc.resume) on val/, reported as a run's results."""
+    from mimkit.errors import ConfigError
+
+    if resume is None:
+        raise ConfigError("mimkit linprobe --eval: give --resume PROBE_CHECKPOINT (e.g. checkpoints/best.pt)")
+    E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
+    stats = E.evaluate_classifier(model, val_set, cfg.optimization.batch_size, dist.device, cfg.data.dist_eval)
+    metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
+    if dist.is_main:
+        E.report(cfg.misc.output_dir, "linprobe", metrics, cfg.misc.resume, cfg.data.data_path,
+                 C.to_container(cfg), {"model": desc, "eval_only": True})
+    return metrics

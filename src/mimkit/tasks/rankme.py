@@ -1,0 +1,57 @@
+"""`mimkit rankme`: RankMe (Garrido et al., arXiv 2210.02885) of a frozen encoder's features on a set.
+
+    mimkit rankme --checkpoint runs/demo --data_path digits
+    mimkit rankme --checkpoint mae_pretrain_vit_base.pth --data_path /imagenet --split val --pool avg
+
+RankMe = exp(entropy of the L1-normalised singular values of the (N, D) feature matrix): the effective
+rank, between 1 and min(N, D); higher means less collapsed features. No labels are used (unlabelled folders
+work too).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mimkit.tasks import evaluate as E
+from mimkit.tasks.knn import _config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `mimkit rankme`."""
+    E.add_encoder_arguments(p)
+    p.add_argument("--data_path", required=True, help="image folder (labels not needed) or a built-in set")
+    p.add_argument("--split", default="train", help="train or val")
+    p.add_argument("--pool", choices=("cls", "avg"), default="cls", help="cls token or mean of the patch tokens")
+    p.add_argument("--max_images", type=int, default=25600, help="use at most this many images (the paper: 25600)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="./output_dir/rankme")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Extract features of one split and report RankMe."""
+    import torch
+    from torch.utils.data import Subset
+
+    from mimkit.data.builtin import open_dataset
+    from mimkit.data.transforms import eval_transform
+    from mimkit.errors import DataError
+    from mimkit.metrics import rankme
+    from mimkit.tasks.features import extract_features
+
+    torch.manual_seed(args.seed)
+    model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)
+    ds = open_dataset(args.data_path, args.split, eval_transform(model.img_size, model.in_chans))
+    if len(ds) < 2:
+        raise DataError(f"{args.data_path} ({args.split}) has {len(ds)} image(s); RankMe needs at least 2")
+    if len(ds) > args.max_images:  # a fixed, evenly spread subset: the same images every run
+        ds = Subset(ds, torch.linspace(0, len(ds) - 1, args.max_images).long().tolist())
+    device = E.pick_device(args.device)
+    feats, _ = extract_features(model.to(device), ds, args.batch_size, device, args.pool, args.num_workers)
+    value = rankme(feats)
+    print(f"mimkit rankme: {desc}; {len(feats)} images, feature dim {feats.shape[1]}")
+    metrics = {"rankme": value, "max_rank": min(feats.shape), "num_images": len(feats)}
+    E.report(args.output_dir, "rankme", metrics, args.checkpoint, args.data_path, _config(args), {"model": desc})
+    return 0
