@@ -107,8 +107,13 @@ class Trainer:
         self.wrapped = self._wrap(model)
 
     # ------------------------------------------------------------------ setup
+    def current_lr(self) -> float:
+        """The lr of the first parameter group still in the optimiser (0 when none is left)."""
+        groups = self.optimizer.param_groups
+        return groups[0]["lr"] if groups else 0.0
+
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
+        if not self.dist.enabled or not any(p.requires_grad for p in model.parameters()):
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=self.s.find_unused_parameters)
@@ -215,7 +220,8 @@ class Trainer:
                         self._nonfinite(loss_value, epoch, i)
                         st.batch = i + 1
                         continue
-                    self.scaler.scale(loss / s.accum_iter).backward()
+                    if loss.requires_grad:  # False once FreezeOut has frozen every trainable part
+                        self.scaler.scale(loss / s.accum_iter).backward()
                 st.batch = i + 1
                 grad_norm = None
                 if update:
@@ -234,7 +240,7 @@ class Trainer:
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 ep_loss, ep_n = ep_loss + loss_value, ep_n + 1
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.current_lr()
                 record = {"loss": loss_value, "loss_avg": smooth.update(loss_value), "lr": lr,
                           "samples_per_s": s.batch_size * self.dist.world_size / max(dt, 1e-9), "iter_s": dt, **logs}
                 if grad_norm is not None:
@@ -266,7 +272,7 @@ class Trainer:
         if True:
             mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
             summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
-                       "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                       "lr": self.current_lr(), "epoch_time_s": epoch_time,
                        "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
             st.history.append(summary)
             self.run.metrics(summary, st.step, tb_prefix="epoch")

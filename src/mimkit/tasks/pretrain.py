@@ -252,25 +252,32 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     model.to(dist.device)
     if cfg.misc.compile:
         model.compile()
-    optimizer = build_adamw(param_groups(model, cfg.optimization.weight_decay), lr,
-                            (cfg.optimization.adam_beta1, cfg.optimization.adam_beta2), dist.device)
     sched = cfg.schedule
+    hooks = list(extra_hooks)
+    if cfg.freezeout.enabled:
+        from mimkit.engine.freezeout import FreezeOutHook
 
-    def lr_schedule(opt, epoch_f: float) -> None:
-        set_lr(opt, warmup_cosine(epoch_f, lr, cfg.optimization.min_lr, sched.warmup_epochs, sched.epochs))
+        freezeout = FreezeOutHook.from_config(cfg.freezeout, model, run_log)
+        hooks.append(freezeout)
+        groups = freezeout.param_groups(cfg.optimization.weight_decay)
+        lr_schedule = freezeout.lr_schedule(lr, cfg.optimization.min_lr, sched.warmup_epochs, sched.epochs)
+    else:
+        groups = param_groups(model, cfg.optimization.weight_decay)
+
+        def lr_schedule(opt, epoch_f: float) -> None:
+            set_lr(opt, warmup_cosine(epoch_f, lr, cfg.optimization.min_lr, sched.warmup_epochs, sched.epochs))
+
+    optimizer = build_adamw(groups, lr, (cfg.optimization.adam_beta1, cfg.optimization.adam_beta2), dist.device)
 
     amp = resolve_amp(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
                  f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp}")
-    hooks = list(extra_hooks)
-    vis_images = picture_images(train_set, min(4, len(train_set)))
-    recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio, run_log,
-                               dist.is_main, sched.epochs)
-    hooks.append(recon)
-    if cfg.freezeout.enabled:
-        from mimkit.engine.freezeout import FreezeOutHook
-
-        hooks.append(FreezeOutHook.from_config(cfg.freezeout, model, run_log))
+    recon = None
+    if hasattr(model, "decoder_pred"):  # pixel reconstructions to draw (LocalMIM predicts HOG features)
+        vis_images = picture_images(train_set, min(4, len(train_set)))
+        recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio,
+                                   run_log, dist.is_main, sched.epochs)
+        hooks.append(recon)
     if cfg.eval.eval_data_path and cfg.eval.eval_every:
         from mimkit.tasks.monitor import MonitorHook
 
@@ -302,7 +309,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     summary = {
         "output_dir": str(out_dir), "checkpoints": str(ckpt_dir), "final_checkpoint": str(ckpt_dir / "final.pt"),
         "log": str(out_dir / "log.txt"), "metrics": str(out_dir / "metrics.jsonl"),
-        "tensorboard": str(out_dir / "tb"), "reconstruction": str(recon.last_path) if recon.last_path else None,
+        "tensorboard": str(out_dir / "tb"), "reconstruction": str(recon.last_path) if recon and recon.last_path else None,
         "final_loss": state.history[-1]["loss"] if state.history else None, "steps": state.step,
         "skipped_images": state.skipped_images, "model": model,
     }
