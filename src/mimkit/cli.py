@@ -16,8 +16,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mimkit.tasks.list_models", "list the registered models with their parameter counts"),
     "continual": ("mimkit.tasks.continual", "continual MAE pretraining over a domain sequence, with forgetting"),
     "examples": ("mimkit.tasks.examples", "list / run the continual presets (seed 000's example runner)"),
-    "continual": ("mimkit.tasks.continual", "continual MAE pretraining over a domain sequence, with forgetting"),
-    "examples": ("mimkit.tasks.examples", "list / run the continual presets (seed 000's example runner)"),
     "knn": ("mimkit.tasks.knn", "k-NN accuracy of a frozen encoder on a labelled set"),
     "rankme": ("mimkit.tasks.rankme", "RankMe (effective rank) of a frozen encoder's features"),
     "linprobe": ("mimkit.tasks.linprobe", "linear probe of a frozen encoder (official MAE recipe)"),

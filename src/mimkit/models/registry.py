@@ -60,7 +60,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     try:
         model = fn(**overrides)
     except (ValueError, TypeError) as e:
-        raise UserError(f"cannot build model '{name}' with {overrides}: {e}") from None
+        raise UserError(f"cannot build model '{name}': {e}") from None
     model.model_name = canonical
     return model
 
