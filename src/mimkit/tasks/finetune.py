@@ -40,12 +40,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """timm's layer-decay parameter groups: no decay for 1-D params, cls token and pos embed; each with lr_scale."""
-    from timm.optim import param_groups_layer_decay
+def layer_id(name: str, depth: int) -> int:
+    """The official (BEiT) layer of a ViT parameter: 0 embeddings, i + 1 block i, depth + 1 everything after."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
-    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                    layer_decay=layer_decay)
+
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups of util/lr_decay.py: lr_scale = layer_decay ** (depth + 1 - layer_id), no weight decay on
+    1-D parameters, the cls token and the position embedding.
+
+    Not timm's param_groups_layer_decay: its group matcher gives the final `norm` of a cls-token model its
+    own layer (scale layer_decay instead of the official 1.0).
+    """
+    depth = len(model.blocks)
+    skip = set(model.no_weight_decay())
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name in skip
+        lid = layer_id(name, depth)
+        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+        g = groups.setdefault(key, {"params": [], "names": [], "lr_scale": layer_decay ** (depth + 1 - lid),
+                                    "weight_decay": 0.0 if no_decay else weight_decay, "group": key})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
 
 
 def build_mixup(cfg, nb_classes: int):
