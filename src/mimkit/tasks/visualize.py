@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise UserError(f"image not found: {p}")
     model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
-    tf = eval_transform(model.img_size, in_chans=model.in_chans) if _accepts_chans() else eval_transform(model.img_size)
+    tf = eval_transform(model.img_size, in_chans=model.in_chans)
     imgs = []
     for p in paths:
         try:
@@ -171,10 +171,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     return 0
 
-
-def _accepts_chans() -> bool:
-    import inspect
-
-    from mimkit.data.transforms import eval_transform
-
-    return "in_chans" in inspect.signature(eval_transform).parameters
