@@ -410,7 +410,8 @@ def format_summary(state: dict, names: list[str], summaries: dict[str, dict]) ->
             lines.append(f"{'drop from initial':<24}" + "".join(fmt(s['drop_from_initial'][n]) for n in names))
         af, bwt = s["average_forgetting"], s["backward_transfer"]
         lines.append(f"average forgetting {('n/a' if af is None else f'{af:.4f}')}   backward transfer "
-                     f"{('n/a' if bwt is None else f'{bwt:.4f}')}   (positive forgetting = worse, positive BWT = better)")
+                     f"{('n/a' if bwt is None else f'{bwt:.4f}')}   "
+                     "(positive forgetting = worse, positive BWT = better)")
     return "\n".join(lines)
 
 
@@ -471,15 +472,17 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
             scfg = stage_config(cfg, k, spec, prev, out_dir)
             run.info(f"\n== stage {k + 1}/{len(domains)}: {domain_name(spec)} -> {scfg.misc.output_dir} "
                      f"(from {prev or 'fresh initialisation'})")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             summary = P.train(scfg, extra_hooks=[StageHook(cfg.model.freeze_mode, run)], print_summary=False)
-            train_s = time.perf_counter() - t0
+            # CPU seconds as well as wall: on a shared machine the wall time mostly measures the neighbours
+            train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             t0 = time.perf_counter()
             row = evaluate(summary["model"], eval_domains, cfg)
             state["stages"].append({
                 "domain": spec, "name": domain_name(spec), "output_dir": summary["output_dir"],
                 "final_checkpoint": summary["final_checkpoint"], "final_train_loss": summary["final_loss"],
-                "steps": summary["steps"], "train_s": train_s, "eval_s": time.perf_counter() - t0, "eval": row,
+                "steps": summary["steps"], "train_s": train_s, "train_cpu_s": train_cpu_s,
+                "eval_s": time.perf_counter() - t0, "eval": row,
             })
             log_eval(run, f"after stage {k + 1} ({domain_name(spec)})", row, k + 1)
             if is_main:
@@ -542,7 +545,10 @@ def run_sweep(cfg: DictConfig) -> dict:
             st = res["state"]
             wall = st.get("initial_eval_s", 0) + sum(s["train_s"] + s["eval_s"] for s in st["stages"])
             rows.append({"freeze_mode": freeze, "loss_mode": loss, "trainable_params": st["trainable_params"],
-                         "total_params": st["total_params"], "wall_s": wall, "domains": res["domains"],
+                         "total_params": st["total_params"], "wall_s": wall,
+                         "train_s": sum(s["train_s"] for s in st["stages"]),
+                         "train_cpu_s": sum(s.get("train_cpu_s", float("nan")) for s in st["stages"]),
+                         "domains": res["domains"],
                          "summaries": res["summaries"]})
     (out_dir / "sweep.json").write_text(json.dumps(_clean({"start_checkpoint": start, "rows": rows,
                                                             "config": C.to_container(cfg)}), indent=2) + "\n")
@@ -558,9 +564,10 @@ def sweep_table(rows: list[dict], n_trained: int) -> str:
     out = []
     for key, higher, title in METRICS:
         out.append(f"\n**{title}** ({'higher' if higher else 'lower'} is better): value on each domain's val split "
-                   "after the last stage; forgetting and drop from start: positive = worse; BWT: positive = better\n")
+                   "after the last stage; forgetting and drop from start: positive = worse; BWT: positive = better; "
+                   "times: training only, all stages\n")
         head = ["freeze_mode", "loss_mode", *[f"final {n}" for n in names], "avg forgetting", "BWT",
-                *[f"drop {n}" for n in names[n_trained:]], "trainable", "wall s"]
+                *[f"drop {n}" for n in names[n_trained:]], "trainable", "train wall s", "train CPU s"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in rows:
@@ -570,7 +577,7 @@ def sweep_table(rows: list[dict], n_trained: int) -> str:
             cells = [r["freeze_mode"], r["loss_mode"], *[_f(v) for v in final], _f(s.get("average_forgetting")),
                      _f(s.get("backward_transfer")), *[_f(drop.get(n)) for n in names[n_trained:]],
                      f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.1f}%)",
-                     f"{r['wall_s']:.0f}"]
+                     f"{r['train_s']:.1f}", f"{r['train_cpu_s']:.1f}"]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
