@@ -65,7 +65,9 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noi
     pasted = orig * (1 - m) + rec * m
     rows = [torch.cat([orig[i], masked[i], rec[i], pasted[i]], dim=1) for i in range(imgs.shape[0])]
     grid = (torch.cat(rows, dim=0).numpy() * 255).round().astype(np.uint8)
-    return _with_header(grid, imgs.shape[-1], [t for t in (title, note) if t])
+    k = max(1, 128 // imgs.shape[-1])  # small images are enlarged so the columns can carry their names
+    grid = grid.repeat(k, axis=0).repeat(k, axis=1)
+    return _with_header(grid, imgs.shape[-1] * k, [t for t in (title, note) if t])
 
 
 def _with_header(grid: np.ndarray, col_w: int, lines: Sequence[str]) -> np.ndarray:
@@ -76,21 +78,17 @@ def _with_header(grid: np.ndarray, col_w: int, lines: Sequence[str]) -> np.ndarr
     img.paste(Image.fromarray(grid), (0, band))
     draw = ImageDraw.Draw(img)
     for j, name in enumerate(COLUMNS):
-        draw.text((j * col_w + 2, 2), name if col_w >= 96 else name.split()[0][:5], fill="black")
+        draw.text((j * col_w + 2, 2), name if col_w >= 128 else name.split()[0], fill="black")
     for k, text in enumerate(lines):
         draw.text((2, 2 + line_h * (k + 1)), text, fill="black")
     return np.asarray(img)
 
 
 def save_png(picture: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 (H, W, 3) array as PNG, upscaling small pictures so they are visible."""
+    """Write a uint8 (H, W, 3) array as PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(picture)
-    if img.width < 512:
-        k = max(1, 512 // img.width)
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
-    img.save(path)
+    Image.fromarray(picture).save(path)
     return path
 
 
