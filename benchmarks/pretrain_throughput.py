@@ -76,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak for MFU; default from the device name (bf16 dense)")
     p.add_argument("--seed", type=int, default=0, help="weights, images and noise")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no_memory", action="store_true", help="skip the per-model memory subprocesses")
     p.add_argument("--loop", action="store_true", help="time the mimkit training loop: synthetic vs JPEG data")
     p.add_argument("--num_workers", type=int, default=2, help="--loop: DataLoader workers for the JPEG run")
@@ -448,6 +449,8 @@ def describe_device(device: torch.device) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return 0
