@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mimkit import __version__
+from mimkit import config as C
 from mimkit.errors import CheckpointError, DataError, UserError
 
 
@@ -299,3 +300,18 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, what: str) -> None:
     except RuntimeError as e:
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
         raise CheckpointError(f"{what} does not fit this model: {first[0][:300]}") from None
+
+
+def evaluate_only(cfg, task: str, model, val_set, resume, dist, desc: str) -> dict:
+    """`--eval`: a trained checkpoint (misc.resume) of `task` on val/, reported as a run's results."""
+    from mimkit.errors import ConfigError
+
+    if resume is None:
+        raise ConfigError(f"mimkit {task} --eval: give --resume CHECKPOINT (e.g. checkpoints/best.pt)")
+    load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
+    stats = evaluate_classifier(model, val_set, cfg.optimization.batch_size, dist.device, cfg.data.dist_eval)
+    metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
+    if dist.is_main:
+        report(cfg.misc.output_dir, task, metrics, cfg.misc.resume, cfg.data.data_path,
+               C.to_container(cfg), {"model": desc, "eval_only": True})
+    return metrics

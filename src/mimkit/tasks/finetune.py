@@ -167,7 +167,7 @@ def finetune(cfg) -> dict:
     model.to(dist.device)
 
     if cfg.misc.eval:
-        return _evaluate_only(cfg, model, val_set, resume, dist, desc)
+        return E.evaluate_only(cfg, "finetune", model, val_set, resume, dist, desc)
 
     # 2. set up: run folder, seeds, layer-decay AdamW, mixup and the loss
     run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
@@ -187,18 +187,3 @@ def finetune(cfg) -> dict:
     return E.train_classifier(cfg, "finetune", model, optimizer, train_set, val_set,
                               finetune_step(criterion, mixup), model, lr, dist, run_log, cfg.data.num_workers,
                               resume, desc)
-
-
-def _evaluate_only(cfg, model, val_set, resume, dist, desc: str) -> dict:
-    """--eval: a fine-tuned checkpoint (misc.resume) on val/, reported as a run's results."""
-    from mimkit.errors import ConfigError
-
-    if resume is None:
-        raise ConfigError("mimkit finetune --eval: give --resume FINETUNED_CHECKPOINT (e.g. checkpoints/best.pt)")
-    E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
-    stats = E.evaluate_classifier(model, val_set, cfg.optimization.batch_size, dist.device, cfg.data.dist_eval)
-    metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
-    if dist.is_main:
-        E.report(cfg.misc.output_dir, "finetune", metrics, cfg.misc.resume, cfg.data.data_path,
-                 C.to_container(cfg), {"model": desc, "eval_only": True})
-    return metrics

@@ -113,7 +113,7 @@ def probe(cfg) -> dict:
     OmegaConf.set_struct(cfg, True)
 
     if cfg.misc.eval:
-        return _evaluate_only(cfg, model, val_set, resume, dist, desc)
+        return E.evaluate_only(cfg, "linprobe", model, val_set, resume, dist, desc)
 
     # 2. set up: run folder, seeds, the cache when there is no augmentation, the head's optimiser
     run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
@@ -132,18 +132,3 @@ def probe(cfg) -> dict:
     # 3. train with per-epoch evaluation, 4. report
     return E.train_classifier(cfg, "linprobe", model, optimizer, train_set, val_set, probe_step, model,
                               lr, dist, run_log, num_workers, resume, desc)
-
-
-def _evaluate_only(cfg, model, val_set, resume, dist, desc: str) -> dict:
-    """--eval: the probe checkpoint (misc.resume) on val/, reported as a run's results."""
-    from mimkit.errors import ConfigError
-
-    if resume is None:
-        raise ConfigError("mimkit linprobe --eval: give --resume PROBE_CHECKPOINT (e.g. checkpoints/best.pt)")
-    E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
-    stats = E.evaluate_classifier(model, val_set, cfg.optimization.batch_size, dist.device, cfg.data.dist_eval)
-    metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
-    if dist.is_main:
-        E.report(cfg.misc.output_dir, "linprobe", metrics, cfg.misc.resume, cfg.data.data_path,
-                 C.to_container(cfg), {"model": desc, "eval_only": True})
-    return metrics
