@@ -1,0 +1,40 @@
+"""Smoke test of benchmarks/freezeout_speedup.py: one regular/FreezeOut pair, 1 epoch, a few images, on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "freezeout_speedup.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_freezeout_benchmark_writes_both_runs_and_the_speedup(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(SCRIPT), "--models", "mae_vit_tiny_patch16", "--configs", "regular", "linear:0.5",
+           "--epochs", "1", "--num_images", "16", "--batch_size", "8", "--k", "5",
+           "--model_kw", "depth=4", "embed_dim=32", "num_heads=2", "decoder_embed_dim=32", "decoder_depth=1",
+           "decoder_num_heads=2", "--output_dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["config"]: r for r in res["runs"]}
+    assert set(runs) == {"regular", "linear:0.5"}
+    for r in runs.values():
+        assert r["total_time_s"] > 0 and len(r["epoch_time_s"]) == 1 and r["epoch_time_s"][0] > 0
+        assert r["steps"] == 2 and r["memory"]["peak_bytes"] > 0
+        assert 0 <= r["knn"]["knn_top1_k5"] <= 100
+    fo, reg = runs["linear:0.5"], runs["regular"]
+    assert fo["speedup"] == pytest.approx(reg["total_time_s"] / fo["total_time_s"])
+    assert reg["speedup"] == 1.0
+    # 2 steps over 4 blocks, linear t_0 = 0.5: block 0 freezes after step 1 (t = 0.5), so step 2 runs 1 frozen
+    assert reg["frozen_per_step"] == [0, 0] and fo["frozen_per_step"] == [0, 1]
+    assert 0 < fo["flop_saving"] < 1 and reg["flop_saving"] == 0
+    # reference estimate: 2/3 x mean(1 - t_i), t = 0.5, 0.625, 0.75, 0.875
+    assert fo["reference_estimate"]["time_saving"] == pytest.approx(2 / 3 * (0.5 + 0.375 + 0.25 + 0.125) / 4)
+    assert "speed-up (measured)" in (out / "results.md").read_text()
