@@ -20,7 +20,9 @@ import torch.nn as nn
 from mimkit.engine.optim import no_weight_decay_names, warmup_cosine
 from mimkit.errors import UserError
 
-SCALES: dict[str, Callable[[float], float]] = {"linear": lambda x: x, "squared": lambda x: x**2, "cubic": lambda x: x**3}
+SCALES: dict[str, Callable[[float], float]] = {
+    "linear": lambda x: x, "squared": lambda x: x**2, "cubic": lambda x: x**3,
+}
 STEM_PREFIXES = ("patch_embed.", "cls_token")
 
 
@@ -76,9 +78,10 @@ class FreezeOutHook:
                 continue
             decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
             block = self.block_of(name)
+            label = f"{'block' + str(block) if block >= 0 else 'rest'}.{'decay' if decay else 'no_decay'}"
             g = groups.setdefault((block, decay), {
                 "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": 1.0,
-                "block": block, "group": f"{'block' + str(block) if block >= 0 else 'rest'}.{'decay' if decay else 'no_decay'}",
+                "block": block, "group": label,
             })
             g["params"].append(p)
             g["names"].append(name)

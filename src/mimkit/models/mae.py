@@ -67,7 +67,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
         )
-        self.decoder_blocks = vit.make_blocks(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer)
+        self.decoder_blocks = vit.make_blocks(
+            decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer
+        )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * in_chans, bias=True)
 

@@ -309,7 +309,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     summary = {
         "output_dir": str(out_dir), "checkpoints": str(ckpt_dir), "final_checkpoint": str(ckpt_dir / "final.pt"),
         "log": str(out_dir / "log.txt"), "metrics": str(out_dir / "metrics.jsonl"),
-        "tensorboard": str(out_dir / "tb"), "reconstruction": str(recon.last_path) if recon and recon.last_path else None,
+        "tensorboard": str(out_dir / "tb"),
+        "reconstruction": str(recon.last_path) if recon and recon.last_path else None,
         "final_loss": state.history[-1]["loss"] if state.history else None, "steps": state.step,
         "skipped_images": state.skipped_images, "model": model,
     }
