@@ -62,7 +62,7 @@ def test_resume_at_epoch_boundary_is_bitwise(tmp_path: Path, image_folder: Path)
     assert torch.load(split / "checkpoints/latest.pt", weights_only=True)["step"] == 4
     assert pretrain(split, image_folder, "--epochs", "2") == 0  # auto_resume picks up latest.pt
     assert_bitwise_equal(weights(straight / "checkpoints/final.pt"), weights(split / "checkpoints/final.pt"))
-    assert "resumed at epoch 0, batch 4, step 4" in (split / "log.txt").read_text()
+    assert "latest.pt at epoch 0, batch 4, step 4" in (split / "log.txt").read_text()
 
 
 def test_resume_mid_epoch_with_workers_is_bitwise(tmp_path: Path, image_folder: Path) -> None:
@@ -74,7 +74,7 @@ def test_resume_mid_epoch_with_workers_is_bitwise(tmp_path: Path, image_folder: 
     resume_from = split / "checkpoints/step-6"
     assert pretrain(split, image_folder, "--epochs", "2", "--num_workers", "2", "--resume", str(resume_from)) == 0
     assert_bitwise_equal(weights(straight / "checkpoints/final.pt"), weights(split / "checkpoints/final.pt"))
-    assert "resumed at epoch 1, batch 2, step 6" in (split / "log.txt").read_text()
+    assert "step-6 at epoch 1, batch 2, step 6" in (split / "log.txt").read_text()
 
 
 def test_keep_last_n_prunes_old_checkpoints(tmp_path: Path, image_folder: Path) -> None:

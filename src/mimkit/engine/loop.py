@@ -237,6 +237,7 @@ class Trainer:
                         self._save("step", st.step)
                     if s.max_steps and st.step >= s.max_steps:
                         stop = True
+                        self.run.info(f"stopping at misc.max_steps = {s.max_steps} optimiser steps")
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 ep_loss, ep_n = ep_loss + loss_value, ep_n + 1

@@ -79,6 +79,9 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
     os.replace(tmp, path)
     return path
 

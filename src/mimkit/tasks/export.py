@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -94,7 +95,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
     onnx's reference evaluator)."""
     import onnx
 
-    with torch.no_grad():
+    # The shape checks in the model's forward are Python conditionals on the traced sizes; the tracer warns
+    # about each, harmlessly for a fixed image size (the batch stays dynamic).
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["output"],
                           dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
                           dynamo=False)
@@ -187,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
     in_chans = model.patch_embed.proj.in_channels if kind == "classifier" else mae.in_chans
     example = torch.randn(args.batch_size, in_chans, *size)
     src = Path(args.checkpoint)
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}_{kind}_{args.format}{SUFFIX[args.format]}")
+    out = Path(args.output) if args.output else src.with_name(
+        f"{src.stem}_{kind}{'' if args.format in ('onnx', 'safetensors', 'torchscript') else '_' + args.format}"
+        f"{SUFFIX[args.format]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     exporters = {
         "torchscript": lambda: export_torchscript(model, example, out),

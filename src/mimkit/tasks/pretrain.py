@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,8 @@ FLAGS: list[Flag] = [
     Flag("hog_bias", "model.kwargs.hog_bias", None, "LocalMIM: fixed random bias on the HOG gradients", const=True),
     Flag("input_size", "data.input_size", int, "image size"),
     Flag("num_workers", "data.num_workers", int),
-    Flag("pin_mem", "data.pin_memory", None, "pin host memory", const=True),
-    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory", const=False),
+    Flag("pin_mem", "data.pin_memory", None, "pin host memory (GPU runs)", const=True),
+    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory (sets it false)", const=False),
     Flag("seed", "misc.seed", int),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("resume", "misc.resume", str, "checkpoint (file or folder) to resume"),
@@ -87,7 +88,7 @@ FLAGS: list[Flag] = [
     Flag("eval_every", "eval.eval_every", int, "epochs between monitoring evaluations"),
     Flag("freezeout", "freezeout.enabled", None, "progressive layer freezing", const=True),
     Flag("how_scale", "freezeout.how_scale", str, "FreezeOut: linear | squared | cubic"),
-    Flag("t_0", "freezeout.t_0", float, "FreezeOut: first freezing point, in (0, 1]"),
+    Flag("t_0", "freezeout.t_0", float, "FreezeOut: block i freezes at scale(t_0 + (1 - t_0) i / depth), t_0 in (0, 1]"),
     Flag("no_scale_lr", "freezeout.scale_lr", None, "FreezeOut: keep every block's base lr", const=False),
     Flag("freeze_heads", "freezeout.freeze_heads", None, "FreezeOut: freeze a tap's head with its block", const=True),
 ]
@@ -214,11 +215,13 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     train_set = open_train_set(cfg, model.in_chans)
     out_dir = Path(cfg.misc.output_dir)
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
-    resume_ckpt = None
+    resume_ckpt, resume_path = None, None
     if cfg.misc.resume:
-        resume_ckpt = load_training_checkpoint(cfg.misc.resume)
+        resume_path = cfg.misc.resume
     elif cfg.misc.auto_resume and (ckpt_dir / "latest.pt").exists():
-        resume_ckpt = load_training_checkpoint(ckpt_dir / "latest.pt")
+        resume_path = str(ckpt_dir / "latest.pt")
+    if resume_path:
+        resume_ckpt = load_training_checkpoint(resume_path)
     if cfg.model.init_from and resume_ckpt is None:
         from mimkit.models.convert import load_into_model
 
@@ -269,6 +272,12 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
 
     optimizer = build_adamw(groups, lr, (cfg.optimization.adam_beta1, cfg.optimization.adam_beta2), dist.device)
 
+    if sched.warmup_epochs >= sched.epochs:
+        run_log.info(f"warning: schedule.warmup_epochs ({sched.warmup_epochs:g}) >= schedule.epochs ({sched.epochs}): "
+                     "the lr never leaves its linear warmup; lower --warmup_epochs")
+    num_workers = min(cfg.data.num_workers, os.cpu_count() or 1)
+    if num_workers < cfg.data.num_workers:
+        run_log.info(f"data.num_workers {cfg.data.num_workers} > {num_workers} CPU cores: using {num_workers}")
     amp = resolve_amp(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
                  f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp}")
@@ -278,6 +287,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio,
                                    run_log, dist.is_main, sched.epochs)
         hooks.append(recon)
+    else:
+        run_log.info(f"no reconstruction picture: {cfg.model.type} predicts {type(model).__name__} targets, not pixels")
     if cfg.eval.eval_data_path and cfg.eval.eval_every:
         from mimkit.tasks.monitor import MonitorHook
 
@@ -285,7 +296,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     settings = LoopSettings(
         epochs=sched.epochs, batch_size=cfg.optimization.batch_size, accum_iter=cfg.optimization.accum_iter,
         gradient_clip=cfg.optimization.gradient_clip, on_nonfinite=cfg.optimization.on_nonfinite, amp=amp,
-        num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
+        num_workers=num_workers, pin_memory=cfg.data.pin_memory,
         persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
         max_steps=cfg.misc.max_steps,
@@ -297,7 +308,11 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
                       config_yaml=cfg_yaml, hooks=hooks)
     if resume_ckpt is not None:
         trainer.load(resume_ckpt)
-        run_log.info(f"resumed at epoch {trainer.state.epoch}, batch {trainer.state.batch}, step {trainer.state.step}")
+        run_log.info(f"resumed from {resume_path} at epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
+                     f"step {trainer.state.step}")
+        if trainer.state.epoch >= sched.epochs:
+            run_log.info(f"nothing to train: this run already finished its {sched.epochs} epochs "
+                         "(raise --epochs to continue, or --no_auto_resume / a new --output_dir to start over)")
     elif sched.start_epoch:
         trainer.state.epoch = sched.start_epoch
 
