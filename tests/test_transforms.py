@@ -113,3 +113,14 @@ def test_posterize_zero_bits_does_not_crash() -> None:
     # every timm policy that has a posterize op builds and runs
     for aa in ("rand-m9-mstd0.5-inc1", "original", "augmix-m5"):
         finetune_transform(16, aa=aa)(_img())
+
+
+def test_finetune_transform_honours_crop_scale_and_flip() -> None:
+    from torchvision import transforms as T
+
+    from mimkit.data.transforms import finetune_transform
+
+    tf = finetune_transform(32, aa=None, reprob=0.0, scale=(0.5, 1.0), hflip=0.0)
+    crops = [t for t in tf.transforms if hasattr(t, "scale") and "ResizedCrop" in type(t).__name__]
+    assert crops and tuple(crops[0].scale) == (0.5, 1.0)
+    assert not [t for t in tf.transforms if isinstance(t, T.RandomHorizontalFlip)]

@@ -102,12 +102,16 @@ def finetune_transform(
     recount: int = 1,
     color_jitter: float | None = None,
     in_chans: int = 3,
+    scale: tuple[float, float] = (0.08, 1.0),
+    hflip: float = 0.5,
 ) -> T.Compose:
     """Official main_finetune training transform, by timm's create_transform (defaults = official flags)."""
     mean, std = mean_std(in_chans)
     timm_tf = create_transform(
         input_size=to_hw(input_size),
         is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
         color_jitter=color_jitter,
         auto_augment=aa,
         interpolation="bicubic",

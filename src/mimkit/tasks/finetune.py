@@ -155,7 +155,8 @@ def finetune(cfg) -> dict:
     model, desc = build_classifier(cfg, size, resume, nb_classes)
     in_chans = model.patch_embed.proj.in_channels
     aa = None if a.aa in (None, "none") else a.aa
-    train_tf = finetune_transform(size, aa, a.reprob, a.remode, a.recount, a.color_jitter, in_chans)
+    train_tf = finetune_transform(size, aa, a.reprob, a.remode, a.recount, a.color_jitter, in_chans,
+                                  scale=(a.crop_scale_min, a.crop_scale_max), hflip=0.5 if a.hflip else 0.0)
     train_set, val_set = E.open_labelled(cfg.data.data_path, train_tf, eval_transform(size, in_chans))
     OmegaConf.set_struct(cfg, False)
     cfg.model.nb_classes = nb_classes  # written into the saved config: export and --eval rebuild from it

@@ -72,7 +72,7 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noi
 
 def _with_header(grid: np.ndarray, col_w: int, lines: Sequence[str]) -> np.ndarray:
     """Add a white band with the column names and notes above the grid."""
-    line_h = 12
+    line_h = 14
     band = line_h * (1 + len(lines)) + 4
     img = Image.new("RGB", (grid.shape[1], grid.shape[0] + band), "white")
     img.paste(Image.fromarray(grid), (0, band))
