@@ -29,7 +29,7 @@ def _to_display(imgs: torch.Tensor) -> torch.Tensor:
     x = x.repeat(1, 3, 1, 1) if c == 1 else x[:, :3]
     if x.shape[1] < 3:
         x = torch.cat([x, x[:, -1:].expand(-1, 3 - x.shape[1], -1, -1)], dim=1)
-    return x.clamp(0, 1).permute(0, 2, 3, 1)
+    return x.nan_to_num(0.5).clamp(0, 1).permute(0, 2, 3, 1)  # a diverged model draws grey, not garbage
 
 
 @torch.no_grad()
