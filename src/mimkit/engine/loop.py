@@ -252,9 +252,8 @@ class Trainer:
                 if stop:
                     break
             self.run.end_epoch()
-            if ep_n == 0 and start_batch >= self.iters_per_epoch:
-                pass  # resumed exactly at the end of this epoch: its summary was logged by the earlier run
-            else:
+            # resumed exactly at the end of this epoch: its summary was logged by the earlier run
+            if not (ep_n == 0 and start_batch >= self.iters_per_epoch):
                 self._epoch_summary(epoch, ep_loss, ep_n, time.perf_counter() - t_epoch)
             if stop:
                 break
@@ -269,18 +268,18 @@ class Trainer:
         return st
 
     def _epoch_summary(self, epoch: int, ep_loss: float, ep_n: int, epoch_time: float) -> None:
+        """Log the epoch's mean loss (over ranks), time and skip counters."""
         st = self.state
-        if True:
-            mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
-            summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
-                       "lr": self.current_lr(), "epoch_time_s": epoch_time,
-                       "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
-            st.history.append(summary)
-            self.run.metrics(summary, st.step, tb_prefix="epoch")
-            self.run.info(
-                f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
-                + (f"  skipped images {st.skipped_images}" if st.skipped_images else "")
-            )
+        mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
+        summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
+                   "lr": self.current_lr(), "epoch_time_s": epoch_time,
+                   "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
+        st.history.append(summary)
+        self.run.metrics(summary, st.step, tb_prefix="epoch")
+        self.run.info(
+            f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
+            + (f"  skipped images {st.skipped_images}" if st.skipped_images else "")
+        )
 
     def _nonfinite(self, value: float, epoch: int, i: int) -> None:
         self.state.skipped_nonfinite += 1
