@@ -312,8 +312,3 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return "off"
     return amp
 
-
-def describe(state: TrainState) -> dict[str, Any]:
-    """A short summary of a finished run."""
-    last = state.history[-1] if state.history else {}
-    return {"epochs_run": len(state.history), "steps": state.step, "final_loss": last.get("loss")}

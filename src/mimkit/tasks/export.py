@@ -78,7 +78,8 @@ def _classifier(obj: dict, sd: dict, input_size: int | None):
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"classifier checkpoint does not fit its architecture: {str(e).splitlines()[1][:200]}")
+        detail = (str(e).splitlines() + [""])[1][:200]
+        raise CheckpointError(f"classifier checkpoint does not fit its architecture: {detail}") from None
     return model.eval(), "classifier"
 
 

@@ -88,7 +88,8 @@ FLAGS: list[Flag] = [
     Flag("eval_every", "eval.eval_every", int, "epochs between monitoring evaluations"),
     Flag("freezeout", "freezeout.enabled", None, "progressive layer freezing", const=True),
     Flag("how_scale", "freezeout.how_scale", str, "FreezeOut: linear | squared | cubic"),
-    Flag("t_0", "freezeout.t_0", float, "FreezeOut: block i freezes at scale(t_0 + (1 - t_0) i / depth), t_0 in (0, 1]"),
+    Flag("t_0", "freezeout.t_0", float,
+         "FreezeOut: block i freezes at scale(t_0 + (1 - t_0) i / depth), t_0 in (0, 1]"),
     Flag("no_scale_lr", "freezeout.scale_lr", None, "FreezeOut: keep every block's base lr", const=False),
     Flag("freeze_heads", "freezeout.freeze_heads", None, "FreezeOut: freeze a tap's head with its block", const=True),
 ]
