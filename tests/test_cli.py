@@ -30,3 +30,39 @@ def test_pretrain_help_shows_defaults(capsys) -> None:
         main(["pretrain", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "sets model.mask_ratio (default: 0.75)" in out and "sets optimization.base_lr (default: 0.00015)" in out
+
+
+def test_examples_dry_run_after_the_key(capsys) -> None:
+    assert main(["examples", "5", "--dry_run"]) == 0
+    assert capsys.readouterr().out.strip() == "$ mimkit continual continual/quick_test.yaml"
+
+
+def test_garbage_and_empty_checkpoints_are_named(tmp_path, capsys) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main(["visualize", str(garbage), str(garbage)]) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
+    assert main(["pretrain", "--resume", str(empty), "--output_dir", str(tmp_path / "run")]) == 2
+    assert "the file is empty" in capsys.readouterr().err
+
+
+def test_continual_takes_the_architecture_of_its_checkpoint(tmp_path) -> None:
+    from conftest import TINY_MODEL, write_images
+    from mimkit.tasks.continual import config_from_args as continual_config
+
+    from mimkit.cli import build_parser
+
+    data = tmp_path / "imgs"
+    write_images(data, 8)
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY_MODEL, "--data_path", str(data), "--output_dir", str(run), "--batch_size", "4",
+                 "--num_workers", "0", "--epochs", "1", "--max_steps", "1"]) == 0
+    args = build_parser().parse_args(["continual", "--continual_checkpoint", str(run / "checkpoints/final.pt"),
+                                      "--data_path", str(data)])
+    cfg = continual_config(args)
+    assert cfg.model.type == "mae_vit_tiny_patch16" and cfg.model.kwargs.depth == 2 and cfg.data.input_size == 32
+    args = build_parser().parse_args(["continual", "--continual_checkpoint", str(run / "checkpoints/final.pt"),
+                                      "--data_path", str(data), "--model", "mae_vit_base_patch16"])
+    assert continual_config(args).model.type == "mae_vit_base_patch16"  # an explicit --model wins

@@ -178,11 +178,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def load_training_checkpoint(path: str | Path) -> dict:
     """Read a mimkit training checkpoint safely (weights_only); a foreign or corrupt file is a CheckpointError."""
+    from mimkit.models.convert import load_checkpoint_file  # the one safe reader (weights_only / safetensors)
+
     p = resolve_checkpoint_path(path)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt / unsafe files
-        raise CheckpointError(f"cannot read checkpoint {p}: {str(e).splitlines()[0][:200]}") from None
+    ckpt = load_checkpoint_file(p)
     missing = [k for k in ("model", "optimizer", "epoch", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(

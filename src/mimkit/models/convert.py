@@ -62,10 +62,16 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch/zipfile/pickle/safetensors raise many types; the user needs one line
         first_line = (str(e).strip().splitlines() or [""])[0]
-        if "Weights only load failed" in first_line:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            reason = "the file is empty"
+        elif head[:2] != b"PK" and head[:1] != b"\x80" and path.suffix != ".safetensors":
+            reason = "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+        elif "Weights only load failed" in first_line:
             reason = "it holds pickled Python objects that mimkit will not unpickle (only tensors are loaded)"
         else:
-            reason = f"{type(e).__name__}: {first_line[:200]}"
+            reason = f"{type(e).__name__}: {first_line[:200] or 'truncated or corrupt file'}"
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
 
 

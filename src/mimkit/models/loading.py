@@ -64,3 +64,38 @@ def model_from_checkpoint(
     report = load_into_model(model, obj, strict=False)
     model.eval()
     return model, f"{model_name} from {os.path.basename(str(path))} ({report.source})"
+
+
+def architecture_of(path: str | os.PathLike) -> Optional[dict]:
+    """Config layer {model: {type, kwargs, norm_pix_loss}, data: {input_size}} for the model a checkpoint holds.
+
+    A mimkit checkpoint says it in its config; an official / Hugging Face file is matched to a registered preset
+    by shape (input size from the position-embedding grid). None when the file is unreadable or matches nothing:
+    the loader then reports the mismatch in full.
+    """
+    try:
+        obj = load_checkpoint_file(path)
+    except CheckpointError:
+        return None
+    cfg = obj.get("config") if isinstance(obj, dict) and "mimkit_version" in obj else None
+    if cfg and cfg.get("model", {}).get("type"):
+        m = cfg["model"]
+        arch = {"model": {"type": m["type"], "kwargs": dict(m.get("kwargs") or {}),
+                          "norm_pix_loss": bool(m.get("norm_pix_loss", False))}}
+        if cfg.get("data", {}).get("input_size") is not None:
+            arch["data"] = {"input_size": cfg["data"]["input_size"]}
+        return arch
+    try:
+        sd, _ = extract_state_dict(obj)
+        sd, _ = to_mae_state_dict(sd)
+    except CheckpointError:
+        return None
+    name = infer_model_name(sd)
+    if name is None:
+        return None
+    arch = {"model": {"type": name}}
+    tokens = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else 0
+    side = int(round(tokens**0.5))
+    if side * side == tokens and tokens:
+        arch["data"] = {"input_size": side * sd["patch_embed.proj.weight"].shape[-1]}
+    return arch

@@ -1,15 +1,15 @@
 """`mimkit continual`: continue MAE pretraining on new domains, one after another, and measure forgetting.
 
     mimkit continual                                         # demo: tiny MAE, built-in photos -> microscopy -> textures
-    mimkit continual --data_path /new_domain --continual_checkpoint mae_pretrain_vit_large.pth \
-        --freeze_mode encoder_layernorms_only --blr 5e-4 --epochs 30
-    mimkit continual --domains photos microscopy textures --freeze_mode layernorm_only
+    mimkit continual --data_path /new_domain --continual_checkpoint mae_pretrain_vit_large.pth
+        --freeze_mode encoder_layernorms_only --blr 5e-4 --epochs 30     (one command)
+    mimkit continual continual/demo.yaml --domains photos space --freeze_mode layernorm_only
     mimkit continual continual/all_layernorms.yaml --domains /data/a /data/b
     mimkit continual --sweep                                 # every freeze_mode x loss_mode, table in sweep.md
 
 Stage k trains on domain k with the pretraining recipe (`mimkit.tasks.pretrain.train`, the one engine), starting
-from stage k-1's final weights, in its own folder `<output_dir>/stage-k-<name>/` (so it auto-resumes at the step
-it stopped). After the starting weights and after every stage the model is evaluated on EVERY domain's held-out
+from stage k-1's final weights, in its own folder `<output_dir>/stage-k-<name>/` (so it auto-resumes from its
+latest checkpoint: set --save_freq_steps for step-level resume points). After the starting weights and after every stage the model is evaluated on EVERY domain's held-out
 split: reconstruction loss with fixed masks (a dedicated generator per domain, the same masks at every stage) and
 k-NN accuracy where the domain has labels. `sequence.json` records finished stages, so a killed sequence resumes
 at its stage. Results: `recon_loss.{csv,json}`, `knn_acc.{csv,json}` (stage x domain, forgetting, backward

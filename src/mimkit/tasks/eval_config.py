@@ -206,9 +206,9 @@ def check_classifier_config(cfg, command: str) -> None:
     """Cross-field rules C.validate does not know: the checkpoint, class count, probe / finetune values."""
     m = cfg.model
     if not cfg.data.data_path:
-        raise ConfigError(f"mimkit {command}: give --data_path (class folders under train/ and val/, or digits)")
+        raise ConfigError("give --data_path (class folders under train/ and val/, or digits)")
     if not (m.finetune or cfg.misc.resume or (m.random_init and m.type)):
-        raise ConfigError(f"mimkit {command}: give --finetune CHECKPOINT (or --model NAME --random_init)")
+        raise ConfigError("give --finetune CHECKPOINT (or --model NAME --random_init)")
     if m.nb_classes is not None and m.nb_classes < 2:
         raise ConfigError(f"bad value for 'model.nb_classes': {m.nb_classes} (must be >= 2)")
     o = cfg.optimization

@@ -307,7 +307,7 @@ def evaluate_only(cfg, task: str, model, val_set, resume, dist, desc: str) -> di
     from mimkit.errors import ConfigError
 
     if resume is None:
-        raise ConfigError(f"mimkit {task} --eval: give --resume CHECKPOINT (e.g. checkpoints/best.pt)")
+        raise ConfigError("--eval needs --resume CHECKPOINT (e.g. checkpoints/best.pt)")
     load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
     stats = evaluate_classifier(model, val_set, cfg.optimization.batch_size, dist.device, cfg.data.dist_eval)
     metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}

@@ -75,6 +75,9 @@ def menu(ask: Callable[[str], str] = input) -> Optional[str]:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: run the named example, or list them / show the menu."""
+    if "--dry_run" in args.extra:  # `mimkit examples 5 --dry_run` means the same as `--dry_run 5`
+        args.extra = [a for a in args.extra if a != "--dry_run"]
+        args.dry_run = True
     if args.example is None:
         if not sys.stdin.isatty():
             print(listing())

@@ -7,7 +7,7 @@
 
 The encoder export is `forward_features` (no masking: tracing the masked training forward, as seed 001 did,
 freezes one random mask into the graph). Every export is reloaded and run on random input beside the
-PyTorch model; the max absolute difference is printed and written to export.json.
+PyTorch model; the max absolute difference is printed and written to <output>.export.json.
 """
 
 from __future__ import annotations
@@ -85,10 +85,14 @@ def _classifier(obj: dict, sd: dict, input_size: int | None):
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
     """torch.jit.trace -> out; returns the reloaded module's forward."""
-    with torch.no_grad():
+    # The tracer warns about the model's shape checks (Python conditionals on the fixed traced size) and torch
+    # announces TorchScript's deprecation; neither affects the traced graph, which the parity check verifies.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(out))
-    return torch.jit.load(str(out))
+        traced.save(str(out))
+        return torch.jit.load(str(out))
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:

@@ -117,7 +117,7 @@ def build_classifier(cfg, size: tuple[int, int], resume: Optional[dict], nb_clas
     if encoder_path is None and not cfg.model.random_init:
         from mimkit.errors import ConfigError
 
-        raise ConfigError("mimkit finetune: give --finetune PRETRAINED_CHECKPOINT (the encoder's architecture)")
+        raise ConfigError("give --finetune PRETRAINED_CHECKPOINT (the encoder's architecture)")
     encoder, desc = E.load_encoder(encoder_path, cfg.model.type, size, cfg.model.random_init, cfg.misc.seed)
     model = vit_classifier(encoder, nb_classes, cfg.model.global_pool, cfg.model.drop_path)
     pool = "global average pool + fc_norm" if cfg.model.global_pool else "cls token"
