@@ -10,8 +10,8 @@
 Stage k trains on domain k with the pretraining recipe (`mimkit.tasks.pretrain.train`, the one engine), starting
 from stage k-1's final weights, in its own folder `<output_dir>/stage-k-<name>/` (so it auto-resumes from its
 latest checkpoint: set --save_freq_steps for step-level resume points). After the starting weights and after
-every stage the model is evaluated on EVERY domain's held-out split: reconstruction loss with fixed masks (a dedicated generator per domain, the same masks at every stage) and
-k-NN accuracy where the domain has labels. `sequence.json` records finished stages, so a killed sequence resumes
+every stage the model is evaluated on EVERY domain's held-out split: reconstruction loss with fixed masks (a
+dedicated generator per domain, the same masks at every stage) and k-NN accuracy where the domain has labels. `sequence.json` records finished stages, so a killed sequence resumes
 at its stage. Results: `recon_loss.{csv,json}`, `knn_acc.{csv,json}` (stage x domain, forgetting, backward
 transfer), `matrix.png`, and the summary table at the end of `log.txt`.
 Put `key=value` overrides before `--domains` (its list takes every word after it).
