@@ -136,14 +136,14 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema
     if overrides:
         layers.append(("overrides", C.parse_dotlist(overrides)))
     cfg = C.build_config(schema, layers, demo_preset=demo_preset)
-    if cfg.model.init_from and not any(C._get(d, "model.type") for _, d in layers):
+    init_from = OmegaConf.select(cfg, "model.init_from", default=None)
+    if init_from and not any(C._get(d, "model.type") for _, d in layers):
         # No model named anywhere: build the architecture the starting checkpoint holds (under every user layer).
         from mimkit.models.loading import architecture_of
 
-        arch = architecture_of(cfg.model.init_from)
+        arch = architecture_of(init_from)
         if arch:
-            cfg = C.build_config(schema, [(f"architecture of {cfg.model.init_from}", arch), *layers],
-                                 demo_preset=demo_preset)
+            cfg = C.build_config(schema, [(f"architecture of {init_from}", arch), *layers], demo_preset=demo_preset)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "world_size", None) not in (None, world):
         raise ConfigError(f"--world_size {args.world_size} but {world} process(es) were launched")
