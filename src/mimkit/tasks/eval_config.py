@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from mimkit import config as C
 from mimkit.errors import ConfigError
-from mimkit.tasks.pretrain import Flag
+from mimkit.tasks.pretrain import TRAINING_FLAGS, Flag
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -51,16 +51,7 @@ COMMON_FLAGS: list[Flag] = [
     Flag("num_workers", "data.num_workers", int),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory", const=True),
     Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory", const=False),
-    Flag("output_dir", "misc.output_dir", str, "run folder"),
-    Flag("epochs", "schedule.epochs", int),
-    Flag("warmup_epochs", "schedule.warmup_epochs", float),
-    Flag("start_epoch", "schedule.start_epoch", int),
-    Flag("batch_size", "optimization.batch_size", int, "per-device batch size"),
-    Flag("accum_iter", "optimization.accum_iter", int, "gradient accumulation steps"),
-    Flag("blr", "optimization.base_lr", float, "base lr: lr = blr * effective batch / 256"),
-    Flag("lr", "optimization.lr", float, "absolute lr (overrides --blr)"),
-    Flag("min_lr", "optimization.min_lr", float, "floor of the cosine schedule"),
-    Flag("weight_decay", "optimization.weight_decay", float),
+    *TRAINING_FLAGS,
     Flag("seed", "misc.seed", int),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("resume", "misc.resume", str, "checkpoint (file or folder) to resume, or to evaluate with --eval"),

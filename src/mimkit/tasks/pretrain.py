@@ -41,10 +41,8 @@ class Flag:
     const: Any = None  # for store_const flags (value set when the flag is present)
 
 
-# The official MAE / seeds' flag names, mapped onto config keys.
-FLAGS: list[Flag] = [
-    Flag("model", "model.type", str, "model name (`mimkit models`)"),
-    Flag("data_path", "data.data_path", str, "class folders, a flat image folder or a built-in set; unset = demo"),
+# Run folder, schedule and optimiser flags every training command shares (official names).
+TRAINING_FLAGS: list[Flag] = [
     Flag("output_dir", "misc.output_dir", str, "run folder"),
     Flag("epochs", "schedule.epochs", int),
     Flag("warmup_epochs", "schedule.warmup_epochs", float),
@@ -53,8 +51,15 @@ FLAGS: list[Flag] = [
     Flag("accum_iter", "optimization.accum_iter", int, "gradient accumulation steps"),
     Flag("blr", "optimization.base_lr", float, "base lr: lr = blr * effective batch / 256"),
     Flag("lr", "optimization.lr", float, "absolute lr (overrides --blr)"),
-    Flag("min_lr", "optimization.min_lr", float),
+    Flag("min_lr", "optimization.min_lr", float, "floor of the cosine schedule"),
     Flag("weight_decay", "optimization.weight_decay", float),
+]
+
+# The official MAE / seeds' flag names, mapped onto config keys.
+FLAGS: list[Flag] = [
+    Flag("model", "model.type", str, "model name (`mimkit models`)"),
+    Flag("data_path", "data.data_path", str, "class folders, a flat image folder or a built-in set; unset = demo"),
+    *TRAINING_FLAGS,
     Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
     Flag("mask_ratio", "model.mask_ratio", float),
     Flag("norm_pix_loss", "model.norm_pix_loss", None, "normalised-pixel targets", const=True),
