@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EVALS = ("recon", "knn", "probe", "finetune")
 LABEL_SETS = ("all", "10pct", "5pc")
 # A few-label train set is written repeated up to this many files: the presets' epochs then hold enough steps.
-MIN_TRAIN = 512
+MIN_TRAIN = 256
 # A tiny setting for the tests: a few epochs of everything.
 TINY = {
     "pretrain": {"schedule.epochs": 2, "schedule.warmup_epochs": 1},
