@@ -63,14 +63,31 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+class NotRun(Exception):
+    """--collect: a run that has not finished."""
+
+
+COLLECT_ONLY = False
+
+
 def cached(path: Path, fn) -> dict:
-    """fn() once: its result is kept in `path` (JSON) and read back on a rerun."""
+    """fn() once: its result is kept in `path` (JSON) and read back on a rerun (--collect: never run)."""
     if path.exists():
         return json.loads(path.read_text())
+    if COLLECT_ONLY:
+        raise NotRun(str(path))
     out = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def maybe(path: Path, fn) -> Optional[dict]:
+    """cached(), or None for a run --collect finds unfinished."""
+    try:
+        return cached(path, fn)
+    except NotRun:
+        return None
 
 
 def subset(data: str, labels: str, out: Path, seed: int) -> str:
@@ -85,9 +102,20 @@ def subset(data: str, labels: str, out: Path, seed: int) -> str:
 
 def run_seed(data: str, seed: int, out: Path, evals: list[str], label_sets: list[str], checkpoint: Optional[str],
              extra: dict) -> list[dict]:
-    """Every evaluation of one set and seed: one record per (eval, labels, init)."""
-    run = out / data / f"seed{seed}"
+    """Every evaluation of one set and seed: one record per (eval, labels, init); --collect: the finished ones."""
     rows: list[dict] = []
+    try:
+        _run_seed(rows, data, seed, out, evals, label_sets, checkpoint, extra)
+    except NotRun:
+        pass
+    for r in rows:
+        r.update(data=data, seed=seed)
+    return rows
+
+
+def _run_seed(rows: list[dict], data: str, seed: int, out: Path, evals: list[str], label_sets: list[str],
+              checkpoint: Optional[str], extra: dict) -> None:
+    run = out / data / f"seed{seed}"
     if checkpoint is None:
         def do_pretrain() -> dict:
             r = L.pretrain(f"pretrain/{data}.yaml", data, run / "pretrain", seed, **extra.get("pretrain", {}))
@@ -105,27 +133,22 @@ def run_seed(data: str, seed: int, out: Path, evals: list[str], label_sets: list
             for init, key in (("pretrained", "pretrained"), ("random", "random")):
                 rows.append({"eval": "recon", "labels": "none", "init": init, "value": pre["recon"][key]})
     for init, rnd in (("pretrained", False), ("random", True)):
-        if "knn" in evals:
-            m = cached(run / f"knn_{init}.json", lambda: L.knn(checkpoint, data, rnd, seed, ks=(20,), pool="avg"))
+        if "knn" in evals and (m := maybe(run / f"knn_{init}.json", lambda: L.knn(
+                checkpoint, data, rnd, seed, ks=(20,), pool="avg"))):
             rows.append({"eval": "knn", "labels": "all", "init": init, "value": m["knn_k20"]})
         for labels in label_sets:
             d = subset(data, labels, out, seed)
-            if "probe" in evals:
-                m = cached(run / f"probe_{labels}_{init}.json", lambda: L.linprobe(
+            if "probe" in evals and (m := maybe(run / f"probe_{labels}_{init}.json", lambda: L.linprobe(
                     f"linprobe/{data}.yaml", checkpoint, d, run / f"probe_{labels}_{init}", rnd, seed,
-                    **extra.get("probe", {})))
+                    **extra.get("probe", {})))):
                 rows.append({"eval": "probe", "labels": labels, "init": init, "value": m["acc1"],
                              "cpu_s": m["cpu_s"]})
-            if "finetune" in evals:
-                m = cached(run / f"finetune_{labels}_{init}.json", lambda: L.finetune(
+            if "finetune" in evals and (m := maybe(run / f"finetune_{labels}_{init}.json", lambda: L.finetune(
                     f"finetune/{data}.yaml", checkpoint, d, run / f"finetune_{labels}_{init}", rnd, seed,
-                    **extra.get("finetune", {})))
+                    **extra.get("finetune", {})))):
                 rows.append({"eval": "finetune", "labels": labels, "init": init, "value": m["acc1"],
                              "cpu_s": m["cpu_s"], "train_loss_first": m.get("train_loss_first"),
                              "train_loss_last": m.get("train_loss_last")})
-    for r in rows:
-        r.update(data=data, seed=seed)
-    return rows
 
 
 def _one_thread() -> None:
@@ -201,6 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "(default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded processes, one per core "
                    "(1 = in this process) (default: %(default)s)")
+    p.add_argument("--collect", action="store_true", help="only assemble the table from finished runs in --out "
+                   "(default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="a few epochs of everything: checks the pipeline, "
                    "not the claim (default: %(default)s)")
     a = p.parse_args(argv)
@@ -212,6 +237,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"unknown evals {sorted(unknown)}; choose from {', '.join(EVALS)}")
     label_sets = [x for x in a.label_sets.split(",") if x]
     extra: dict[str, Any] = TINY if a.tiny else {}
+    global COLLECT_ONLY
+    COLLECT_ONLY = a.collect
     t0, c0 = time.time(), time.process_time()
     jobs = [(data, seed, out, evals, label_sets, a.checkpoint, extra) for seed in a.seeds for data in a.sets]
     rows: list[dict] = []
