@@ -66,11 +66,6 @@ class ContinualScheduleConfig(C.ScheduleConfig):
 
 
 @dataclass
-class ContinualMiscConfig(C.MiscConfig):
-    output_dir: str = "./continual_output"  # seed 000's output folder
-
-
-@dataclass
 class ContinualSection:
     domains: List[str] = field(default_factory=list)  # trained in order: folders or built-in names; [] = data_path
     eval_domains: List[str] = field(default_factory=list)  # evaluated after every stage but never trained
@@ -89,7 +84,6 @@ class ContinualConfig(C.PretrainConfig):
     model: ContinualModelConfig = field(default_factory=ContinualModelConfig)
     optimization: ContinualOptimizationConfig = field(default_factory=ContinualOptimizationConfig)
     schedule: ContinualScheduleConfig = field(default_factory=ContinualScheduleConfig)
-    misc: ContinualMiscConfig = field(default_factory=ContinualMiscConfig)
     continual: ContinualSection = field(default_factory=ContinualSection)
 
 
@@ -420,7 +414,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     from mimkit.engine import distributed as D
     from mimkit.models.convert import load_into_model
 
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "continual"))
     domains = sequence_domains(cfg)
     # 1. validate before any work: options, data of every domain, the starting checkpoint
     P.seed_everything(cfg.misc.seed)
@@ -517,7 +511,7 @@ def log_eval(run: RunLogger, label: str, row: dict[str, dict[str, float]], step:
 # ---------------------------------------------------------------------------------------------- sweep
 def run_sweep(cfg: DictConfig) -> dict:
     """Every freeze_mode x loss_mode on the same sequence from one starting checkpoint; writes sweep.md/json."""
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "continual"))
     start = cfg.model.init_from
     if not start:
         if not cfg.continual.base_data:

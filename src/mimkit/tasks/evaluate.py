@@ -24,8 +24,8 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
     """--checkpoint / --model / --input_size / --random_init: which frozen encoder to evaluate."""
     p.add_argument("--checkpoint", "--finetune", dest="checkpoint", default=None,
                    help="mimkit, official MAE (.pth) or Hugging Face checkpoint of the encoder")
-    p.add_argument("--model", default=None, help="registered model name; needed only when the checkpoint "
-                   "does not say (an official file of a non-standard size)")
+    p.add_argument("--model", default=None, help="registered model name (default: the checkpoint's; needed only "
+                   "when the checkpoint does not say, e.g. an official file of a non-standard size)")
     p.add_argument("--input_size", type=int, default=None,
                    help="image size (default: the checkpoint's); position embeddings are interpolated")
     p.add_argument("--random_init", action="store_true",
@@ -103,13 +103,15 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 
 def write_results(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoint: Optional[str],
                   data: str, config: dict, extra: Optional[dict] = None) -> Path:
-    """Write <out_dir>/results.json: command, metrics, checkpoint, data, config, version, time."""
+    """Write <out_dir>/results.json (results-2.json, ... when an earlier one is there: nothing is overwritten)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "metrics": metrics, "checkpoint": checkpoint, "data": data,
               "config": config, "mimkit_version": __version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-    path = out / "results.json"
+    path, n = out / "results.json", 2
+    while path.exists():
+        path, n = out / f"results-{n}.json", n + 1
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
 
@@ -285,9 +287,12 @@ def read_resume(cfg) -> Optional[dict]:
     """The training checkpoint to resume from: misc.resume, or <output_dir>/checkpoints/latest.pt."""
     from mimkit.engine.checkpoint import load_training_checkpoint
 
-    ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir) / "checkpoints")
     if cfg.misc.resume:
         return load_training_checkpoint(cfg.misc.resume)
+    run_dir = cfg.checkpointing.checkpoint_dir or (cfg.misc.output_dir and Path(cfg.misc.output_dir) / "checkpoints")
+    if not run_dir:  # a default run folder is always new: nothing to resume
+        return None
+    ckpt_dir = Path(run_dir)
     if cfg.misc.auto_resume and (ckpt_dir / "latest.pt").exists():
         return load_training_checkpoint(ckpt_dir / "latest.pt")
     return None

@@ -1,9 +1,8 @@
 """`mimkit linprobe`: linear probe of a frozen encoder, the official MAE recipe, on THE engine loop.
 
-    mimkit linprobe --finetune runs/demo/checkpoints/final.pt --data_path digits --input_size 64 --epochs 20
+    mimkit linprobe --finetune runs/demo --data_path digits    # built-in data: preset linprobe/digits.yaml beneath
     mimkit linprobe --finetune mae_pretrain_vit_base.pth --data_path /imagenet --batch_size 512 --blr 0.1
-    mimkit linprobe linprobe/digits.yaml --finetune runs/demo                         # a preset
-    mimkit linprobe --finetune ... --data_path ... --eval --resume output_dir/checkpoints/best.pt
+    mimkit linprobe --finetune ... --data_path ... --eval --resume runs/linprobe/<timestamp>/checkpoints/best.pt
 
 Head: BatchNorm1d(affine=False) + Linear on the cls token (or, with --global_pool, the layer-normed mean of
 the patch tokens); LARS (or --opt sgd), lr = blr * batch / 256, warmup + cosine, top-1 / top-5 on val/
@@ -33,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: config, then probe."""
-    cfg = config_from_args(args, EC.LINPROBE_FLAGS, EC.LinprobeConfig, demo_preset=None)
+    cfg = config_from_args(args, EC.LINPROBE_FLAGS, EC.LinprobeConfig, demo_preset=None,
+                           data_presets=EC.LINPROBE_PRESETS)
     probe(cfg)
     return 0
 
@@ -112,6 +112,7 @@ def probe(cfg) -> dict:
     cfg.optimization.lr = lr  # the derived value goes into the saved config
     OmegaConf.set_struct(cfg, True)
 
+    C.resolve_output_dir(cfg, "linprobe")
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "linprobe", model, val_set, resume, dist, desc)
 

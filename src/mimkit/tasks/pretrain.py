@@ -43,7 +43,8 @@ class Flag:
 
 # Run folder, schedule and optimiser flags every training command shares (official names).
 TRAINING_FLAGS: list[Flag] = [
-    Flag("output_dir", "misc.output_dir", str, "run folder"),
+    Flag("output_dir", "misc.output_dir", str, "run folder (resumed when it holds a run); unset = a new "
+         "runs/<command>/<timestamp>"),
     Flag("epochs", "schedule.epochs", int),
     Flag("warmup_epochs", "schedule.warmup_epochs", float),
     Flag("start_epoch", "schedule.start_epoch", int),
@@ -108,8 +109,14 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema:
     p.add_argument("--config", default=None, help="config file (same as the positional)")
     defaults = OmegaConf.structured(schema)
     for f in flags:
-        default = OmegaConf.select(defaults, f.key, default=None)
-        help_text = f"{f.help + '; ' if f.help else ''}sets {f.key} (default: {default})"
+        default = _show(OmegaConf.select(defaults, f.key, default=None))
+        text = f.help + "; " if f.help else ""
+        if "default" in f.help:
+            help_text = f"{text}sets {f.key}"
+        elif f.const is not None:
+            help_text = f"{text}sets {f.key} to {_show(f.const)} (default: off, {f.key} = {default})"
+        else:
+            help_text = f"{text}sets {f.key} (default: {default})"
         if f.const is not None:
             p.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=f.const, default=None,
                            help=help_text)
@@ -122,37 +129,95 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema:
                    "writes to <output_dir>/tb")
 
 
+def _show(value: Any) -> str:
+    """A default as the user would type it (None -> none, True -> true)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema: type = C.PretrainConfig,
-                     demo_preset: Optional[str] = DEMO_PRESET) -> DictConfig:
-    """Layers: preset/demo <- config file <- flags <- dotted overrides; validated before any work."""
+                     demo_preset: Optional[str] = DEMO_PRESET,
+                     data_presets: Optional[dict[str, str]] = None) -> DictConfig:
+    """Layers: preset <- config file <- flags <- dotted overrides; validated before any work.
+
+    The preset underneath: `demo_preset` when no layer names any data, else `data_presets[data_path]` (CPU-sized
+    presets of the built-in sets) when no config file is given; cfg.misc.preset records which one applied. A
+    starting checkpoint (model.init_from) gives its architecture above presets and the config file (its input size
+    beneath the file), unless a flag names another model; a classifier's --resume gives its input size and pooling.
+    """
     files = [i for i in args.items if "=" not in i] + ([args.config] if args.config else [])
     overrides = [i for i in args.items if "=" in i]
     if len(files) > 1:
         raise ConfigError(f"give at most one config file, got {', '.join(files)}")
-    layers = []
-    if files:
-        layers.append((files[0], C.load_file(files[0])))
+    file_layers = [(files[0], C.load_file(files[0]))] if files else []
     from_flags: dict = {}
     for f in flags:
         v = getattr(args, f.name, None)
         if v is not None:
             _set_dotted(from_flags, f.key, v)
-    layers.append(("command-line flags", from_flags))
-    if overrides:
-        layers.append(("overrides", C.parse_dotlist(overrides)))
-    cfg = C.build_config(schema, layers, demo_preset=demo_preset)
+    user = [("command-line flags", from_flags)] + ([("overrides", C.parse_dotlist(overrides))] if overrides else [])
+    preset = None
+    if demo_preset and not any(C._get(d, "data.data_path") for _, d in file_layers + user):
+        preset = demo_preset
+    elif data_presets and not files:
+        data = next((C._get(d, "data.data_path") for _, d in reversed(user) if C._get(d, "data.data_path")), None)
+        preset = data_presets.get(str(data)) if data else None
+    below = [(preset, C.load_file(preset))] if preset else []
+    cfg = C.build_config(schema, below + file_layers + user)
+    resume = OmegaConf.select(cfg, "misc.resume", default=None)
+    if resume and OmegaConf.select(cfg, "model.finetune", default=_NO) is not _NO:
+        below += _resume_layer(resume)
+    above: list = []
     init_from = OmegaConf.select(cfg, "model.init_from", default=None)
-    if init_from and not any(C._get(d, "model.type") for _, d in layers):
-        # No model named anywhere: build the architecture the starting checkpoint holds (under every user layer).
-        from mimkit.models.loading import architecture_of
-
-        arch = architecture_of(init_from)
-        if arch:
-            cfg = C.build_config(schema, [(f"architecture of {init_from}", arch), *layers], demo_preset=demo_preset)
+    if init_from:
+        arch_below, above = _architecture_layers(init_from, user)
+        below += arch_below
+    if len(below) > (1 if preset else 0) or above:
+        cfg = C.build_config(schema, below + file_layers + above + user)
+    OmegaConf.set_struct(cfg, False)
+    cfg.misc.preset = preset
+    OmegaConf.set_struct(cfg, True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "world_size", None) not in (None, world):
         raise ConfigError(f"--world_size {args.world_size} but {world} process(es) were launched")
     return cfg
+
+
+_NO = object()
+
+
+def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[list, list]:
+    """(input-size layer for beneath the config file, model layer for above it) of a starting checkpoint.
+
+    Empty when the checkpoint says nothing readable, or when a flag / override names another model (then the
+    user's model is built and its kwargs are its own).
+    """
+    from mimkit.models.loading import architecture_of
+
+    arch = architecture_of(init_from)
+    if not arch:
+        return [], []
+    named = next((C._get(d, "model.type") for _, d in reversed(user) if C._get(d, "model.type")), None)
+    if named and not C.same_model(named, arch["model"]["type"]):
+        return [], []
+    below = [(f"input size of {init_from}", {"data": arch["data"]})] if "data" in arch else []
+    return below, [(C.ARCH_ORIGIN + str(init_from), {"model": arch["model"]})]
+
+
+def _resume_layer(resume: str) -> list[tuple[str, dict]]:
+    """The input size and pooling a classifier checkpoint was trained with (for --eval / resuming at its size)."""
+    from mimkit.engine.checkpoint import load_training_checkpoint
+
+    saved = load_training_checkpoint(resume).get("config") or {}
+    layer: dict = {}
+    if (saved.get("data") or {}).get("input_size") is not None:
+        layer["data"] = {"input_size": saved["data"]["input_size"]}
+    if (saved.get("model") or {}).get("global_pool") is not None:
+        layer["model"] = {"global_pool": saved["model"]["global_pool"]}
+    return [(f"training config of {resume}", layer)] if layer else []
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -227,7 +292,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     resume_ckpt, resume_path = None, None
     if cfg.misc.resume:
