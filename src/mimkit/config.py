@@ -273,17 +273,9 @@ def _replaces_kwargs(cfg: DictConfig, data: dict, origin: str) -> bool:
 
 def same_model(a: Optional[str], b: Optional[str]) -> bool:
     """Do two model names (aliases resolved) name the same registered builder?"""
-    if not a or not b:
-        return False
-    if a == b:
-        return True
-    from mimkit.errors import UserError
-    from mimkit.models.registry import resolve_name
+    from mimkit.models.registry import same_model as _same
 
-    try:
-        return resolve_name(a) == resolve_name(b)
-    except UserError:
-        return False
+    return _same(a, b)
 
 
 def _get(d: dict, dotted: str):

@@ -9,7 +9,7 @@ import torch
 
 from mimkit.errors import CheckpointError
 from mimkit.models.convert import extract_state_dict, load_checkpoint_file, load_into_model, to_mae_state_dict
-from mimkit.models.registry import create_model, list_models
+from mimkit.models.registry import create_model, list_models, same_model
 
 
 def _preset_signature(name: str) -> tuple[int, int, int]:
@@ -45,8 +45,10 @@ def model_from_checkpoint(
     kwargs: dict[str, Any] = {}
     if cfg:
         mcfg = cfg.get("model", {})
-        model_name = model_name or mcfg.get("type")
-        kwargs.update(mcfg.get("kwargs", {}) or {})
+        if model_name is None or same_model(model_name, mcfg.get("type")):
+            # the checkpoint's kwargs belong to its own model type: another --model is built as registered
+            model_name = mcfg.get("type") or model_name
+            kwargs.update(mcfg.get("kwargs", {}) or {})
         size = cfg.get("data", {}).get("input_size")
         if size is not None:
             kwargs["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size

@@ -321,8 +321,13 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist.is_main:
         C.save_config(cfg, out_dir / "config.yaml")
-    run_log.info(f"mimkit pretrain: model {cfg.model.type} ({sum(p.numel() for p in model.parameters()):,} params), "
-                 f"{len(train_set)} training images, device {dist.device}, {dist.world_size} process(es)")
+    from mimkit.models.registry import describe
+
+    run_log.info(f"mimkit pretrain: model {cfg.model.type} ({describe(model)}); {len(train_set)} training images "
+                 f"({cfg.data.data_path or 'built-in demo'}), device {dist.device}, {dist.world_size} process(es)")
+    if cfg.misc.preset:
+        run_log.info(f"preset {cfg.misc.preset} beneath your flags (no data path given: the demo); "
+                     f"run folder {out_dir}")
     if report is not None:
         run_log.info(report.summary())
     model.apply_freeze_mode(cfg.model.freeze_mode)
