@@ -366,6 +366,20 @@ def take_leftovers(args: Any, rest: list[str], options: list[str]) -> Optional[s
     return None
 
 
+def parse_command(module: Any, command: str, argv: list[str]) -> Any:
+    """Parse `mimkit COMMAND ARGV` with the command module's own flags (for tasks that run another command)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"mimkit {command}", allow_abbrev=False)
+    module.add_arguments(p)
+    args, rest = p.parse_known_args(argv)
+    problem = take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings])
+    if problem:
+        p.error(problem)
+    args.command = command
+    return args
+
+
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))

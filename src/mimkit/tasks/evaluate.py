@@ -224,6 +224,15 @@ def classifier_metrics(hook: EvalEveryEpoch, final: dict) -> dict[str, Any]:
     return out
 
 
+# What to try when a linprobe / finetune run's estimate is hours on a CPU.
+SLOW_HINTS = {
+    "linprobe": "CPU-sized settings as in linprobe/digits.yaml: --no_aug (frozen features computed once), "
+                "--input_size 32-64, --opt sgd, fewer --epochs",
+    "finetune": "CPU-sized settings as in finetune/digits.yaml: --input_size 32-64, --aa none --reprob 0, "
+                "--epochs 5, or a smaller model",
+}
+
+
 def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set,
                      val_set, step_fn: Callable, eval_forward: Callable, lr: float, dist, run_log,
                      num_workers: int, resume_ckpt: Optional[dict], describe: str) -> dict:
@@ -246,7 +255,12 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     def lr_schedule(optim: torch.optim.Optimizer, epoch_f: float) -> None:
         set_lr(optim, warmup_cosine(epoch_f, lr, opt.min_lr, sched.warmup_epochs, sched.epochs))
 
+    from mimkit.tasks.pretrain import cap_workers, check_one_batch, note_schedule_change
+
     amp = resolve_amp(cfg.misc.amp, dist.device)
+    check_one_batch(len(train_set), opt.batch_size, dist.world_size, SLOW_HINTS[command])
+    num_workers = cap_workers(num_workers, run_log)
+    run_log.slow_hint = SLOW_HINTS[command]
     hook = EvalEveryEpoch(
         lambda: evaluate_classifier(eval_forward, val_set, opt.batch_size, dist.device, cfg.data.dist_eval),
         run_log, ckpt_dir / "best.pt", dist.is_main)
@@ -264,11 +278,17 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     if resume_ckpt is not None:
         trainer.load(resume_ckpt)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
+        note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
+                             trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
     elif sched.start_epoch:
         trainer.state.epoch = sched.start_epoch
     eff = opt.batch_size * opt.accum_iter * dist.world_size
     run_log.info(f"mimkit {command}: {describe}; {len(train_set)} train / {len(val_set)} val images; effective "
-                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, amp {amp}")
+                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, input {cfg.data.input_size}, amp {amp}; run "
+                 f"folder {out_dir}")
+    if cfg.misc.preset:
+        run_log.info(f"preset {cfg.misc.preset} beneath your flags (CPU-sized, for the built-in "
+                     f"{cfg.data.data_path}); a config file or flags override it")
     try:
         trainer.fit()
     finally:

@@ -25,7 +25,7 @@ from mimkit.engine.checkpoint import CheckpointManager, load_training_checkpoint
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
 from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
-from mimkit.errors import ConfigError, UserError
+from mimkit.errors import ConfigError, DataError, UserError
 
 DEMO_PRESET = "pretrain/demo.yaml"
 
@@ -227,6 +227,21 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+def load_weights(model, path: str):
+    """load_into_model without its own log line: the run logs the report once, in its log.txt too."""
+    import logging
+
+    from mimkit.models.convert import load_into_model
+
+    quiet = logging.getLogger("mimkit.models.convert")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return load_into_model(model, path)
+    finally:
+        quiet.setLevel(level)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch, NumPy and Python's RNGs."""
     torch.manual_seed(seed)
@@ -252,6 +267,47 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
         create_model(cfg.model.type, **kwargs)
     with torch.device(device):
         return create_model(cfg.model.type, **kwargs)
+
+
+CPU_HINT = ("pretrain/cpu_small.yaml fits a CPU (a 3.2M-parameter model at 64 px): mimkit pretrain "
+            "pretrain/cpu_small.yaml --data_path DIR; or no --data_path for the built-in demo")
+
+
+def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: str = CPU_HINT) -> None:
+    """DataError before any work when the data cannot fill one batch per process."""
+    if n_images // world_size < batch_size:
+        fit = max(1, n_images // world_size)
+        raise DataError(f"the dataset has {n_images} images: fewer than one batch of {batch_size} per process "
+                        f"({world_size} process(es)); lower --batch_size (e.g. --batch_size {min(fit, 16)}); {hint}")
+
+
+def cap_workers(requested: int, run_log) -> int:
+    """data.num_workers, capped at the CPU core count (said in the log when it is)."""
+    n = min(requested, os.cpu_count() or 1)
+    if n < requested:
+        run_log.info(f"data.num_workers {requested} > {n} CPU cores: using {n}")
+    return n
+
+
+def note_schedule_change(run_log, saved: dict, cfg: DictConfig, lr: float, epoch_f: float) -> None:
+    """Say so when a resumed run's schedule (epochs, warmup, lr, min_lr) differs from the checkpoint's run."""
+    from mimkit.engine.optim import warmup_cosine
+
+    old_s, old_o = saved.get("schedule") or {}, saved.get("optimization") or {}
+    new = {"epochs": cfg.schedule.epochs, "warmup_epochs": cfg.schedule.warmup_epochs, "lr": lr,
+           "min_lr": cfg.optimization.min_lr}
+    old = {"epochs": old_s.get("epochs"), "warmup_epochs": old_s.get("warmup_epochs"), "lr": old_o.get("lr"),
+           "min_lr": old_o.get("min_lr")}
+    changed = [k for k in new if old[k] is not None and float(old[k]) != float(new[k])]
+    if not changed:
+        return
+    was = warmup_cosine(epoch_f, float(old["lr"] or lr), float(old["min_lr"] or 0.0),
+                        float(old["warmup_epochs"] or 0.0), int(old["epochs"] or cfg.schedule.epochs))
+    now = warmup_cosine(epoch_f, lr, cfg.optimization.min_lr, cfg.schedule.warmup_epochs, cfg.schedule.epochs)
+    what = ", ".join(f"{k} {old[k]:g} -> {new[k]:g}" for k in changed)
+    run_log.info(f"the schedule changed since the checkpoint ({what}): the lr schedule is recomputed over "
+                 f"{cfg.schedule.epochs} epochs; at epoch {epoch_f:g} the lr goes from {was:.3e} (the old "
+                 f"schedule) to {now:.3e}")
 
 
 def pretrain_step(mask_ratio: float, loss_mode: str) -> Callable:
@@ -292,6 +348,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
+    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size)
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     resume_ckpt, resume_path = None, None
@@ -302,9 +359,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     if resume_path:
         resume_ckpt = load_training_checkpoint(resume_path)
     if cfg.model.init_from and resume_ckpt is None:
-        from mimkit.models.convert import load_into_model
-
-        report = load_into_model(model, cfg.model.init_from)
+        report = load_weights(model, cfg.model.init_from)
     else:
         report = None
     eff_batch = cfg.optimization.batch_size * cfg.optimization.accum_iter * dist.world_size
@@ -333,6 +388,10 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     model.apply_freeze_mode(cfg.model.freeze_mode)
     if cfg.model.freeze_mode != "none":
         run_log.info(model.format_param_status())
+        if not cfg.model.init_from and resume_ckpt is None:
+            run_log.info(f"warning: freeze_mode {cfg.model.freeze_mode} on a randomly initialised model (no "
+                         "--init_from / --continual_checkpoint): the frozen weights stay random, so little can be "
+                         "learned; start from a pretrained checkpoint")
     if dist.device.type == "cuda" and cfg.misc.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -359,9 +418,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     if sched.warmup_epochs >= sched.epochs:
         run_log.info(f"warning: schedule.warmup_epochs ({sched.warmup_epochs:g}) >= schedule.epochs ({sched.epochs}): "
                      "the lr never leaves its linear warmup; lower --warmup_epochs")
-    num_workers = min(cfg.data.num_workers, os.cpu_count() or 1)
-    if num_workers < cfg.data.num_workers:
-        run_log.info(f"data.num_workers {cfg.data.num_workers} > {num_workers} CPU cores: using {num_workers}")
+    num_workers = cap_workers(cfg.data.num_workers, run_log)
+    run_log.slow_hint = CPU_HINT
     amp = resolve_amp(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
                  f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp}")
@@ -394,6 +452,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         trainer.load(resume_ckpt)
         run_log.info(f"resumed from {resume_path} at epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                      f"step {trainer.state.step}")
+        note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
+                             trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
         if trainer.state.epoch >= sched.epochs:
             run_log.info(f"nothing to train: this run already finished its {sched.epochs} epochs "
                          "(raise --epochs to continue, or --no_auto_resume / a new --output_dir to start over)")
@@ -429,8 +489,23 @@ def picture_images(ds, n: int = 4) -> torch.Tensor:
 
     Drawn with fixed seeds inside a forked RNG, so picking them never moves the training RNG.
     """
+    import logging
+
     picked: list[torch.Tensor] = []
     step = max(1, len(ds) // n)
+    data_log = logging.getLogger("mimkit.data")  # an unreadable file is warned by the epoch that meets it
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        _pick(ds, n, step, picked)
+    finally:
+        data_log.setLevel(level)
+    if not picked:
+        raise UserError("no training image could be read")
+    return torch.stack(picked)
+
+
+def _pick(ds, n: int, step: int, picked: list) -> None:
     for k in range(len(ds)):
         idx = (k * step + k // n) % len(ds)
         with torch.random.fork_rng(devices=[]):
@@ -443,6 +518,3 @@ def picture_images(ds, n: int = 4) -> torch.Tensor:
             picked.append(item[0])
         if len(picked) == n:
             break
-    if not picked:
-        raise UserError("no training image could be read")
-    return torch.stack(picked)
