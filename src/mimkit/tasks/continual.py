@@ -39,6 +39,7 @@ from mimkit.engine.logging import RunLogger
 from mimkit.errors import ConfigError, DataError
 from mimkit.metrics import forgetting as F
 from mimkit.tasks import pretrain as P
+from mimkit.tasks.preflight import load_weights
 
 DEMO_PRESET = "continual/demo.yaml"
 SWEEP_PRESET = "continual/sweep.yaml"
@@ -453,7 +454,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     state_path = out_dir / STATE_FILE
     state = load_state(state_path, domains, cfg)
     if cfg.model.init_from and not state["stages"]:
-        report = P.load_weights(model, cfg.model.init_from)  # CheckpointError: another architecture/patch size
+        report = load_weights(model, cfg.model.init_from)  # CheckpointError: another architecture/patch size
     else:
         report = None
     is_main = int(os.environ.get("RANK", "0")) == 0

@@ -55,6 +55,17 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
     return model.eval(), desc
 
 
+def encoder_arch(checkpoint: Optional[str], encoder) -> dict:
+    """{type, kwargs} that rebuild `encoder` (the kwargs its checkpoint's config names for that type)."""
+    from mimkit.models.loading import architecture_of
+    from mimkit.models.registry import same_model
+
+    arch = architecture_of(_resolve(checkpoint)) if checkpoint else None
+    m = (arch or {}).get("model") or {}
+    kwargs = dict(m.get("kwargs") or {}) if same_model(m.get("type"), encoder.model_name) else {}
+    return {"type": encoder.model_name, "kwargs": kwargs}
+
+
 def _resolve(checkpoint: str) -> Path:
     """A file, or a run/checkpoint folder holding final.pt / latest.pt / model.pt."""
     p = Path(checkpoint)
@@ -255,10 +266,13 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     def lr_schedule(optim: torch.optim.Optimizer, epoch_f: float) -> None:
         set_lr(optim, warmup_cosine(epoch_f, lr, opt.min_lr, sched.warmup_epochs, sched.epochs))
 
-    from mimkit.tasks.pretrain import cap_workers, check_one_batch, note_schedule_change
+    from mimkit.tasks.preflight import cap_workers, check_one_batch, note_schedule_change, warn_small_images
 
     amp = resolve_amp(cfg.misc.amp, dist.device)
     check_one_batch(len(train_set), opt.batch_size, dist.world_size, SLOW_HINTS[command])
+    small = warn_small_images(train_set, C.input_size(cfg))
+    if small:
+        run_log.info(small)
     num_workers = cap_workers(num_workers, run_log)
     run_log.slow_hint = SLOW_HINTS[command]
     hook = EvalEveryEpoch(

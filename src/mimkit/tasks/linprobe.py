@@ -67,6 +67,29 @@ def cache_features(model, dataset, batch_size: int, device: torch.device) -> Fea
     return FeatureSet(torch.cat(feats), torch.cat(labels), list(dataset.classes))
 
 
+def probe_from_checkpoint(obj: dict, sd: dict):
+    """Rebuild a `mimkit linprobe` checkpoint's LinearProbe (encoder architecture from its config), load it
+    strictly; in eval mode."""
+    from mimkit.errors import CheckpointError
+    from mimkit.models import create_model
+    from mimkit.models.heads import LinearProbe
+
+    cfg = obj.get("config") or {}
+    arch = ((cfg.get("model") or {}).get("arch") or {}).get("probe_encoder")
+    if not arch:
+        raise CheckpointError("this linear-probe checkpoint's config has no model.arch.probe_encoder (written by "
+                              "mimkit linprobe since 0.x); re-run the probe to export it")
+    size = (cfg.get("data") or {}).get("input_size", 224)
+    encoder = create_model(arch["type"], **{**arch.get("kwargs", {}),
+                                            "img_size": tuple(size) if isinstance(size, list) else size})
+    model = LinearProbe(encoder, sd["head.1.weight"].shape[0], bool(cfg["model"].get("global_pool", False)))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"linear-probe checkpoint does not fit its architecture: {str(e)[:200]}") from None
+    return model.eval()
+
+
 def probe_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Cross-entropy of the probe on images (N, C, H, W) or cached features (N, D)."""
     return torch.nn.functional.cross_entropy(model(batch["images"]), batch["labels"]), {}
@@ -110,6 +133,8 @@ def probe(cfg) -> dict:
                                           cfg.optimization.accum_iter, dist.world_size)
     OmegaConf.set_struct(cfg, False)
     cfg.optimization.lr = lr  # the derived value goes into the saved config
+    cfg.model.nb_classes = nb_classes
+    cfg.model.arch = {"probe_encoder": E.encoder_arch(encoder_path, encoder)}  # `mimkit export` rebuilds from it
     OmegaConf.set_struct(cfg, True)
 
     C.resolve_output_dir(cfg, "linprobe")

@@ -25,7 +25,9 @@ from mimkit.engine.checkpoint import CheckpointManager, load_training_checkpoint
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
 from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
-from mimkit.errors import ConfigError, DataError, UserError
+from mimkit.errors import ConfigError, UserError
+from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
+from mimkit.tasks.preflight import warn_small_images
 
 DEMO_PRESET = "pretrain/demo.yaml"
 
@@ -227,21 +229,6 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def load_weights(model, path: str):
-    """load_into_model without its own log line: the run logs the report once, in its log.txt too."""
-    import logging
-
-    from mimkit.models.convert import load_into_model
-
-    quiet = logging.getLogger("mimkit.models.convert")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        return load_into_model(model, path)
-    finally:
-        quiet.setLevel(level)
-
-
 def seed_everything(seed: int) -> None:
     """Seed torch, NumPy and Python's RNGs."""
     torch.manual_seed(seed)
@@ -267,47 +254,6 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
         create_model(cfg.model.type, **kwargs)
     with torch.device(device):
         return create_model(cfg.model.type, **kwargs)
-
-
-CPU_HINT = ("pretrain/cpu_small.yaml fits a CPU (a 3.2M-parameter model at 64 px): mimkit pretrain "
-            "pretrain/cpu_small.yaml --data_path DIR; or no --data_path for the built-in demo")
-
-
-def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: str = CPU_HINT) -> None:
-    """DataError before any work when the data cannot fill one batch per process."""
-    if n_images // world_size < batch_size:
-        fit = max(1, n_images // world_size)
-        raise DataError(f"the dataset has {n_images} images: fewer than one batch of {batch_size} per process "
-                        f"({world_size} process(es)); lower --batch_size (e.g. --batch_size {min(fit, 16)}); {hint}")
-
-
-def cap_workers(requested: int, run_log) -> int:
-    """data.num_workers, capped at the CPU core count (said in the log when it is)."""
-    n = min(requested, os.cpu_count() or 1)
-    if n < requested:
-        run_log.info(f"data.num_workers {requested} > {n} CPU cores: using {n}")
-    return n
-
-
-def note_schedule_change(run_log, saved: dict, cfg: DictConfig, lr: float, epoch_f: float) -> None:
-    """Say so when a resumed run's schedule (epochs, warmup, lr, min_lr) differs from the checkpoint's run."""
-    from mimkit.engine.optim import warmup_cosine
-
-    old_s, old_o = saved.get("schedule") or {}, saved.get("optimization") or {}
-    new = {"epochs": cfg.schedule.epochs, "warmup_epochs": cfg.schedule.warmup_epochs, "lr": lr,
-           "min_lr": cfg.optimization.min_lr}
-    old = {"epochs": old_s.get("epochs"), "warmup_epochs": old_s.get("warmup_epochs"), "lr": old_o.get("lr"),
-           "min_lr": old_o.get("min_lr")}
-    changed = [k for k in new if old[k] is not None and float(old[k]) != float(new[k])]
-    if not changed:
-        return
-    was = warmup_cosine(epoch_f, float(old["lr"] or lr), float(old["min_lr"] or 0.0),
-                        float(old["warmup_epochs"] or 0.0), int(old["epochs"] or cfg.schedule.epochs))
-    now = warmup_cosine(epoch_f, lr, cfg.optimization.min_lr, cfg.schedule.warmup_epochs, cfg.schedule.epochs)
-    what = ", ".join(f"{k} {old[k]:g} -> {new[k]:g}" for k in changed)
-    run_log.info(f"the schedule changed since the checkpoint ({what}): the lr schedule is recomputed over "
-                 f"{cfg.schedule.epochs} epochs; at epoch {epoch_f:g} the lr goes from {was:.3e} (the old "
-                 f"schedule) to {now:.3e}")
 
 
 def pretrain_step(mask_ratio: float, loss_mode: str) -> Callable:
@@ -349,6 +295,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
     check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size)
+    small = warn_small_images(train_set, C.input_size(cfg))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     resume_ckpt, resume_path = None, None
@@ -381,8 +328,10 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     run_log.info(f"mimkit pretrain: model {cfg.model.type} ({describe(model)}); {len(train_set)} training images "
                  f"({cfg.data.data_path or 'built-in demo'}), device {dist.device}, {dist.world_size} process(es)")
     if cfg.misc.preset:
-        run_log.info(f"preset {cfg.misc.preset} beneath your flags (no data path given: the demo); "
-                     f"run folder {out_dir}")
+        run_log.info(f"preset {cfg.misc.preset} beneath your flags (no data path given: the demo)")
+    run_log.info(f"run folder {out_dir}")
+    if small:
+        run_log.info(small)
     if report is not None:
         run_log.info(report.summary())
     model.apply_freeze_mode(cfg.model.freeze_mode)
