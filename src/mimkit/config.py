@@ -345,6 +345,9 @@ def resolve_output_dir(cfg: DictConfig, command: str) -> str:
         return cfg.misc.output_dir
     import torch.distributed as tdist
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (tdist.is_available() and tdist.is_initialized()):
+        raise ConfigError(f"give --output_dir when launching mimkit {command} with torchrun: every process must "
+                          "write to the same folder")
     path = [str(new_run_dir(command)) if int(os.environ.get("RANK", "0")) == 0 else None]
     if tdist.is_available() and tdist.is_initialized():
         tdist.broadcast_object_list(path, src=0)
