@@ -67,6 +67,8 @@ class AugmentationConfig:
 class DataConfig:
     data_path: Optional[str] = None  # class folders, a flat image folder, or a built-in set; None = the demo
     input_size: Any = 224  # int or [H, W]
+    mean: Optional[List[float]] = None  # per-channel normalisation mean (one per in_chans); None = ImageNet's
+    std: Optional[List[float]] = None  # per-channel normalisation std; `mimkit stats DIR` computes both
     num_workers: int = 10  # data-loading worker processes
     pin_memory: bool = True
     persistent_workers: bool = True

@@ -56,15 +56,10 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
 
 
 def _resolve(checkpoint: str) -> Path:
-    """A file, or a run/checkpoint folder holding final.pt / latest.pt / model.pt."""
-    p = Path(checkpoint)
-    if p.is_file():
-        return p
-    for cand in (p / "checkpoints" / "final.pt", p / "final.pt", p / "model.pt", p / "checkpoints" / "latest.pt",
-                 p / "latest.pt"):
-        if cand.is_file():
-            return cand
-    raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    """A file, or a run / checkpoint / Hugging Face folder: mimkit.io.resolve_checkpoint (final.pt first)."""
+    from mimkit.io import resolve_checkpoint
+
+    return resolve_checkpoint(checkpoint)
 
 
 def open_labelled(data_path: str, train_tf: Callable, val_tf: Callable):
