@@ -306,3 +306,13 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 def to_container(cfg: DictConfig) -> dict:
     """Plain nested dict (for checkpoints and results files)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def float_list(text: str) -> list[float]:
+    """'0.5,0.4,0.3' (or one number) -> [0.5, 0.4, 0.3]: the type of the --mean / --std flags."""
+    import argparse
+
+    try:
+        return [float(v) for v in str(text).replace(" ", "").strip("[]").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}")

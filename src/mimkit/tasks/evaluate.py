@@ -62,6 +62,17 @@ def _resolve(checkpoint: str) -> Path:
     return resolve_checkpoint(checkpoint)
 
 
+def adopt_normalization(cfg, encoder) -> tuple:
+    """(mean, std) for a classifier run: data.mean / data.std when set, else the encoder checkpoint's (written into
+    cfg, so the run's checkpoints carry them to --eval and export), else (None, None) = ImageNet's."""
+    from omegaconf import OmegaConf
+
+    if cfg.data.mean is None and cfg.data.std is None and getattr(encoder, "normalization", None):
+        OmegaConf.update(cfg, "data.mean", list(encoder.normalization[0]))
+        OmegaConf.update(cfg, "data.std", list(encoder.normalization[1]))
+    return cfg.data.mean, cfg.data.std
+
+
 def open_labelled(data_path: str, train_tf: Callable, val_tf: Callable):
     """(train, val) of a labelled set (class folders under train/ and val/, or a built-in such as digits).
 
