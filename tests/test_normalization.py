@@ -147,3 +147,17 @@ def test_stats_command_grayscale_reads_16bit(tmp_path):
     assert main(["stats", "--data_path", str(d), "--in_chans", "1", "--output", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["mean"] == pytest.approx([0.5]) and s["std"] == pytest.approx([0.5])
+
+
+@pytest.mark.slow
+def test_continual_from_the_checkpoint_keeps_them(run_dir, tmp_path):
+    import argparse
+
+    from mimkit.tasks.continual import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--continual_checkpoint", str(run_dir), "--data_path", str(tmp_path),
+                         "--output_dir", str(tmp_path / "c")])
+    cfg = config_from_args(args)
+    assert list(cfg.data.mean) == pytest.approx(MEAN) and list(cfg.data.std) == pytest.approx(STD)
