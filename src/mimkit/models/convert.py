@@ -409,7 +409,8 @@ def load_into_model(
     strict: bool = True,
     pos_embed: str = "bicubic",
 ) -> LoadReport:
-    """Load an official MAE, Hugging Face ViTMAE, timm ViT or mimkit checkpoint (file or loaded object).
+    """Load an official MAE, Hugging Face ViTMAE (transformers 4.x or 5.x names), timm ViT or mimkit checkpoint:
+    a file, a folder (a run / checkpoint / save_pretrained folder: mimkit.io.resolve_checkpoint) or a loaded object.
 
     - Position embeddings of another patch grid are resized (`pos_embed`: 'bicubic' as the official
       ``interpolate_pos_embed``, or 'sincos' to recompute the fixed embedding for the model's grid).

@@ -141,7 +141,8 @@ class ReconstructionHook:
 # ---------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit visualize`."""
-    p.add_argument("checkpoint", help="mimkit, official MAE or Hugging Face ViTMAE checkpoint")
+    p.add_argument("checkpoint", help="mimkit, official MAE or Hugging Face ViTMAE checkpoint: a file, or a run / "
+                   "checkpoint / save_pretrained folder")
     p.add_argument("images", nargs="+", help="image files to reconstruct")
     p.add_argument("--model", default=None, help="model name (default: from a mimkit checkpoint's config)")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
