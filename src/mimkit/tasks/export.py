@@ -200,6 +200,7 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     """A transformers ViTMAEModel folder (save_pretrained), run with mask_ratio 0 and the identity order."""
     if kind != "encoder":
         raise UserError("--format hf exports MAE encoders; export a fine-tuned classifier as timm or onnx")
+    import transformers
     from transformers import ViTMAEConfig, ViTMAEModel
 
     from mimkit.data.transforms import mean_std, normalization_of
@@ -223,6 +224,7 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
         noise = torch.arange(mae.num_patches, dtype=torch.float32).expand(len(x), -1)
         return hf(pixel_values=x, noise=noise).last_hidden_state
 
+    run.runtime = f"transformers {transformers.__version__}"
     return run
 
 
