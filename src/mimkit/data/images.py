@@ -84,7 +84,10 @@ def read_image(path: str | os.PathLike, mode: Optional[str] = "RGB") -> Image.Im
     """
     with Image.open(path) as f:
         f.load()
-        img = ImageOps.exif_transpose(f)
+        try:
+            img = ImageOps.exif_transpose(f)
+        except Exception as e:  # a malformed EXIF block must not cost the image: read it unrotated
+            logger.warning("ignoring the unreadable EXIF orientation of %s (%s)", path, type(e).__name__)
+            img = f
         out = to_mode(img, mode)
-        out.load()
-        return out if out is not f else f.copy()
+        return out.copy() if out is f else out
