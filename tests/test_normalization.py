@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY_MODEL
 from mimkit import config as C
 from mimkit.cli import main
 from mimkit.data.transforms import eval_transform, mean_std, pretrain_transform
@@ -88,8 +88,9 @@ def test_visualize_shows_the_original_in_its_true_colours(run_dir, tmp_path):
 
 @pytest.mark.slow
 def test_knn_uses_the_checkpoint_statistics(run_dir, monkeypatch, tmp_path):
-    import mimkit.data.transforms as T
     from test_evaluate import write_colour_set
+
+    import mimkit.data.transforms as T
 
     seen = []
     real = T.eval_transform

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -77,7 +76,7 @@ def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def read_image(path: str | os.PathLike, mode: Optional[str] = "RGB") -> Image.Image:
+def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     """Open `path`, apply its EXIF orientation, return a fully decoded 8-bit image of `mode` ('RGB' or 'L').
 
     Decoding errors (OSError, ValueError, ...) propagate: callers decide whether to skip or to stop.
