@@ -112,3 +112,14 @@ def test_startup_line_states_the_architecture(tmp_path) -> None:
     first = (tmp_path / "r/log.txt").read_text().splitlines()[0]
     assert "mae_vit_tiny_patch16 (patch 8, 2 blocks x 32-d (2 heads), decoder 1 blocks x 32-d, 32x32 px" in first
     assert torch.load(tmp_path / "r/checkpoints/final.pt", weights_only=True)["config"]["model"]["kwargs"]["depth"] == 2
+
+
+def test_another_model_than_the_checkpoints_is_told_which_it_holds(tmp_path) -> None:
+    from mimkit.errors import CheckpointError
+    from mimkit.tasks.preflight import load_weights
+
+    ckpt = tmp_path / "demo.pt"
+    torch.save({"model": create_model("mae_vit_nano_patch8").state_dict(), "mimkit_version": "0",
+                "config": {"model": {"type": "mae_vit_nano_patch8", "kwargs": {}}, "data": {"input_size": 64}}}, ckpt)
+    with pytest.raises(CheckpointError, match="the checkpoint holds mae_vit_nano_patch8: drop --model"):
+        load_weights(create_model("mae_vit_tiny_patch16", img_size=64), str(ckpt))

@@ -58,11 +58,23 @@ def load_weights(model, path: str):
 
     from mimkit.models.convert import load_into_model
 
+    from mimkit.errors import CheckpointError
+
     quiet = logging.getLogger("mimkit.models.convert")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         return load_into_model(model, path)
+    except CheckpointError as e:
+        from mimkit.models.loading import architecture_of
+        from mimkit.models.registry import same_model
+
+        held = ((architecture_of(path) or {}).get("model") or {}).get("type")
+        built = getattr(model, "model_name", None)
+        if held and built and not same_model(held, built):
+            raise CheckpointError(f"{e}; the checkpoint holds {held}: drop --model (the checkpoint's architecture "
+                                  f"is then built) or pass --model {held}") from None
+        raise
     finally:
         quiet.setLevel(level)
 

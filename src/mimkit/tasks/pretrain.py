@@ -332,6 +332,9 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     if cfg.misc.preset:
         run_log.info(f"preset {cfg.misc.preset} beneath your flags (no data path given: the demo)")
     run_log.info(f"run folder {out_dir}")
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist.device.type == "cpu" and n_params > 50e6:  # the official defaults are GPU recipes
+        run_log.info(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU is slow; {CPU_HINT}")
     if small:
         run_log.info(small)
     if report is not None:
