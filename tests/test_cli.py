@@ -126,7 +126,10 @@ def test_unknown_flag_gets_did_you_mean(argv, hint, capsys) -> None:
 def test_abbreviated_flags_are_refused(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and "unrecognized argument" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized argument" in err and "flags are not abbreviated" in err
+    if argv[1] == "--max":
+        assert "'--max_steps'" in err
 
 
 def test_nothing_imports_the_cli() -> None:

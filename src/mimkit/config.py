@@ -365,6 +365,10 @@ def take_leftovers(args: Any, rest: list[str], options: list[str]) -> Optional[s
     bad = [r for r in rest if r.startswith("-")] or ([] if hasattr(args, "items") else rest)
     if bad:
         name = bad[0].split("=")[0]
+        longer = sorted(o for o in options if o.startswith(name) and name.startswith("--"))
+        if longer:  # an abbreviation: refused (it would silently mean another flag once one is added)
+            return (f"unrecognized argument: {bad[0]} (flags are not abbreviated: "
+                    f"{' or '.join(repr(o) for o in longer[:3])}?)")
         return f"unrecognized argument: {bad[0]}{suggest(name, options) if name.startswith('-') else ''}"
     if rest:
         args.items = list(args.items) + rest
