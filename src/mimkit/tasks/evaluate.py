@@ -44,7 +44,9 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
         torch.manual_seed(seed)
         kwargs = {"img_size": input_size} if input_size else {}
         model = create_model(model_name, **kwargs)
-        return model.eval(), f"{model_name} (random init, seed {seed})"
+        from mimkit.models.registry import describe
+
+        return model.eval(), f"{model_name} (random init, seed {seed}) [{describe(model)}]"
     path = _resolve(checkpoint)
     model, desc = model_from_checkpoint(path, model_name=model_name, input_size=input_size)
     if random_init:
@@ -52,7 +54,9 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
             torch.manual_seed(seed)
             model.initialize_weights()
         desc += f", weights re-initialised (random init, seed {seed})"
-    return model.eval(), desc
+    from mimkit.models.registry import describe
+
+    return model.eval(), f"{desc} [{describe(model)}]"  # the architecture built, in every start-up line
 
 
 def encoder_arch(checkpoint: Optional[str], encoder) -> dict:
