@@ -1,6 +1,6 @@
 """`mimkit continual`: continue MAE pretraining on new domains, one after another, and measure forgetting.
 
-    mimkit continual                                         # demo: tiny MAE, built-in photos -> microscopy -> textures
+    mimkit continual                                 # demo: mae_vit_nano_patch8, photos -> microscopy -> textures
     mimkit continual --data_path /new_domain --continual_checkpoint mae_pretrain_vit_large.pth
         --freeze_mode encoder_layernorms_only --blr 5e-4 --epochs 30     (one command)
     mimkit continual continual/demo.yaml --domains photos space --freeze_mode layernorm_only
@@ -14,7 +14,8 @@ every stage the model is evaluated on EVERY domain's held-out split: reconstruct
 dedicated generator per domain, the same masks at every stage) and k-NN accuracy where the domain has labels. `sequence.json` records finished stages, so a killed sequence resumes
 at its stage. Results: `recon_loss.{csv,json}`, `knn_acc.{csv,json}` (stage x domain, forgetting, backward
 transfer), `matrix.png`, and the summary table at the end of `log.txt`.
-Put `key=value` overrides before `--domains` (its list takes every word after it).
+Put `key=value` overrides before `--domains` (its list takes every word after it). Results go to --output_dir
+(a sequence there resumes), else a new runs/continual/<timestamp>/.
 """
 
 from __future__ import annotations

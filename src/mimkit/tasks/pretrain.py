@@ -1,9 +1,13 @@
-"""`mimkit pretrain`: MAE-family pretraining (also LocalMIM, FreezeOut), one recipe read top to bottom.
+r"""`mimkit pretrain`: MAE-family pretraining (also LocalMIM, FreezeOut), one recipe read top to bottom.
 
-    mimkit pretrain                                   # the embedded demo (tiny MAE, bundled photos, CPU)
-    mimkit pretrain --data_path /imagenet --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64
-    mimkit pretrain configs/pretrain/mae_vit_base.yaml data.data_path=/imagenet
-    torchrun --nproc_per_node 8 -m mimkit pretrain configs/pretrain/mae_vit_base.yaml --data_path /imagenet
+    mimkit pretrain                                   # the embedded demo (mae_vit_demo_patch8, bundled photos, CPU)
+    mimkit pretrain pretrain/cpu_small.yaml --data_path /my/images          # your images on a CPU
+    mimkit pretrain --data_path /imagenet --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64   # GPUs
+    mimkit pretrain configs/pretrain/mae_vit_base.yaml data.data_path=/imagenet                          # GPUs
+    torchrun --nproc_per_node 8 -m mimkit pretrain configs/pretrain/mae_vit_base.yaml --data_path /imagenet \
+        --output_dir runs/vitb
+
+Results go to --output_dir (resumed when it holds a run), else a new runs/pretrain/<timestamp>/.
 """
 
 from __future__ import annotations
