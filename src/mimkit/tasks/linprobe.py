@@ -77,8 +77,8 @@ def probe_from_checkpoint(obj: dict, sd: dict):
     cfg = obj.get("config") or {}
     arch = ((cfg.get("model") or {}).get("arch") or {}).get("probe_encoder")
     if not arch:
-        raise CheckpointError("this linear-probe checkpoint's config has no model.arch.probe_encoder (written by "
-                              "mimkit linprobe since 0.x); re-run the probe to export it")
+        raise CheckpointError("this linear-probe checkpoint's config has no model.arch.probe_encoder (the encoder's "
+                              "architecture, recorded by newer runs); re-run `mimkit linprobe` to export the probe")
     size = (cfg.get("data") or {}).get("input_size", 224)
     encoder = create_model(arch["type"], **{**arch.get("kwargs", {}),
                                             "img_size": tuple(size) if isinstance(size, list) else size})
