@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mimkit.errors import ConfigError, DataError
 from mimkit.incremental import config as IC
@@ -348,3 +347,18 @@ def test_cifar_missing_files_one_line(tmp_path):
         ID.open_data(str(root), "cifar10", None, None)
     msg = str(e.value)
     assert "\n" not in msg and "test_batch" in msg and "cifar-10-batches-py" in msg
+
+
+@pytest.mark.parametrize("preset,tasks,model", [("incremental/digits.yaml", 5, "slim_resnet18"),
+                                                ("incremental/cifar100_10tasks.yaml", 10, "resnet18"),
+                                                ("incremental/cifar10_5tasks.yaml", 5, "resnet18")])
+def test_presets_load_and_flags_win(preset, tasks, model):
+    import argparse
+
+    from mimkit.tasks.incremental import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args([preset, "--epochs", "7", "incremental.kd_weight=2"]))
+    assert cfg.incremental.tasks == tasks and cfg.model.type == model
+    assert cfg.schedule.epochs == 7 and cfg.incremental.kd_weight == 2.0  # flags and overrides beat the preset

@@ -145,3 +145,37 @@ def test_help_shows_defaults_and_ema_convention(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "weighting the NEW value (mmengine's convention)" in text
     assert "(default: ce)" in text and "(default: 0.1)" in text and "(default: slim_resnet18)" in text
+
+
+def write_tiny_mae(path: Path) -> Path:
+    """A mimkit-format checkpoint of a 2-block, 32-dim MAE at 32 px (patch 8)."""
+    from mimkit import __version__
+    from mimkit.models import create_model
+
+    kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
+              "decoder_depth": 1, "decoder_num_heads": 2}
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch16", img_size=32, **kwargs)
+    torch.save({"model": model.state_dict(), "epoch": 1, "step": 1, "mimkit_version": __version__,
+                "config": {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kwargs}, "data": {"input_size": 32}}},
+               path)
+    return path
+
+
+@pytest.mark.slow
+def test_mae_vit_encoder_backbone(tmp_path):
+    from mimkit.incremental.model import build_classifier
+
+    ckpt = write_tiny_mae(tmp_path / "mae.pt")
+    net, desc = build_classifier("slim_resnet18", None, str(ckpt), 32, 2)
+    assert net.feat_dim == 32 and "mae_vit_tiny_patch16" in desc
+    assert not any(n.startswith("backbone.encoder.decoder") for n, _ in net.named_parameters())
+    sd = torch.load(ckpt, weights_only=True)["model"]
+    assert torch.equal(net.backbone.encoder.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+    assert net(torch.randn(3, 3, 32, 32)).shape == (3, 2)
+    out = tmp_path / "run"
+    args = ["incremental", "--finetune", str(ckpt), "--tasks", "2", "--input_size", "32", "--epochs", "1",
+            "--batch_size", "64", "--opt", "adamw", "--lr", "1e-3", "--device", "cpu", "logging.tensorboard=false"]
+    assert _run(args, out) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["per_task"]) == 2 and "mae_vit_tiny_patch16" in res["model"]

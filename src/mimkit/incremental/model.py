@@ -54,10 +54,11 @@ class ViTBackbone(nn.Module):
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        for name in [n for n, _ in encoder.named_children() if n.startswith("decoder")]:
-            delattr(encoder, name)  # the pixel decoder plays no part in classification
-        if isinstance(getattr(encoder, "mask_token", None), nn.Parameter):
-            del encoder.mask_token
+        # the pixel decoder (and its mask token) plays no part in classification
+        names = [n for n, _ in encoder.named_children()] + [n for n, _ in encoder.named_parameters(recurse=False)]
+        for name in names:
+            if name.startswith("decoder") or name == "mask_token":
+                delattr(encoder, name)
         self.encoder = encoder
         self.feat_dim = encoder.embed_dim
 

@@ -177,7 +177,8 @@ def train_incremental(cfg) -> dict:
     names = [train_set.classes[c] for c in split.order]
     run_log.info(f"mimkit incremental: {desc}; {kind} data {cfg.data.data_path}: {len(train_set)} train / "
                  f"{len(val_set)} held-out images, {len(sizes)} tasks of {sizes} classes, order {names}; "
-                 f"methods {sorted(methods)}, ema {i.ema_mode}, evaluating the {'teacher' if i.eval_teacher else 'student'}")
+                 f"methods {sorted(methods)}, ema {i.ema_mode}, "
+                 f"evaluating the {'teacher' if i.eval_teacher else 'student'}")
     if done:
         run_log.info(f"resuming after task {done - 1} ({done} of {len(sizes)} tasks done)")
 
