@@ -359,6 +359,6 @@ def test_presets_load_and_flags_win(preset, tasks, model):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    cfg = config_from_args(p.parse_args([preset, "--epochs", "7", "incremental.kd_weight=2"]))
+    cfg = config_from_args(p.parse_args([preset, "incremental.kd_weight=2", "--epochs", "7"]))
     assert cfg.incremental.tasks == tasks and cfg.model.type == model
     assert cfg.schedule.epochs == 7 and cfg.incremental.kd_weight == 2.0  # flags and overrides beat the preset
