@@ -12,7 +12,8 @@ EMA rules are mmengine's (`mmengine/model/averaged_model.py`): m weights the NEW
 model (ExponentialMovingAverage); anne: m_t = max(m, gamma / (gamma + t)), gamma = 100 (MomentumAnnealingEMA);
 sto: avg <- avg + (model - avg) / (t + 1), the equal-weight mean (StochasticWeightAverage). The first update
 copies the model (t = 0). BatchNorm buffers are copied from the model at every update, so the teacher's
-running statistics always follow the student.
+running statistics follow the student (mmengine's update_buffers=False does the same; with update_buffers=True
+it would average them and leave the integer num_batches_tracked behind).
 """
 
 from __future__ import annotations
