@@ -67,6 +67,8 @@ class IncScheduleConfig:
 
 @dataclass
 class IncAugmentationConfig(C.AugmentationConfig):
+    """RandomCrop with padding + flip; the inherited crop_scale_min/max (RandomResizedCrop) are not used here."""
+
     crop_padding: int = 4  # RandomCrop(input_size, padding) (the CIFAR recipe); 0 = no crop
     hflip: Optional[bool] = None  # random horizontal flip; None = on, except for digits (not flip-symmetric)
 
