@@ -1,0 +1,279 @@
+"""MAE augmentation as batched tensor ops on the training device (`data.augment_on: device`).
+
+Workers only read (and, unless the GPU decodes JPEG, decode) images and draw each sample's crop box with
+`draw_crop_params`: torchvision's RandomResizedCrop.get_params then RandomHorizontalFlip's draw, the very calls
+the worker pipeline (`transforms.pretrain_transform`) makes, from the same per-sample RNG that `SeededSamples`
+seeds with (seed, epoch, index). So crops and flips are identical to the worker path, and resume stays bitwise.
+
+On the device, bicubic resizing of every crop to input_size is two batched matmuls with per-sample weight
+matrices built like Pillow's antialiased resampling (separable, horizontal pass first, a = -0.5, support scaled
+on downsampling), then flip (reversed weight rows) and normalisation. Outputs agree with the worker path within
+Pillow's 8-bit rounding.
+
+    ds = DeviceSamples(open_dataset(path, "train", None), scale=(0.2, 1.0), hflip=True)   # workers
+    loader(..., collate=collate_device)
+    aug = DeviceAugment((224, 224), mean, std); batch = aug(batch)   # batch["images"]: (N, C, H, W) float
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from mimkit.data.datasets import DECODE_ERRORS
+
+logger = logging.getLogger(__name__)
+
+# RandomResizedCrop's default aspect-ratio range (the official recipe leaves it at the default).
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+BICUBIC_A = -0.5  # Pillow's (and antialiased torch's) bicubic coefficient
+BICUBIC_SUPPORT = 2.0
+
+
+def draw_crop_params(
+    img: Image.Image | torch.Tensor, scale: Sequence[float], hflip: bool, ratio: Sequence[float] = CROP_RATIO
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flip) from the global torch RNG, as RandomResizedCrop + RandomHorizontalFlip.
+
+    Only `img`'s size is read (a lazily opened PIL image is not decoded).
+    """
+    top, left, height, width = T.RandomResizedCrop.get_params(img, list(scale), list(ratio))
+    flip = bool(torch.rand(1) < 0.5) if hflip else False  # RandomHorizontalFlip(p=0.5); no draw when off
+    return int(top), int(left), int(height), int(width), flip
+
+
+def _raw_bytes(base: Dataset, index: int) -> tuple[bytes, int] | None:
+    """(file bytes, label) when `base` can hand them out without decoding, else None."""
+    reader = getattr(base, "read_bytes", None)
+    if reader is not None:
+        return reader(index)
+    samples = getattr(base, "samples", None)
+    if samples is not None and isinstance(samples[index][0], str) and hasattr(base, "loader"):
+        path, label = samples[index]
+        with open(path, "rb") as f:
+            return f.read(), label
+    return None
+
+
+class DeviceSamples(Dataset):
+    """The worker half: item i -> ((source uint8 tensor, crop (5,) long), label), or None when unreadable.
+
+    `base` yields (PIL image, label) (a dataset opened with transform=None). The source is the crop box's pixels
+    (C, h, w), or with `jpeg_bytes` a JPEG file's bytes (L,) for the device to decode (crop box in the full image).
+    Crop: (top, left, height, width, flip). Wrap in SeededSamples as any dataset.
+    """
+
+    def __init__(self, base: Dataset, scale: Sequence[float] = (0.2, 1.0), hflip: bool = True, in_chans: int = 3,
+                 jpeg_bytes: bool = False) -> None:
+        self.base = base
+        self.scale = tuple(scale)
+        self.hflip = hflip
+        self.mode = "L" if in_chans == 1 else "RGB"
+        self.jpeg_bytes = jpeg_bytes
+        self.classes = getattr(base, "classes", [])
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _from_bytes(self, index: int):
+        raw = _raw_bytes(self.base, index)
+        if raw is None:
+            return None
+        data, label = raw
+        try:
+            im = Image.open(io.BytesIO(data))  # reads the header only
+            if im.format == "JPEG" and im.mode == self.mode:
+                crop = draw_crop_params(im, self.scale, self.hflip)
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), crop, label
+            img = im.convert(self.mode)  # PNG, CMYK, ...: the worker decodes it
+        except DECODE_ERRORS as e:
+            logger.warning("skipping unreadable image %d (%s: %s)", index, type(e).__name__, e)
+            return False
+        return self._cropped(img, label)
+
+    def _cropped(self, img: Image.Image, label: int):
+        img = img if img.mode == self.mode else img.convert(self.mode)
+        top, left, h, w, flip = draw_crop_params(img, self.scale, self.hflip)
+        arr = np.asarray(img)[top:top + h, left:left + w]
+        src = torch.from_numpy(arr.reshape(h, w, -1).copy()).permute(2, 0, 1)  # PIL's array is read-only
+        return src, (top, left, h, w, flip), label
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int] | None:
+        """((source, crop), label) or None."""
+        out = self._from_bytes(index) if self.jpeg_bytes else None
+        if out is False:
+            return None
+        if out is None:
+            item = self.base[index]
+            if item is None:
+                return None
+            out = self._cropped(*item)
+        src, crop, label = out
+        return (src, torch.tensor(crop[:4] + (int(crop[4]),), dtype=torch.long)), label
+
+
+def collate_device(samples: Sequence[Any]) -> dict[str, Any]:
+    """Drop None samples, keep crops and labels, pad pixel sources into one tensor.
+
+    Returns {"images": (N, 5) long crop boxes (replaced by DeviceAugment), "pixels": (N, C, h_max, w_max) uint8
+    or None, "sources": list of N uint8 tensors when any is JPEG bytes (else None), "labels": (N,), "skipped"}.
+    """
+    kept = [s for s in samples if s is not None]
+    out: dict[str, Any] = {"skipped": len(samples) - len(kept), "pixels": None, "sources": None}
+    if not kept:
+        out.update(images=torch.empty(0, 5, dtype=torch.long), labels=torch.empty(0, dtype=torch.long))
+        return out
+    sources = [s[0][0] for s in kept]
+    out["images"] = torch.stack([s[0][1] for s in kept])
+    out["labels"] = torch.tensor([int(s[1]) for s in kept], dtype=torch.long)
+    if all(s.dim() == 3 for s in sources):
+        out["pixels"] = pad_stack(sources)
+    else:
+        out["sources"] = sources
+    return out
+
+
+def pad_stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(C, h_i, w_i) tensors -> (N, C, max h, max w), zero-padded at the bottom and right."""
+    c = images[0].shape[0]
+    h = max(x.shape[1] for x in images)
+    w = max(x.shape[2] for x in images)
+    out = images[0].new_zeros((len(images), c, h, w))
+    for k, x in enumerate(images):
+        out[k, :, :x.shape[1], :x.shape[2]] = x
+    return out
+
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's bicubic kernel (a = -0.5), zero for |x| >= 2."""
+    x = x.abs()
+    a = BICUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                   flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample matrices (N, out_size, in_size) resampling [start, start + length) to out_size, bicubic.
+
+    As Pillow's precompute_coeffs: output pixel o centres at (o + 0.5) * length / out_size in the crop; on
+    downsampling the kernel is stretched by the scale (antialiasing); taps outside the crop get no weight and
+    each row is normalised. `flip` (N,) bool reverses the output order (a horizontal flip for free).
+    """
+    dev = start.device
+    scale = (length.double() / out_size)[:, None, None]  # (N, 1, 1)
+    filterscale = scale.clamp(min=1.0)
+    centre = (torch.arange(out_size, device=dev, dtype=torch.float64)[None, :, None] + 0.5) * scale
+    u = torch.arange(in_size, device=dev, dtype=torch.float64)[None, None, :] - start.double()[:, None, None]
+    w = _bicubic((u - centre + 0.5) / filterscale)
+    w = w * ((u >= 0) & (u < length.double()[:, None, None]))
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    if flip is not None:
+        w = torch.where(flip.bool()[:, None, None], w.flip(1), w)
+    return w.float()
+
+
+class DeviceAugment:
+    """The device half: crop, bicubic resize to `size`, flip and normalise a `collate_device` batch.
+
+    `__call__(batch)` returns the batch with "images" (N, C, H, W) float32 on the batch's device; it runs in
+    float32 whatever autocast is active (8-bit-exact inputs, no low-precision resampling).
+    """
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = tuple(int(s) for s in size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.decode_failed = 0  # JPEGs the device could not decode (dropped from their batch)
+
+    def _gather(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Padded crops (N', C, h, w) uint8 on `device`, and the kept rows (None: all) when JPEGs failed."""
+        if batch.get("pixels") is not None:
+            return batch["pixels"].to(device, non_blocking=True), None
+        sources = batch["sources"]
+        channels = self.mean.shape[1]
+        decoded = iter(self._decode([s for s in sources if s.dim() == 1], device, channels))
+        boxes = batch["images"].cpu()
+        keep, pieces = [], []
+        for k, s in enumerate(sources):
+            if s.dim() == 1:  # a whole decoded JPEG: crop it here (workers cropped the others)
+                img = next(decoded)
+                if img is None:
+                    continue
+                top, left, h, w = (int(v) for v in boxes[k, :4])
+                img = img[:, top:top + h, left:left + w]
+            else:
+                img = s.to(device, non_blocking=True)
+            keep.append(k)
+            pieces.append(img)
+        if not pieces:
+            return torch.empty(0, channels, 1, 1, dtype=torch.uint8, device=device), torch.tensor([], dtype=torch.long)
+        return pad_stack(pieces), (None if len(keep) == len(sources) else torch.tensor(keep))
+
+    def _decode(self, data: list[torch.Tensor], device: torch.device, channels: int) -> list[torch.Tensor | None]:
+        """Batched torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA); one by one when a file is bad."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if not data:
+            return []
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        try:
+            return list(decode_jpeg(data, mode=mode, device=device))
+        except RuntimeError:
+            out: list[torch.Tensor | None] = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=mode, device=device))
+                except RuntimeError as e:
+                    self.decode_failed += 1
+                    logger.warning("skipping a JPEG the device cannot decode (%s)", str(e).splitlines()[0])
+                    out.append(None)
+            return out
+
+    def __call__(self, batch: dict) -> dict:
+        """Batch from collate_device (already moved by the loop) -> batch with augmented float images."""
+        crops = batch["images"]
+        with torch.autocast(device_type=crops.device.type, enabled=False):
+            src, keep = self._gather(batch, crops.device)
+            out = dict(batch)
+            if keep is not None:  # undecodable JPEGs dropped
+                crops = crops[keep.to(crops.device)]
+                out["labels"] = batch["labels"][keep.to(batch["labels"].device)]
+            out["images"] = self.resize(src, crops)
+        return out
+
+    def resize(self, src: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """Crops (N, C, h, w) uint8 (each at the top left, zero-padded) + boxes (N, 5) -> (N, C, H, W) float.
+
+        Only each box's height, width and flip are read: the sources are already cut to their box.
+        """
+        oh, ow = self.size
+        if src.shape[0] == 0:
+            return torch.empty(0, src.shape[1], oh, ow, device=src.device)
+        x = src.float()
+        zero = torch.zeros_like(crops[:, 0])
+        wx = resize_weights(zero, crops[:, 3], x.shape[3], ow, crops[:, 4])  # (N, ow, w)
+        wy = resize_weights(zero, crops[:, 2], x.shape[2], oh)  # (N, oh, h)
+        # horizontal pass first, clamped to the 8-bit range in between, as Pillow does
+        x = torch.matmul(x, wx.transpose(1, 2)[:, None]).clamp_(0, 255)  # (N, C, h, ow)
+        x = torch.matmul(wy[:, None], x).clamp_(0, 255)  # (N, C, oh, ow)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x / 255.0 - mean) / std
+
+
+def device_step(step_fn: Callable, augment: DeviceAugment) -> Callable:
+    """Wrap a task's step function so the batch is augmented on the device first."""
+
+    def step(model, batch):
+        return step_fn(model, augment(batch))
+
+    return step
