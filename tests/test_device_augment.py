@@ -74,7 +74,8 @@ def test_device_images_match_worker_images(tmp_path: Path, in_chans: int) -> Non
     assert out.shape == expected.shape == (len(keys), in_chans, SIZE, SIZE)
     std = torch.tensor(mean_std(in_chans)[1]).view(1, -1, 1, 1)
     diff = ((out - expected) * std * 255).abs()  # in 8-bit levels
-    assert diff.max() <= 1.01  # Pillow rounds to 8 bits after each pass; we keep float
+    # Pillow rounds to 8 bits after each pass (0.5 level, then carried through the bicubic taps); we keep float
+    assert diff.max() <= 1.25
     assert diff.mean() < 0.35
 
 
@@ -108,7 +109,7 @@ def test_jpeg_bytes_decoded_by_torchvision_match(tmp_path: Path) -> None:
     expected = torch.stack([worker[k][0] for k in keys])
     diff = ((out - expected) * torch.tensor(mean_std(3)[1]).view(1, -1, 1, 1) * 255).abs()
     # on CPU both decoders are libjpeg-turbo: only the resampling's rounding differs (nvJPEG may differ slightly)
-    assert diff.max() <= 1.01 and diff.mean() < 0.35
+    assert diff.max() <= 1.25 and diff.mean() < 0.35
 
 
 def test_undecodable_jpeg_is_dropped_with_its_label(tmp_path: Path) -> None:
