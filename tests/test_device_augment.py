@@ -1,4 +1,4 @@
-"""data.augment_on=device: the same crops as the worker path, the same images within Pillow's rounding, bitwise resume."""
+"""data.augment_on=device: the worker path's crops, its images within Pillow's rounding, bitwise resume."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _worker_and_device(folder: Path, seed: int, in_chans: int = 3, jpeg_bytes: b
 
 
 def test_crop_params_are_the_worker_paths(tmp_path: Path) -> None:
-    """For each (seed, epoch, index), cropping with the device path's box + flip rebuilds the worker's output bitwise."""
+    """Per (seed, epoch, index), the device path's box + flip rebuild the worker path's output bitwise."""
     folder = _photo_folder(tmp_path / "imgs")
     base = open_dataset(folder, "train", None)
     mean, std = mean_std(3)

@@ -45,7 +45,8 @@ def test_written_shards_read_back_the_same_samples_and_labels(tmp_path: Path, la
         shards = open_dataset(spec, split, None)
         assert len(shards) == len(folder) and shards.classes == folder.classes
         # keys are the positions in the folder's sorted listing; the shard order is shuffled
-        keys = [int(m[0]) for s in json.loads((out / f"{split}.index.json").read_text())["shards"] for m in s["members"]]
+        index = json.loads((out / f"{split}.index.json").read_text())
+        keys = [int(m[0]) for s in index["shards"] for m in s["members"]]
         assert sorted(keys) == list(range(len(folder))) and keys != sorted(keys)
         for i, k in enumerate(keys):
             path, label = folder.samples[k]
