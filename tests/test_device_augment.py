@@ -112,6 +112,26 @@ def test_jpeg_bytes_decoded_by_torchvision_match(tmp_path: Path) -> None:
     assert diff.max() <= 1.25 and diff.mean() < 0.35
 
 
+def test_shards_hand_jpeg_bytes_to_the_device_path(tmp_path: Path) -> None:
+    """Over WebDataset shards the device path reads members' bytes: the same boxes and images as the folder."""
+    import json
+
+    from mimkit.data.shards import write_shards
+
+    folder = _photo_folder(tmp_path / "imgs")
+    write_shards(str(folder), tmp_path / "s", shard_size=5)
+    keys = [int(m[0]) for s in json.loads((tmp_path / "s/train.index.json").read_text())["shards"]
+            for m in s["members"]]
+    on_shards = DeviceSamples(open_dataset(tmp_path / "s", "train", None), jpeg_bytes=True)
+    on_folder = DeviceSamples(open_dataset(folder, "train", None), jpeg_bytes=True)
+    for i, k in enumerate(keys):
+        torch.manual_seed(i)
+        (a, box_a), _ = on_shards[i]
+        torch.manual_seed(i)
+        (b, box_b), _ = on_folder[k]
+        assert torch.equal(a, b) and torch.equal(box_a, box_b)
+
+
 def test_undecodable_jpeg_is_dropped_with_its_label(tmp_path: Path) -> None:
     folder = _photo_folder(tmp_path / "imgs", n=3)
     _, device = _worker_and_device(folder, seed=0, jpeg_bytes=True)

@@ -65,6 +65,9 @@ def test_flat_folder_gives_unlabelled_shards_and_foreign_shards_read(tmp_path: P
     write_shards(str(tmp_path / "flat"), tmp_path / "s")
     ds = open_dataset(tmp_path / "s" / "train-000000.tar", "train", None)
     assert len(ds) == 4 and ds.classes == [] and ds.targets == [0] * 4
+    # an image folder with a stray .tar in it is still an image folder
+    (tmp_path / "flat" / "backup.tar").write_bytes(b"")
+    assert len(open_dataset(tmp_path / "flat", "train", None)) == 4
     # shards another tool wrote: sub-folder keys, .jpeg / .png, extra members, a .cls, no index
     foreign = tmp_path / "foreign.tar"
     with tarfile.open(foreign, "w") as tf:

@@ -30,6 +30,7 @@ from typing import Any
 
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from mimkit.data.datasets import DECODE_ERRORS
 from mimkit.errors import DataError
@@ -45,14 +46,26 @@ SPLITS = ("train", "val", "test")
 
 # ---------------------------------------------------------------------------------------------- naming
 def is_shard_spec(spec: str | Path) -> bool:
-    """True for a .tar path, a brace range / glob of them, or a folder holding .tar shards."""
+    """True for a .tar path, a brace range / glob of them, or a folder of .tar shards (no images, no sub-folders)."""
     s = str(spec)
     if s.endswith(".tar") or (s.endswith(".tar}") and "{" in s):
         return True
     if ("{" in s and ".." in s) or any(c in s for c in "*?["):
         return ".tar" in s
     path = Path(s).expanduser()
-    return path.is_dir() and any(p.suffix == ".tar" for p in path.iterdir() if p.is_file())
+    if not path.is_dir():
+        return False
+    has_tar = False
+    for e in os.scandir(path):  # stops at the first sign of an image folder (a sub-folder or an image)
+        if e.name.startswith("."):
+            continue
+        if e.is_dir():
+            return False
+        if e.name.endswith(".tar"):
+            has_tar = True
+        elif has_file_allowed_extension(e.name, IMG_EXTENSIONS):
+            return False
+    return has_tar
 
 
 def shard_paths(spec: str | Path, split: str | None = "train") -> list[Path]:
