@@ -72,6 +72,9 @@ def test_device_images_match_worker_images(tmp_path: Path, in_chans: int) -> Non
     out = DeviceAugment((SIZE, SIZE), *mean_std(in_chans))(batch)["images"]
     expected = torch.stack([worker[k][0] for k in keys])
     assert out.shape == expected.shape == (len(keys), in_chans, SIZE, SIZE)
+    # resized in chunks of similar-size crops, each padded to its own largest: the same images, in batch order
+    chunked = DeviceAugment((SIZE, SIZE), *mean_std(in_chans), chunk=5)(batch)["images"]
+    torch.testing.assert_close(chunked, out, rtol=0, atol=1e-4)
     std = torch.tensor(mean_std(in_chans)[1]).view(1, -1, 1, 1)
     diff = ((out - expected) * std * 255).abs()  # in 8-bit levels
     # Pillow rounds to 8 bits after each pass (0.5 level, then carried through the bicubic taps); we keep float

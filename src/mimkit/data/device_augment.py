@@ -121,10 +121,11 @@ class DeviceSamples(Dataset):
 
 
 def collate_device(samples: Sequence[Any]) -> dict[str, Any]:
-    """Drop None samples, keep crops and labels, pad pixel sources into one tensor.
+    """Drop None samples, keep crop boxes and labels, and pack the pixel crops into one flat buffer.
 
-    Returns {"images": (N, 5) long crop boxes (replaced by DeviceAugment), "pixels": (N, C, h_max, w_max) uint8
-    or None, "sources": list of N uint8 tensors when any is JPEG bytes (else None), "labels": (N,), "skipped"}.
+    Returns {"images": (N, 5) long crop boxes (DeviceAugment replaces them by the images), "pixels": the crops'
+    (C, h, w) pixels concatenated into one flat uint8 tensor (one host-to-device copy, no padding) or None,
+    "sources": the N uint8 tensors as they are when any is JPEG bytes (else None), "labels": (N,), "skipped"}.
     """
     kept = [s for s in samples if s is not None]
     out: dict[str, Any] = {"skipped": len(samples) - len(kept), "pixels": None, "sources": None}
@@ -135,7 +136,8 @@ def collate_device(samples: Sequence[Any]) -> dict[str, Any]:
     out["images"] = torch.stack([s[0][1] for s in kept])
     out["labels"] = torch.tensor([int(s[1]) for s in kept], dtype=torch.long)
     if all(s.dim() == 3 for s in sources):
-        out["pixels"] = pad_stack(sources)
+        out["pixels"] = torch.cat([s.reshape(-1) for s in sources])
+        out["channels"] = sources[0].shape[0]
     else:
         out["sources"] = sources
     return out
@@ -169,40 +171,45 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_
     downsampling the kernel is stretched by the scale (antialiasing); taps outside the crop get no weight and
     each row is normalised. `flip` (N,) bool reverses the output order (a horizontal flip for free).
     """
-    dev = start.device
-    scale = (length.double() / out_size)[:, None, None]  # (N, 1, 1)
+    dev, f32 = start.device, torch.float32  # float32 is exact enough: coordinates stay far below 2**24
+    scale = (length.to(f32) / out_size)[:, None, None]  # (N, 1, 1)
     filterscale = scale.clamp(min=1.0)
-    centre = (torch.arange(out_size, device=dev, dtype=torch.float64)[None, :, None] + 0.5) * scale
-    u = torch.arange(in_size, device=dev, dtype=torch.float64)[None, None, :] - start.double()[:, None, None]
+    centre = (torch.arange(out_size, device=dev, dtype=f32)[None, :, None] + 0.5) * scale
+    u = torch.arange(in_size, device=dev, dtype=f32)[None, None, :] - start.to(f32)[:, None, None]
     w = _bicubic((u - centre + 0.5) / filterscale)
-    w = w * ((u >= 0) & (u < length.double()[:, None, None]))
+    w = w * ((u >= 0) & (u < length.to(f32)[:, None, None]))
     w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
     if flip is not None:
         w = torch.where(flip.bool()[:, None, None], w.flip(1), w)
-    return w.float()
+    return w
 
 
 class DeviceAugment:
     """The device half: crop, bicubic resize to `size`, flip and normalise a `collate_device` batch.
 
     `__call__(batch)` returns the batch with "images" (N, C, H, W) float32 on the batch's device; it runs in
-    float32 whatever autocast is active (8-bit-exact inputs, no low-precision resampling).
+    float32 whatever autocast is active (8-bit-exact inputs, no low-precision resampling). Crops are resized in
+    chunks of `chunk` samples of similar size, each padded to its own largest crop, which bounds memory and the
+    padding's wasted work when one large image shares a batch with small ones.
     """
 
-    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], chunk: int = 32) -> None:
         self.size = tuple(int(s) for s in size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.chunk = chunk
         self.decode_failed = 0  # JPEGs the device could not decode (dropped from their batch)
 
-    def _gather(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Padded crops (N', C, h, w) uint8 on `device`, and the kept rows (None: all) when JPEGs failed."""
-        if batch.get("pixels") is not None:
-            return batch["pixels"].to(device, non_blocking=True), None
-        sources = batch["sources"]
-        channels = self.mean.shape[1]
-        decoded = iter(self._decode([s for s in sources if s.dim() == 1], device, channels))
+    def _pieces(self, batch: dict, device: torch.device) -> tuple[list[torch.Tensor], list[int] | None]:
+        """Each sample's crop (C, h, w) uint8 on `device`, and the kept rows (None: all) when JPEGs failed."""
         boxes = batch["images"].cpu()
+        if batch.get("pixels") is not None:
+            c = int(batch["channels"])
+            flat = batch["pixels"].to(device, non_blocking=True)
+            sizes = [c * int(h) * int(w) for h, w in boxes[:, 2:4].tolist()]
+            return [p.view(c, int(h), int(w)) for p, (h, w) in zip(flat.split(sizes), boxes[:, 2:4].tolist())], None
+        sources = batch["sources"]
+        decoded = iter(self._decode([s for s in sources if s.dim() == 1], device, self.mean.shape[1]))
         keep, pieces = [], []
         for k, s in enumerate(sources):
             if s.dim() == 1:  # a whole decoded JPEG: crop it here (workers cropped the others)
@@ -215,9 +222,7 @@ class DeviceAugment:
                 img = s.to(device, non_blocking=True)
             keep.append(k)
             pieces.append(img)
-        if not pieces:
-            return torch.empty(0, channels, 1, 1, dtype=torch.uint8, device=device), torch.tensor([], dtype=torch.long)
-        return pad_stack(pieces), (None if len(keep) == len(sources) else torch.tensor(keep))
+        return pieces, (None if len(keep) == len(sources) else keep)
 
     def _decode(self, data: list[torch.Tensor], device: torch.device, channels: int) -> list[torch.Tensor | None]:
         """Batched torchvision.io.decode_jpeg on `device` (nvJPEG on CUDA); one by one when a file is bad."""
@@ -243,31 +248,35 @@ class DeviceAugment:
         """Batch from collate_device (already moved by the loop) -> batch with augmented float images."""
         crops = batch["images"]
         with torch.autocast(device_type=crops.device.type, enabled=False):
-            src, keep = self._gather(batch, crops.device)
+            pieces, keep = self._pieces(batch, crops.device)
             out = dict(batch)
             if keep is not None:  # undecodable JPEGs dropped
-                crops = crops[keep.to(crops.device)]
-                out["labels"] = batch["labels"][keep.to(batch["labels"].device)]
-            out["images"] = self.resize(src, crops)
+                crops = crops[torch.tensor(keep, dtype=torch.long, device=crops.device)]
+                out["labels"] = batch["labels"][torch.tensor(keep, dtype=torch.long, device=batch["labels"].device)]
+            out["images"] = self.resize(pieces, crops)
         return out
 
-    def resize(self, src: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
-        """Crops (N, C, h, w) uint8 (each at the top left, zero-padded) + boxes (N, 5) -> (N, C, H, W) float.
-
-        Only each box's height, width and flip are read: the sources are already cut to their box.
-        """
+    def resize(self, pieces: list[torch.Tensor], crops: torch.Tensor) -> torch.Tensor:
+        """Crops [(C, h_i, w_i) uint8] + boxes (N, 5) (height, width, flip read) -> (N, C, H, W) normalised float."""
         oh, ow = self.size
-        if src.shape[0] == 0:
-            return torch.empty(0, src.shape[1], oh, ow, device=src.device)
-        x = src.float()
-        zero = torch.zeros_like(crops[:, 0])
-        wx = resize_weights(zero, crops[:, 3], x.shape[3], ow, crops[:, 4])  # (N, ow, w)
-        wy = resize_weights(zero, crops[:, 2], x.shape[2], oh)  # (N, oh, h)
-        # horizontal pass first, clamped to the 8-bit range in between, as Pillow does
-        x = torch.matmul(x, wx.transpose(1, 2)[:, None]).clamp_(0, 255)  # (N, C, h, ow)
-        x = torch.matmul(wy[:, None], x).clamp_(0, 255)  # (N, C, oh, ow)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return (x / 255.0 - mean) / std
+        device = crops.device
+        channels = pieces[0].shape[0] if pieces else self.mean.shape[1]
+        out = torch.empty(len(pieces), channels, oh, ow, device=device)
+        order = sorted(range(len(pieces)), key=lambda k: pieces[k].shape[1] * pieces[k].shape[2])
+        mean, std = self.mean.to(device), self.std.to(device)
+        for i in range(0, len(order), self.chunk):
+            rows = order[i:i + self.chunk]
+            idx = torch.tensor(rows, dtype=torch.long, device=device)
+            x = pad_stack([pieces[k] for k in rows]).float()  # (n, C, h, w)
+            box = crops[idx]
+            zero = torch.zeros_like(box[:, 0])
+            wx = resize_weights(zero, box[:, 3], x.shape[3], ow, box[:, 4])  # (n, ow, w)
+            wy = resize_weights(zero, box[:, 2], x.shape[2], oh)  # (n, oh, h)
+            # horizontal pass first, clamped to the 8-bit range in between, as Pillow does
+            x = torch.matmul(x, wx.transpose(1, 2)[:, None]).clamp_(0, 255)  # (n, C, h, ow)
+            x = torch.matmul(wy[:, None], x).clamp_(0, 255)  # (n, C, oh, ow)
+            out[idx] = (x / 255.0 - mean) / std
+        return out
 
 
 def device_step(step_fn: Callable, augment: DeviceAugment) -> Callable:
