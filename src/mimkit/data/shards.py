@@ -126,7 +126,7 @@ def scan_tar(path: Path) -> list[list]:
                     except ValueError:
                         raise DataError(f"{path}: {m.name} holds '{text[:20]}', not an integer class") from None
     except (tarfile.ReadError, EOFError) as e:
-        raise DataError(f"{path} is not a readable tar file ({e}); shards are plain .tar files") from None
+        raise DataError(f"{path} is not a readable tar file ({e}): truncated, or not a plain .tar shard") from None
     return [s for s in samples.values() if s[1] >= 0]
 
 
