@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
@@ -167,30 +168,35 @@ def index_shards(paths: list[Path]) -> tuple[list[tuple[int, int, int, int]], li
 
 # ---------------------------------------------------------------------------------------------- reading
 class ShardDataset(Dataset):
-    """Map-style view over tar shards. Items: (transform(PIL image), label), or None for an undecodable member."""
+    """Map-style view over tar shards. Items: (transform(PIL image), label), or None for an undecodable member.
+
+    `index`: (N, 4) int64 array of (shard, offset, size, label); NumPy rather than a list of tuples, so that
+    DataLoader workers share it copy-on-write instead of copying it object by object.
+    """
 
     def __init__(self, spec: str, paths: list[Path], transform: Callable | None = None, mode: str = "RGB") -> None:
         self.root = spec
         self.paths = [str(p) for p in paths]
         self.transform = transform
         self.mode = mode
-        self.index, classes, self.counts = index_shards(paths)
-        labels = [s[3] for s in self.index]
-        self.labelled = bool(labels) and all(label >= 0 for label in labels)
+        samples, classes, self.counts = index_shards(paths)
+        self.index = np.asarray(samples, dtype=np.int64).reshape(-1, 4)
+        labels = self.index[:, 3]
+        self.labelled = len(labels) > 0 and bool((labels >= 0).all())
         if self.labelled and not classes:
-            classes = [str(c) for c in range(max(labels) + 1)]
+            classes = [str(c) for c in range(int(labels.max()) + 1)]
         self.classes = classes if self.labelled else []
-        self.targets = labels if self.labelled else [0] * len(labels)
+        self.targets = labels.copy() if self.labelled else np.zeros_like(labels)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def read_bytes(self, index: int) -> tuple[bytes, int]:
         """The image member's raw bytes and the label."""
-        shard, offset, size, _ = self.index[index]
+        shard, offset, size, _ = (int(v) for v in self.index[index])
         with open(self.paths[shard], "rb") as f:
             f.seek(offset)
-            return f.read(size), self.targets[index]
+            return f.read(size), int(self.targets[index])
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         """(transform(image), label), or None (with a warning) when the member cannot be decoded."""
@@ -199,7 +205,7 @@ class ShardDataset(Dataset):
             with Image.open(io.BytesIO(data)) as im:
                 img = im.convert(self.mode)  # forces the full decode
         except DECODE_ERRORS as e:
-            shard = self.paths[self.index[index][0]]
+            shard = self.paths[int(self.index[index, 0])]
             logger.warning("skipping unreadable image #%d of %s (%s: %s)", index, shard, type(e).__name__, e)
             return None
         return (self.transform(img) if self.transform is not None else img), label
