@@ -56,7 +56,8 @@ def test_crop_params_are_the_worker_paths(tmp_path: Path) -> None:
                 img = base[index][0]
                 assert 0 <= top and top + h <= img.height and 0 <= left and left + w <= img.width
                 # the worker crops before resizing: the device path's source is exactly that box
-                assert torch.equal(src, torch.from_numpy(np.asarray(img)[top:top + h, left:left + w]).permute(2, 0, 1))
+                box = np.array(img)[top:top + h, left:left + w]
+                assert torch.equal(src, torch.from_numpy(box).permute(2, 0, 1))
                 rebuilt = F.resized_crop(img, top, left, h, w, [SIZE, SIZE], F.InterpolationMode.BICUBIC)
                 rebuilt = F.normalize(F.to_tensor(F.hflip(rebuilt) if flip else rebuilt), mean, std)
                 assert torch.equal(rebuilt, worker[(epoch, index)][0]), (seed, epoch, index)
