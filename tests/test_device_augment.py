@@ -136,6 +136,21 @@ def test_shards_hand_jpeg_bytes_to_the_device_path(tmp_path: Path) -> None:
         assert torch.equal(a, b) and torch.equal(box_a, box_b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_route_nvjpeg_matches_the_worker_path(tmp_path: Path) -> None:
+    """On a GPU: JPEG bytes decoded by nvJPEG in one batch, resized on the GPU, against the CPU worker path."""
+    folder = _photo_folder(tmp_path / "imgs")
+    worker, device = _worker_and_device(folder, seed=2, jpeg_bytes=True)
+    keys = [(0, i) for i in range(len(worker))]
+    batch = collate_device([device[k] for k in keys])
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}  # as the loop moves it
+    out = DeviceAugment((SIZE, SIZE), *mean_std(3))(batch)["images"]
+    assert out.is_cuda and out.shape == (len(keys), 3, SIZE, SIZE)
+    expected = torch.stack([worker[k][0] for k in keys])
+    diff = ((out.cpu() - expected) * torch.tensor(mean_std(3)[1]).view(1, -1, 1, 1) * 255).abs()
+    assert diff.mean() < 2.0  # nvJPEG's IDCT / chroma upsampling differ slightly from libjpeg-turbo's
+
+
 def test_undecodable_jpeg_is_dropped_with_its_label(tmp_path: Path) -> None:
     folder = _photo_folder(tmp_path / "imgs", n=3)
     _, device = _worker_and_device(folder, seed=0, jpeg_bytes=True)
