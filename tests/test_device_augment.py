@@ -136,6 +136,27 @@ def test_shards_hand_jpeg_bytes_to_the_device_path(tmp_path: Path) -> None:
         assert torch.equal(a, b) and torch.equal(box_a, box_b)
 
 
+def test_exif_rotated_jpeg_is_decoded_by_the_worker(tmp_path: Path) -> None:
+    """read_image applies EXIF orientation; nvJPEG would not, so a rotated phone photo never travels as bytes."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    arr = np.zeros((40, 70, 3), dtype=np.uint8)
+    arr[:, :35] = (200, 30, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(arr).save(folder / "phone.jpg", exif=exif, quality=95)
+    Image.fromarray(arr).save(folder / "plain.jpg", quality=95)
+    worker, device = _worker_and_device(folder, seed=0, jpeg_bytes=True)
+    (rotated, box), _ = device[(0, 0)]
+    (plain, _), _ = device[(0, 1)]
+    assert rotated.dim() == 3 and plain.dim() == 1  # phone.jpg decoded (and turned) by the worker
+    top, left, h, w, _ = box.tolist()
+    assert top + h <= 70 and left + w <= 40  # the box lies in the turned 40 x 70 (W x H) image
+    out = DeviceAugment((SIZE, SIZE), *mean_std(3))(collate_device([device[(0, 0)], device[(0, 1)]]))["images"]
+    expected = torch.stack([worker[(0, 0)][0], worker[(0, 1)][0]])
+    assert ((out - expected) * torch.tensor(mean_std(3)[1]).view(1, -1, 1, 1) * 255).abs().max() <= 1.25
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_route_nvjpeg_matches_the_worker_path(tmp_path: Path) -> None:
     """On a GPU: JPEG bytes decoded by nvJPEG in one batch, resized on the GPU, against the CPU worker path."""

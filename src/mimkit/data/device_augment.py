@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from mimkit.data.datasets import DECODE_ERRORS
+from mimkit.data.images import read_image, to_mode
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 BICUBIC_A = -0.5  # Pillow's (and antialiased torch's) bicubic coefficient
 BICUBIC_SUPPORT = 2.0
+EXIF_ORIENTATION = 0x0112  # the EXIF tag read_image applies (phone photos)
 
 
 def draw_crop_params(
@@ -89,18 +91,19 @@ class DeviceSamples(Dataset):
             return None
         data, label = raw
         try:
-            im = Image.open(io.BytesIO(data))  # reads the header only
-            if im.format == "JPEG" and im.mode == self.mode:
-                crop = draw_crop_params(im, self.scale, self.hflip)
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), crop, label
-            img = im.convert(self.mode)  # PNG, CMYK, ...: the worker decodes it
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                # nvJPEG decodes plain JPEGs of the wanted mode; EXIF-rotated ones, PNG, CMYK, ... the worker does
+                if im.format == "JPEG" and im.mode == self.mode and im.getexif().get(EXIF_ORIENTATION, 1) == 1:
+                    crop = draw_crop_params(im, self.scale, self.hflip)
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), crop, label
+            img = read_image(io.BytesIO(data), self.mode)
         except DECODE_ERRORS as e:
             logger.warning("skipping unreadable image %d (%s: %s)", index, type(e).__name__, e)
             return False
         return self._cropped(img, label)
 
     def _cropped(self, img: Image.Image, label: int):
-        img = img if img.mode == self.mode else img.convert(self.mode)
+        img = to_mode(img, self.mode)
         top, left, h, w, flip = draw_crop_params(img, self.scale, self.hflip)
         arr = np.asarray(img)[top:top + h, left:left + w]
         src = torch.from_numpy(arr.reshape(h, w, -1).copy()).permute(2, 0, 1)  # PIL's array is read-only

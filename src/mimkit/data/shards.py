@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from mimkit.data.datasets import DECODE_ERRORS
+from mimkit.data.images import read_image
 from mimkit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ class ShardDataset(Dataset):
         """(transform(image), label), or None (with a warning) when the member cannot be decoded."""
         data, label = self.read_bytes(index)
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                img = im.convert(self.mode)  # forces the full decode
+            img = read_image(io.BytesIO(data), self.mode)  # as for files: EXIF orientation, 16-bit, alpha, ...
         except DECODE_ERRORS as e:
             shard = self.paths[int(self.index[index, 0])]
             logger.warning("skipping unreadable image #%d of %s (%s: %s)", index, shard, type(e).__name__, e)
