@@ -1,7 +1,7 @@
 """GPU benchmark suite: ViT-B/16 MAE training step, end-to-end data paths, FreezeOut saving; JSON + markdown.
 
-One script for the first GPU at hand (one device, no network, about 4-6 minutes on an H100/H200-class GPU,
-at most 8), and a tiny CPU run in CI so it cannot rot (tests/test_gpu_suite.py):
+One script for the first GPU at hand (one device, no network; sized for at most 8 minutes on an H100/H200-class
+GPU, not yet run on one), and a tiny CPU run in CI so it cannot rot (tests/test_gpu_suite.py):
 
     python benchmarks/gpu_suite.py --output_dir runs/gpu_suite                      # the GPU, full sizes
     python benchmarks/gpu_suite.py --tiny --device cpu --output_dir /tmp/gpu_suite  # CI smoke, tiny sizes
@@ -19,7 +19,9 @@ at most 8), and a tiny CPU run in CI so it cannot rot (tests/test_gpu_suite.py):
    freezes them), integrated over each schedule's freezing times; beside it the counted-FLOP saving
    (freezeout_speedup.cost_by_frozen) and the FreezeOut paper's estimate (freezeout_speedup.reference_estimate).
 
-Writes <output_dir>/gpu_suite.json and gpu_suite.md.
+Writes <output_dir>/gpu_suite.json and gpu_suite.md after every section (a run cut short keeps what it measured);
+a section that fails is recorded with its error and the next one runs; a section not started by --budget_s
+seconds is skipped and says so.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -63,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "no torch.compile")
     p.add_argument("--sections", nargs="+", default=["step", "e2e", "freezeout"],
                    choices=("step", "e2e", "freezeout"), help="what to run")
+    p.add_argument("--budget_s", type=float, default=420.0,
+                   help="start no further section after this many seconds (each section takes 1-3 minutes)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.tiny:
@@ -120,11 +125,16 @@ def step_section(args, device: torch.device) -> list[dict]:
             row["amp"] = amp = "off"  # fp16 autocast + GradScaler needs a GPU; the CPU smoke runs fp32
         a = bench_args(args, device, args.batch_size, args.steps, amp, compile_)
         reset_memory(device)
-        model = pt.build_ours(a)
-        if impl == "hf":
-            model = pt.build_hf(a, model)
-        runner = pt.Runner(impl, model, a, device, imgs, noise)
-        times = time_steps(runner, args.warmup, args.steps)
+        try:
+            model = pt.build_ours(a)
+            if impl == "hf":
+                model = pt.build_hf(a, model)
+            runner = pt.Runner(impl, model, a, device, imgs, noise)
+            times = time_steps(runner, args.warmup, args.steps)
+        except Exception as e:  # e.g. a compile failure: the other variants still count
+            traceback.print_exc()
+            rows.append({**row, "skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            continue
         med = statistics.median(times)
         achieved = flops * args.batch_size / med / 1e12
         row.update(images_per_s=args.batch_size / med, step_s_median=med, step_s=times, first_loss=runner.first_loss,
@@ -257,6 +267,9 @@ def markdown(res: dict) -> str:
         for s in f["schedules"]:
             lines.append(f"| {s['config']} | {100 * s['time_saving']:.1f}% | {s['speedup']:.3f} | "
                          f"{100 * s['flop_saving']:.1f}% | {100 * s['reference_estimate']['time_saving']:.1f}% |")
+    for key, what in (("failed", "failed"), ("not_run", "not run")):
+        for name, why in res.get(key, {}).items():
+            lines += ["", f"**{name}**: {what}: {why}"]
     return "\n".join(lines) + "\n"
 
 
@@ -272,18 +285,26 @@ def main(argv=None) -> int:
     res: dict = {"device": pt.describe_device(device), "torch": torch.__version__, "settings": vars(args),
                  "command": " ".join(["python benchmarks/gpu_suite.py", *(sys.argv[1:] if argv is None else argv)])}
     print(f"GPU suite on {res['device']}: {', '.join(args.sections)}", flush=True)
-    if "step" in args.sections:
-        res["step"] = step_section(args, device)
-    if "e2e" in args.sections:
-        res["e2e"] = e2e_section(args, device)
-    if "freezeout" in args.sections:
-        res["freezeout"] = freezeout_section(args, device)
-    res["wall_s"] = time.perf_counter() - t0
+    sections = {"step": step_section, "e2e": e2e_section, "freezeout": freezeout_section}
+    for name in args.sections:
+        if time.perf_counter() - t0 > args.budget_s:
+            res.setdefault("not_run", {})[name] = f"--budget_s {args.budget_s:.0f} s spent before it started"
+        else:
+            try:
+                res[name] = sections[name](args, device)
+            except Exception as e:  # one failing section must not cost the others' figures (device time is scarce)
+                res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        res["wall_s"] = time.perf_counter() - t0
+        write(res, out)
+    print("\n" + markdown(res) + f"\nwritten: {out / 'gpu_suite.json'}, {out / 'gpu_suite.md'}")
+    return 1 if res.get("failed") else 0
+
+
+def write(res: dict, out: Path) -> None:
+    """gpu_suite.json and gpu_suite.md as they stand."""
     (out / "gpu_suite.json").write_text(json.dumps(res, indent=2) + "\n")
-    table = markdown(res)
-    (out / "gpu_suite.md").write_text(table)
-    print("\n" + table + f"\nwritten: {out / 'gpu_suite.json'}, {out / 'gpu_suite.md'}")
-    return 0
+    (out / "gpu_suite.md").write_text(markdown(res))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,20 @@ pytest.importorskip("transformers")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # ~30 s on an idle 2-core machine
-def test_gpu_suite_tiny_cpu_run_writes_json_and_table(tmp_path: Path) -> None:
+def _suite(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--output_dir", str(tmp_path)],
+    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--output_dir", str(out), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # well under a minute on an idle 2-core machine
+def test_gpu_suite_tiny_cpu_run_writes_json_and_table(tmp_path: Path) -> None:
+    done = _suite(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert "failed" not in res and "not_run" not in res
     step = {r["variant"]: r for r in res["step"]}
     assert len(step) == 4 and "skipped" in step["mimkit, bf16 + fused AdamW + torch.compile"]
     ran = [r for r in res["step"] if "skipped" not in r]
@@ -43,3 +48,11 @@ def test_gpu_suite_tiny_cpu_run_writes_json_and_table(tmp_path: Path) -> None:
     for text in ("**Training step**", "Hugging Face ViTMAEForPreTraining", "**End to end**", "| shards | device |",
                  "**FreezeOut saving**", "| cubic:0.8 |"):
         assert text in table
+
+
+def test_gpu_suite_skips_sections_past_its_time_budget(tmp_path: Path) -> None:
+    done = _suite(tmp_path, "--budget_s", "0", "--sections", "e2e", "freezeout")
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert set(res["not_run"]) == {"e2e", "freezeout"} and "e2e" not in res
+    assert "**freezeout**: not run: --budget_s 0 s spent" in (tmp_path / "gpu_suite.md").read_text()
