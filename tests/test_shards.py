@@ -21,7 +21,7 @@ from mimkit.cli import main
 from mimkit.data.builtin import open_dataset
 from mimkit.data.datasets import collate_batch
 from mimkit.data.transforms import eval_transform
-from mimkit.data.shards import open_shards, write_shards
+from mimkit.data.shards import has_shard_split, open_shards, write_shards
 from mimkit.errors import DataError
 
 
@@ -55,6 +55,8 @@ def test_written_shards_read_back_the_same_samples_and_labels(tmp_path: Path, la
             assert shards.read_bytes(i) == (Path(path).read_bytes(), label)
             img, lab = shards[i]
             assert lab == label and img.tobytes() == folder[k][0].tobytes()
+    assert has_shard_split(out, "val") and has_shard_split(f"{out}/train-{{000000..000002}}.tar", "val")
+    assert not has_shard_split(out, "test")
     # without the index the tar headers are scanned: the same view
     (out / "train.index.json").unlink()
     scanned = open_dataset(f"{out}/train-{{000000..000002}}.tar", "train", None)
@@ -197,3 +199,16 @@ def test_evaluation_commands_take_shards(tmp_path: Path, labelled: Path) -> None
                  str(tmp_path / "rk"), "--data_path", f"{tmp_path}/s/train-{{000000..000002}}.tar"]) == 0
     rk = json.loads((tmp_path / "rk/results.json").read_text())
     assert rk["metrics"]["num_images"] == 6  # the val shards beside the pattern's train shards
+
+
+@pytest.mark.slow
+def test_continual_domain_from_shards_uses_their_val_split(tmp_path: Path, labelled: Path) -> None:
+    write_shards(str(labelled), tmp_path / "s", shard_size=4)
+    out = tmp_path / "cont"
+    assert main(["continual", *TINY_MODEL, "--output_dir", str(out), "--batch_size", "4", "--num_workers", "0",
+                 "--epochs", "1", "--warmup_epochs", "0", "logging.vis_freq_epochs=0", "logging.tensorboard=false",
+                 "continual.knn_k=3", "--domains", str(tmp_path / "s")]) == 0
+    log = (out / "log.txt").read_text()
+    assert "evaluated on s (6 val)" in log  # the 6 images of val-*.tar, not the training shards
+    knn = json.loads((out / "knn_acc.json").read_text())
+    assert len(knn["matrix"]) == 1 and 0 <= knn["matrix"][0][0] <= 1  # labelled via .cls: k-NN ran

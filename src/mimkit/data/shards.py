@@ -98,6 +98,15 @@ def shard_paths(spec: str | Path, split: str | None = "train") -> list[Path]:
     return paths
 
 
+def has_shard_split(spec: str | Path, split: str) -> bool:
+    """True when `spec` (a shard folder or pattern) has shards of `split` (e.g. val-*.tar beside train-*.tar)."""
+    try:
+        shard_paths(spec, split)
+    except DataError:
+        return False
+    return True
+
+
 def split_key(name: str) -> tuple[str, str]:
     """WebDataset's member naming: 'dir/key.ext.more' -> ('dir/key', 'ext.more')."""
     folder, base = os.path.split(name)
