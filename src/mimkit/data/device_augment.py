@@ -86,6 +86,7 @@ class DeviceSamples(Dataset):
         return len(self.base)
 
     def _from_bytes(self, index: int):
+        """(source, crop, label) read from the file's bytes; False when unreadable; None when `base` has no bytes."""
         raw = _raw_bytes(self.base, index)
         if raw is None:
             return None
@@ -103,6 +104,7 @@ class DeviceSamples(Dataset):
         return self._cropped(img, label)
 
     def _cropped(self, img: Image.Image, label: int):
+        """(the crop box's pixels (C, h, w) uint8, crop, label): the worker cuts, the device resizes."""
         img = to_mode(img, self.mode)
         top, left, h, w, flip = draw_crop_params(img, self.scale, self.hflip)
         arr = np.asarray(img)[top:top + h, left:left + w]
@@ -163,7 +165,7 @@ def _bicubic(x: torch.Tensor) -> torch.Tensor:
     a = BICUBIC_A
     near = ((a + 2) * x - (a + 3)) * x * x + 1
     far = (((x - 5) * x + 8) * x - 4) * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    return torch.where(x < 1, near, torch.where(x < BICUBIC_SUPPORT, far, torch.zeros_like(x)))
 
 
 def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
