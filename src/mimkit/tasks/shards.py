@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "image folder, or a built-in set")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the shards (must not hold shards yet)")
     p.add_argument("--shard_size", type=int, default=1000, help="images per shard")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order across shards (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
