@@ -126,6 +126,7 @@ def _pretrain(out: Path, data: str, *extra: str) -> int:
                  *extra])
 
 
+@pytest.mark.slow
 def test_corrupt_member_is_skipped_and_counted(tmp_path: Path) -> None:
     write_images(tmp_path / "imgs", 8)
     write_shards(str(tmp_path / "imgs"), tmp_path / "s", shard_size=4)
