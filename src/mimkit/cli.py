@@ -22,7 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("mimkit.tasks.finetune", "end-to-end classification fine-tuning (official MAE recipe)"),
     "incremental": ("mimkit.tasks.incremental", "class-incremental learning against forgetting (CE, KD, EMA, "
                     "masked features, replay)"),
-    "export": ("mimkit.tasks.export", "export an encoder or classifier: torchscript, onnx, safetensors, timm, hf"),
+    "shards": ("mimkit.tasks.shards", "pack an image folder into WebDataset tar shards (+ index) for --data_path"),
+    "export": ("mimkit.tasks.export", "export an encoder or classifier: pt2, onnx, safetensors, timm, hf, torchscript"),
+    "stats": ("mimkit.tasks.stats", "per-channel mean / std of an image folder, for --mean / --std"),
 }
 
 
