@@ -127,6 +127,7 @@ def test_fake_cifar10_folder_runs(tmp_path):
     (["--mask_ratio", "1.0"], "incremental.mask_ratio"),
     (["--eval_teacher"], "--ema_mode"),
     (["--dataset", "cifar10"], "not a CIFAR-10 folder"),
+    (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "data.mean has 2 value(s)"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, fragment):
     args = list(TINY)
@@ -157,7 +158,8 @@ def write_tiny_mae(path: Path) -> Path:
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch16", img_size=32, **kwargs)
     torch.save({"model": model.state_dict(), "epoch": 1, "step": 1, "mimkit_version": __version__,
-                "config": {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kwargs}, "data": {"input_size": 32}}},
+                "config": {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kwargs},
+                           "data": {"input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}},
                path)
     return path
 
@@ -179,3 +181,5 @@ def test_mae_vit_encoder_backbone(tmp_path):
     assert _run(args, out) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["per_task"]) == 2 and "mae_vit_tiny_patch16" in res["model"]
+    assert res["config"]["data"]["mean"] == [0.5, 0.5, 0.5]  # the encoder's own normalisation is adopted
+    assert res["config"]["data"]["std"] == [0.25, 0.25, 0.25]

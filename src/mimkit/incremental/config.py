@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from mimkit import config as C
 from mimkit.errors import ConfigError, suggest
@@ -78,6 +78,8 @@ class IncDataConfig:
     data_path: str = "digits"  # digits (built-in), class folders under train/ and val/, or a CIFAR folder
     dataset: str = "auto"  # auto | folder | cifar10 | cifar100 (python layout, from a local folder)
     input_size: int = 32  # image side (CIFAR and digits are 32)
+    mean: Optional[List[float]] = None  # normalisation mean; None = the --finetune checkpoint's, else ImageNet's
+    std: Optional[List[float]] = None  # normalisation std (with mean; `mimkit stats DIR` computes both)
     num_workers: int = 0  # data-loading worker processes
     pin_memory: bool = False
     persistent_workers: bool = True
@@ -118,6 +120,8 @@ FLAGS: list[Flag] = [
     Flag("data_path", "data.data_path", str, "digits, class folders under train/ and val/, or a CIFAR folder"),
     Flag("dataset", "data.dataset", str, "auto | folder | cifar10 | cifar100"),
     Flag("input_size", "data.input_size", int),
+    Flag("mean", "data.mean", C.float_list, "per-channel normalisation mean, e.g. 0.5,0.5,0.5"),
+    Flag("std", "data.std", C.float_list, "per-channel normalisation std"),
     Flag("num_workers", "data.num_workers", int),
     Flag("method", "incremental.method", str, "ce | kd | mask | er, or a comma list (kd,er)"),
     Flag("tasks", "incremental.tasks", int, "number of tasks"),

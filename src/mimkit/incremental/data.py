@@ -163,13 +163,17 @@ def fixed_subset(ds: Dataset, split: TaskSplit, n: int) -> Relabelled:
     return Relabelled(ds, idx, {c: i for i, c in enumerate(split.order)})
 
 
-def transforms(input_size: int, padding: int, hflip: bool):
-    """(train, eval) pipelines: Resize + RandomCrop(size, padding) + flip (the CIFAR recipe); eval: Resize."""
+def transforms(input_size: int, padding: int, hflip: bool, mean: Optional[list] = None,
+               std: Optional[list] = None):
+    """(train, eval) pipelines: Resize + RandomCrop(size, padding) + flip (the CIFAR recipe); eval: Resize.
+
+    Normalised with mean / std when given, else ImageNet's statistics (what MAE encoders expect).
+    """
     from torchvision import transforms as T
 
     from mimkit.data.transforms import ConvertMode, mean_std
 
-    mean, std = mean_std(3)
+    mean, std = mean_std(3, mean, std)
     base = [ConvertMode("RGB"), T.Resize((input_size, input_size))]
     aug = ([T.RandomCrop(input_size, padding=padding)] if padding else []) + \
         ([T.RandomHorizontalFlip()] if hflip else [])

@@ -138,7 +138,15 @@ def train_incremental(cfg) -> dict:
     hflip = cfg.data.augmentation.hflip
     if hflip is None:
         hflip = str(cfg.data.data_path) != "digits"
-    train_tf, val_tf = ID.transforms(cfg.data.input_size, cfg.data.augmentation.crop_padding, hflip)
+    if cfg.data.mean is None and cfg.data.std is None and cfg.model.finetune:
+        from mimkit.models.loading import checkpoint_normalization
+
+        norm = checkpoint_normalization(cfg.model.finetune)  # the encoder's own statistics travel with it
+        if norm:
+            OmegaConf.update(cfg, "data.mean", norm[0])
+            OmegaConf.update(cfg, "data.std", norm[1])
+    train_tf, val_tf = ID.transforms(cfg.data.input_size, cfg.data.augmentation.crop_padding, hflip,
+                                     cfg.data.mean, cfg.data.std)
     train_set, val_set, kind = ID.open_data(cfg.data.data_path, cfg.data.dataset, train_tf, val_tf)
     sizes = IC.task_sizes(len(train_set.classes), i.tasks, i.init_classes, i.increment)
     split = ID.TaskSplit(ID.class_order(len(train_set.classes), cfg.misc.seed), sizes)
