@@ -48,10 +48,10 @@ class IncrementalSection:
 
 @dataclass
 class IncOptimizationConfig:
-    batch_size: int = 32  # per-device batch size (Mammoth's default)
+    batch_size: int = 16  # per-device batch size (the CIFAR presets use Mammoth's 32)
     accum_iter: int = 1  # gradient accumulation steps
     opt: str = "sgd"  # sgd | adamw; a new optimiser every task (Mammoth)
-    lr: float = 0.05  # absolute learning rate
+    lr: float = 0.01  # absolute learning rate (the CIFAR presets use Mammoth's 0.1)
     min_lr: float = 0.0  # floor of the per-task cosine schedule
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # not applied to biases and norms
@@ -61,7 +61,7 @@ class IncOptimizationConfig:
 
 @dataclass
 class IncScheduleConfig:
-    epochs: int = 5  # epochs PER TASK
+    epochs: int = 3  # epochs PER TASK
     warmup_epochs: float = 0  # linear warmup at the start of every task
 
 
