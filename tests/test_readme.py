@@ -42,7 +42,10 @@ COMMANDS = readme_commands(README.read_text())
 
 
 def shortened(argv: list[str]) -> list[str]:
-    """Training commands stop after one optimiser step (the flag right after the command: --domains takes the rest)."""
+    """Training commands stop after one optimiser step, incremental after one epoch per task (the flag goes right
+    after the command: --domains takes every word after it)."""
+    if argv[0] == "incremental":  # no --max_steps there: one epoch per task
+        return [argv[0], "--epochs", "1", *argv[1:]]
     return [argv[0], "--max_steps", "1", *argv[1:]] if argv[0] in TRAINING else argv
 
 
