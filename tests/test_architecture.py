@@ -82,7 +82,8 @@ def test_checkpoint_architecture_beats_a_preset_file_but_not_a_flag(tiny_run) ->
         ["continual", "continual/demo.yaml", "--continual_checkpoint", str(ckpt), "--domains", "photos"]))
     assert cfg.model.type == "mae_vit_tiny_patch16" and cfg.model.kwargs.depth == 2
     cfg = continual_config(build_parser().parse_args(
-        ["continual", "--continual_checkpoint", str(ckpt), "--data_path", str(data), "--model", "mae_vit_base_patch16"]))
+        ["continual", "--continual_checkpoint", str(ckpt), "--data_path", str(data),
+         "--model", "mae_vit_base_patch16"]))
     assert cfg.model.type == "mae_vit_base_patch16" and dict(cfg.model.kwargs) == {}
 
 

@@ -148,6 +148,7 @@ def test_nothing_imports_the_cli() -> None:
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "mimkit.cli" or n.startswith("mimkit.cli.") for n in names):
                 offenders.append(str(f.relative_to(root)))
-            if isinstance(node, ast.ImportFrom) and node.module == "mimkit" and any(a.name == "cli" for a in node.names):
+            if (isinstance(node, ast.ImportFrom) and node.module == "mimkit"
+                    and any(a.name == "cli" for a in node.names)):
                 offenders.append(str(f.relative_to(root)))
     assert offenders == []

@@ -123,24 +123,25 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 
 
 def write_results(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoint: Optional[str],
-                  data: str, config: dict, extra: Optional[dict] = None) -> Path:
-    """Write <out_dir>/results.json (results-2.json, ... when an earlier one is there: nothing is overwritten)."""
+                  data: str, config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
+    """Write <out_dir>/results.json. A training run rewrites its own as it goes; with `keep_earlier` (one-shot
+    evaluations, which may share a folder) an existing one is kept and results-2.json, ... written instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "metrics": metrics, "checkpoint": checkpoint, "data": data,
               "config": config, "mimkit_version": __version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
     path, n = out / "results.json", 2
-    while path.exists():
+    while keep_earlier and path.exists():
         path, n = out / f"results-{n}.json", n + 1
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 
 def report(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoint: Optional[str], data: str,
-           config: dict, extra: Optional[dict] = None) -> Path:
-    """Print the summary table and write results.json; returns its path."""
-    path = write_results(out_dir, command, metrics, checkpoint, data, config, extra)
+           config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
+    """Print the summary table and write results.json (see write_results); returns its path."""
+    path = write_results(out_dir, command, metrics, checkpoint, data, config, extra, keep_earlier)
     print(format_table(metrics, f"mimkit {command}: {checkpoint or 'random init'} on {data}"))
     print(f"results: {path}")
     return path
@@ -362,5 +363,5 @@ def evaluate_only(cfg, task: str, model, val_set, resume, dist, desc: str) -> di
     metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
     if dist.is_main:
         report(cfg.misc.output_dir, task, metrics, cfg.misc.resume, cfg.data.data_path,
-               C.to_container(cfg), {"model": desc, "eval_only": True})
+               C.to_container(cfg), {"model": desc, "eval_only": True}, keep_earlier=True)
     return metrics

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     acc = knn_accuracy(xtr, ytr, xva, yva, ks=args.k, temperature=args.temperature, num_classes=len(classes))
     metrics = {f"knn_top1_k{k}": 100.0 * a for k, a in acc.items()}
     E.report(args.output_dir or C.new_run_dir("knn"), "knn", metrics, args.checkpoint, args.data_path, _config(args),
-             {"model": desc, "num_train": len(xtr), "num_val": len(xva), "classes": classes})
+             {"model": desc, "num_train": len(xtr), "num_val": len(xva), "classes": classes}, keep_earlier=True)
     return 0
 
 

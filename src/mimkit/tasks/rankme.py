@@ -51,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
     value = rankme(feats)
     print(f"mimkit rankme: {desc}; {len(feats)} images, feature dim {feats.shape[1]}")
     metrics = {"rankme": value, "max_rank": min(feats.shape), "num_images": len(feats)}
-    E.report(args.output_dir or C.new_run_dir("rankme"), "rankme", metrics, args.checkpoint, args.data_path, _config(args), {"model": desc})
+    E.report(args.output_dir or C.new_run_dir("rankme"), "rankme", metrics, args.checkpoint, args.data_path,
+             _config(args), {"model": desc}, keep_earlier=True)
     return 0
