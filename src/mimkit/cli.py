@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rankme": ("mimkit.tasks.rankme", "RankMe (effective rank) of a frozen encoder's features"),
     "linprobe": ("mimkit.tasks.linprobe", "linear probe of a frozen encoder (official MAE recipe)"),
     "finetune": ("mimkit.tasks.finetune", "end-to-end classification fine-tuning (official MAE recipe)"),
+    "segment": ("mimkit.tasks.segment", "semantic segmentation: UperNet on an MAE encoder, mIoU (MMSeg recipe)"),
     "export": ("mimkit.tasks.export", "export an encoder or classifier: torchscript, onnx, safetensors, timm, hf"),
 }
 
