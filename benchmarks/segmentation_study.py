@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = ["| encoder | mIoU (%) | pixel acc. (%) | mDice (%) | per seed mIoU |", "|---|---|---|---|---|"]
     for init, rs in rows.items():
+        per_seed = ", ".join(f"{r['mIoU']:.2f}" for r in rs)
         lines.append(f"| {init} | {ms([r['mIoU'] for r in rs])} | {ms([r['aAcc'] for r in rs])} | "
-                     f"{ms([r['mDice'] for r in rs])} | {', '.join(f'{r['mIoU']:.2f}' for r in rs)} |")
+                     f"{ms([r['mDice'] for r in rs])} | {per_seed} |")
     table = "\n".join(lines)
     md = (f"{table}\n\nMachine: {machine()}.\n\nCommands (in `{out}`):\n\n```\n"
           + "\n".join(log or ["(all runs were already there)"]) + "\n```\n")

@@ -17,6 +17,8 @@ from PIL import Image
 
 from mimkit.metrics.segmentation import ConfusionMatrix
 
+EVAL_BATCH = 8  # images of equal size evaluated together
+
 
 @torch.no_grad()
 def whole_logits(model, img: torch.Tensor) -> torch.Tensor:
@@ -84,21 +86,27 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
     cm = ConfusionMatrix(k, ignore_index, device)
     colours, panels = palette(k), []
     crop_size = list(test_cfg.crop_size or crop)
-    for i in range(rank, len(dataset), world):
-        image, mask = dataset.raw(i)
-        x = pipeline.image(image)[None].to(device)
-        logits = infer(model, x, test_cfg.mode, crop_size, list(test_cfg.stride))
-        logits = F.interpolate(logits.float(), size=mask.shape, mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)[0]
-        target = torch.from_numpy(mask).to(device)
-        cm.update(pred, target)
-        if rank == 0 and len(panels) < num_overlays:
-            p = pred.cpu().numpy()
-            panels.append(np.concatenate([image, overlay(image, mask, colours, ignore_index),
-                                          overlay(image, p, colours, ignore_index)], axis=1))
-            if overlay_dir is not None:
-                overlay_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(panels[-1]).save(overlay_dir / f"{dataset.name(i)}.png")
+    mine = list(range(rank, len(dataset), world))
+    for start in range(0, len(mine), EVAL_BATCH):
+        items = [(i, *dataset.raw(i)) for i in mine[start:start + EVAL_BATCH]]
+        xs = [pipeline.image(image) for _, image, _ in items]
+        if all(x.shape == xs[0].shape for x in xs):  # same size (built-in mosaics): one batched pass
+            batched = infer(model, torch.stack(xs).to(device), test_cfg.mode, crop_size, list(test_cfg.stride))
+            logits_list = list(batched.split(1))
+        else:
+            logits_list = [infer(model, x[None].to(device), test_cfg.mode, crop_size, list(test_cfg.stride))
+                           for x in xs]
+        for (i, image, mask), logits in zip(items, logits_list, strict=True):
+            logits = F.interpolate(logits.float(), size=mask.shape, mode="bilinear", align_corners=False)
+            pred = logits.argmax(1)[0]
+            cm.update(pred, torch.from_numpy(mask).to(device))
+            if rank == 0 and len(panels) < num_overlays:
+                p = pred.cpu().numpy()
+                panels.append(np.concatenate([image, overlay(image, mask, colours, ignore_index),
+                                              overlay(image, p, colours, ignore_index)], axis=1))
+                if overlay_dir is not None:
+                    overlay_dir.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(panels[-1]).save(overlay_dir / f"{dataset.name(i)}.png")
     cm.all_reduce()
     model.train(was_training)
     return cm.compute(), panels
@@ -141,8 +149,7 @@ def predict(model, paths: list[Path], pipeline, test_cfg, crop: Sequence[int], d
         logits = infer(model, x, test_cfg.mode, list(test_cfg.crop_size or crop), list(test_cfg.stride))
         logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
         label = logits.argmax(1)[0].cpu().numpy()
-        mode = "L" if model.num_classes <= 256 else "I"
-        Image.fromarray(label.astype(np.uint8 if mode == "L" else np.int32), mode).save(
+        Image.fromarray(label.astype(np.uint8 if model.num_classes <= 256 else np.int32)).save(
             out_dir / f"{path.stem}_label.png")
         Image.fromarray(overlay(image, label, colours)).save(out_dir / f"{path.stem}_overlay.png")
         written.append(out_dir / f"{path.stem}_label.png")
