@@ -35,13 +35,22 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def sh(cmd: list[str], log: list[str]) -> None:
-    """Run a mimkit command (printed and recorded), failing loudly."""
-    text = " ".join(shlex.quote(c) for c in ["mimkit"] + cmd[3:])
-    print(f"$ {text}", flush=True)
-    log.append(text)
+def sh_all(cmds: list[list[str]], log: list[str], parallel: int, out: Path) -> None:
+    """Run mimkit commands (printed and recorded), `parallel` at a time, each logging to <out>/<n>.log."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run(cmd, check=True, env=env)
+    pending, running = list(cmds), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            cmd = pending.pop(0)
+            text = " ".join(shlex.quote(c) for c in ["mimkit"] + cmd[3:])
+            print(f"$ {text}", flush=True)
+            log.append(text)
+            f = open(out / f"cmd{len(log):02d}.log", "w")
+            running.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), text, f))
+        proc, text, f = running.pop(0)
+        if proc.wait() != 0:
+            raise SystemExit(f"failed ({proc.returncode}): {text} (see {f.name})")
+        f.close()
 
 
 def write_source_crops(folder: Path) -> int:
@@ -66,37 +75,42 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="./seg_study", help="output folder (resumable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=10, help="segmentation epochs (15 steps each)")
-    p.add_argument("--pretrain_epochs", type=int, default=60, help="pretraining epochs (the demo's 60)")
+    p.add_argument("--epochs", type=int, default=5, help="segmentation epochs (15 steps each)")
+    p.add_argument("--pretrain_epochs", type=int, default=15, help="pretraining epochs (the demo preset has 60)")
+    p.add_argument("--parallel", type=int, default=3, help="runs at a time")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
 
-    ckpts = {"random": None}
-    demo = out / "pretrain_demo"
-    if not (demo / "checkpoints" / "final.pt").exists():
-        sh(MIMKIT + ["pretrain", "--output_dir", str(demo), "--epochs", str(args.pretrain_epochs)], log)
-    ckpts["demo"] = demo / "checkpoints" / "final.pt"
-    src = out / "pretrain_sources"
-    if not (src / "checkpoints" / "final.pt").exists():
+    demo, src = out / "pretrain_demo", out / "pretrain_sources"
+    ckpts = {"random": None, "demo": demo / "checkpoints" / "final.pt", "sources": src / "checkpoints" / "final.pt"}
+    pre = []
+    if not ckpts["demo"].exists():
+        pre.append(MIMKIT + ["pretrain", "--output_dir", str(demo), "--epochs", str(args.pretrain_epochs),
+                             "--no_auto_resume"])
+    if not ckpts["sources"].exists():
         n = write_source_crops(out / "source_crops")
         print(f"wrote {n} source crops to {out / 'source_crops'}")
-        sh(MIMKIT + ["pretrain", "pretrain/demo.yaml", "--data_path", str(out / "source_crops"),
-                     "--output_dir", str(src), "--epochs", str(args.pretrain_epochs)], log)
-    ckpts["sources"] = src / "checkpoints" / "final.pt"
+        pre.append(MIMKIT + ["pretrain", "pretrain/demo.yaml", "--data_path", str(out / "source_crops"),
+                             "--output_dir", str(src), "--epochs", str(args.pretrain_epochs), "--no_auto_resume"])
+    sh_all(pre, log, args.parallel, out)
 
+    def run_dir(init: str, seed: int) -> Path:
+        return out / f"segment_{init}_seed{seed}"
+
+    cmds = []
+    for seed in args.seeds:
+        for init, ckpt in ckpts.items():
+            if not (run_dir(init, seed) / "results.json").exists():
+                cmds.append(MIMKIT + ["segment", "--seed", str(seed), "--epochs", str(args.epochs), "--output_dir",
+                                      str(run_dir(init, seed)), "--no_auto_resume", "logging.tensorboard=false"]
+                            + (["--finetune", str(ckpt)] if ckpt is not None else []))
+    sh_all(cmds, log, args.parallel, out)
     rows = {}
-    for init, ckpt in ckpts.items():
+    for init in ckpts:
         for seed in args.seeds:
-            run = out / f"segment_{init}_seed{seed}"
-            if not (run / "results.json").exists():
-                cmd = MIMKIT + ["segment", "--seed", str(seed), "--epochs", str(args.epochs), "--output_dir", str(run),
-                                "--no_auto_resume", "logging.tensorboard=false"]
-                if ckpt is not None:
-                    cmd += ["--finetune", str(ckpt)]
-                sh(cmd, log)
-            m = json.loads((run / "results.json").read_text())["metrics"]
+            m = json.loads((run_dir(init, seed) / "results.json").read_text())["metrics"]
             rows.setdefault(init, []).append({"seed": seed, "mIoU": m["mIoU"], "aAcc": m["aAcc"], "mDice": m["mDice"]})
 
     def ms(vals: list[float]) -> str:

@@ -76,7 +76,7 @@ def read_mask(path: str | Path) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB."""
     with Image.open(path) as f:
-        return np.asarray(f.convert("RGB"))
+        return np.array(f.convert("RGB"))
 
 
 # ---------------------------------------------------------------------------------------------- layouts

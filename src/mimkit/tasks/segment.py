@@ -114,11 +114,14 @@ def check_has_encoder(path: str) -> None:
     from mimkit.models.convert import extract_state_dict, load_checkpoint_file, to_mae_state_dict
     from mimkit.tasks.evaluate import _resolve
 
+    fix = "give an MAE pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune"
     sd, _ = extract_state_dict(load_checkpoint_file(_resolve(path)))
-    sd, _ = to_mae_state_dict(sd)
+    try:
+        sd, _ = to_mae_state_dict(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} holds no ViT encoder ({e}); {fix}") from None
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
-        raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); give an MAE "
-                              "pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune")
+        raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
 
 
 def build_encoder(cfg, crop: tuple[int, int]):
@@ -230,6 +233,8 @@ def segment(cfg) -> dict:
                           dist.device, Path(cfg.misc.output_dir) / "predictions")
         print(f"wrote {len(paths)} label PNG(s) and overlay(s) to {Path(cfg.misc.output_dir) / 'predictions'}")
         return {"predictions": [str(p) for p in paths]}
+    if resume is None and cfg.model.finetune:
+        check_has_encoder(cfg.model.finetune)  # a wrong file fails before the masks are read
     train_src, val_src = open_splits(cfg, cfg.model.num_classes)
     classes = train_src.classes
     if list(val_src.classes) != list(classes):
