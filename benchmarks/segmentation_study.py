@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="./seg_study", help="output folder (resumable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=5, help="segmentation epochs (15 steps each)")
-    p.add_argument("--pretrain_epochs", type=int, default=15, help="pretraining epochs (the demo preset has 60)")
-    p.add_argument("--parallel", type=int, default=3, help="runs at a time")
+    p.add_argument("--epochs", type=int, default=3, help="segmentation epochs (15 steps each)")
+    p.add_argument("--pretrain_epochs", type=int, default=5, help="pretraining epochs (the demo preset has 60)")
+    p.add_argument("--warmup_iters", type=int, default=5, help="segmentation warmup steps")
+    p.add_argument("--parallel", type=int, default=4, help="runs at a time")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         for init, ckpt in ckpts.items():
             if not (run_dir(init, seed) / "results.json").exists():
                 cmds.append(MIMKIT + ["segment", "--seed", str(seed), "--epochs", str(args.epochs), "--output_dir",
-                                      str(run_dir(init, seed)), "--no_auto_resume", "logging.tensorboard=false"]
+                                      str(run_dir(init, seed)), "--no_auto_resume", "--num_workers", "0",
+                                      "--warmup_iters", str(args.warmup_iters),
+                                      "logging.tensorboard=false"]
                             + (["--finetune", str(ckpt)] if ckpt is not None else []))
     sh_all(cmds, log, args.parallel, out)
     rows = {}
