@@ -45,7 +45,7 @@ def sh_all(cmds: list[list[str]], log: list[str], parallel: int, out: Path) -> N
             text = " ".join(shlex.quote(c) for c in ["mimkit"] + cmd[3:])
             print(f"$ {text}", flush=True)
             log.append(text)
-            f = open(out / f"cmd{len(log):02d}.log", "w")
+            f = open(out / f"cmd{len(log):02d}_{Path(cmd[cmd.index('--output_dir') + 1]).name}.log", "w")
             running.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), text, f))
         proc, text, f = running.pop(0)
         if proc.wait() != 0:
@@ -90,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpts["demo"].exists():
         pre.append(MIMKIT + ["pretrain", "--output_dir", str(demo), "--epochs", str(args.pretrain_epochs),
                              "--no_auto_resume"])
+    else:
+        log.append(f"mimkit pretrain --output_dir {demo} --epochs {args.pretrain_epochs} --no_auto_resume")
     if not ckpts["sources"].exists():
         n = write_source_crops(out / "source_crops")
         print(f"wrote {n} source crops to {out / 'source_crops'}")
         pre.append(MIMKIT + ["pretrain", "pretrain/demo.yaml", "--data_path", str(out / "source_crops"),
                              "--output_dir", str(src), "--epochs", str(args.pretrain_epochs), "--no_auto_resume"])
+    else:
+        log.append(f"mimkit pretrain pretrain/demo.yaml --data_path {out / 'source_crops'} --output_dir {src} "
+                   f"--epochs {args.pretrain_epochs} --no_auto_resume   # source_crops: write_source_crops()")
     sh_all(pre, log, args.parallel, out)
 
     def run_dir(init: str, seed: int) -> Path:

@@ -2,8 +2,7 @@
 
     mimkit segment                                   # built-in demo: tiny encoder on texture mosaics, CPU
     mimkit segment --finetune runs/demo/checkpoints/final.pt        # the same from the pretraining demo
-    mimkit segment segment/ade20k_vit_base.yaml --finetune mae_pretrain_vit_base.pth \
-        --data_path /data/ADEChallengeData2016
+    mimkit segment segment/ade20k_vit_base.yaml --finetune mae_pretrain_vit_base.pth --data_path ADE/
     torchrun --nproc_per_node 8 -m mimkit segment segment/ade20k_vit_base.yaml --finetune ... --data_path ...
     mimkit segment --eval --resume runs/segment_demo/checkpoints/final.pt
     mimkit segment --predict photos/ --resume runs/segment_demo/checkpoints/final.pt
