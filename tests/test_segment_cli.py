@@ -109,6 +109,8 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
                  "logging.tensorboard=false"]) == 0
     res_eval = json.loads((ev / "results.json").read_text())
     assert res_eval["metrics"]["mIoU"] == pytest.approx(res["mIoU"]) and res_eval["eval_only"]
+    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(out)]) == 2  # keeps results
+    assert json.loads((out / "results.json").read_text())["metrics"] == res
 
     images = tmp_path / "photos"
     images.mkdir()

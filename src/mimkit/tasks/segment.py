@@ -225,6 +225,9 @@ def segment(cfg) -> dict:
         cfg.data.reduce_zero_label = saved.get("data", {}).get("reduce_zero_label", cfg.data.reduce_zero_label)
     OmegaConf.set_struct(cfg, True)
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale)
+    if cfg.misc.eval and (Path(cfg.misc.output_dir) / "results.json").exists():
+        raise ConfigError(f"{Path(cfg.misc.output_dir) / 'results.json'} holds an earlier run's results; "
+                          "give this evaluation its own --output_dir")
     if cfg.misc.predict:
         model = MAESegmenter(saved["model"]["arch"])
         E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
