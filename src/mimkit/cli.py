@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "linprobe": ("mimkit.tasks.linprobe", "linear probe of a frozen encoder (official MAE recipe)"),
     "finetune": ("mimkit.tasks.finetune", "end-to-end classification fine-tuning (official MAE recipe)"),
     "segment": ("mimkit.tasks.segment", "semantic segmentation: UperNet on an MAE encoder, mIoU (MMSeg recipe)"),
-    "export": ("mimkit.tasks.export", "export an encoder or classifier: torchscript, onnx, safetensors, timm, hf"),
+    "export": ("mimkit.tasks.export", "export an encoder or classifier: pt2, onnx, safetensors, timm, hf, torchscript"),
+    "stats": ("mimkit.tasks.stats", "per-channel mean / std of an image folder, for --mean / --std"),
 }
 
 

@@ -67,6 +67,8 @@ class AugmentationConfig:
 class DataConfig:
     data_path: Optional[str] = None  # class folders, a flat image folder, or a built-in set; None = the demo
     input_size: Any = 224  # int or [H, W]
+    mean: Optional[List[float]] = None  # per-channel normalisation mean (one per in_chans); None = ImageNet's
+    std: Optional[List[float]] = None  # per-channel normalisation std; `mimkit stats DIR` computes both
     num_workers: int = 10  # data-loading worker processes
     pin_memory: bool = True
     persistent_workers: bool = True
@@ -305,3 +307,13 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 def to_container(cfg: DictConfig) -> dict:
     """Plain nested dict (for checkpoints and results files)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def float_list(text: str) -> list[float]:
+    """'0.5,0.4,0.3' (or one number) -> [0.5, 0.4, 0.3]: the type of the --mean / --std flags."""
+    import argparse
+
+    try:
+        return [float(v) for v in str(text).replace(" ", "").strip("[]").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}")

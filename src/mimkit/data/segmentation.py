@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mimkit.data.datasets import DECODE_ERRORS, IGNORE_INDEX, ADE20KFolder, _image_files
+from mimkit.data.images import read_image
 from mimkit.data.transforms import mean_std
 from mimkit.errors import DataError
 
@@ -73,10 +74,9 @@ def read_mask(path: str | Path) -> np.ndarray:
         return np.array(f, dtype=np.int64)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
-    with Image.open(path) as f:
-        return np.array(f.convert("RGB"))
+def read_rgb(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB by mimkit's one image reader (16-bit, alpha, CMYK, EXIF orientation handled)."""
+    return np.array(read_image(path, "RGB"))
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -225,7 +225,7 @@ class SegmentationDataset(Dataset):
             return np.array(images[index]), np.array(masks[index], dtype=np.int64)
         img_path, mask_path = self.source.pairs[index]
         mask = read_mask(mask_path)
-        return read_image(img_path), (reduce_zero_label(mask) if self.source.reduce_zero_label else mask)
+        return read_rgb(img_path), (reduce_zero_label(mask) if self.source.reduce_zero_label else mask)
 
     def __getitem__(self, index: int):
         try:

@@ -177,7 +177,7 @@ def open_domains(cfg: DictConfig, num_patches: int, in_chans: int) -> list[EvalD
     from mimkit.data.builtin import open_dataset
     from mimkit.data.transforms import eval_transform
 
-    tf = eval_transform(C.input_size(cfg), in_chans)
+    tf = eval_transform(C.input_size(cfg), in_chans, cfg.data.mean, cfg.data.std)
     out = []
     trained = sequence_domains(cfg)
     for spec in trained + list(cfg.continual.eval_domains):

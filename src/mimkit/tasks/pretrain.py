@@ -72,6 +72,8 @@ FLAGS: list[Flag] = [
     Flag("hog_nbins", "model.kwargs.hog_nbins", int, "LocalMIM: HOG orientation bins"),
     Flag("hog_bias", "model.kwargs.hog_bias", None, "LocalMIM: fixed random bias on the HOG gradients", const=True),
     Flag("input_size", "data.input_size", int, "image size"),
+    Flag("mean", "data.mean", C.float_list, "per-channel normalisation mean, e.g. 0.5,0.5,0.5 (`mimkit stats`)"),
+    Flag("std", "data.std", C.float_list, "per-channel normalisation std, e.g. 0.25,0.25,0.25"),
     Flag("num_workers", "data.num_workers", int),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory (GPU runs)", const=True),
     Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory (sets it false)", const=False),
@@ -206,7 +208,7 @@ def open_train_set(cfg: DictConfig, in_chans: int):
 
     aug = cfg.data.augmentation
     tf = pretrain_transform(C.input_size(cfg), in_chans=in_chans, scale=(aug.crop_scale_min, aug.crop_scale_max),
-                            hflip=aug.hflip)
+                            hflip=aug.hflip, mean=cfg.data.mean, std=cfg.data.std)
     return open_dataset(cfg.data.data_path or "demo", "train", tf)
 
 
@@ -299,7 +301,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     if hasattr(model, "decoder_pred"):  # pixel reconstructions to draw (LocalMIM predicts HOG features)
         vis_images = picture_images(train_set, min(4, len(train_set)))
         recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio,
-                                   run_log, dist.is_main, sched.epochs)
+                                   run_log, dist.is_main, sched.epochs,
+                                   normalization=(cfg.data.mean, cfg.data.std) if cfg.data.mean else None)
         hooks.append(recon)
     else:
         run_log.info(f"no reconstruction picture: {cfg.model.type} predicts {type(model).__name__} targets, not pixels")

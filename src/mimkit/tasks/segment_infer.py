@@ -134,7 +134,7 @@ def predict(model, paths: list[Path], pipeline, test_cfg, crop: Sequence[int], d
             out_dir: Path) -> list[Path]:
     """Write <stem>_label.png (class index per pixel) and <stem>_overlay.png per image; returns the label paths."""
     from mimkit.data.datasets import DECODE_ERRORS
-    from mimkit.data.segmentation import read_image
+    from mimkit.data.segmentation import read_rgb
     from mimkit.errors import DataError
 
     model.eval()
@@ -142,7 +142,7 @@ def predict(model, paths: list[Path], pipeline, test_cfg, crop: Sequence[int], d
     colours, written = palette(model.num_classes), []
     for path in paths:
         try:
-            image = read_image(path)
+            image = read_rgb(path)
         except DECODE_ERRORS as e:
             raise DataError(f"cannot read image {path} ({type(e).__name__})") from None
         x = pipeline.image(image)[None].to(device)
