@@ -6,6 +6,7 @@
 
     python benchmarks/segmentation_study.py --out ./seg_study            # CPU; resumable (finished runs are kept)
     python benchmarks/segmentation_study.py --out ./seg_study --epochs 10 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/segmentation_study.py --parallel 6     # a shared, loaded machine
 
 Writes <out>/study.json and <out>/study.md (the table, the commands, the machine) for docs/segmentation.md.
 """
@@ -100,21 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log.append(f"mimkit pretrain pretrain/demo.yaml --data_path {out / 'source_crops'} --output_dir {src} "
                    f"--epochs {args.pretrain_epochs} --no_auto_resume   # source_crops: write_source_crops()")
-    sh_all(pre, log, args.parallel, out)
 
     def run_dir(init: str, seed: int) -> Path:
         return out / f"segment_{init}_seed{seed}"
 
-    cmds = []
-    for seed in args.seeds:
-        for init, ckpt in ckpts.items():
-            if not (run_dir(init, seed) / "results.json").exists():
-                cmds.append(MIMKIT + ["segment", "--seed", str(seed), "--epochs", str(args.epochs), "--output_dir",
-                                      str(run_dir(init, seed)), "--no_auto_resume", "--num_workers", "0",
-                                      "--warmup_iters", str(args.warmup_iters),
-                                      "logging.tensorboard=false"]
-                            + (["--finetune", str(ckpt)] if ckpt is not None else []))
-    sh_all(cmds, log, args.parallel, out)
+    def seg_cmds(inits: list[str]) -> list[list[str]]:
+        cmds = []
+        for seed in args.seeds:
+            for init in inits:
+                if not (run_dir(init, seed) / "results.json").exists():
+                    cmds.append(MIMKIT + ["segment", "--seed", str(seed), "--epochs", str(args.epochs),
+                                          "--output_dir", str(run_dir(init, seed)), "--no_auto_resume",
+                                          "--num_workers", "0", "--warmup_iters", str(args.warmup_iters),
+                                          "logging.tensorboard=false"]
+                                + (["--finetune", str(ckpts[init])] if ckpts[init] is not None else []))
+        return cmds
+
+    sh_all(pre + seg_cmds(["random"]), log, args.parallel, out)  # random init needs no pretraining
+    sh_all(seg_cmds(["demo", "sources"]), log, args.parallel, out)
     rows = {}
     for init in ckpts:
         for seed in args.seeds:
