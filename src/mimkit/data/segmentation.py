@@ -13,6 +13,7 @@ Pipelines (MMSeg `configs/_base_/datasets/ade20k.py`, scale (2048, 512) for a 51
     train: RandomResize(ratio 0.5-2.0, keep ratio) -> RandomCrop(cat_max_ratio 0.75) -> flip 0.5
            -> PhotoMetricDistortion -> normalise -> pad to the crop (image 0, mask 255)
     eval:  Resize(scale, keep ratio) of the image only; the mask stays at its own size (scored there)
+Normalisation: data.mean / data.std, else the encoder checkpoint's, else ImageNet's (MMSeg's ADE20K values).
 Random draws use torch's RNG, which the engine seeds per sample (bitwise resume).
 """
 
@@ -316,12 +317,13 @@ class SegTrainPipeline:
 
     def __init__(self, crop: tuple[int, int], scale: Optional[Sequence[int]] = None,
                  ratio_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75, hflip: bool = True,
-                 photometric: bool = True, ignore_index: int = IGNORE_INDEX) -> None:
+                 photometric: bool = True, ignore_index: int = IGNORE_INDEX, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None) -> None:
         self.crop = tuple(crop)
         self.scale = tuple(scale) if scale else (4 * max(crop), min(crop))
         self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
         self.hflip, self.photometric, self.ignore_index = hflip, photometric, ignore_index
-        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) * 255 for v in mean_std(3))
+        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) * 255 for v in mean_std(3, mean, std))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
@@ -345,9 +347,10 @@ class SegTrainPipeline:
 class SegEvalPipeline:
     """MMSeg's test pipeline: the image resized (keep ratio) to the scale, normalised; the mask untouched."""
 
-    def __init__(self, crop: tuple[int, int], scale: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, crop: tuple[int, int], scale: Optional[Sequence[int]] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
         self.scale = tuple(scale) if scale else (4 * max(crop), min(crop))
-        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) * 255 for v in mean_std(3))
+        self.mean, self.std = (torch.tensor(v).view(3, 1, 1) * 255 for v in mean_std(3, mean, std))
 
     def image(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, h, w) normalised at the test scale."""

@@ -223,8 +223,10 @@ def segment(cfg) -> dict:
         if cfg.data.data_path is None:  # the data the model was trained on, unless given
             cfg.data.data_path = saved.get("data", {}).get("data_path")
         cfg.data.reduce_zero_label = saved.get("data", {}).get("reduce_zero_label", cfg.data.reduce_zero_label)
+        if cfg.data.mean is None and cfg.data.std is None:  # the statistics the model was trained with
+            cfg.data.mean, cfg.data.std = saved.get("data", {}).get("mean"), saved.get("data", {}).get("std")
     OmegaConf.set_struct(cfg, True)
-    pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale)
+    pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
     if cfg.misc.eval and (Path(cfg.misc.output_dir) / "results.json").exists():
         raise ConfigError(f"{Path(cfg.misc.output_dir) / 'results.json'} holds an earlier run's results; "
                           "give this evaluation its own --output_dir")
@@ -248,12 +250,18 @@ def segment(cfg) -> dict:
         if arch["num_classes"] != len(classes):
             raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(classes)}")
         model, desc = MAESegmenter(arch, cfg.model.drop_path), f"UperNet from {cfg.misc.resume or 'latest.pt'}"
+        if cfg.data.mean is None and cfg.data.std is None:  # keep the statistics the run started with
+            OmegaConf.update(cfg, "data.mean", saved.get("data", {}).get("mean"))
+            OmegaConf.update(cfg, "data.std", saved.get("data", {}).get("std"))
+            pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
     else:
         encoder, desc = build_encoder(cfg, crop)
         m = cfg.model
         arch = segmenter_arch(encoder, crop, len(classes), m.taps, m.channels, m.aux_channels, m.pool_scales,
                               m.dropout)
         model = segmenter_from_encoder(encoder, arch, m.drop_path)
+        E.adopt_normalization(cfg, encoder)  # the encoder's pretraining statistics, unless data.mean/std say
+        pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
         del encoder
     OmegaConf.set_struct(cfg, False)
     cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
@@ -287,7 +295,7 @@ def train_pipeline(cfg, crop: tuple[int, int]):
 
     a = cfg.data.augmentation
     return SegTrainPipeline(crop, a.scale, tuple(a.ratio_range), a.cat_max_ratio, a.hflip, a.photometric,
-                            cfg.data.ignore_index)
+                            cfg.data.ignore_index, cfg.data.mean, cfg.data.std)
 
 
 def ckpt_dir(cfg) -> Path:

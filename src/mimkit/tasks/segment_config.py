@@ -71,6 +71,8 @@ class SegAugmentationConfig:
 class SegDataConfig:
     data_path: Optional[str] = None  # ADEChallengeData2016 (or its parent), a generic layout; None = mosaics
     input_size: Any = 512  # training crop, int or [H, W]
+    mean: Optional[List[float]] = None  # per-channel normalisation mean (0-1 scale); None = the encoder's, else ImageNet's
+    std: Optional[List[float]] = None  # per-channel normalisation std; None = the encoder's, else ImageNet's
     reduce_zero_label: Optional[bool] = None  # None: True for ADE20K, False otherwise
     ignore_index: int = 255  # label left out of loss and metrics
     check_masks: bool = True  # read every mask before training (sizes, label range)
