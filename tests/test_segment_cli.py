@@ -99,7 +99,7 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
     majority_miou = majority_acc / len(np.unique(val_masks))  # its IoU = its share; the others 0
     assert res["aAcc"] > majority_acc + 10, (res["aAcc"], majority_acc)
     assert res["mIoU"] > 2 * majority_miou, (res["mIoU"], majority_miou)
-    assert len(list((out / "overlays").glob("*.png"))) == 4
+    assert len(list((out / "overlays").glob("*.png"))) == 8  # the demo preset draws 8
     panel = np.array(Image.open(next((out / "overlays").glob("*.png"))))
     assert panel.shape == (64, 3 * 64, 3)  # image | ground truth | prediction
 

@@ -225,6 +225,10 @@ def segment(cfg) -> dict:
         cfg.data.reduce_zero_label = saved.get("data", {}).get("reduce_zero_label", cfg.data.reduce_zero_label)
         if cfg.data.mean is None and cfg.data.std is None:  # the statistics the model was trained with
             cfg.data.mean, cfg.data.std = saved.get("data", {}).get("mean"), saved.get("data", {}).get("std")
+        # the checkpoint's crop and test scale beat any preset: they are what the model was trained at
+        cfg.data.input_size = saved["model"]["arch"]["img_size"]
+        cfg.data.augmentation.scale = saved.get("data", {}).get("augmentation", {}).get("scale")
+        crop = C.input_size(cfg)
     OmegaConf.set_struct(cfg, True)
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
     if cfg.misc.eval and (Path(cfg.misc.output_dir) / "results.json").exists():
