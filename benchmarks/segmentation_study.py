@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                                 + (["--finetune", str(ckpts[init])] if ckpts[init] is not None else []))
         return cmds
 
-    sh_all(pre + seg_cmds(["random"]), log, args.parallel, out)  # random init needs no pretraining
-    sh_all(seg_cmds(["demo", "sources"]), log, args.parallel, out)
+    if pre:
+        sh_all(pre + seg_cmds(["random"]), log, args.parallel, out)  # random init needs no pretraining
+        sh_all(seg_cmds(["demo", "sources"]), log, args.parallel, out)
+    else:
+        sh_all(seg_cmds(["random", "demo", "sources"]), log, args.parallel, out)
     rows = {}
     for init in ckpts:
         for seed in args.seeds:
