@@ -76,6 +76,13 @@ class DataConfig:
 
 
 @dataclass
+class PretrainDataConfig(DataConfig):
+    # workers: decode + RandomResizedCrop + flip + normalise in DataLoader workers (the official recipe);
+    # device: workers only read/decode, the crop-resize-flip-normalise runs batched on the training device
+    augment_on: str = "workers"
+
+
+@dataclass
 class CheckpointingConfig:
     checkpoint_dir: Optional[str] = None  # default: <output_dir>/checkpoints
     save_freq_epochs: int = 50  # epoch-N/ every N epochs (and the last); 0 = never
@@ -126,7 +133,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -158,6 +165,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "schedule.start_epoch": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.augment_on": (lambda v: v in ("workers", "device"), "workers or device"),
     "data.augmentation.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.augmentation.crop_scale_max": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "checkpointing.save_freq_epochs": (lambda v: v >= 0, ">= 0"),
