@@ -123,3 +123,12 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
     assert label.shape == (30, 40) and label.max() < len(classes)
     assert np.array(Image.open(pr / "predictions" / "p0_overlay.png")).shape == (30, 40, 3)
     assert (pr / "predictions" / "p1_overlay.png").exists()
+
+
+def test_help_shows_every_default(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sets optimization.layer_decay (default: 0.65)" in out and "sets data.input_size (default: 512)" in out
+    assert "sets schedule.max_iters (default: 160000)" in out and "sets test.mode (default: slide)" in out
