@@ -231,10 +231,11 @@ def segment(cfg) -> dict:
         crop = C.input_size(cfg)
     OmegaConf.set_struct(cfg, True)
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
-    if cfg.misc.eval and (Path(cfg.misc.output_dir) / "results.json").exists():
+    if cfg.misc.eval and cfg.misc.output_dir and (Path(cfg.misc.output_dir) / "results.json").exists():
         raise ConfigError(f"{Path(cfg.misc.output_dir) / 'results.json'} holds an earlier run's results; "
                           "give this evaluation its own --output_dir")
     if cfg.misc.predict:
+        C.resolve_output_dir(cfg, "segment")
         model = MAESegmenter(saved["model"]["arch"])
         E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
         paths = I.predict(model.to(dist.device), I.image_paths(cfg.misc.predict), pipeline, cfg.test, crop,
@@ -272,7 +273,7 @@ def segment(cfg) -> dict:
     OmegaConf.set_struct(cfg, True)
     val_set = SegmentationDataset(val_src)
     model.to(dist.device)
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "segment"))  # default: a new runs/segment/<timestamp>
 
     def run_eval(overlays: int = 0):
         return I.evaluate(model, val_set, pipeline, cfg.test, crop, dist.device, cfg.data.ignore_index,
@@ -345,7 +346,7 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         on_nonfinite=o.on_nonfinite, amp=amp, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
-        max_steps=total, find_unused_parameters=max(model.taps) < model.depth - 1,
+        max_steps=min(total, cfg.misc.max_steps or total), find_unused_parameters=max(model.taps) < model.depth - 1,
     )
     ckpt = CheckpointManager(ckpt_dir(cfg), cfg.checkpointing.keep_last_n, run_log.log_path,
                              cfg.checkpointing.safetensors)

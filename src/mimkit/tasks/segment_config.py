@@ -146,6 +146,7 @@ SEGMENT_FLAGS: list[Flag] = [
     Flag("eval", "misc.eval", None, "evaluate the --resume checkpoint on val and stop", const=True),
     Flag("predict", "misc.predict", str, "segment this image or folder with the --resume checkpoint"),
     Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("max_steps", "misc.max_steps", int, "stop after N optimiser steps (the schedule keeps its length)"),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),
     Flag("print_freq", "logging.print_freq", int),
