@@ -1,6 +1,6 @@
 """`mimkit segment`: semantic segmentation with UperNet on an MAE encoder (MMSeg's recipe) on THE loop.
 
-    mimkit segment                                   # built-in demo: tiny encoder on texture mosaics, CPU
+    mimkit segment --output_dir runs/segment_demo    # built-in demo: tiny encoder on texture mosaics, CPU
     mimkit segment --finetune runs/demo/checkpoints/final.pt        # the same from the pretraining demo
     mimkit segment segment/ade20k_vit_base.yaml --finetune mae_pretrain_vit_base.pth --data_path ADE/
     torchrun --nproc_per_node 8 -m mimkit segment segment/ade20k_vit_base.yaml --finetune ... --data_path ...
