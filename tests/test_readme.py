@@ -13,7 +13,7 @@ from PIL import Image
 from mimkit.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TRAINING = ("pretrain", "continual", "linprobe", "finetune")
+TRAINING = ("pretrain", "continual", "linprobe", "finetune", "segment")
 
 
 def readme_commands(text: str) -> list[tuple[str, list[str]]]:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rankme": ("mimkit.tasks.rankme", "RankMe (effective rank) of a frozen encoder's features"),
     "linprobe": ("mimkit.tasks.linprobe", "linear probe of a frozen encoder (official MAE recipe)"),
     "finetune": ("mimkit.tasks.finetune", "end-to-end classification fine-tuning (official MAE recipe)"),
+    "segment": ("mimkit.tasks.segment", "semantic segmentation: UperNet on an MAE encoder, mIoU (MMSeg recipe)"),
     "incremental": ("mimkit.tasks.incremental", "class-incremental learning against forgetting (CE, KD, EMA, "
                     "masked features, replay)"),
     "shards": ("mimkit.tasks.shards", "pack an image folder into WebDataset tar shards (+ index) for --data_path"),

@@ -170,7 +170,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "optimization.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optimization.gradient_clip": (lambda v: v is None or v > 0, "> 0 (or null for no clipping)"),
     "optimization.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
-    "schedule.epochs": (lambda v: v >= 1, ">= 1"),
+    "schedule.epochs": (lambda v: v is None or v >= 1, ">= 1"),
     "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "schedule.start_epoch": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
@@ -316,7 +316,8 @@ def validate(cfg: DictConfig) -> None:
         size = input_size(cfg)
         if any(s < 1 for s in size):
             raise ConfigError(f"bad value for 'data.input_size': {size} (must be positive)")
-        if cfg.data.augmentation.crop_scale_min > cfg.data.augmentation.crop_scale_max:
+        aug = cfg.data.augmentation
+        if "crop_scale_min" in aug and aug.crop_scale_min > aug.crop_scale_max:
             raise ConfigError("data.augmentation.crop_scale_min must not exceed crop_scale_max")
 
 
