@@ -187,12 +187,17 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train from the current state to the last epoch; returns the final state."""
         s, st = self.s, self.state
+        left = max(0, s.epochs * self.iters_per_epoch - (st.epoch * self.iters_per_epoch + st.batch))
+        if s.max_steps:
+            left = min(left, max(0, s.max_steps - st.step) * s.accum_iter)
+        self.run.start_run(left, self.device.type)  # the whole run's estimate and ETA
         self._call_hooks("on_train_start")
         smooth = SmoothedValue()
         stop = False
         for epoch in range(st.epoch, s.epochs):
             st.epoch = epoch
             start_batch = st.batch
+            self._skipped_before = st.skipped_images  # the epoch's own count is the difference
             self.sampler.set_epoch(epoch)
             self.sampler.set_start(start_batch * s.batch_size)
             self.wrapped.train(True)
@@ -273,12 +278,14 @@ class Trainer:
         mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
         summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
                    "lr": self.current_lr(), "epoch_time_s": epoch_time,
-                   "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
+                   "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite,
+                   "skipped_images_epoch": st.skipped_images - getattr(self, "_skipped_before", 0)}
         st.history.append(summary)
         self.run.metrics(summary, st.step, tb_prefix="epoch")
         self.run.info(
             f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
-            + (f"  skipped images {st.skipped_images}" if st.skipped_images else "")
+            + (f"  skipped images {summary['skipped_images_epoch']} this epoch, {st.skipped_images} in all"
+               if st.skipped_images else "")
         )
 
     def _nonfinite(self, value: float, epoch: int, i: int) -> None:

@@ -29,7 +29,6 @@ class ClassifierModelConfig:
 @dataclass
 class EvalMiscConfig(C.MiscConfig):
     eval: bool = False  # evaluate the checkpoint (misc.resume or model.finetune) on val/ and stop
-    output_dir: str = "./output_dir"
 
 
 @dataclass
@@ -47,6 +46,9 @@ COMMON_FLAGS: list[Flag] = [
     Flag("random_init", "model.random_init", None, "random weights of the checkpoint's architecture", const=True),
     Flag("data_path", "data.data_path", str, "labelled set: train/ and val/ class folders, or digits"),
     Flag("input_size", "data.input_size", int, "image size (position embeddings interpolated)"),
+    Flag("mean", "data.mean", C.float_list, "per-channel normalisation mean, e.g. 0.5,0.5,0.5; None = the "
+         "checkpoint's, else ImageNet's"),
+    Flag("std", "data.std", C.float_list, "per-channel normalisation std; None = the checkpoint's, else ImageNet's"),
     Flag("dist_eval", "data.dist_eval", None, "split the val set over processes", const=True),
     Flag("num_workers", "data.num_workers", int),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory", const=True),
@@ -191,6 +193,11 @@ FINETUNE_FLAGS: list[Flag] = COMMON_FLAGS + [
     Flag("mixup_switch_prob", "data.augmentation.mixup_switch_prob", float),
     Flag("mixup_mode", "data.augmentation.mixup_mode", str, "batch | pair | elem"),
 ]
+
+
+# Built-in data -> the CPU-sized preset put beneath the flags when no config file is given (stated at start-up).
+LINPROBE_PRESETS = {"digits": "linprobe/digits.yaml"}
+FINETUNE_PRESETS = {"digits": "finetune/digits.yaml"}
 
 
 def check_classifier_config(cfg, command: str) -> None:
