@@ -73,10 +73,10 @@ def heldout_loss(model, data: str, seed: int = 0, mask_ratio: Optional[float] = 
 
     from mimkit.data.builtin import open_dataset
     from mimkit.data.datasets import collate_batch
-    from mimkit.data.transforms import eval_transform
+    from mimkit.data.transforms import eval_transform, normalization_of
 
     model.eval()
-    ds = open_dataset(data, "val", eval_transform(model.img_size, model.in_chans))
+    ds = open_dataset(data, "val", eval_transform(model.img_size, model.in_chans, *normalization_of(model)))
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_batch):
