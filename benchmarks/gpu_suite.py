@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default="runs/gpu_suite", help="gpu_suite.json and gpu_suite.md go here")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (the GPU; exits when there is none)")
     p.add_argument("--model", default="mae_vit_base_patch16", help="a mimkit model name")
     p.add_argument("--batch_size", type=int, default=256, help="images per step (sections 1 and 3)")
     p.add_argument("--e2e_batch_size", type=int, default=128, help="images per step of the end-to-end runs")
@@ -121,8 +121,9 @@ def step_section(args, device: torch.device) -> list[dict]:
         if compile_ and args.tiny:
             rows.append({**row, "skipped": "torch.compile is not run at --tiny sizes"})
             continue
-        if amp == "fp16" and device.type != "cuda":
-            row["amp"] = amp = "off"  # fp16 autocast + GradScaler needs a GPU; the CPU smoke runs fp32
+        if amp == "fp16" and device.type != "cuda":  # fp16 autocast + GradScaler needs CUDA: say what ran instead
+            row["amp"] = amp = "off"
+            row["variant"] = label = "mimkit, fp32 (the official recipe's fp16 AMP + GradScaler needs CUDA)"
         a = bench_args(args, device, args.batch_size, args.steps, amp, compile_)
         reset_memory(device)
         try:
@@ -276,6 +277,9 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = pt.resolve_device(args.device)
+    if args.device == "auto" and device.type == "cpu":  # the full ViT-B suite on a CPU would run for hours
+        print("gpu_suite: no GPU found; for the CPU smoke run use --tiny --device cpu", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # mimkit's default (misc.tf32)
         torch.backends.cudnn.allow_tf32 = True

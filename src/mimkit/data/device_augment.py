@@ -99,7 +99,10 @@ class DeviceSamples(Dataset):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), crop, label
             img = read_image(io.BytesIO(data), self.mode)
         except DECODE_ERRORS as e:
-            logger.warning("skipping unreadable image %d (%s: %s)", index, type(e).__name__, e)
+            if hasattr(self.base, "warn_unreadable"):  # shards name the member, once
+                self.base.warn_unreadable(index, e)
+            else:
+                logger.warning("skipping unreadable image %d (%s: %s)", index, type(e).__name__, e)
             return False
         return self._cropped(img, label)
 

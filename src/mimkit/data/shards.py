@@ -43,12 +43,17 @@ LABEL_EXT = "cls"
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "mimkit-shards-1"
 SPLITS = ("train", "val", "test")
+COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+_WARNED: set[tuple[str, int]] = set()  # (shard, offset) of members already reported unreadable in this process
 
 
 # ---------------------------------------------------------------------------------------------- naming
 def is_shard_spec(spec: str | Path) -> bool:
     """True for a .tar path, a brace range / glob of them, or a folder of .tar shards (no images, no sub-folders)."""
     s = str(spec)
+    if s.rstrip("}").lower().endswith(COMPRESSED):
+        raise DataError(f"{s}: compressed shards are not supported; use uncompressed .tar shards "
+                        f"(decompress them, or repack the images with `mimkit shards`)")
     if s.endswith(".tar") or (s.endswith(".tar}") and "{" in s):
         return True
     if ("{" in s and ".." in s) or any(c in s for c in "*?["):
@@ -83,7 +88,12 @@ def shard_paths(spec: str | Path, split: str | None = "train") -> list[Path]:
         raise DataError(f"no {split} shards in {path} (looked for {split}-*.tar)")
     if split not in (None, "train"):
         # a pattern names the training shards; another split is <split>-*.tar in the same folder
-        return shard_paths(Path(s).expanduser().parent, split)
+        own = shard_paths(s, "train")
+        if all(p.name.startswith(f"{split}-") for p in own):
+            raise DataError(f"{s} names {split} shards themselves, so its {split} split would be the same images; "
+                            f"give the training shards (e.g. {path.parent / 'train-*.tar'}, or the folder "
+                            f"{path.parent}) and the {split}-*.tar beside them are the {split} split")
+        return shard_paths(path.parent, split)
     from webdataset.shardlists import expand_urls
 
     names = [n for part in expand_urls(s) for n in (sorted(glob.glob(os.path.expanduser(part)))
@@ -95,6 +105,11 @@ def shard_paths(spec: str | Path, split: str | None = "train") -> list[Path]:
     if len(found) < len(paths):
         missing = [p for p in paths if not p.is_file()]
         raise DataError(f"{len(missing)} of the {len(paths)} shards {s} names do not exist (first: {missing[0]})")
+    held_out = [p for p in paths if p.name.startswith(("val-", "test-"))]
+    if held_out and len(held_out) < len(paths):  # a glob like dir/*.tar also matches the held-out shards
+        logger.warning("%s: leaving out %d val-/test-*.tar shard(s) it matches (held out, not training data)",
+                       s, len(held_out))
+        paths = [p for p in paths if p not in held_out]
     return paths
 
 
@@ -207,14 +222,33 @@ class ShardDataset(Dataset):
             f.seek(offset)
             return f.read(size), int(self.targets[index])
 
+    def member_name(self, index: int) -> str:
+        """'shard.tar:member' of item `index`, read from the tar header just before the member's data."""
+        shard, offset = self.paths[int(self.index[index, 0])], int(self.index[index, 1])
+        try:
+            with open(shard, "rb") as f:
+                f.seek(offset - tarfile.BLOCKSIZE)
+                name = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape").name
+        except (OSError, tarfile.TarError, ValueError):
+            name = f"member at byte {offset}"
+        return f"{shard}:{name}"
+
+    def warn_unreadable(self, index: int, e: BaseException) -> None:
+        """Name the undecodable member, once per member and process (persistent workers: once per run)."""
+        key = (self.paths[int(self.index[index, 0])], int(self.index[index, 1]))
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+        why = str(e).split(" <_io.")[0]  # PIL names the BytesIO object, which tells the user nothing
+        logger.warning("skipping unreadable image %s (%s: %s)", self.member_name(index), type(e).__name__, why)
+
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         """(transform(image), label), or None (with a warning) when the member cannot be decoded."""
         data, label = self.read_bytes(index)
         try:
             img = read_image(io.BytesIO(data), self.mode)  # as for files: EXIF orientation, 16-bit, alpha, ...
         except DECODE_ERRORS as e:
-            shard = self.paths[int(self.index[index, 0])]
-            logger.warning("skipping unreadable image #%d of %s (%s: %s)", index, shard, type(e).__name__, e)
+            self.warn_unreadable(index, e)
             return None
         return (self.transform(img) if self.transform is not None else img), label
 
@@ -234,6 +268,19 @@ def open_shards(spec: str | Path, split: str | None = "train", transform: Callab
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def undecodable(data: bytes) -> str | None:
+    """Why PIL cannot decode `data` ('ErrorType: message'), or None when it decodes (JPEG at 1/8 scale: fast)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (1, 1))  # JPEG: DCT-domain downscale, still reads the whole stream
+            im.load()
+    except DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {str(e).split(' <_io.')[0]}"
+    return None
+
+
 def write_shards(src: str, out_dir: str | Path, shard_size: int = 1000, seed: int = 0) -> dict[str, dict]:
     """Write every split of `src` (any layout open_dataset reads) as `<split>-NNNNNN.tar` + `<split>.index.json`.
 
@@ -250,7 +297,9 @@ def write_shards(src: str, out_dir: str | Path, shard_size: int = 1000, seed: in
         raise DataError(f"--shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir).expanduser()
     if out.exists() and (any(out.glob("*.tar")) or any(out.glob(f"*{INDEX_SUFFIX}"))):
-        raise DataError(f"{out} already holds shards; choose an empty --out_dir (nothing was overwritten)")
+        raise DataError(f"{out} already holds shards; choose an empty OUT_DIR (nothing was overwritten)")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT_DIR {out} is a file; give a new or empty folder for the shards")
     if is_shard_spec(src):
         raise DataError(f"{src} is already shards; give the image folder (or built-in set) to pack")
     sets = {"train": open_dataset(src, "train", None)}
@@ -264,6 +313,7 @@ def write_shards(src: str, out_dir: str | Path, shard_size: int = 1000, seed: in
     for split, ds in sets.items():
         pattern = str(out / f"{split}-%06d.tar")
         written: list[str] = []
+        skipped = 0
         with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0.0,
                              post=written.append) as sink:
             for i in random.Random(seed).sample(range(len(ds.samples)), len(ds.samples)):
@@ -273,6 +323,11 @@ def write_shards(src: str, out_dir: str | Path, shard_size: int = 1000, seed: in
                     ext = Path(name).suffix.lower().lstrip(".") or "jpg"
                     with open(name, "rb") as f:
                         sample[ext] = f.read()
+                    why = undecodable(sample[ext])
+                    if why:  # training would skip it each epoch; leave it out once, here
+                        logger.warning("mimkit shards: skipping undecodable image %s (%s); not packed", name, why)
+                        skipped += 1
+                        continue
                 else:  # a built-in set's in-memory image
                     buf = io.BytesIO()
                     ds[i][0].save(buf, format="PNG")
@@ -285,9 +340,9 @@ def write_shards(src: str, out_dir: str | Path, shard_size: int = 1000, seed: in
                   for p, m in ((p, scan_tar(p)) for p in paths)]
         index = out / f"{split}{INDEX_SUFFIX}"
         index.write_text(json.dumps({"format": INDEX_FORMAT, "split": split, "classes": list(ds.classes),
-                                     "count": len(ds.samples), "shards": shards}) + "\n")
+                                     "count": len(ds.samples) - skipped, "shards": shards}) + "\n")
         last = len(paths) - 1
         name = f"{split}-{{000000..{last:06d}}}.tar" if last else f"{split}-000000.tar"
-        result[split] = {"count": len(ds.samples), "shards": len(paths), "index": str(index),
-                         "pattern": str(out / name)}
+        result[split] = {"count": len(ds.samples) - skipped, "shards": len(paths), "index": str(index),
+                         "pattern": str(out / name), "skipped": skipped}
     return result

@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The pretraining flags with continual defaults, --continual_checkpoint, --domains and --sweep."""
     P.add_arguments(p, FLAGS, ContinualConfig)
     p.add_argument("--domains", nargs="+", default=None, metavar="DOMAIN",
-                   help="train on these in turn (folders or built-in sets: photos microscopy textures space); "
+                   help="train on these in turn (folders, shards or built-in sets: photos microscopy textures space); "
                         "sets continual.domains")
     p.add_argument("--sweep", action="store_true",
                    help="run every freeze_mode x loss_mode on the domain sequence from one starting checkpoint "

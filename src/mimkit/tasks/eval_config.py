@@ -44,7 +44,8 @@ COMMON_FLAGS: list[Flag] = [
     Flag("global_pool", "model.global_pool", None, "average-pool the patch tokens (+ fc_norm)", const=True),
     Flag("cls_token", "model.global_pool", None, "classify the cls token instead of global pooling", const=False),
     Flag("random_init", "model.random_init", None, "random weights of the checkpoint's architecture", const=True),
-    Flag("data_path", "data.data_path", str, "labelled set: train/ and val/ class folders, or digits"),
+    Flag("data_path", "data.data_path", str, "labelled set: train/ and val/ class folders, digits, or "
+         "WebDataset shards ('dir/train-{000000..000009}.tar', a glob, or a shard folder) with .cls labels"),
     Flag("input_size", "data.input_size", int, "image size (position embeddings interpolated)"),
     Flag("mean", "data.mean", C.float_list, "per-channel normalisation mean, e.g. 0.5,0.5,0.5; None = the "
          "checkpoint's, else ImageNet's"),

@@ -18,7 +18,8 @@ from mimkit.tasks import evaluate as E
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit knn`."""
     E.add_encoder_arguments(p)
-    p.add_argument("--data_path", required=True, help="labelled set: class folders under train/ and val/, or digits")
+    p.add_argument("--data_path", required=True, help="labelled set: class folders under train/ and val/, digits, or "
+                   "WebDataset shards ('dir/train-{000000..000009}.tar', a glob, or a shard folder) with .cls labels")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts (several at once)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T)")
     p.add_argument("--pool", choices=("cls", "avg"), default="cls", help="cls token or mean of the patch tokens")

@@ -65,7 +65,8 @@ TRAINING_FLAGS: list[Flag] = [
 # The official MAE / seeds' flag names, mapped onto config keys.
 FLAGS: list[Flag] = [
     Flag("model", "model.type", str, "model name (`mimkit models`)"),
-    Flag("data_path", "data.data_path", str, "class folders, a flat image folder or a built-in set; unset = demo"),
+    Flag("data_path", "data.data_path", str, "class folders, a flat image folder, a built-in set or "
+         "WebDataset shards ('dir/train-{000000..000009}.tar', a glob, or a shard folder); unset = demo"),
     *TRAINING_FLAGS,
     Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
     Flag("mask_ratio", "model.mask_ratio", float),

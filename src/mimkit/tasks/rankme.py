@@ -20,7 +20,8 @@ from mimkit.tasks.knn import _config, add_common_arguments
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit rankme`."""
     E.add_encoder_arguments(p)
-    p.add_argument("--data_path", required=True, help="image folder (labels not needed) or a built-in set")
+    p.add_argument("--data_path", required=True, help="image folder (labels not needed), a built-in set, or "
+                   "WebDataset shards ('dir/train-{000000..000009}.tar', a glob, or a shard folder)")
     p.add_argument("--split", default="train", choices=("train", "val"), help="which split")
     p.add_argument("--pool", choices=("cls", "avg"), default="cls", help="cls token or mean of the patch tokens")
     p.add_argument("--max_images", type=int, default=25600, help="use at most this many images (the paper: 25600)")

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = write_shards(args.src, args.out_dir, args.shard_size, args.seed)
     for split, r in result.items():
-        print(f"mimkit shards: {split}: {r['count']} images in {r['shards']} shard(s), index {r['index']}")
-    print(f"use: --data_path '{result['train']['pattern']}'  (or --data_path {args.out_dir} for train and val)")
+        bad = f", {r['skipped']} undecodable image(s) skipped" if r.get("skipped") else ""
+        print(f"mimkit shards: {split}: {r['count']} images in {r['shards']} shard(s){bad}, index {r['index']}")
+    both = f"  (or --data_path {args.out_dir} for train and val)" if "val" in result else ""
+    print(f"use: --data_path '{result['train']['pattern']}'{both}")
     return 0

@@ -22,7 +22,8 @@ from mimkit.errors import DataError, UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit stats`."""
     p.add_argument("--data_path", required=True, help="image folder (class folders, flat, or train/), or a "
-                   "built-in set such as digits")
+                   "built-in set such as digits, or "
+                   "WebDataset shards ('dir/train-{000000..000009}.tar', a glob, or a shard folder)")
     p.add_argument("--split", default="train", help="split to measure (default: train)")
     p.add_argument("--in_chans", type=int, default=3, choices=(1, 3), help="3 = RGB, 1 = grayscale (default: 3)")
     p.add_argument("--max_images", type=int, default=0, help="measure the first N images only; 0 = all "
