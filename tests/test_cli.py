@@ -152,3 +152,11 @@ def test_nothing_imports_the_cli() -> None:
                     and any(a.name == "cli" for a in node.names)):
                 offenders.append(str(f.relative_to(root)))
     assert offenders == []
+
+
+@pytest.mark.parametrize("command", ["pretrain", "continual", "knn", "linprobe", "finetune", "rankme", "stats"])
+def test_data_path_help_names_shards(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "WebDataset shards ('dir/train-{000000..000009}.tar', a glob, or a shard folder)" in out

@@ -31,6 +31,8 @@ def test_gpu_suite_tiny_cpu_run_writes_json_and_table(tmp_path: Path) -> None:
     assert "failed" not in res and "not_run" not in res
     step = {r["variant"]: r for r in res["step"]}
     assert len(step) == 4 and "skipped" in step["mimkit, bf16 + fused AdamW + torch.compile"]
+    # fp16 AMP + GradScaler needs CUDA: the row says that fp32 ran in its place
+    assert step["mimkit, fp32 (the official recipe's fp16 AMP + GradScaler needs CUDA)"]["amp"] == "off"
     ran = [r for r in res["step"] if "skipped" not in r]
     assert all(r["images_per_s"] > 0 and len(r["step_s"]) == 2 and r["gflop_per_image"] > 0 for r in ran)
     # the same weights, images and noise: mimkit and Hugging Face compute the same first loss
@@ -56,3 +58,13 @@ def test_gpu_suite_skips_sections_past_its_time_budget(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert set(res["not_run"]) == {"e2e", "freezeout"} and "e2e" not in res
     assert "**freezeout**: not run: --budget_s 0 s spent" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_gpu_suite_without_a_gpu_exits_at_once_unless_asked_for_cpu(tmp_path: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path / "auto")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "gpu_suite: no GPU found; for the CPU smoke run use --tiny --device cpu")
+    assert not (tmp_path / "auto").exists()

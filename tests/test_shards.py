@@ -213,3 +213,61 @@ def test_continual_domain_from_shards_uses_their_val_split(tmp_path: Path, label
     assert "evaluated on s (6 val)" in log  # the 6 images of val-*.tar, not the training shards
     knn = json.loads((out / "knn_acc.json").read_text())
     assert len(knn["matrix"]) == 1 and 0 <= knn["matrix"][0][0] <= 1  # labelled via .cls: k-NN ran
+
+
+def test_a_glob_keeps_val_shards_out_of_training_and_val_shards_have_no_val_split(
+        tmp_path: Path, labelled: Path, caplog) -> None:
+    out = tmp_path / "shards"
+    write_shards(str(labelled), out, shard_size=5)
+    with caplog.at_level("WARNING"):
+        train = open_dataset(f"{out}/*.tar", "train", None)
+    assert len(train) == 12 and "leaving out 2 val-/test-*.tar shard(s)" in caplog.text
+    assert all(Path(p).name.startswith("train-") for p in train.paths)
+    assert len(open_dataset(f"{out}/*.tar", "val", None)) == 6
+    # val shards alone may be a training set, but then they have no separate val split
+    assert len(open_dataset(f"{out}/val-*.tar", "train", None)) == 6
+    with pytest.raises(DataError, match="names val shards themselves"):
+        open_dataset(f"{out}/val-*.tar", "val", None)
+    assert not has_shard_split(f"{out}/val-*.tar", "val") and has_shard_split(f"{out}/train-*.tar", "val")
+
+
+def test_packing_skips_undecodable_images_and_names_them(tmp_path: Path, capsys, caplog) -> None:
+    write_images(tmp_path / "flat", 3)
+    (tmp_path / "flat" / "broken.jpg").write_bytes(b"not an image at all")
+    with caplog.at_level("WARNING"):
+        assert main(["shards", str(tmp_path / "flat"), str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 3 images in 1 shard(s), 1 undecodable image(s) skipped" in printed
+    assert "for train and val" not in printed  # a flat folder has no val split, so no val shards
+    assert caplog.text.count("broken.jpg") == 1 and "not packed" in caplog.text
+    assert json.loads((tmp_path / "s/train.index.json").read_text())["count"] == 3
+    assert len(open_dataset(tmp_path / "s", "train", None)) == 3
+
+
+def test_shards_command_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
+    write_images(tmp_path / "flat", 2)
+    (tmp_path / "afile").write_text("x")
+    write_shards(str(tmp_path / "flat"), tmp_path / "s")
+    cases = ((["shards", str(tmp_path / "flat"), str(tmp_path / "afile")], "OUT_DIR"),
+             (["shards", str(tmp_path / "flat"), str(tmp_path / "s")], "choose an empty OUT_DIR"),
+             (["stats", "--data_path", str(tmp_path / "x.tar.gz")], "compressed shards are not supported"))
+    for argv, text in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and text in err[0] and "--out_dir" not in err[0]
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_an_unreadable_member_is_named_once(tmp_path: Path, caplog) -> None:
+    from mimkit.data.device_augment import DeviceSamples
+
+    write_images(tmp_path / "imgs", 4)
+    write_shards(str(tmp_path / "imgs"), tmp_path / "s")
+    ds = open_shards(tmp_path / "s", "train")
+    key = json.loads((tmp_path / "s/train.index.json").read_text())["shards"][0]["members"][1][0]
+    _corrupt_member(Path(ds.paths[0]), int(ds.index[1, 1]))
+    with caplog.at_level("WARNING"):
+        assert ds[1] is None and ds[1] is None and ds[0] is not None
+        assert DeviceSamples(ds, jpeg_bytes=True)[1] is None
+    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warned) == 1 and f"train-000000.tar:{key}.jpg" in warned[0] and "_io.BytesIO" not in warned[0]

@@ -88,12 +88,23 @@ def shard_paths(spec: str | Path, split: str | None = "train") -> list[Path]:
         raise DataError(f"no {split} shards in {path} (looked for {split}-*.tar)")
     if split not in (None, "train"):
         # a pattern names the training shards; another split is <split>-*.tar in the same folder
-        own = shard_paths(s, "train")
+        own = _pattern_paths(s)
         if all(p.name.startswith(f"{split}-") for p in own):
             raise DataError(f"{s} names {split} shards themselves, so its {split} split would be the same images; "
                             f"give the training shards (e.g. {path.parent / 'train-*.tar'}, or the folder "
                             f"{path.parent}) and the {split}-*.tar beside them are the {split} split")
         return shard_paths(path.parent, split)
+    paths = _pattern_paths(s)
+    held_out = [p for p in paths if p.name.startswith(("val-", "test-"))]
+    if held_out and len(held_out) < len(paths):  # a glob like dir/*.tar also matches the held-out shards
+        logger.warning("%s: leaving out %d val-/test-*.tar shard(s) it matches (held out, not training data)",
+                       s, len(held_out))
+        paths = [p for p in paths if p not in held_out]
+    return paths
+
+
+def _pattern_paths(s: str) -> list[Path]:
+    """Every existing file a brace range / glob / single path names; DataError when none or some are missing."""
     from webdataset.shardlists import expand_urls
 
     names = [n for part in expand_urls(s) for n in (sorted(glob.glob(os.path.expanduser(part)))
@@ -105,11 +116,6 @@ def shard_paths(spec: str | Path, split: str | None = "train") -> list[Path]:
     if len(found) < len(paths):
         missing = [p for p in paths if not p.is_file()]
         raise DataError(f"{len(missing)} of the {len(paths)} shards {s} names do not exist (first: {missing[0]})")
-    held_out = [p for p in paths if p.name.startswith(("val-", "test-"))]
-    if held_out and len(held_out) < len(paths):  # a glob like dir/*.tar also matches the held-out shards
-        logger.warning("%s: leaving out %d val-/test-*.tar shard(s) it matches (held out, not training data)",
-                       s, len(held_out))
-        paths = [p for p in paths if p not in held_out]
     return paths
 
 
