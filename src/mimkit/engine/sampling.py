@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from mimkit.engine.signals import ignore_stop_signals
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample of one epoch."""
@@ -79,5 +81,5 @@ def build_loader(
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=True, persistent_workers=persistent_workers and num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals if num_workers else None,
     )

@@ -233,7 +233,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
 
     from mimkit import config as C
     from mimkit.engine.checkpoint import CheckpointManager
-    from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+    from mimkit.engine.loop import LoopSettings, Trainer, rollback_settings
+    from mimkit.engine.precision import amp_decision
     from mimkit.engine.optim import set_lr, warmup_cosine
     from mimkit.data.datasets import collate_batch
 
@@ -244,13 +245,13 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     def lr_schedule(optim: torch.optim.Optimizer, epoch_f: float) -> None:
         set_lr(optim, warmup_cosine(epoch_f, lr, opt.min_lr, sched.warmup_epochs, sched.epochs))
 
-    amp = resolve_amp(cfg.misc.amp, dist.device)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     hook = EvalEveryEpoch(
         lambda: evaluate_classifier(eval_forward, val_set, opt.batch_size, dist.device, cfg.data.dist_eval),
         run_log, ckpt_dir / "best.pt", dist.is_main)
     settings = LoopSettings(
         epochs=sched.epochs, batch_size=opt.batch_size, accum_iter=opt.accum_iter,
-        gradient_clip=opt.gradient_clip, on_nonfinite=opt.on_nonfinite, amp=amp, num_workers=num_workers,
+        gradient_clip=opt.gradient_clip, **rollback_settings(opt), amp=amp, num_workers=num_workers,
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
         max_steps=cfg.misc.max_steps,
@@ -260,13 +261,15 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
                       lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log, ckpt=ckpt,
                       config=C.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True), hooks=[hook])
     if resume_ckpt is not None:
+        if resume_ckpt.get("resume_warning"):
+            run_log.info(resume_ckpt["resume_warning"])
         trainer.load(resume_ckpt)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
     elif sched.start_epoch:
         trainer.state.epoch = sched.start_epoch
     eff = opt.batch_size * opt.accum_iter * dist.world_size
     run_log.info(f"mimkit {command}: {describe}; {len(train_set)} train / {len(val_set)} val images; effective "
-                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, amp {amp}")
+                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, amp {amp} ({amp_why})")
     try:
         trainer.fit()
     finally:
@@ -282,15 +285,18 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
 
 
 def read_resume(cfg) -> Optional[dict]:
-    """The training checkpoint to resume from: misc.resume, or <output_dir>/checkpoints/latest.pt."""
-    from mimkit.engine.checkpoint import load_training_checkpoint
+    """The training checkpoint to resume from: misc.resume, or <output_dir>/checkpoints/latest.pt.
+
+    A damaged latest.pt falls back to the newest intact checkpoint; the warning rides under `resume_warning`
+    until train_classifier logs it.
+    """
+    from mimkit.engine.checkpoint import find_resume
 
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir) / "checkpoints")
-    if cfg.misc.resume:
-        return load_training_checkpoint(cfg.misc.resume)
-    if cfg.misc.auto_resume and (ckpt_dir / "latest.pt").exists():
-        return load_training_checkpoint(ckpt_dir / "latest.pt")
-    return None
+    ckpt, _, warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
+    if ckpt is not None and warning:
+        ckpt["resume_warning"] = warning
+    return ckpt
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, what: str) -> None:
