@@ -472,8 +472,9 @@ class Trainer:
         if s.rollback_lr_scale != 1.0:
             changes.append(f"lr x{kept.lr_factor:g}")
         self.optimizer.zero_grad(set_to_none=True)
+        nonfinite = self.state.skipped_nonfinite
         self.load(load_training_checkpoint(self._restore_point))
-        self.recovery = kept
+        self.recovery, self.state.skipped_nonfinite = kept, nonfinite
         self._saved_at = self.state.position()
         first, last = window * s.accum_iter, min((window + 1) * s.accum_iter, self.iters_per_epoch) - 1
         self.run.info(
