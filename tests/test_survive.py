@@ -25,6 +25,7 @@ from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer
 from mimkit.engine.optim import build_adamw, param_groups, set_lr
 from mimkit.engine.signals import GracefulStop
+from mimkit.errors import RunInterrupted
 from mimkit.models import create_model
 from mimkit.tasks.pretrain import pretrain_step
 
@@ -145,6 +146,30 @@ def test_ctrl_c_to_the_process_group_stops_the_cli_with_a_checkpoint(tmp_path: P
     stopped = int(line.split("optimiser step ")[1].split()[0])
     assert stopped >= 2 and step_of(out / "checkpoints/latest.pt") == stopped
     assert "Traceback" not in err
+
+
+class _SigtermAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.state.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_signal_stop_leaves_no_dataloader_workers_behind(tmp_path: Path) -> None:
+    """Workers ignore SIGTERM, so the loop stops them itself: none may be left for the interpreter's exit
+    (multiprocessing would SIGTERM them there and wait forever)."""
+    import multiprocessing
+
+    t = tiny_trainer(tmp_path, poison=set(), num_workers=2)
+    t.hooks.append(_SigtermAt(2))
+    with pytest.raises(RunInterrupted):
+        t.fit()
+    t.run.close()
+    assert step_of(tmp_path / "checkpoints/latest.pt") == 2
+    assert multiprocessing.active_children() == []
 
 
 # ---------------------------------------------------------------------------------------------- every stop

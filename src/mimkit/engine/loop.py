@@ -29,7 +29,7 @@ from mimkit.engine.checkpoint import (
 from mimkit.engine.logging import RunLogger, SmoothedValue
 from mimkit.engine.precision import autocast_dtype, describe_amp, resolve_amp  # noqa: F401  (tasks import these)
 from mimkit.engine.rollback import RecoveryState, fallback_precision
-from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader
+from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader, shutdown_workers
 from mimkit.engine.signals import GracefulStop, signal_name
 from mimkit.errors import CheckpointError, DataError, RunInterrupted, UserError
 
@@ -272,6 +272,14 @@ class Trainer:
             return st
         start = st.position()
         self._call_hooks("on_train_start")
+        try:
+            self._fit(start)
+        finally:
+            shutdown_workers(self.loader)
+        return st
+
+    def _fit(self, start: tuple[int, int, int]) -> None:
+        s, st = self.s, self.state
         with GracefulStop() as stopper:
             self._stopper = stopper
             if s.on_nonfinite == "rollback":
@@ -297,7 +305,6 @@ class Trainer:
                     err = e
             if not D.all_true(err is None, self.device):
                 raise err or CheckpointWriteError("rank 0 could not write final.pt")
-        return st
 
     def _run_epoch(self) -> str:
         """One epoch from the current position; returns how it ended: epoch | max_steps | signal."""
@@ -311,8 +318,9 @@ class Trainer:
         smooth = SmoothedValue()
         ep_loss, ep_n, t_epoch, t_last = 0.0, 0, time.perf_counter(), time.perf_counter()
         ending = "epoch"
+        batches = iter(self.loader)
         try:
-            for i, batch in enumerate(self.loader, start=start_batch):
+            for i, batch in enumerate(batches, start=start_batch):
                 if i >= self.iters_per_epoch:
                     break
                 if i % s.accum_iter == 0:
@@ -357,6 +365,9 @@ class Trainer:
                     self.run.metrics({"kind": "step", "epoch": epoch, "iter": i, "step": st.step, **record}, st.step)
                 if ending != "epoch":
                     break
+        except BaseException:
+            shutdown_workers(self.loader, batches)  # a traceback would keep the workers alive until exit
+            raise
         finally:
             self.run.end_epoch()
         # resumed exactly at the end of this epoch: its summary was logged by the earlier run
