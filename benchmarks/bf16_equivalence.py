@@ -34,6 +34,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/bf16_equivalence.py " + " ".join(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -64,7 +65,6 @@ def main(argv=None) -> int:
             print(f"seed {seed} amp {amp:5} final loss {losses[amp][seed]:.5f}  ({seconds[amp][seed]:.0f} s)",
                   flush=True)
 
-    command = "python benchmarks/bf16_equivalence.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command}\nCPU bf16: {bf16_ok} ({bf16_why})\n")
     print("| precision | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± std |")
     print("|---|" + "---|" * (len(args.seeds) + 1))
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         summary[amp] = {"mean": m, "std": sd}
         name = "fp32 (`--amp off`)" if amp == "off" else f"{amp} (`--amp {amp}`)"
         print(f"| {name} | " + " | ".join(f"{losses[amp][s]:.4f}" for s in args.seeds) + f" | {m:.4f} ± {sd:.4f} |")
-    result = {"losses": losses, "seconds": seconds, "summary": summary, "cpu_bf16": bf16_ok, "why": bf16_why,
+    result = {"command": command, "losses": losses, "seconds": seconds, "summary": summary, "cpu_bf16": bf16_ok, "why": bf16_why,
               "extra_args": extra, "runs": str(parent), "load_average": os.getloadavg()}
     if "off" in args.precisions and len(args.precisions) > 1:
         for amp in [a for a in args.precisions if a != "off"]:
