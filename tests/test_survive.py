@@ -368,3 +368,21 @@ def test_write_error_during_save_is_one_line_and_keeps_the_previous_checkpoint(
     assert pretrain(out, image_folder, "--epochs", "1", "--save_freq_steps", "2") == 0
     assert step_of(out / "checkpoints/final.pt") == 4
 
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("schema", ["pretrain", "continual", "linprobe", "finetune"])
+def test_every_training_command_takes_the_rollback_keys(schema: str) -> None:
+    from mimkit import config as C
+    from mimkit.errors import ConfigError
+    from mimkit.tasks import continual, eval_config
+
+    cls = {"pretrain": C.PretrainConfig, "continual": continual.ContinualConfig,
+           "linprobe": eval_config.LinprobeConfig, "finetune": eval_config.FinetuneConfig}[schema]
+    keys = {"on_nonfinite": "rollback", "max_rollbacks": 1, "rollback_lr_scale": 0.5, "rollback_amp": "bf16"}
+    cfg = C.build_config(cls, [("overrides", {"optimization": keys})])
+    assert {k: cfg.optimization[k] for k in keys} == keys
+    with pytest.raises(ConfigError, match="optimization.rollback_amp"):
+        C.build_config(cls, [("overrides", {"optimization": {"rollback_amp": "fp16"}})])
+    with pytest.raises(ConfigError, match="optimization.rollback_lr_scale"):
+        C.build_config(cls, [("overrides", {"optimization": {"rollback_lr_scale": 2.0}})])
