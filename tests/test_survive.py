@@ -386,3 +386,32 @@ def test_every_training_command_takes_the_rollback_keys(schema: str) -> None:
         C.build_config(cls, [("overrides", {"optimization": {"rollback_amp": "fp16"}})])
     with pytest.raises(ConfigError, match="optimization.rollback_lr_scale"):
         C.build_config(cls, [("overrides", {"optimization": {"rollback_lr_scale": 2.0}})])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["linprobe", "finetune"])
+def test_classifier_commands_stop_on_a_signal_and_resume(tmp_path: Path, monkeypatch, command: str) -> None:
+    """The same engine under linprobe / finetune: SIGTERM after step 2 -> exit 75 with step-2; rerun finishes."""
+    from test_evaluate import save_tiny, write_colour_set
+
+    ckpt = save_tiny(tmp_path / "tiny.pt")
+    data = write_colour_set(tmp_path / "data", size=40)
+    out = tmp_path / "run"
+    argv = [command, "--finetune", str(ckpt), "--data_path", str(data), "--input_size", "32", "--epochs", "2",
+            "--warmup_epochs", "1", "--batch_size", "8", "--output_dir", str(out), "--device", "cpu",
+            "--num_workers", "0"]
+    real = Trainer._call_hooks
+
+    def signal_at_step_2(self, name, *args):
+        real(self, name, *args)
+        if name == "on_step_end" and self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_call_hooks", signal_at_step_2)
+    assert main(argv) == 75
+    assert step_of(out / "checkpoints/latest.pt") == 2 and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert main(argv) == 0
+    log = (out / "log.txt").read_text()
+    assert "stopped by SIGTERM after optimiser step 2" in log and "resumed at epoch 0, step 2" in log
+    assert len(json.loads((out / "results.json").read_text())["history"]) == 2
