@@ -412,7 +412,10 @@ def write_jpegs(folder: Path, n: int, px: int) -> None:
         img.resize((px, px), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def time_loop(args, device: torch.device, dataset, num_workers: int, run_dir: Path) -> dict:
+def time_loop(args, device: torch.device, dataset, num_workers: int, run_dir: Path, collate=None,
+              wrap_step=None) -> dict:
+    """Step times of the real loop over `dataset`; `collate` / `wrap_step` swap in another data path
+    (e.g. device-side augmentation: collate_device and device_step)."""
     from mimkit.data.datasets import collate_batch
     from mimkit.engine.distributed import DistInfo
     from mimkit.engine.logging import RunLogger
@@ -431,8 +434,9 @@ def time_loop(args, device: torch.device, dataset, num_workers: int, run_dir: Pa
                             max_steps=total)
     run = RunLogger(run_dir, tensorboard=False, print_freq=10**9)
     hook = _StepTimes(device)
-    trainer = Trainer(model=fwd, optimizer=opt, dataset=dataset, collate=collate_batch,
-                      step_fn=pretrain_step(args.mask_ratio, "masked_only"), lr_schedule=lambda o, e: None,
+    step_fn = pretrain_step(args.mask_ratio, "masked_only")
+    trainer = Trainer(model=fwd, optimizer=opt, dataset=dataset, collate=collate or collate_batch,
+                      step_fn=wrap_step(step_fn) if wrap_step else step_fn, lr_schedule=lambda o, e: None,
                       settings=settings, dist=DistInfo(device=device), run=run, ckpt=None, config={},
                       config_yaml="", hooks=[hook])
     try:

@@ -36,7 +36,7 @@ def _export(ckpt, fmt: str, out) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "safetensors", "timm", "hf"])
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx", "safetensors", "timm", "hf"])
 def test_encoder_export_parity(fmt, ckpts, tmp_path, capsys) -> None:
     r = _export(ckpts[0], fmt, tmp_path / f"enc_{fmt}")
     assert r["kind"] == "encoder" and r["ok"] and r["max_abs_error"] < 1e-4
@@ -52,7 +52,7 @@ def test_encoder_export_parity(fmt, ckpts, tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "safetensors", "timm"])
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx", "safetensors", "timm"])
 def test_classifier_export_parity(fmt, ckpts, tmp_path) -> None:
     r = _export(ckpts[1], fmt, tmp_path / f"clf_{fmt}")
     assert r["kind"] == "classifier" and r["ok"] and r["output_shape"][1:] == [5]
@@ -62,3 +62,37 @@ def test_classifier_export_parity(fmt, ckpts, tmp_path) -> None:
 def test_hf_classifier_is_a_clear_error(ckpts, tmp_path, capsys) -> None:
     assert main(["export", str(ckpts[1]), "--format", "hf", "--output", str(tmp_path / "x")]) == 2
     assert "hf exports MAE encoders" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pt2_is_a_torch_export_program_with_a_dynamic_batch(ckpts, tmp_path) -> None:
+    r = _export(ckpts[0], "pt2", tmp_path / "enc.pt2")
+    program = torch.export.load(str(tmp_path / "enc.pt2"))
+    assert isinstance(program, torch.export.ExportedProgram) and r["runtime"].startswith("torch")
+    enc, _ = __import__("mimkit.models.loading", fromlist=["x"]).model_from_checkpoint(ckpts[0])
+    x = torch.randn(5, 3, 32, 32)  # neither the traced batch (2) nor the checked one (3)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), enc.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_parity_runs_on_onnxruntime(ckpts, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    r = _export(ckpts[0], "onnx", tmp_path / "enc.onnx")
+    assert r["runtime"].startswith("onnxruntime") and r["ok"]
+    assert r["normalization"] == {"mean": pytest.approx([0.485, 0.456, 0.406]),
+                                  "std": pytest.approx([0.229, 0.224, 0.225])}
+
+
+@pytest.mark.parametrize("fmt, package", [("onnx", "onnx"), ("hf", "transformers")])
+def test_missing_package_is_one_line_before_any_work(fmt, package, ckpts, tmp_path, capsys, monkeypatch) -> None:
+    import mimkit.tasks.export as X
+
+    monkeypatch.setitem(__import__("sys").modules, package, None)  # `import package` now raises ImportError
+    loaded = []
+    monkeypatch.setattr(X, "load_for_export", lambda *a, **k: loaded.append(a))
+    out = tmp_path / "never"
+    assert main(["export", str(ckpts[0]), "--format", fmt, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mimkit export: error: --format {fmt} needs the {package} package: pip install 'mimkit[export]'"
+    assert not loaded and not out.exists()  # checked before the checkpoint was even read

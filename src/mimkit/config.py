@@ -70,10 +70,19 @@ class AugmentationConfig:
 class DataConfig:
     data_path: Optional[str] = None  # class folders, a flat image folder, or a built-in set; None = the demo
     input_size: Any = 224  # int or [H, W]
+    mean: Optional[List[float]] = None  # per-channel normalisation mean (one per in_chans); None = ImageNet's
+    std: Optional[List[float]] = None  # per-channel normalisation std; `mimkit stats DIR` computes both
     num_workers: int = 10  # data-loading worker processes
     pin_memory: bool = True
     persistent_workers: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+@dataclass
+class PretrainDataConfig(DataConfig):
+    # workers: decode + RandomResizedCrop + flip + normalise in DataLoader workers (the official recipe);
+    # device: workers only read/decode, the crop-resize-flip-normalise runs batched on the training device
+    augment_on: str = "workers"
 
 
 @dataclass
@@ -127,7 +136,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -162,6 +171,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "schedule.start_epoch": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.augment_on": (lambda v: v in ("workers", "device"), "workers or device"),
     "data.augmentation.crop_scale_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.augmentation.crop_scale_max": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "checkpointing.save_freq_epochs": (lambda v: v >= 0, ">= 0"),
@@ -310,3 +320,13 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 def to_container(cfg: DictConfig) -> dict:
     """Plain nested dict (for checkpoints and results files)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def float_list(text: str) -> list[float]:
+    """'0.5,0.4,0.3' (or one number) -> [0.5, 0.4, 0.3]: the type of the --mean / --std flags."""
+    import argparse
+
+    try:
+        return [float(v) for v in str(text).replace(" ", "").strip("[]").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}")

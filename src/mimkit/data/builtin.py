@@ -236,11 +236,15 @@ def open_dataset(
     require_labels: bool = False,
     min_classes: int = 2,
 ) -> Dataset:
-    """A folder path (class folders, flat, with or without train/ and val/) or a built-in name -> Dataset.
+    """A folder path (class folders, flat, with or without train/ and val/), tar shards or a built-in name -> Dataset.
 
     Items are (transform(image), label); `.classes` is [] for unlabelled sets. An existing folder wins over a
     built-in of the same name. Every problem (missing, empty, unlabelled where labels are needed): DataError.
     """
+    from mimkit.data.shards import is_shard_spec, open_shards
+
+    if is_shard_spec(spec):  # WebDataset .tar shards: a pattern, one .tar or a folder of them
+        return open_shards(spec, split, transform, require_labels=require_labels, min_classes=min_classes)
     path = Path(spec).expanduser()
     if path.exists():
         if is_builtin(str(spec)):

@@ -6,6 +6,7 @@ Layouts accepted by `image_folder(path, transform, split)`:
     path/*.jpg                                         (flat, unlabelled: label 0, classes == [])
 A sample whose file cannot be decoded comes back as None (with a warning naming the file); `collate_batch`
 drops it and counts it in `skipped`, so a DataLoader must use `collate_fn=collate_batch`.
+Every file is read by mimkit.data.images.read_image (16-bit, alpha, CMYK, EXIF orientation handled there).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from mimkit.data.images import read_image
 from mimkit.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class FolderDataset(ImageFolder):
 
     def __init__(self, root: str | Path, transform: Callable | None = None, flat: bool = False) -> None:
         self.flat = flat  # read by find_classes/make_dataset, which the parent constructor calls
-        super().__init__(str(root), transform=transform, allow_empty=True)
+        super().__init__(str(root), transform=transform, loader=read_image, allow_empty=True)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         """Class folders, sorted, hidden ones (.ipynb_checkpoints, __MACOSX) skipped; [] when flat."""
@@ -75,7 +77,7 @@ class FolderDataset(ImageFolder):
         """(transform(image), label), or None when the file cannot be decoded."""
         path, target = self.samples[index]
         try:
-            sample = self.loader(path)  # pil_loader: open + convert('RGB'), which forces the full decode
+            sample = self.loader(path)  # read_image: the full decode, any mode -> 8-bit RGB
         except DECODE_ERRORS as e:
             logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
             return None
@@ -225,8 +227,7 @@ class ADE20KFolder(Dataset):
         """(image, mask) after the joint transform, or None when either file cannot be decoded."""
         img_path, mask_path = self.samples[index]
         try:
-            with Image.open(img_path) as f:
-                img = f.convert("RGB")
+            img = read_image(img_path)
             with Image.open(mask_path) as f:
                 f.load()
                 mask = f.copy()

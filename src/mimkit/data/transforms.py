@@ -6,6 +6,7 @@ Every pipeline takes a PIL image and returns a normalised float tensor (C, H, W)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from mimkit.data.images import to_mode
+from mimkit.errors import ConfigError
 
 # The official eval recipe resizes to input_size / 0.875 (224 -> 256) before the centre crop.
 EVAL_CROP_PCT = 0.875
@@ -35,30 +39,45 @@ def to_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def mean_std(in_chans: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation statistics for 3-channel (ImageNet) or 1-channel inputs."""
-    if in_chans == 3:
-        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    if in_chans == 1:
-        return GRAY_MEAN, GRAY_STD
-    raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+Stats = Optional[Sequence[float]]
+
+
+def mean_std(in_chans: int = 3, mean: Stats = None, std: Stats = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation statistics: `mean` / `std` when given (data.mean / data.std, one value per channel), else
+    ImageNet's for 3 channels and their average for 1. A wrong count or a std <= 0 is a ConfigError."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3 (images are read as grayscale or RGB), got {in_chans}")
+    if (mean is None) != (std is None):
+        raise ConfigError("give data.mean and data.std together (--mean and --std), or neither")
+    if mean is None:
+        return (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if in_chans == 3 else (GRAY_MEAN, GRAY_STD)
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != in_chans:
+            raise ConfigError(f"{key} has {len(values)} value(s) {list(values)} but the model reads {in_chans} "
+                              f"channel(s): give one per channel")
+    if any(not v > 0 for v in std):
+        raise ConfigError(f"data.std must be > 0 for every channel, got {list(std)}")
+    return mean, std
 
 
 class ConvertMode:
-    """PIL image -> mode 'RGB' or 'L'; a class, not a lambda, so DataLoader workers can pickle it."""
+    """PIL image of any mode -> 8-bit 'RGB' or 'L' (mimkit.data.images.to_mode: 16-bit, alpha, CMYK read right);
+    a class, not a lambda, so DataLoader workers can pickle it."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(img, self.mode)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
 
 
 def _mode(in_chans: int) -> ConvertMode:
-    mean_std(in_chans)  # validates in_chans
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3 (images are read as grayscale or RGB), got {in_chans}")
     return ConvertMode("L" if in_chans == 1 else "RGB")
 
 
@@ -67,9 +86,11 @@ def pretrain_transform(
     in_chans: int = 3,
     scale: tuple[float, float] = (0.2, 1.0),
     hflip: bool = True,
+    mean: Stats = None,
+    std: Stats = None,
 ) -> T.Compose:
     """Official MAE pretraining: RandomResizedCrop(0.2-1, bicubic), flip, ToTensor, normalise -> (C, H, W)."""
-    mean, std = mean_std(in_chans)
+    mean, std = mean_std(in_chans, mean, std)
     return T.Compose([
         _mode(in_chans),
         T.RandomResizedCrop(to_hw(input_size), scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
@@ -79,9 +100,10 @@ def pretrain_transform(
     ])
 
 
-def eval_transform(input_size: int | Sequence[int], in_chans: int = 3) -> T.Compose:
+def eval_transform(input_size: int | Sequence[int], in_chans: int = 3, mean: Stats = None,
+                   std: Stats = None) -> T.Compose:
     """Official linprobe/finetune eval: resize to size/0.875 bicubic, centre crop, normalise -> (C, H, W)."""
-    mean, std = mean_std(in_chans)
+    mean, std = mean_std(in_chans, mean, std)
     h, w = to_hw(input_size)
     # Square: resize the shorter side, as the official code; non-square: resize both sides, as timm.
     resize = int(h / EVAL_CROP_PCT) if h == w else (int(h / EVAL_CROP_PCT), int(w / EVAL_CROP_PCT))
@@ -104,9 +126,11 @@ def finetune_transform(
     in_chans: int = 3,
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
+    mean: Stats = None,
+    std: Stats = None,
 ) -> T.Compose:
     """Official main_finetune training transform, by timm's create_transform (defaults = official flags)."""
-    mean, std = mean_std(in_chans)
+    mean, std = mean_std(in_chans, mean, std)
     timm_tf = create_transform(
         input_size=to_hw(input_size),
         is_training=True,
@@ -147,8 +171,8 @@ def _patch_posterize(t: object) -> None:
 class SegTransform:
     """Joint (PIL image, PIL mask) -> (image (C, H, W) float, mask (H, W) long); masks resampled nearest."""
 
-    def __init__(self, ops: list, in_chans: int = 3) -> None:
-        mean, std = mean_std(in_chans)
+    def __init__(self, ops: list, in_chans: int = 3, mean: Stats = None, std: Stats = None) -> None:
+        mean, std = mean_std(in_chans, mean, std)
         self.mode = _mode(in_chans)
         self.ops = v2.Compose([
             *ops,
@@ -167,7 +191,8 @@ class SegTransform:
 
 
 def seg_train_transform(
-    input_size: int | Sequence[int], scale: tuple[float, float] = (0.5, 1.0), in_chans: int = 3
+    input_size: int | Sequence[int], scale: tuple[float, float] = (0.5, 1.0), in_chans: int = 3,
+    mean: Stats = None, std: Stats = None,
 ) -> SegTransform:
     """Segmentation training: the same random resized crop (bicubic image, nearest mask) and flip on both."""
     return SegTransform(
@@ -175,10 +200,18 @@ def seg_train_transform(
             v2.RandomResizedCrop(to_hw(input_size), scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
             v2.RandomHorizontalFlip(),
         ],
-        in_chans,
+        in_chans, mean, std,
     )
 
 
-def seg_eval_transform(input_size: int | Sequence[int], in_chans: int = 3) -> SegTransform:
+def seg_eval_transform(input_size: int | Sequence[int], in_chans: int = 3, mean: Stats = None,
+                       std: Stats = None) -> SegTransform:
     """Segmentation evaluation: resize both to input_size (bicubic image, nearest mask)."""
-    return SegTransform([v2.Resize(to_hw(input_size), interpolation=v2.InterpolationMode.BICUBIC)], in_chans)
+    return SegTransform([v2.Resize(to_hw(input_size), interpolation=v2.InterpolationMode.BICUBIC)], in_chans,
+                        mean, std)
+
+
+def normalization_of(model) -> tuple[Stats, Stats]:
+    """(mean, std) a model loaded from a checkpoint was trained with (`model.normalization`), else (None, None)."""
+    norm = getattr(model, "normalization", None)
+    return (norm[0], norm[1]) if norm else (None, None)

@@ -22,6 +22,7 @@ import torch
 
 from mimkit import __version__
 from mimkit.errors import CheckpointError
+from mimkit.io import load_checkpoint_file, resolve_checkpoint, save_safetensors
 
 CKPT_NAME = "model.pt"
 
@@ -257,18 +258,12 @@ def find_resume(explicit: Optional[str], ckpt_dir: str | Path, auto_resume: bool
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A .pt file, or a checkpoint folder holding model.pt (or a run folder's checkpoints/latest.pt)."""
-    p = Path(path)
-    for cand in (p, p / CKPT_NAME, p / "latest.pt", p / "checkpoints" / "latest.pt"):
-        if cand.is_file():
-            return cand
-    raise CheckpointError(f"checkpoint not found: {path}")
+    """A .pt file, or a checkpoint folder holding model.pt (or a run folder's latest.pt): mimkit.io's resolver."""
+    return resolve_checkpoint(path, prefer="latest")
 
 
 def load_training_checkpoint(path: str | Path) -> dict:
     """Read a mimkit training checkpoint safely (weights_only); a foreign or corrupt file is a CheckpointError."""
-    from mimkit.models.convert import load_checkpoint_file  # the one safe reader (weights_only / safetensors)
-
     p = resolve_checkpoint_path(path)
     ckpt = load_checkpoint_file(p)
     missing = [k for k in ("model", "optimizer", "epoch", "step") if not isinstance(ckpt, dict) or k not in ckpt]
@@ -282,10 +277,4 @@ def load_training_checkpoint(path: str | Path) -> dict:
 
 def save_weights_safetensors(state_dict: dict, path: str | Path) -> None:
     """Weights only, as safetensors (contiguous, unshared tensors)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors(state_dict, path)

@@ -43,13 +43,16 @@ class SeededSamples(Dataset):
 
 
 class EpochSampler(Sampler):
-    """DistributedSampler order (shuffled by seed + epoch, split over ranks), yielding (epoch, index) keys.
+    """DistributedSampler order (shuffled by seed + epoch, split over ranks, no repeats), yielding (epoch, index) keys.
 
     `set_start(k)` skips the first k samples of this rank's order (resume in the middle of an epoch).
     """
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
-        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        # drop_last: when N is not a multiple of the world size, the N % world samples at the end of this epoch's
+        # shuffle sit the epoch out, instead of being padded with repeats (no sample seen twice in an epoch)
+        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                        drop_last=True)
         self.epoch = 0
         self.start = 0
 

@@ -9,21 +9,18 @@ facebookresearch/mae names (``blocks.N.attn.qkv.weight``, ``decoder_blocks.N...`
     report = load_into_model(model, "mae_pretrain_vit_base.pth")   # official, HF, timm or mimkit file
     print(report.summary())                                       # e.g. "... decoder starts fresh"
 
-Files are read with ``torch.load(weights_only=True)`` (only ``argparse.Namespace`` is allowed besides
-tensors and containers, for the official training checkpoints' ``args``) or safetensors: loading never
-runs code from the file.
+Files (or folders) are read by mimkit.io (weights_only torch.load or safetensors): loading never runs code
+from the file. ``load_checkpoint_file`` and ``save_safetensors`` are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -31,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 
 from mimkit.errors import CheckpointError
+from mimkit.io import load_checkpoint_file, save_safetensors  # noqa: F401  (re-exported)
 from mimkit.models import vit
 from mimkit.models.mae import ENCODER_PREFIXES, MaskedAutoencoderViT
 
@@ -41,55 +39,6 @@ StateDict = dict[str, torch.Tensor]
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Positional embeddings of the MAE layout, resized when a checkpoint has another patch grid.
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """Read a ``.pt``/``.pth`` (weights_only) or ``.safetensors`` file onto the CPU.
-
-    Raises CheckpointError (one line naming the path) when the file is missing, corrupt, or holds
-    objects other than tensors, containers and ``argparse.Namespace``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/zipfile/pickle/safetensors raise many types; the user needs one line
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if not head:
-            reason = "the file is empty"
-        elif head[:2] != b"PK" and head[:1] != b"\x80" and path.suffix != ".safetensors":
-            reason = "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-        elif "Weights only load failed" in first_line:
-            reason = "it holds pickled Python objects that mimkit will not unpickle (only tensors are loaded)"
-        else:
-            reason = f"{type(e).__name__}: {first_line[:200] or 'truncated or corrupt file'}"
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
-
-
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write a weights-only safetensors file atomically (temporary file, then rename); returns the path."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -209,22 +158,47 @@ def mae_to_hf(sd: Mapping[str, torch.Tensor], legacy: bool = False) -> StateDict
     return out
 
 
+# Every block prefix Hugging Face has written -> the transformers >= 5 in-memory one. 4.x: vit.encoder.layer.N,
+# decoder.decoder_layers.N; 5.x in memory: vit.layers.N; 5.x save_pretrained files: vit.encoder.layer.N and
+# decoder.decoder_encoder.layer.N (its reverse renaming of decoder_layers); ViTMAEModel: no "vit." prefix.
+_HF_BLOCK_PREFIXES = (
+    (re.compile(r"^(?:vit\.)?(?:encoder\.layers?|layers)\.(\d+)\."), r"vit.layers.\1."),
+    (re.compile(r"^decoder\.decoder_(?:layers|encoder\.layers?)\.(\d+)\."), r"decoder.decoder_layers.\1."),
+)
+# Inside a block, 4.x names -> 5.x names (attention.output.dense before output.dense).
+_HF_BLOCK_RENAMES = (
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+)
+
+
+def hf_modern_key(key: str) -> str:
+    """Any Hugging Face ViTMAE key (4.x, 5.x in memory, 5.x on disk, ViTMAEModel) -> the transformers 5 name."""
+    if key.startswith(("embeddings.", "layernorm.")):
+        key = "vit." + key  # ViTMAEModel
+    for pattern, repl in _HF_BLOCK_PREFIXES:
+        if pattern.match(key):
+            return _rename(pattern.sub(repl, key, count=1), _HF_BLOCK_RENAMES)
+    return key
+
+
 def hf_to_mae(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """``ViTMAEForPreTraining`` or ``ViTMAEModel`` state dict (transformers 4.x or 5 names) -> MAE layout.
+    """``ViTMAEForPreTraining`` or ``ViTMAEModel`` state dict (any transformers version's names) -> MAE layout.
 
     q, k, v (D, D) are concatenated into ``attn.qkv`` (3D, D). A ViTMAEModel dict (no ``vit.`` prefix,
     no decoder) gives an encoder-only MAE state dict.
     """
-    inverse_legacy = tuple((new, old) for old, new in _HF_LEGACY)
     top = {v: k for k, v in _HF_TOP.items()}
     parts = {v: k for k, v in _HF_BLOCK_PARTS.items()}
     blocks = {v: k for k, v in _HF_BLOCKS.items()}
     out: StateDict = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if key.startswith(("embeddings.", "encoder.", "layers.", "layernorm.")):
-            key = "vit." + key  # ViTMAEModel
-        key = _rename(key, inverse_legacy)
+    for original, value in sd.items():
+        key = hf_modern_key(original)
         m = _HF_BLOCK_KEY.match(key)
         if m:
             group, idx, part, leaf = m.groups()
@@ -233,18 +207,42 @@ def hf_to_mae(sd: Mapping[str, torch.Tensor]) -> StateDict:
                 qkv.setdefault(f"{stem}.attn.qkv.{leaf}", {})[part] = value
                 continue
             if part not in parts:
-                raise CheckpointError(f"no MAE name for Hugging Face key '{key}'")
+                raise CheckpointError(f"no MAE name for Hugging Face key '{original}'")
             out[f"{stem}.{parts[part]}.{leaf}"] = value
             continue
         stem, _, leaf = key.rpartition(".") if key not in top else (key, "", "")
         if stem not in top:
-            raise CheckpointError(f"no MAE name for Hugging Face key '{key}'")
+            raise CheckpointError(f"no MAE name for Hugging Face key '{original}'")
         out[top[stem] + (f".{leaf}" if leaf else "")] = value
     for key, pieces in qkv.items():
         if len(pieces) != 3:
             raise CheckpointError(f"incomplete q/k/v for '{key}': found only {sorted(pieces)}")
         out[key] = torch.cat([pieces[name] for name in _HF_QKV], dim=0)
     return out
+
+
+def hf_config_to_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A ViTMAE ``config.json`` (dict) -> MaskedAutoencoderViT arguments (the inverse of hf_config_kwargs)."""
+    if hf_config.get("model_type", "vit_mae") != "vit_mae":
+        raise CheckpointError(f"config.json describes a '{hf_config.get('model_type')}' model, not vit_mae")
+    c = {**_HF_CONFIG_DEFAULTS, **hf_config}
+    if c["intermediate_size"] != c["decoder_intermediate_size"] * c["hidden_size"] / c["decoder_hidden_size"]:
+        log.warning("config.json: the decoder's MLP ratio differs from the encoder's; using the encoder's")
+    return dict(
+        img_size=c["image_size"], patch_size=c["patch_size"], in_chans=c["num_channels"],
+        embed_dim=c["hidden_size"], depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        decoder_embed_dim=c["decoder_hidden_size"], decoder_depth=c["decoder_num_hidden_layers"],
+        decoder_num_heads=c["decoder_num_attention_heads"], mlp_ratio=c["intermediate_size"] / c["hidden_size"],
+        norm_pix_loss=bool(c["norm_pix_loss"]),
+    )
+
+
+# transformers' ViTMAEConfig defaults, for config.json files that leave a key out.
+_HF_CONFIG_DEFAULTS = dict(
+    image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    intermediate_size=3072, decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
+    decoder_intermediate_size=2048, norm_pix_loss=False,
+)
 
 
 def hf_config_kwargs(model: MaskedAutoencoderViT) -> dict[str, Any]:
@@ -411,7 +409,8 @@ def load_into_model(
     strict: bool = True,
     pos_embed: str = "bicubic",
 ) -> LoadReport:
-    """Load an official MAE, Hugging Face ViTMAE, timm ViT or mimkit checkpoint (file or loaded object).
+    """Load an official MAE, Hugging Face ViTMAE (transformers 4.x or 5.x names), timm ViT or mimkit checkpoint:
+    a file, a folder (a run / checkpoint / save_pretrained folder: mimkit.io.resolve_checkpoint) or a loaded object.
 
     - Position embeddings of another patch grid are resized (`pos_embed`: 'bicubic' as the official
       ``interpolate_pos_embed``, or 'sincos' to recompute the fixed embedding for the model's grid).

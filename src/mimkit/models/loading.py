@@ -1,15 +1,25 @@
-"""Build the right model for a checkpoint: mimkit (its saved config), official MAE or Hugging Face (by shape)."""
+"""Build the right model for a checkpoint: mimkit (its saved config), Hugging Face (its config.json), official
+MAE (by shape); the checkpoint's input normalisation travels with the model as `model.normalization`.
+
+A checkpoint may be given as a file or a folder (mimkit run / checkpoint folder, HF save_pretrained folder):
+`mimkit.io.resolve_checkpoint` finds the file.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
 import torch
 
 from mimkit.errors import CheckpointError
-from mimkit.models.convert import extract_state_dict, load_checkpoint_file, load_into_model, to_mae_state_dict
+from mimkit.io import hf_config_beside, load_checkpoint_file, resolve_checkpoint
+from mimkit.models.convert import extract_state_dict, hf_config_to_kwargs, load_into_model, to_mae_state_dict
 from mimkit.models.registry import create_model, list_models
+
+# Registered builder used for a Hugging Face config that matches no preset: every size comes from config.json.
+HF_FALLBACK_NAME = "mae_vit_base_patch16"
 
 
 def _preset_signature(name: str) -> tuple[int, int, int]:
@@ -32,16 +42,53 @@ def infer_model_name(sd: dict) -> Optional[str]:
     return None
 
 
+def _mimkit_config(obj: Any) -> Optional[dict]:
+    return obj.get("config") if isinstance(obj, dict) and "mimkit_version" in obj else None
+
+
+def checkpoint_normalization(path: str | os.PathLike, obj: Any = None) -> Optional[tuple[list, list]]:
+    """(mean, std) the checkpoint's model was trained with, when it says: a mimkit config's data.mean / data.std,
+    or a Hugging Face folder's preprocessor_config.json image_mean / image_std. None = the defaults."""
+    p = resolve_checkpoint(path)
+    obj = load_checkpoint_file(p) if obj is None else obj
+    cfg = _mimkit_config(obj)
+    if cfg:
+        data = cfg.get("data") or {}
+        if data.get("mean") is not None and data.get("std") is not None:
+            return [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+        return None
+    pre = p.parent / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            d = json.loads(pre.read_text())
+        except json.JSONDecodeError:
+            return None
+        if d.get("image_mean") is not None and d.get("image_std") is not None:
+            return [float(v) for v in d["image_mean"]], [float(v) for v in d["image_std"]]
+    return None
+
+
+def describe_architecture(model) -> str:
+    """'patch 8, encoder 6x192, decoder 2x128, 32x32 input': what a model is, beyond its name."""
+    h, w = model.img_size
+    return (f"patch {model.patch_size}, encoder {len(model.blocks)}x{model.embed_dim}, "
+            f"decoder {len(model.decoder_blocks)}x{model.decoder_embed.out_features}, "
+            f"{h}x{w} input, {model.in_chans} channel{'s' if model.in_chans != 1 else ''}")
+
+
 def model_from_checkpoint(
     path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
 ):
-    """(model with the checkpoint's weights, one-line description) for any mimkit / official / HF MAE file.
+    """(model with the checkpoint's weights, one-line description) for any mimkit / official / HF MAE checkpoint.
 
-    A mimkit checkpoint rebuilds the model its config names (type, kwargs, input size, norm_pix_loss); other
-    files need `model_name` unless their shapes match a registered preset.
+    A mimkit checkpoint rebuilds the model its config names (type, kwargs, input size, norm_pix_loss), a Hugging
+    Face folder the one its config.json describes; other files need `model_name` unless their shapes match a
+    registered preset. `model.normalization` is the checkpoint's (mean, std), or None for the defaults.
     """
-    obj = load_checkpoint_file(path)
-    cfg = obj.get("config") if isinstance(obj, dict) and "mimkit_version" in obj else None
+    p = resolve_checkpoint(path)
+    obj = load_checkpoint_file(p)
+    cfg = _mimkit_config(obj)
+    hf_cfg = None if cfg else hf_config_beside(p)
     kwargs: dict[str, Any] = {}
     if cfg:
         mcfg = cfg.get("model", {})
@@ -51,51 +98,69 @@ def model_from_checkpoint(
         if size is not None:
             kwargs["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size
         kwargs["norm_pix_loss"] = bool(mcfg.get("norm_pix_loss", False))
+    elif hf_cfg is not None and hf_cfg.get("model_type") == "vit_mae":
+        kwargs.update(hf_config_to_kwargs(hf_cfg))
     if model_name is None:
         sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
-        model_name = infer_model_name(sd)
+        model_name = infer_model_name(sd) or (HF_FALLBACK_NAME if hf_cfg else None)
         if model_name is None:
-            raise CheckpointError(f"cannot tell which model {path} holds; pass --model (see `mimkit models`)")
+            raise CheckpointError(f"cannot tell which model {p} holds; pass --model (see `mimkit models`)")
     if input_size is not None:
         kwargs["img_size"] = input_size
     kwargs.update(overrides)
     model = create_model(model_name, **kwargs)
     report = load_into_model(model, obj, strict=False)
+    model.normalization = checkpoint_normalization(p, obj)
     model.eval()
-    return model, f"{model_name} from {os.path.basename(str(path))} ({report.source})"
+    generic = p.name in ("model.safetensors", "model.pt", "pytorch_model.bin")
+    where = f"{p.parent.name}/{p.name}" if generic else p.name
+    return model, f"{model_name} ({describe_architecture(model)}) from {where} ({report.source})"
 
 
 def architecture_of(path: str | os.PathLike) -> Optional[dict]:
-    """Config layer {model: {type, kwargs, norm_pix_loss}, data: {input_size}} for the model a checkpoint holds.
+    """Config layer {model: {type, kwargs, norm_pix_loss}, data: {input_size, mean, std}} of a checkpoint's model.
 
-    A mimkit checkpoint says it in its config; an official / Hugging Face file is matched to a registered preset
-    by shape (input size from the position-embedding grid). None when the file is unreadable or matches nothing:
-    the loader then reports the mismatch in full.
+    A mimkit checkpoint says it in its config, a Hugging Face folder in its config.json; an official file is
+    matched to a registered preset by shape (input size from the position-embedding grid). None when the file is
+    unreadable or matches nothing: the loader then reports the mismatch in full.
     """
     try:
-        obj = load_checkpoint_file(path)
+        p = resolve_checkpoint(path)
+        obj = load_checkpoint_file(p)
     except CheckpointError:
         return None
-    cfg = obj.get("config") if isinstance(obj, dict) and "mimkit_version" in obj else None
+    norm = checkpoint_normalization(p, obj)
+    data: dict[str, Any] = {"mean": norm[0], "std": norm[1]} if norm else {}
+    cfg = _mimkit_config(obj)
     if cfg and cfg.get("model", {}).get("type"):
         m = cfg["model"]
         arch = {"model": {"type": m["type"], "kwargs": dict(m.get("kwargs") or {}),
                           "norm_pix_loss": bool(m.get("norm_pix_loss", False))}}
         if cfg.get("data", {}).get("input_size") is not None:
-            arch["data"] = {"input_size": cfg["data"]["input_size"]}
-        return arch
+            data["input_size"] = cfg["data"]["input_size"]
+        return {**arch, **({"data": data} if data else {})}
     try:
         sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
     except CheckpointError:
         return None
+    hf_cfg = hf_config_beside(p)
     name = infer_model_name(sd)
+    if hf_cfg is not None and hf_cfg.get("model_type") == "vit_mae":
+        kwargs = hf_config_to_kwargs(hf_cfg)
+        data["input_size"] = kwargs.pop("img_size")
+        norm_pix = kwargs.pop("norm_pix_loss")
+        return {"model": {"type": name or HF_FALLBACK_NAME, "kwargs": kwargs, "norm_pix_loss": norm_pix},
+                "data": data}
     if name is None:
         return None
-    arch = {"model": {"type": name}}
+    arch: dict[str, Any] = {"model": {"type": name}}
     tokens = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else 0
     side = int(round(tokens**0.5))
     if side * side == tokens and tokens:
-        arch["data"] = {"input_size": side * sd["patch_embed.proj.weight"].shape[-1]}
+        data["input_size"] = side * sd["patch_embed.proj.weight"].shape[-1]
+    if data:
+        arch["data"] = data
     return arch
+

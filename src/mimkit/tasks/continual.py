@@ -175,15 +175,20 @@ class EvalDomain:
 def open_domains(cfg: DictConfig, num_patches: int, in_chans: int) -> list[EvalDomain]:
     """Open every domain's train and val splits now, so a missing or empty one fails before any training."""
     from mimkit.data.builtin import open_dataset
+    from mimkit.data.shards import has_shard_split, is_shard_spec
     from mimkit.data.transforms import eval_transform
 
-    tf = eval_transform(C.input_size(cfg), in_chans)
+    tf = eval_transform(C.input_size(cfg), in_chans, cfg.data.mean, cfg.data.std)
     out = []
     trained = sequence_domains(cfg)
     for spec in trained + list(cfg.continual.eval_domains):
         train_ds = open_dataset(spec, "train", tf)  # DataError: missing, empty, not a folder
         folder = Path(spec).expanduser()
-        if folder.exists() and not (folder / "val").is_dir():
+        if is_shard_spec(spec):
+            no_val = not has_shard_split(spec, "val")  # val-*.tar beside the training shards, or none
+        else:
+            no_val = folder.exists() and not (folder / "val").is_dir()
+        if no_val:
             val_ds, split = train_ds, "train"  # no held-out split: reconstruction on the training images only
         else:
             val_ds, split = open_dataset(spec, "val", tf), "val"

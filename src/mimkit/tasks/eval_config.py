@@ -47,6 +47,9 @@ COMMON_FLAGS: list[Flag] = [
     Flag("random_init", "model.random_init", None, "random weights of the checkpoint's architecture", const=True),
     Flag("data_path", "data.data_path", str, "labelled set: train/ and val/ class folders, or digits"),
     Flag("input_size", "data.input_size", int, "image size (position embeddings interpolated)"),
+    Flag("mean", "data.mean", C.float_list, "per-channel normalisation mean, e.g. 0.5,0.5,0.5; None = the "
+         "checkpoint's, else ImageNet's"),
+    Flag("std", "data.std", C.float_list, "per-channel normalisation std; None = the checkpoint's, else ImageNet's"),
     Flag("dist_eval", "data.dist_eval", None, "split the val set over processes", const=True),
     Flag("num_workers", "data.num_workers", int),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory", const=True),

@@ -56,15 +56,21 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
 
 
 def _resolve(checkpoint: str) -> Path:
-    """A file, or a run/checkpoint folder holding final.pt / latest.pt / model.pt."""
-    p = Path(checkpoint)
-    if p.is_file():
-        return p
-    for cand in (p / "checkpoints" / "final.pt", p / "final.pt", p / "model.pt", p / "checkpoints" / "latest.pt",
-                 p / "latest.pt"):
-        if cand.is_file():
-            return cand
-    raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    """A file, or a run / checkpoint / Hugging Face folder: mimkit.io.resolve_checkpoint (final.pt first)."""
+    from mimkit.io import resolve_checkpoint
+
+    return resolve_checkpoint(checkpoint)
+
+
+def adopt_normalization(cfg, encoder) -> tuple:
+    """(mean, std) for a classifier run: data.mean / data.std when set, else the encoder checkpoint's (written into
+    cfg, so the run's checkpoints carry them to --eval and export), else (None, None) = ImageNet's."""
+    from omegaconf import OmegaConf
+
+    if cfg.data.mean is None and cfg.data.std is None and getattr(encoder, "normalization", None):
+        OmegaConf.update(cfg, "data.mean", list(encoder.normalization[0]))
+        OmegaConf.update(cfg, "data.std", list(encoder.normalization[1]))
+    return cfg.data.mean, cfg.data.std
 
 
 def open_labelled(data_path: str, train_tf: Callable, val_tf: Callable):

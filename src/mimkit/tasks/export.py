@@ -1,18 +1,23 @@
 """`mimkit export`: a checkpoint's encoder (unmasked features) or fine-tuned classifier in a deployable format.
 
-    mimkit export runs/demo/checkpoints/final.pt --format torchscript      # -> <output>.pt, features (N, 1+L, D)
-    mimkit export runs/demo --format onnx --output encoder.onnx
-    mimkit export runs/demo --format safetensors | timm | hf
+    mimkit export runs/demo/checkpoints/final.pt --format pt2              # torch.export -> <output>.pt2
+    mimkit export runs/demo --format onnx --output encoder.onnx               # a run folder: its final.pt
+    mimkit export runs/demo --format safetensors | timm | hf | torchscript
     mimkit export output_dir/checkpoints/best.pt --format onnx             # a fine-tuned classifier: logits
 
+onnx and hf need `pip install 'mimkit[export]'` (onnx, onnxruntime, transformers); this is checked before any
+work. pt2 (torch.export, loaded back with torch.export.load) replaces TorchScript, which PyTorch deprecates.
 The encoder export is `forward_features` (no masking: tracing the masked training forward, as seed 001 did,
 freezes one random mask into the graph). Every export is reloaded and run on random input beside the
-PyTorch model; the max absolute difference is printed and written to <output>.export.json.
+PyTorch model (ONNX by onnxruntime); the max absolute difference is printed and written to
+<output>.export.json, with the input normalisation (mean, std) the model expects.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -22,15 +27,35 @@ import torch
 import torch.nn as nn
 
 from mimkit.errors import CheckpointError, UserError
+from mimkit.io import resolve_checkpoint
 
-FORMATS = ("torchscript", "onnx", "safetensors", "timm", "hf")
-SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors", "timm": ".safetensors", "hf": ""}
+FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript")
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors", "timm": ".safetensors", "hf": "",
+          "pt2": ".pt2"}
+# Optional packages each format needs (all in the `export` extra).
+REQUIRES = {"onnx": ("onnx",), "hf": ("transformers",)}
+EXTRA_HINT = "pip install 'mimkit[export]'"
+
+
+def check_requirements(fmt: str) -> None:
+    """Raise UserError naming what to install when --format `fmt` needs a package that is missing."""
+    missing = []
+    for name in REQUIRES.get(fmt, ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"--format {fmt} needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}"
+                        f": {EXTRA_HINT}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit export`."""
-    p.add_argument("checkpoint", help="mimkit / official MAE / Hugging Face checkpoint, or a fine-tuned classifier")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("checkpoint", help="mimkit / official MAE / Hugging Face checkpoint (file or run / checkpoint / "
+                   "save_pretrained folder), or a fine-tuned classifier")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="pt2 (torch.export), onnx, safetensors, timm, hf (transformers folder), torchscript")
     p.add_argument("--output", default=None, help="file (folder for hf); default: beside the checkpoint")
     p.add_argument("--model", default=None, help="model name when the checkpoint does not say")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
@@ -60,6 +85,7 @@ def load_for_export(path: str, model_name: str | None = None, input_size: int | 
     sd, _ = extract_state_dict(obj)
     if "head.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:
         model, kind = _classifier(obj, sd, input_size)
+        model.saved_config = obj.get("config")  # its data.mean / data.std go into the export record
         return model, kind, None, f"fine-tuned classifier from {p.name}"
     mae, desc = load_encoder(str(p), model_name, input_size)
     return EncoderFeatures(mae).eval(), "encoder", mae, desc
@@ -95,9 +121,19 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, out: Path) -> Ca
         return torch.jit.load(str(out))
 
 
+def export_pt2(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
+    """torch.export (dynamic batch) saved with torch.export.save -> out; returns the reloaded program's module."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    name = next(iter(inspect.signature(model.forward).parameters))
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}})
+    torch.export.save(program, str(out))
+    return torch.export.load(str(out)).module()
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
-    """torch.onnx.export (opset 17, dynamic batch) -> out; returns a runner (onnxruntime if installed, else
-    onnx's reference evaluator)."""
+    """torch.onnx.export (opset 17, dynamic batch) -> out; returns a runner: onnxruntime (the `export` extra), or
+    onnx's reference evaluator when onnxruntime is not installed."""
     import onnx
 
     # The shape checks in the model's forward are Python conditionals on the traced sizes; the tracer warns
@@ -112,12 +148,21 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path) -> Callable:
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        return lambda x: torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+
+        def runner(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+
+        runner.runtime = f"onnxruntime {ort.__version__}"
     except ImportError:
         from onnx.reference import ReferenceEvaluator
 
         ref = ReferenceEvaluator(str(out))
-        return lambda x: torch.from_numpy(ref.run(None, {"images": x.numpy()})[0])
+
+        def runner(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(ref.run(None, {"images": x.numpy()})[0])
+
+        runner.runtime = f"onnx.reference (onnxruntime not installed: {EXTRA_HINT})"
+    return runner
 
 
 def export_safetensors(model: nn.Module, kind: str, mae, out: Path) -> Callable:
@@ -155,8 +200,10 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     """A transformers ViTMAEModel folder (save_pretrained), run with mask_ratio 0 and the identity order."""
     if kind != "encoder":
         raise UserError("--format hf exports MAE encoders; export a fine-tuned classifier as timm or onnx")
+    import transformers
     from transformers import ViTMAEConfig, ViTMAEModel
 
+    from mimkit.data.transforms import mean_std, normalization_of
     from mimkit.models.convert import hf_config_kwargs, mae_to_hf
 
     hf_cfg = ViTMAEConfig(**hf_config_kwargs(mae), mask_ratio=0.0)
@@ -164,6 +211,12 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     sd = {k[len("vit."):]: v for k, v in mae_to_hf(_mae_sd(mae)).items() if k.startswith("vit.")}
     hf.load_state_dict(sd, strict=True)
     hf.save_pretrained(str(out))
+    mean, std = mean_std(mae.in_chans, *normalization_of(mae))
+    size = {"height": mae.img_size[0], "width": mae.img_size[1]}
+    (out / "preprocessor_config.json").write_text(json.dumps({  # transformers' ViTImageProcessor reads this
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": size, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(mean), "image_std": list(std)}, indent=2) + "\n")
     hf = ViTMAEModel.from_pretrained(str(out)).eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +224,7 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
         noise = torch.arange(mae.num_patches, dtype=torch.float32).expand(len(x), -1)
         return hf(pixel_values=x, noise=noise).last_hidden_state
 
+    run.runtime = f"transformers {transformers.__version__}"
     return run
 
 
@@ -188,20 +242,35 @@ def _fresh_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
+def normalization_record(kind: str, mae, checkpoint_obj_config: dict | None, in_chans: int) -> dict:
+    """{'mean': [...], 'std': [...]}: the input normalisation the exported model expects."""
+    from mimkit.data.transforms import mean_std, normalization_of
+
+    if kind == "encoder":
+        given = normalization_of(mae)
+    else:
+        data = (checkpoint_obj_config or {}).get("data") or {}
+        given = (data.get("mean"), data.get("std"))
+    mean, std = mean_std(in_chans, *given) if in_chans in (1, 3) else given
+    return {"mean": list(mean) if mean else None, "std": list(std) if std else None}
+
+
 def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
+    check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
     torch.manual_seed(args.seed)
     model, kind, mae, desc = load_for_export(args.checkpoint, args.model, args.input_size)
     size = model.patch_embed.img_size if kind == "classifier" else mae.img_size
     in_chans = model.patch_embed.proj.in_channels if kind == "classifier" else mae.in_chans
     example = torch.randn(args.batch_size, in_chans, *size)
-    src = Path(args.checkpoint)
+    src = resolve_checkpoint(args.checkpoint)
     out = Path(args.output) if args.output else src.with_name(
-        f"{src.stem}_{kind}{'' if args.format in ('onnx', 'safetensors', 'torchscript') else '_' + args.format}"
+        f"{src.stem}_{kind}{'' if args.format in ('onnx', 'safetensors', 'torchscript', 'pt2') else '_' + args.format}"
         f"{SUFFIX[args.format]}")
     out.parent.mkdir(parents=True, exist_ok=True)
     exporters = {
         "torchscript": lambda: export_torchscript(model, example, out),
+        "pt2": lambda: export_pt2(model, example, out),
         "onnx": lambda: export_onnx(model, example, out),
         "safetensors": lambda: export_safetensors(model, kind, mae, out),
         "timm": lambda: export_timm(model, kind, mae, out),
@@ -218,9 +287,14 @@ def run(args: argparse.Namespace) -> int:
     ok = err <= args.atol
     record = {"checkpoint": str(args.checkpoint), "format": args.format, "kind": kind, "output": str(out),
               "output_shape": list(expected.shape), "max_abs_error": err, "atol": args.atol, "ok": ok,
-              "model": desc}
+              "model": desc, "runtime": getattr(runner, "runtime", f"torch {torch.__version__}"),
+              "normalization": normalization_record(kind, mae, getattr(model, "saved_config", None), in_chans)}
     Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json").write_text(
         json.dumps(record, indent=2) + "\n")
     print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})")
-    print(f"max abs error vs PyTorch on random input: {err:.3e} ({'ok' if ok else 'ABOVE'} atol {args.atol:g})")
+    print(f"max abs error vs PyTorch on random input: {err:.3e} ({'ok' if ok else 'ABOVE'} atol {args.atol:g}; "
+          f"run by {record['runtime']})")
+    norm = record["normalization"]
+    print(f"inputs: (N, {in_chans}, {size[0]}, {size[1]}) pixels in [0, 1] normalised with mean {norm['mean']} "
+          f"std {norm['std']}")
     return 0 if ok else 1

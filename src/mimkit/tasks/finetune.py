@@ -119,6 +119,7 @@ def build_classifier(cfg, size: tuple[int, int], resume: Optional[dict], nb_clas
 
         raise ConfigError("give --finetune PRETRAINED_CHECKPOINT (the encoder's architecture)")
     encoder, desc = E.load_encoder(encoder_path, cfg.model.type, size, cfg.model.random_init, cfg.misc.seed)
+    E.adopt_normalization(cfg, encoder)
     model = vit_classifier(encoder, nb_classes, cfg.model.global_pool, cfg.model.drop_path)
     pool = "global average pool + fc_norm" if cfg.model.global_pool else "cls token"
     return model, f"{desc}, ViT classifier ({pool}, {nb_classes} classes)"
@@ -156,8 +157,10 @@ def finetune(cfg) -> dict:
     in_chans = model.patch_embed.proj.in_channels
     aa = None if a.aa in (None, "none") else a.aa
     train_tf = finetune_transform(size, aa, a.reprob, a.remode, a.recount, a.color_jitter, in_chans,
-                                  scale=(a.crop_scale_min, a.crop_scale_max), hflip=0.5 if a.hflip else 0.0)
-    train_set, val_set = E.open_labelled(cfg.data.data_path, train_tf, eval_transform(size, in_chans))
+                                  scale=(a.crop_scale_min, a.crop_scale_max), hflip=0.5 if a.hflip else 0.0,
+                                  mean=cfg.data.mean, std=cfg.data.std)
+    train_set, val_set = E.open_labelled(cfg.data.data_path, train_tf,
+                                         eval_transform(size, in_chans, cfg.data.mean, cfg.data.std))
     OmegaConf.set_struct(cfg, False)
     cfg.model.nb_classes = nb_classes  # written into the saved config: export and --eval rebuild from it
     cfg.model.arch = vit_arch_of(model)

@@ -32,12 +32,12 @@ def features(args: argparse.Namespace):
     """(model, description, train (feats, labels), val (feats, labels), classes) for knn / rankme."""
     import torch
 
-    from mimkit.data.transforms import eval_transform
+    from mimkit.data.transforms import eval_transform, normalization_of
     from mimkit.tasks.features import extract_features
 
     torch.manual_seed(args.seed)
     model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)
-    tf = eval_transform(model.img_size, model.in_chans)
+    tf = eval_transform(model.img_size, model.in_chans, *normalization_of(model))  # the checkpoint's mean/std
     train, val = E.open_labelled(args.data_path, tf, tf)
     device = E.pick_device(args.device)
     model.to(device)

@@ -99,9 +99,10 @@ def probe(cfg) -> dict:
     encoder_path = cfg.model.finetune or ((resume or {}).get("config") or {}).get("model", {}).get("finetune")
     encoder, desc = E.load_encoder(encoder_path, cfg.model.type, size, cfg.model.random_init, cfg.misc.seed)
     aug = cfg.data.augmentation
-    val_tf = eval_transform(size, encoder.in_chans)
-    train_tf = (pretrain_transform(size, encoder.in_chans, (aug.crop_scale_min, aug.crop_scale_max), aug.hflip)
-                if aug.enabled else val_tf)
+    mean, std = E.adopt_normalization(cfg, encoder)
+    val_tf = eval_transform(size, encoder.in_chans, mean, std)
+    train_tf = (pretrain_transform(size, encoder.in_chans, (aug.crop_scale_min, aug.crop_scale_max), aug.hflip,
+                                   mean, std) if aug.enabled else val_tf)
     train_set, val_set = E.open_labelled(cfg.data.data_path, train_tf, val_tf)
     nb_classes = E.check_nb_classes(cfg.model.nb_classes, train_set.classes)
     model = LinearProbe(encoder, nb_classes, cfg.model.global_pool).to(dist.device)

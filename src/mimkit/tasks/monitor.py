@@ -37,7 +37,7 @@ class MonitorHook:
         from mimkit.tasks.evaluate import open_labelled
 
         in_chans = int(cfg.model.kwargs.get("in_chans", 3))
-        tf = eval_transform(C.input_size(cfg), in_chans)
+        tf = eval_transform(C.input_size(cfg), in_chans, cfg.data.mean, cfg.data.std)
         train, val = open_labelled(cfg.eval.eval_data_path, tf, tf)
         return cls(train, val, cfg.eval.eval_every, list(cfg.eval.knn_k), run_log, cfg.schedule.epochs,
                    batch_size=cfg.optimization.batch_size)

@@ -73,7 +73,10 @@ FLAGS: list[Flag] = [
     Flag("hog_nbins", "model.kwargs.hog_nbins", int, "LocalMIM: HOG orientation bins"),
     Flag("hog_bias", "model.kwargs.hog_bias", None, "LocalMIM: fixed random bias on the HOG gradients", const=True),
     Flag("input_size", "data.input_size", int, "image size"),
+    Flag("mean", "data.mean", C.float_list, "per-channel normalisation mean, e.g. 0.5,0.5,0.5 (`mimkit stats`)"),
+    Flag("std", "data.std", C.float_list, "per-channel normalisation std, e.g. 0.25,0.25,0.25"),
     Flag("num_workers", "data.num_workers", int),
+    Flag("augment_on", "data.augment_on", str, "workers | device: where crop, flip and normalise run"),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory (GPU runs)", const=True),
     Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory (sets it false)", const=False),
     Flag("seed", "misc.seed", int),
@@ -207,8 +210,22 @@ def open_train_set(cfg: DictConfig, in_chans: int):
 
     aug = cfg.data.augmentation
     tf = pretrain_transform(C.input_size(cfg), in_chans=in_chans, scale=(aug.crop_scale_min, aug.crop_scale_max),
-                            hflip=aug.hflip)
+                            hflip=aug.hflip, mean=cfg.data.mean, std=cfg.data.std)
     return open_dataset(cfg.data.data_path or "demo", "train", tf)
+
+
+def device_augmentation(cfg: DictConfig, in_chans: int, device: torch.device, step_fn: Callable):
+    """data.augment_on=device: (dataset whose workers only read and crop-box, its collate, wrapped step_fn)."""
+    from mimkit.data.builtin import open_dataset
+    from mimkit.data.device_augment import DeviceAugment, DeviceSamples, collate_device, device_step
+    from mimkit.data.transforms import mean_std
+
+    aug = cfg.data.augmentation
+    # on CUDA, JPEG files travel as bytes and nvJPEG decodes the batch; elsewhere workers decode
+    data = DeviceSamples(open_dataset(cfg.data.data_path or "demo", "train", None), (aug.crop_scale_min,
+                         aug.crop_scale_max), aug.hflip, in_chans, jpeg_bytes=device.type == "cuda")
+    stats = mean_std(in_chans, cfg.data.mean, cfg.data.std)
+    return data, collate_device, device_step(step_fn, DeviceAugment(C.input_size(cfg), *stats))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -297,7 +314,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     if hasattr(model, "decoder_pred"):  # pixel reconstructions to draw (LocalMIM predicts HOG features)
         vis_images = picture_images(train_set, min(4, len(train_set)))
         recon = ReconstructionHook(vis_images, out_dir, cfg.logging.vis_freq_epochs, cfg.model.mask_ratio,
-                                   run_log, dist.is_main, sched.epochs)
+                                   run_log, dist.is_main, sched.epochs,
+                                   normalization=(cfg.data.mean, cfg.data.std) if cfg.data.mean else None)
         hooks.append(recon)
     else:
         run_log.info(f"no reconstruction picture: {cfg.model.type} predicts {type(model).__name__} targets, not pixels")
@@ -314,8 +332,13 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         max_steps=cfg.misc.max_steps,
     )
     ckpt = CheckpointManager(ckpt_dir, cfg.checkpointing.keep_last_n, run_log.log_path, cfg.checkpointing.safetensors)
-    trainer = Trainer(model=model, optimizer=optimizer, dataset=train_set, collate=collate_batch,
-                      step_fn=pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode), lr_schedule=lr_schedule,
+    data, collate, step_fn = train_set, collate_batch, pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode)
+    if cfg.data.augment_on == "device":
+        data, collate, step_fn = device_augmentation(cfg, model.in_chans, dist.device, step_fn)
+        run_log.info(f"augmentation on {dist.device}: workers only read"
+                     + (" JPEG bytes (nvJPEG decodes them)" if dist.device.type == "cuda" else " and decode"))
+    trainer = Trainer(model=model, optimizer=optimizer, dataset=data, collate=collate, step_fn=step_fn,
+                      lr_schedule=lr_schedule,
                       settings=settings, dist=dist, run=run_log, ckpt=ckpt, config=C.to_container(cfg),
                       config_yaml=cfg_yaml, hooks=hooks)
     if resume_ckpt is not None:

@@ -36,14 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from mimkit.data.builtin import open_dataset
-    from mimkit.data.transforms import eval_transform
+    from mimkit.data.transforms import eval_transform, normalization_of
     from mimkit.errors import DataError
     from mimkit.metrics import rankme
     from mimkit.tasks.features import extract_features
 
     torch.manual_seed(args.seed)
     model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)
-    ds = open_dataset(args.data_path, args.split, eval_transform(model.img_size, model.in_chans))
+    ds = open_dataset(args.data_path, args.split, eval_transform(model.img_size, model.in_chans,
+                                                                   *normalization_of(model)))
     if len(ds) < 2:
         raise DataError(f"{args.data_path} ({args.split}) has {len(ds)} image(s); RankMe needs at least 2")
     if len(ds) > args.max_images:  # a fixed, evenly spread subset: the same images every run

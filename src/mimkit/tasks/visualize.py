@@ -15,17 +15,20 @@ from PIL import Image, ImageDraw
 
 from mimkit.errors import UserError
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
-def _to_display(imgs: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) ImageNet-normalised -> (N, H, W, 3) in [0, 1]; grayscale repeated, extra bands dropped."""
+def _to_display(imgs: torch.Tensor, normalization=None) -> torch.Tensor:
+    """(N, C, H, W) normalised with `normalization` = (mean, std) (None: the defaults, ImageNet's) -> (N, H, W, 3)
+    in [0, 1]; grayscale repeated, extra bands dropped."""
+    from mimkit.data.transforms import mean_std
+
     c = imgs.shape[1]
-    mean = IMAGENET_MEAN[:c].view(1, -1, 1, 1) if c <= 3 else torch.full((1, c, 1, 1), 0.45)
-    std = IMAGENET_STD[:c].view(1, -1, 1, 1) if c <= 3 else torch.full((1, c, 1, 1), 0.225)
-    x = imgs.float().cpu() * std + mean
+    if c in (1, 3):
+        mean, std = mean_std(c, *(normalization or (None, None)))
+    else:  # no image file has other channel counts; draw the first bands with the average statistics
+        mean, std = (normalization or ([0.45] * c, [0.225] * c))
+    x = imgs.float().cpu() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     x = x.repeat(1, 3, 1, 1) if c == 1 else x[:, :3]
     if x.shape[1] < 3:
         x = torch.cat([x, x[:, -1:].expand(-1, 3 - x.shape[1], -1, -1)], dim=1)
@@ -55,11 +58,15 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torc
 
 
 def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
-                        title: str = "") -> np.ndarray:
-    """A uint8 (rows*H + header, 4*W, 3) picture: one row per image, the four columns of COLUMNS."""
+                        title: str = "", normalization=None) -> np.ndarray:
+    """A uint8 (rows*H + header, 4*W, 3) picture: one row per image, the four columns of COLUMNS.
+
+    normalization: the (mean, std) `imgs` were normalised with; default the model's (`model.normalization`).
+    """
     pred, mask, note = reconstruct(model, imgs, mask_ratio, noise)
-    orig = _to_display(imgs)
-    rec = _to_display(pred)
+    normalization = normalization or getattr(model, "normalization", None)
+    orig = _to_display(imgs, normalization)
+    rec = _to_display(pred, normalization)
     m = mask[:, :1].permute(0, 2, 3, 1).cpu()
     masked = orig * (1 - m) + 0.5 * m
     pasted = orig * (1 - m) + rec * m
@@ -96,8 +103,9 @@ class ReconstructionHook:
     """Engine hook: after every `every` epochs (and at the end) draw fixed images with a fixed mask."""
 
     def __init__(self, images: torch.Tensor, out_dir: Path, every: int, mask_ratio: float, logger, is_main: bool,
-                 epochs: int) -> None:
+                 epochs: int, normalization=None) -> None:
         self.images = images
+        self.normalization = normalization  # (mean, std) of the training transform; None = ImageNet's
         self.out_dir = Path(out_dir)
         self.every = every
         self.mask_ratio = mask_ratio
@@ -124,7 +132,8 @@ class ReconstructionHook:
             return
         model = trainer.model
         dev = next(model.parameters()).device
-        pic = reconstruction_grid(model, self.images.to(dev), self.mask_ratio, self.noise.to(dev), title=tag)
+        pic = reconstruction_grid(model, self.images.to(dev), self.mask_ratio, self.noise.to(dev), title=tag,
+                                  normalization=self.normalization)
         self.last_path = save_png(pic, self.out_dir / f"recon_{tag}.png")
         self.logger.image("reconstruction", pic, trainer.state.step)
 
@@ -132,7 +141,8 @@ class ReconstructionHook:
 # ---------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit visualize`."""
-    p.add_argument("checkpoint", help="mimkit, official MAE or Hugging Face ViTMAE checkpoint")
+    p.add_argument("checkpoint", help="mimkit, official MAE or Hugging Face ViTMAE checkpoint: a file, or a run / "
+                   "checkpoint / save_pretrained folder")
     p.add_argument("images", nargs="+", help="image files to reconstruct")
     p.add_argument("--model", default=None, help="model name (default: from a mimkit checkpoint's config)")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
@@ -143,7 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`mimkit visualize`: load a checkpoint, reconstruct the images, write the PNG."""
-    from mimkit.data.transforms import eval_transform
+    from mimkit.data.images import read_image
+    from mimkit.data.transforms import eval_transform, normalization_of
     from mimkit.models.loading import model_from_checkpoint
 
     if not 0.0 <= args.mask_ratio < 1.0:
@@ -153,13 +164,12 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise UserError(f"image not found: {p}")
     model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
-    tf = eval_transform(model.img_size, in_chans=model.in_chans)
+    tf = eval_transform(model.img_size, model.in_chans, *normalization_of(model))  # the checkpoint's mean/std
     imgs = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                imgs.append(tf(im.convert("L" if model.in_chans == 1 else "RGB")))
-        except OSError as e:
+            imgs.append(tf(read_image(p, "L" if model.in_chans == 1 else "RGB")))
+        except (OSError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read image {p}: {e}") from None
     batch = torch.stack(imgs)
     gen = torch.Generator().manual_seed(args.seed)
