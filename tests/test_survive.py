@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MODEL, write_images
+from conftest import TINY_MODEL
 from mimkit.cli import main
 from mimkit.data.datasets import collate_batch
 from mimkit.engine.checkpoint import CheckpointManager

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -23,22 +23,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mimkit.engine import distributed as D
 from mimkit.engine.checkpoint import (
-    CKPT_NAME, CheckpointManager, CheckpointWriteError, capture_rng, load_training_checkpoint, make_checkpoint,
-    restore_rng,
+    CKPT_NAME, CheckpointManager, CheckpointWriteError, capture_rng, make_checkpoint, restore_rng,
 )
 from mimkit.engine.logging import RunLogger, SmoothedValue
 from mimkit.engine.precision import autocast_dtype, describe_amp, resolve_amp  # noqa: F401  (tasks import these)
-from mimkit.engine.rollback import RecoveryState, fallback_precision
+from mimkit.engine.rollback import NonFiniteLossError, RecoveryState, Rollback, handle_nonfinite  # noqa: F401
 from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader, shutdown_workers
 from mimkit.engine.signals import GracefulStop, signal_name
 from mimkit.errors import CheckpointError, DataError, RunInterrupted, UserError
 
 StepFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 LrSchedule = Callable[[torch.optim.Optimizer, float], None]
-
-
-class NonFiniteLossError(UserError):
-    """The loss (or gradient norm) became NaN or infinite and the run stopped."""
 
 
 class Hook(Protocol):
@@ -91,10 +86,6 @@ class TrainState:
 
     def position(self) -> tuple[int, int, int]:
         return self.epoch, self.batch, self.step
-
-
-class _Rollback(Exception):
-    """Internal: leave the epoch, the state has been reloaded from the last checkpoint."""
 
 
 class Trainer:
@@ -288,7 +279,7 @@ class Trainer:
             while st.epoch < s.epochs and ending in ("epoch", "rollback"):
                 try:
                     ending = self._run_epoch()
-                except _Rollback:
+                except Rollback:
                     ending = "rollback"
             if ending == "signal":
                 self._stop_on_signal()
@@ -450,53 +441,7 @@ class Trainer:
     # ------------------------------------------------------------------ non-finite values
     def _nonfinite(self, what: str, value: float, epoch: int, i: int) -> None:
         """Apply optimization.on_nonfinite: raise (stop), drop the step (skip) or reload (rollback)."""
-        self.state.skipped_nonfinite += 1
-        where = f"epoch {epoch}, iteration {i}, optimiser step {self.state.step}"
-        if self.s.on_nonfinite == "rollback":
-            self._rollback(what, value, epoch, i, where)
-        if self.s.on_nonfinite == "stop":
-            latest = self.ckpt.latest() if self.ckpt else None
-            raise NonFiniteLossError(
-                f"non-finite {what} ({value}) at {where}; lower the learning rate, set optimization.gradient_clip, "
-                f"or optimization.on_nonfinite=skip / rollback" + (f" (last checkpoint: {latest})" if latest else "")
-            )
-        self.run.info(f"warning: non-finite {what} ({value}) at {where}: step skipped")
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _rollback(self, what: str, value: float, epoch: int, i: int, where: str) -> None:
-        """Reload the last checkpoint, skip this optimiser step's window from now on, then leave the epoch."""
-        s, r = self.s, self.recovery
-        if r.rollbacks >= s.max_rollbacks:
-            raise NonFiniteLossError(
-                f"non-finite {what} ({value}) at {where}, after {r.rollbacks} rollback(s) "
-                f"(optimization.max_rollbacks = {s.max_rollbacks}); last good checkpoint: {self._restore_point}"
-            )
-        window = i // s.accum_iter
-        kept = replace(r, rollbacks=r.rollbacks + 1, skip=r.skip | {(epoch, window)},
-                       lr_factor=r.lr_factor * s.rollback_lr_scale)
-        changes = []
-        new_amp = fallback_precision(self.amp, s.rollback_amp)
-        if new_amp:
-            changes.append(f"amp {self.amp} -> {new_amp}")
-            kept.amp = new_amp
-            self._set_precision(new_amp)
-        if s.rollback_lr_scale != 1.0:
-            changes.append(f"lr x{kept.lr_factor:g}")
-        self.optimizer.zero_grad(set_to_none=True)
-        nonfinite = self.state.skipped_nonfinite
-        self.load(load_training_checkpoint(self._restore_point))
-        self.recovery, self.state.skipped_nonfinite = kept, nonfinite
-        self._saved_at = self.state.position()
-        first, last = window * s.accum_iter, min((window + 1) * s.accum_iter, self.iters_per_epoch) - 1
-        self.run.info(
-            f"rollback {kept.rollbacks}/{s.max_rollbacks}: non-finite {what} ({value}) at {where}; reloaded "
-            f"{self._restore_point} (step {self.state.step}); skipping iteration(s) {first}-{last} of epoch {epoch}"
-            + (f"; {', '.join(changes)}" if changes else "")
-        )
-        self.run.metrics({"kind": "rollback", "rollback": kept.rollbacks, "what": what, "value": value,
-                          "epoch": epoch, "iter": i, "step": self.state.step, "skip_first": first,
-                          "skip_last": last, "amp": self.amp, "lr_factor": kept.lr_factor}, self.state.step)
-        raise _Rollback
+        handle_nonfinite(self, what, value, epoch, i)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
