@@ -1,5 +1,6 @@
 """Launched by test_survive.py (directly or by torchrun): pretrain; rank R sends itself SIGTERM after optimiser
-step K (K = 0: no signal). Exits like the CLI: 75 after a signal stop, 0 when training finished."""
+step K (K = 0: no signal; K < 0: rank R dies at once, exit 1, after step -K, the first time only, as a crashed
+worker). Exits like the CLI: 75 after a signal stop, 0 when training finished."""
 
 import os
 import signal
@@ -17,8 +18,14 @@ class SignalAt:
         self.step, self.rank = step, rank
 
     def on_step_end(self, trainer) -> None:
-        if trainer.state.step == self.step and trainer.dist.rank == self.rank:
+        if trainer.dist.rank != self.rank:
+            return
+        if trainer.state.step == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
+        marker = trainer.ckpt.dir / ".died-once"
+        if trainer.state.step == -self.step and not marker.exists():
+            marker.write_text("x")
+            os._exit(1)
 
 
 if __name__ == "__main__":

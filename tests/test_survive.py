@@ -126,6 +126,22 @@ def test_sigterm_on_one_ddp_rank_stops_both_at_the_same_step_and_resumes_bitwise
 
 
 @pytest.mark.slow
+def test_torchrun_max_restarts_resumes_from_latest_after_a_worker_dies(tmp_path: Path, image_folder: Path) -> None:
+    # torch shares the rendezvous store with init_process_group by default, and restarted workers then read the
+    # dead round's addresses (pytorch/pytorch#135712, #167288); docs/cluster.md gives this same setting
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(WORKER), "-3", "1", *TRAIN, "--data_path", str(image_folder), "--epochs", "2", "--batch_size", "2",
+           "--save_freq_steps", "2", "--output_dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "checkpoints/.died-once").exists()  # rank 1 did die after step 3
+    assert "latest.pt at epoch 0, batch 2, step 2" in (out / "log.txt").read_text()
+    assert step_of(out / "checkpoints/final.pt") == 8
+
+
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_the_cli_with_a_checkpoint(tmp_path: Path, image_folder: Path) -> None:
     out = tmp_path / "run"
     # DataLoader workers get the Ctrl-C too (same process group) and must ignore it
