@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rankme": ("mimkit.tasks.rankme", "RankMe (effective rank) of a frozen encoder's features"),
     "linprobe": ("mimkit.tasks.linprobe", "linear probe of a frozen encoder (official MAE recipe)"),
     "finetune": ("mimkit.tasks.finetune", "end-to-end classification fine-tuning (official MAE recipe)"),
+    "incremental": ("mimkit.tasks.incremental", "class-incremental learning against forgetting (CE, KD, EMA, "
+                    "masked features, replay)"),
     "shards": ("mimkit.tasks.shards", "pack an image folder into WebDataset tar shards (+ index) for --data_path"),
     "export": ("mimkit.tasks.export", "export an encoder or classifier: pt2, onnx, safetensors, timm, hf, torchscript"),
     "stats": ("mimkit.tasks.stats", "per-channel mean / std of an image folder, for --mean / --std"),

@@ -5,6 +5,8 @@ stage i having trained on domain i.
         best value at any earlier stage to its final value, max_{l < T-1} R[l][j] - R[T-1][j]
         (for a loss: the rise).
     backward transfer (Lopez-Paz & Ranzato 2017): mean_{j < T-1} R[T-1][j] - R[j][j], negated for a loss.
+    average incremental accuracy (Rebuffi et al. 2017, iCaRL): the mean over stages i of the average over the
+        tasks seen so far, mean_i mean_{j <= i} R[i][j] (class-incremental: R[i][j] is NaN for j > i).
 Signed so that positive forgetting is bad and positive backward transfer good, whatever the metric.
 """
 
@@ -71,6 +73,17 @@ def backward_transfer(R: Matrix, higher_is_better: bool = True) -> float | None:
         return None
     diff = np.mean(terms)
     return float(diff if higher_is_better else -diff)
+
+
+def seen_averages(R: Matrix) -> list[float]:
+    """Average over the tasks seen so far after each stage: mean_{j <= i} R[i][j], NaN entries left out."""
+    m = _as_matrix(R)
+    return [float(np.nanmean(m[i, : i + 1])) for i in range(m.shape[0])]
+
+
+def average_incremental_accuracy(R: Matrix) -> float:
+    """iCaRL's average incremental accuracy: the mean of seen_averages(R) over all stages."""
+    return float(np.mean(seen_averages(R)))
 
 
 def summarize(

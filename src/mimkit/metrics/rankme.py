@@ -17,3 +17,12 @@ def rankme(features: torch.Tensor, eps: float = EPS) -> float:
     s = torch.linalg.svdvals(features.detach().to(torch.float64))
     p = s / s.sum() + eps
     return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+@torch.no_grad()
+def rankme_of(feature_fn, batches, eps: float = EPS) -> float:
+    """RankMe of `feature_fn(images (N, C, H, W)) -> (N, D)` over an iterable of image batches (a fixed set)."""
+    feats = [feature_fn(x).float().cpu() for x in batches if len(x)]
+    if not feats:
+        raise ValueError("no images to compute RankMe on")
+    return rankme(torch.cat(feats), eps)

@@ -1,0 +1,364 @@
+"""Class-incremental pieces (seed 004): EMA rules, KD, masked features, splits, metrics, replay, CIFAR, ResNet."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mimkit.errors import ConfigError, DataError
+from mimkit.incremental import config as IC
+from mimkit.incremental import data as ID
+from mimkit.incremental.methods import EMATeacher, PreviousModel, ReservoirBuffer, kd_loss, masked_distillation
+from mimkit.incremental.model import FeatureMasker, IncrementalClassifier
+from mimkit.metrics import forgetting as Fg
+from mimkit.models.resnet import resnet18_cifar
+
+
+def tiny_net(num_classes: int = 3) -> IncrementalClassifier:
+    """A backbone with a BatchNorm (to test buffers) and 4-d features."""
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.BatchNorm1d(4))
+    return IncrementalClassifier(backbone, 4, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("name,nf", [("resnet18", 64), ("slim_resnet18", 20)])
+def test_cifar_resnet18_shapes_and_size(name, nf):
+    from mimkit.models.resnet import BACKBONES
+
+    assert BACKBONES[name] == nf
+    net = resnet18_cifar(nf)
+    assert net.feat_dim == 8 * nf
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 8 * nf)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)  # CIFAR stem, no max-pool
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert [net.layer1[0].conv1.out_channels, net.layer2[0].conv1.out_channels, net.layer3[0].conv1.out_channels,
+            net.layer4[0].conv1.out_channels] == [nf, 2 * nf, 4 * nf, 8 * nf]
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules()) == 17  # 1 + 8 x 2
+    if nf == 64:  # the well-known CIFAR ResNet-18 size (kuangliu / Mammoth) with a 10-class head: 11,173,962
+        assert sum(p.numel() for p in net.parameters()) + 512 * 10 + 10 == 11_173_962
+
+
+def test_expand_keeps_old_rows():
+    net = tiny_net(2)
+    w, b = net.head.weight.detach().clone(), net.head.bias.detach().clone()
+    net.expand(5)
+    assert net.num_classes == 5
+    assert torch.equal(net.head.weight[:2], w) and torch.equal(net.head.bias[:2], b)
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+def _set(net: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(value)
+
+
+@pytest.mark.parametrize("mode", ["ema", "anne", "sto"])
+def test_ema_rules_by_hand(mode):
+    net = tiny_net()
+    ema = EMATeacher(net, mode, ratio=0.1)
+    values = [1.0, 3.0, 7.0, -2.0]
+    expected = None
+    for t, v in enumerate(values):
+        _set(net, v)
+        net.backbone[2].running_mean.fill_(10.0 * v)  # BN statistics of the student at this step
+        ema.update(net)
+        if t == 0:
+            expected = v  # the first update copies the model (mmengine: steps == 0)
+        elif mode == "ema":
+            expected = 0.9 * expected + 0.1 * v  # m = ema_ratio weights the NEW value
+        elif mode == "anne":
+            m = max(0.1, 100 / (100 + t))
+            expected = (1 - m) * expected + m * v
+        else:
+            expected = sum(values[: t + 1]) / (t + 1)  # equal-weight mean of every snapshot
+        assert ema.steps == t + 1
+        for p in ema.model.parameters():
+            assert torch.allclose(p, torch.full_like(p, expected), atol=1e-6)
+        assert torch.equal(ema.model.backbone[2].running_mean, net.backbone[2].running_mean)  # buffers follow
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_anne_momentum_schedule():
+    ema = EMATeacher(tiny_net(), "anne", ratio=0.3)
+    ema.steps = 1
+    assert ema.momentum() == pytest.approx(100 / 101)
+    ema.steps = 1000
+    assert ema.momentum() == pytest.approx(0.3)  # floor at ema_ratio once gamma / (gamma + t) falls below it
+
+
+def test_ema_state_roundtrip_and_head_growth():
+    net = tiny_net(2)
+    ema = EMATeacher(net, "ema", 0.5)
+    ema.update(net)
+    net.expand(4)
+    ema.begin_task()
+    assert ema.model.num_classes == 4
+    assert torch.equal(ema.model.head.weight[2:], net.head.weight[2:])
+    other = EMATeacher(tiny_net(2), "ema", 0.5)
+    other.student.expand(4)
+    other.load_state_dict(ema.state_dict())
+    assert other.steps == 1
+    for a, b in zip(other.model.state_dict().values(), ema.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_previous_model_is_frozen_snapshot():
+    net = tiny_net(2)
+    prev = PreviousModel(net)
+    assert prev.state_dict() == {"model": None}
+    prev.begin_task()
+    _set(net, 5.0)
+    assert not torch.equal(prev.model.head.weight, net.head.weight)
+    assert not any(p.requires_grad for p in prev.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_kd_loss_hand_value():
+    s = torch.tensor([[1.0, 2.0, 0.5]])
+    t = torch.tensor([[0.2, 1.5, 2.5]])
+    T = 2.0
+    ps = np.exp(s.numpy()[0] / T) / np.exp(s.numpy()[0] / T).sum()
+    pt = np.exp(t.numpy()[0] / T) / np.exp(t.numpy()[0] / T).sum()
+    hand = T * T * float(np.sum(pt * (np.log(pt) - np.log(ps))))
+    assert kd_loss(s, t, T).item() == pytest.approx(hand, rel=1e-5)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode,learnable,size", [("s", True, 1), ("a", True, 7), ("sgf", False, 1),
+                                                 ("agf", False, 7)])
+def test_masked_features_shapes_and_gradients(mode, learnable, size):
+    masker = FeatureMasker(16, 0.4, mode)
+    assert masker.len_keep == int(16 * 0.6) and tuple(masker.token.shape) == (1, size)
+    assert isinstance(masker.token, nn.Parameter) == learnable
+    feats = torch.randn(3, 16, requires_grad=True)
+    masked, inverse, mask = masker(feats)
+    assert masked.shape == inverse.shape == mask.shape == (3, 16)
+    assert torch.equal(mask.sum(1), torch.full((3,), 16.0 - masker.len_keep))
+    kept = mask == 0
+    assert torch.equal(masked[kept], feats[kept])  # kept channels unchanged
+    assert torch.equal(inverse[kept], torch.zeros_like(inverse[kept]))  # inverse keeps only the masked ones
+    assert torch.equal(inverse[~kept], feats[~kept])
+    masked.sum().backward()
+    assert torch.equal(feats.grad, 1 - mask)  # only kept channels get gradient through the masked path
+    if learnable:
+        assert masker.token.grad is not None and masker.token.grad.abs().sum() > 0
+    else:
+        assert not masker.token.requires_grad and torch.equal(masker.token, torch.zeros(1, size))
+
+
+def test_mask_token_fills_masked_channels_in_order():
+    masker = FeatureMasker(4, 0.5, "a")
+    with torch.no_grad():
+        masker.token.copy_(torch.tensor([[10.0, 20.0]]))
+    noise = torch.tensor([[0.9, 0.1, 0.5, 0.2]])  # keep channels 1 and 3 (smallest noise)
+    masked, _, mask = masker(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), noise)
+    assert mask.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    # MAE order: tokens follow the shuffled order (ids 2 then 0, by ascending noise)
+    assert masked.tolist() == [[20.0, 2.0, 10.0, 4.0]]
+
+
+@pytest.mark.parametrize("inv_mode", ["v1", "v2"])
+def test_inverse_mask_v1_adds_to_output_v2_subtracts_from_target(inv_mode):
+    torch.manual_seed(0)
+    net = tiny_net(3)
+    net.masker = FeatureMasker(4, 0.5, "s")
+    feats = torch.randn(2, 4, requires_grad=True)
+    target = torch.randn(2, 3)
+    noise = torch.rand(2, 4)
+    loss = masked_distillation(net, feats, target, inv_mode, 2.0, noise)
+    masked, inverse, _ = net.masker(feats, noise)
+    pred, inv = net.head(masked), net.head(inverse)
+    hand = kd_loss(pred + inv, target, 2.0) if inv_mode == "v1" else kd_loss(pred, target - inv, 2.0)
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    loss.backward()
+    assert net.masker.token.grad is not None  # the masked forward trains the token
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def test_splits_disjoint_covering_and_seeded():
+    order0 = ID.class_order(10, 0)
+    assert sorted(order0) == list(range(10))
+    assert ID.class_order(10, 0) == order0 and ID.class_order(10, 1) != order0
+    split = ID.TaskSplit(order0, IC.task_sizes(10, 5, None, None))
+    tasks = [split.classes(t) for t in range(5)]
+    assert all(len(c) == 2 for c in tasks)
+    flat = [c for cs in tasks for c in cs]
+    assert sorted(flat) == list(range(10)) and len(set(flat)) == 10
+    assert IC.task_sizes(100, 1, 50, 10) == [50] + [10] * 5  # PyCIL B50-Inc10
+    assert IC.task_sizes(10, 1, 4, 4) == [4, 4, 2]  # the remainder is a smaller last task
+
+
+def test_task_subsets_relabel_in_order():
+    class Toy(torch.utils.data.Dataset):
+        targets = [0, 1, 2, 3, 0, 1, 2, 3]
+        classes = ["a", "b", "c", "d"]
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i)]), self.targets[i]
+
+    split = ID.TaskSplit([2, 0, 3, 1], [2, 2])
+    subsets = ID.task_subsets(Toy(), split)
+    assert [len(s) for s in subsets] == [4, 4]
+    assert sorted({s[1] for s in subsets[0]}) == [0, 1]  # classes 2, 0 -> labels 0, 1
+    assert {int(s[0].item()): s[1] for s in subsets[1]} == {1: 3, 3: 2, 5: 3, 7: 2}
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_metrics_on_hand_matrix():
+    nan = math.nan
+    R = [[90.0, nan, nan], [60.0, 80.0, nan], [50.0, 70.0, 95.0]]
+    assert Fg.seen_averages(R) == pytest.approx([90.0, 70.0, (50 + 70 + 95) / 3])
+    assert Fg.average_incremental_accuracy(R) == pytest.approx((90 + 70 + 215 / 3) / 3)
+    f = Fg.forgetting(R)
+    assert f[:2] == pytest.approx([40.0, 10.0]) and f[2] is None  # max over earlier rows minus final
+    assert Fg.average_forgetting(R) == pytest.approx(25.0)  # (max(90,60)-50 + 80-70) / 2
+    assert Fg.backward_transfer(R) == pytest.approx(((50 - 90) + (70 - 80)) / 2)
+
+
+def test_report_metrics_and_table():
+    from mimkit.incremental import report as R
+
+    rows = [{"acc": [90.0], "acc_seen": 90.0, "rankme": 5.0, "classes": [1]},
+            {"acc": [40.0, 80.0], "acc_seen": 60.0, "rankme": 4.0, "classes": [0]}]
+    m = R.metrics(rows, 2)
+    assert m["final_average_accuracy"] == pytest.approx(60.0)
+    assert m["average_incremental_accuracy"] == pytest.approx(75.0)
+    assert m["forgetting"] == pytest.approx(50.0) and m["bwt"] == pytest.approx(-50.0)
+    table = R.format_table(rows, 2, [1, 1])
+    assert "40.00" in table and "80.00" in table and "forgetting 50.00" in table
+
+
+def test_picture_written(tmp_path):
+    from PIL import Image
+
+    from mimkit.incremental import report as R
+
+    p = R.picture(tmp_path / "x.png", np.array([[90.0, np.nan], [10.0, 80.0]]), [5.0, 3.0])
+    img = np.asarray(Image.open(p).convert("RGB"))
+    assert img.shape[0] > 100 and img.shape[1] > 300
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # a heatmap, a colour bar and a curve were drawn
+
+
+# ---------------------------------------------------------------------------------------------- replay
+def test_reservoir_keeps_first_then_uniform():
+    buf = ReservoirBuffer(5, seed=0)
+    buf.add(torch.arange(3.0).view(3, 1), torch.arange(3))
+    assert len(buf) == 3 and buf.labels[:3].tolist() == [0, 1, 2]
+    # uniformity: after a stream of 50, every item is in the buffer with probability 5/50
+    counts = np.zeros(50)
+    for seed in range(400):
+        b = ReservoirBuffer(5, seed=seed)
+        for i in range(50):
+            b.add(torch.tensor([[float(i)]]), torch.tensor([i]))
+        assert b.seen == 50 and len(b) == 5 and len(set(b.labels.tolist())) == 5
+        counts[b.labels.numpy()] += 1
+    freq = counts / 400
+    assert abs(freq.mean() - 0.1) < 1e-9
+    assert freq[:25].mean() == pytest.approx(0.1, abs=0.03) and freq[25:].mean() == pytest.approx(0.1, abs=0.03)
+    drawn = buf.sample(10)
+    assert len(drawn[0]) == 3 and sorted(drawn[1].tolist()) == [0, 1, 2]  # without replacement, <= filled
+
+
+def test_reservoir_state_roundtrip_draws_the_same():
+    a = ReservoirBuffer(4, seed=3)
+    a.add(torch.randn(10, 2), torch.arange(10))
+    b = ReservoirBuffer(4, seed=99)
+    b.load_state_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in a.state_dict().items()})
+    more_x, more_y = torch.randn(30, 2), torch.arange(10, 40)
+    a.add(more_x, more_y)
+    b.add(more_x, more_y)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.examples, b.examples)
+    assert torch.equal(a.sample(3)[1], b.sample(3)[1])
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("key,value,fragment", [
+    ("incremental.method", "kd,lwf", "unknown method 'lwf'"),
+    ("incremental.ema_mode", "swa", "incremental.ema_mode"),
+    ("incremental.mask_mode", "b", "incremental.mask_mode"),
+    ("incremental.inv_mode", "v3", "incremental.inv_mode"),
+    ("incremental.mask_ratio", 1.0, "in [0, 1)"),
+    ("incremental.mask_ratio", -0.1, "in [0, 1)"),
+])
+def test_bad_config_values(key, value, fragment):
+    from mimkit import config as C
+
+    section, name = key.split(".")
+    cfg = C.build_config(IC.IncrementalConfig, [("overrides", {section: {name: value}})])
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        IC.validate(cfg)
+
+
+def test_more_tasks_than_classes():
+    with pytest.raises(ConfigError, match="more than the 10 classes"):
+        IC.task_sizes(10, 11, None, None)
+    with pytest.raises(ConfigError, match="do not split"):
+        IC.task_sizes(10, 3, None, None)
+
+
+def test_parse_methods():
+    assert IC.parse_methods("kd,er") == {"ce", "kd", "er"}
+    assert IC.parse_methods("ce") == {"ce"}
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+def write_fake_cifar(root: Path, kind: str = "cifar10", per_file: int = 20, classes: int = 10) -> Path:
+    """A tiny folder in the real python-version layout (pickled dicts with bytes keys, uint8 rows)."""
+    rng = np.random.default_rng(0)
+    sub, train, test, meta, names_key, label_key = ID.CIFAR_FILES[kind]
+    folder = root / sub
+    folder.mkdir(parents=True)
+    for f in [*train, *test]:
+        d = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+             label_key: [int(v) for v in np.arange(per_file) % classes], b"filenames": [b"x.png"] * per_file}
+        (folder / f).write_bytes(pickle.dumps(d, protocol=2))
+    (folder / meta).write_bytes(pickle.dumps({names_key.encode(): [f"c{i}".encode() for i in range(classes)]},
+                                             protocol=2))
+    return root
+
+
+@pytest.mark.parametrize("kind,classes,n_train", [("cifar10", 10, 100), ("cifar100", 100, 200)])
+def test_cifar_python_layout(tmp_path, kind, classes, n_train):
+    root = write_fake_cifar(tmp_path / "data", kind, per_file=20 if kind == "cifar10" else 200, classes=classes)
+    tr_tf, va_tf = ID.transforms(32, 4, True)
+    train, val, found = ID.open_data(str(root), "auto", tr_tf, va_tf)
+    assert found == kind and len(train.classes) == classes and len(train) == n_train
+    img, label = train[3]
+    assert img.shape == (3, 32, 32) and label == 3
+    raw = pickle.loads((root / ID.CIFAR_FILES[kind][0] / ID.CIFAR_FILES[kind][1][0]).read_bytes())[b"data"][3]
+    assert np.array_equal(np.asarray(ID.open_cifar(root, kind, None, None)[0][3][0]),
+                          raw.reshape(3, 32, 32).transpose(1, 2, 0))  # rows are channel-major, as the real files
+
+
+def test_cifar_missing_files_one_line(tmp_path):
+    root = write_fake_cifar(tmp_path / "data")
+    (root / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataError) as e:
+        ID.open_data(str(root), "cifar10", None, None)
+    msg = str(e.value)
+    assert "\n" not in msg and "test_batch" in msg and "cifar-10-batches-py" in msg
+
+
+@pytest.mark.parametrize("preset,tasks,model", [("incremental/digits.yaml", 5, "slim_resnet18"),
+                                                ("incremental/cifar100_10tasks.yaml", 10, "resnet18"),
+                                                ("incremental/cifar10_5tasks.yaml", 5, "resnet18")])
+def test_presets_load_and_flags_win(preset, tasks, model):
+    import argparse
+
+    from mimkit.tasks.incremental import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args([preset, "incremental.kd_weight=2", "--epochs", "7"]))
+    assert cfg.incremental.tasks == tasks and cfg.model.type == model
+    assert cfg.schedule.epochs == 7 and cfg.incremental.kd_weight == 2.0  # flags and overrides beat the preset

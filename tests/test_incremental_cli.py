@@ -1,0 +1,185 @@
+"""`mimkit incremental` end to end: forgetting shows in the printed table, resume is bitwise, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.cli import main
+from test_incremental import write_fake_cifar
+
+TINY = ["incremental", "--data_path", "digits", "--tasks", "2", "--nf", "4", "--input_size", "8", "--epochs", "2",
+        "--batch_size", "64", "--device", "cpu", "--print_freq", "1000", "logging.tensorboard=false"]
+
+
+def _run(args: list[str], out: Path) -> int:
+    return main([*args, "--output_dir", str(out)])
+
+
+@pytest.mark.slow
+def test_ce_forgets_and_printed_table_matches_results(tmp_path, capsys):
+    out = tmp_path / "ce"
+    assert _run(TINY + ["--method", "ce", "logging.tensorboard=true"], out) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    rows = res["per_task"]
+    assert len(rows) == 2 and res["classes_per_task"] == [5, 5]
+    assert rows[1]["acc"][0] < rows[0]["acc"][0]  # naive CE forgets the first task's classes
+    assert res["metrics"]["forgetting"] == pytest.approx(rows[0]["acc"][0] - rows[1]["acc"][0])
+    assert res["metrics"]["bwt"] == pytest.approx(-res["metrics"]["forgetting"])
+    table = {int(m.group(1)): [float(v) for v in m.group(2).split()]
+             for m in re.finditer(r"^task (\d+)\s+([\d.\s-]+?)\s*$", printed.replace(" -", ""), re.M)}
+    for i, r in enumerate(rows):  # the printed numbers are the saved ones
+        assert table[i][:len(r["acc"])] == pytest.approx([round(a, 2) for a in r["acc"]], abs=0.006)
+        assert table[i][-1] == pytest.approx(r["rankme"], abs=0.006)
+    assert f"final average accuracy {res['metrics']['final_average_accuracy']:.2f}%" in printed
+    for name in ("accuracy_matrix.csv", "per_task.csv", "incremental.png", "incremental.json", "config.yaml"):
+        assert (out / name).is_file()
+    assert any((out / "tb").iterdir())
+    csv_rows = (out / "accuracy_matrix.csv").read_text().splitlines()
+    assert csv_rows[0] == "stage,task_0,task_1" and csv_rows[2].startswith("after_task_1,")
+
+
+def _same_checkpoint(a: Path, b: Path) -> None:
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    assert ca["extra"].keys() == cb["extra"].keys()
+
+    def flat(x, prefix=""):
+        if torch.is_tensor(x):
+            yield prefix, x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                yield from flat(v, f"{prefix}.{k}")
+
+    ea, eb = dict(flat(ca["extra"])), dict(flat(cb["extra"]))
+    assert ea.keys() == eb.keys() and ea
+    for k in ea:
+        assert torch.equal(ea[k], eb[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["--method", "kd,er", "--buffer_size", "50"],
+                                    ["--method", "mask,er", "--ema_mode", "ema", "--buffer_size", "50"]])
+def test_resume_between_tasks_and_mid_task_is_bitwise(tmp_path, method):
+    args = TINY + method + ["--save_freq_steps", "3", "--keep_last_n", "0"]
+    straight = tmp_path / "straight"
+    assert _run(args, straight) == 0
+    final = straight / "checkpoints" / "task-1" / "final.pt"
+    rows = json.loads((straight / "incremental.json").read_text())["rows"]
+
+    def killed_copy(name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(straight, run)
+        state = json.loads((run / "incremental.json").read_text())
+        state["rows"] = state["rows"][:1]  # task 1 never finished
+        (run / "incremental.json").write_text(json.dumps(state))
+        (run / "results.json").unlink()
+        return run
+
+    # killed between tasks: task 1 restarts from task 0's final weights, teacher and buffer
+    between = killed_copy("between")
+    shutil.rmtree(between / "checkpoints" / "task-1")
+    assert _run(args, between) == 0
+    _same_checkpoint(final, between / "checkpoints" / "task-1" / "final.pt")
+    assert json.loads((between / "incremental.json").read_text())["rows"] == rows
+
+    # killed in the middle of an epoch of task 1: resume from that step checkpoint
+    mid = killed_copy("mid")
+    task_dir = mid / "checkpoints" / "task-1"
+    steps = sorted((int(p.name.split("-")[1]), p) for p in task_dir.glob("step-*"))
+    inside = [p for _, p in steps if torch.load(p / "model.pt", weights_only=True)["data_position"]["batch"] > 0]
+    assert inside, "no mid-epoch checkpoint to resume from"
+    ckpt = inside[0] / "model.pt"
+    assert "ReservoirBuffer" in torch.load(ckpt, weights_only=True)["extra"]
+    (task_dir / "final.pt").unlink()
+    (task_dir / "latest.pt").unlink()
+    shutil.copyfile(ckpt, task_dir / "latest.pt")
+    assert _run(args, mid) == 0
+    _same_checkpoint(final, task_dir / "final.pt")
+    assert json.loads((mid / "incremental.json").read_text())["rows"] == rows
+
+
+@pytest.mark.slow
+def test_fake_cifar10_folder_runs(tmp_path):
+    root = write_fake_cifar(tmp_path / "cifar")
+    out = tmp_path / "run"
+    args = ["incremental", "--data_path", str(root), "--tasks", "2", "--nf", "4", "--input_size", "8", "--epochs",
+            "1", "--batch_size", "16", "--method", "er", "--buffer_size", "20", "--device", "cpu",
+            "logging.tensorboard=false"]
+    assert _run(args, out) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["classes_per_task"] == [5, 5] and len(res["accuracy_matrix"]["matrix"]) == 2
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--tasks", "11"], "more than the 10 classes"),
+    (["--method", "lwf"], "unknown method 'lwf'"),
+    (["--ema_mode", "swa"], "incremental.ema_mode"),
+    (["--mask_mode", "x"], "incremental.mask_mode"),
+    (["--inv_mode", "v3"], "incremental.inv_mode"),
+    (["--mask_ratio", "1.0"], "incremental.mask_ratio"),
+    (["--eval_teacher"], "--ema_mode"),
+    (["--dataset", "cifar10"], "not a CIFAR-10 folder"),
+    (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "data.mean has 2 value(s)"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, extra, fragment):
+    args = list(TINY)
+    if "--dataset" in extra:
+        (tmp_path / "empty").mkdir()
+        args[args.index("digits")] = str(tmp_path / "empty")
+    assert _run(args + extra, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing started
+
+
+def test_help_shows_defaults_and_ema_convention(capsys):
+    with pytest.raises(SystemExit):
+        main(["incremental", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "weighting the NEW value (mmengine's convention)" in text
+    assert "(default: ce)" in text and "(default: 0.1)" in text and "(default: slim_resnet18)" in text
+
+
+def write_tiny_mae(path: Path) -> Path:
+    """A mimkit-format checkpoint of a 2-block, 32-dim MAE at 32 px (patch 8)."""
+    from mimkit import __version__
+    from mimkit.models import create_model
+
+    kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
+              "decoder_depth": 1, "decoder_num_heads": 2}
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch16", img_size=32, **kwargs)
+    torch.save({"model": model.state_dict(), "epoch": 1, "step": 1, "mimkit_version": __version__,
+                "config": {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kwargs},
+                           "data": {"input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}},
+               path)
+    return path
+
+
+@pytest.mark.slow
+def test_mae_vit_encoder_backbone(tmp_path):
+    from mimkit.incremental.model import build_classifier
+
+    ckpt = write_tiny_mae(tmp_path / "mae.pt")
+    net, desc = build_classifier("slim_resnet18", None, str(ckpt), 32, 2)
+    assert net.feat_dim == 32 and "mae_vit_tiny_patch16" in desc
+    assert not any(n.startswith("backbone.encoder.decoder") for n, _ in net.named_parameters())
+    sd = torch.load(ckpt, weights_only=True)["model"]
+    assert torch.equal(net.backbone.encoder.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+    assert net(torch.randn(3, 3, 32, 32)).shape == (3, 2)
+    out = tmp_path / "run"
+    args = ["incremental", "--finetune", str(ckpt), "--tasks", "2", "--input_size", "32", "--epochs", "1",
+            "--batch_size", "64", "--opt", "adamw", "--lr", "1e-3", "--device", "cpu", "logging.tensorboard=false"]
+    assert _run(args, out) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["per_task"]) == 2 and "mae_vit_tiny_patch16" in res["model"]
+    assert res["config"]["data"]["mean"] == [0.5, 0.5, 0.5]  # the encoder's own normalisation is adopted
+    assert res["config"]["data"]["std"] == [0.25, 0.25, 0.25]
