@@ -387,14 +387,16 @@ def test_write_error_during_save_is_one_line_and_keeps_the_previous_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- config
-@pytest.mark.parametrize("schema", ["pretrain", "continual", "linprobe", "finetune"])
+@pytest.mark.parametrize("schema", ["pretrain", "continual", "linprobe", "finetune", "incremental"])
 def test_every_training_command_takes_the_rollback_keys(schema: str) -> None:
     from mimkit import config as C
     from mimkit.errors import ConfigError
+    from mimkit.incremental.config import IncrementalConfig
     from mimkit.tasks import continual, eval_config
 
     cls = {"pretrain": C.PretrainConfig, "continual": continual.ContinualConfig,
-           "linprobe": eval_config.LinprobeConfig, "finetune": eval_config.FinetuneConfig}[schema]
+           "linprobe": eval_config.LinprobeConfig, "finetune": eval_config.FinetuneConfig,
+           "incremental": IncrementalConfig}[schema]
     keys = {"on_nonfinite": "rollback", "max_rollbacks": 1, "rollback_lr_scale": 0.5, "rollback_amp": "bf16"}
     cfg = C.build_config(cls, [("overrides", {"optimization": keys})])
     assert {k: cfg.optimization[k] for k in keys} == keys
