@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mimkit-installed
 .PHONY: demo test setup clean
 
 demo: $(STAMP)
-	$(BIN)/mimkit pretrain
+	$(BIN)/mimkit pretrain --output_dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

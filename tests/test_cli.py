@@ -66,3 +66,89 @@ def test_continual_takes_the_architecture_of_its_checkpoint(tmp_path) -> None:
     args = build_parser().parse_args(["continual", "--continual_checkpoint", str(run / "checkpoints/final.pt"),
                                       "--data_path", str(data), "--model", "mae_vit_base_patch16"])
     assert continual_config(args).model.type == "mae_vit_base_patch16"  # an explicit --model wins
+
+
+# ---------------------------------------------------------------------------------------------- CLI habits
+def _subparsers():
+    import argparse
+
+    from mimkit.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_help_shows_every_flags_default_exactly_once() -> None:
+    from mimkit.cli import COMMANDS
+
+    subs = _subparsers()
+    assert set(subs) == set(COMMANDS)
+    for name, sp in subs.items():
+        text = sp.format_help()
+        assert "(default 0.75) (default: 0.75)" not in text
+        for action in sp._actions:
+            if not action.option_strings or action.dest in ("help",) or action.help == "==SUPPRESS==":
+                continue
+            shown = sp._get_formatter()._expand_help(action) if action.help else ""
+            n = shown.lower().count("default") + shown.count("(required)")
+            assert n == 1, f"mimkit {name} {action.option_strings[0]}: {shown!r}"
+
+
+def test_const_flag_help_names_what_it_sets() -> None:
+    ft = _subparsers()["finetune"]
+    cls = next(a for a in ft._actions if "--cls_token" in a.option_strings)
+    text = ft._get_formatter()._expand_help(cls)
+    assert "sets model.global_pool to false" in text and "(default: True)" not in text
+
+
+def test_finetune_help_keeps_the_examples_line_breaks(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert "--model mae_vit_base_patch16 \\\n        --batch_size 32" in out
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["pretrain", "--epocs", "3"], "did you mean '--epochs'"),
+    (["knn", "--checkpoint", "x", "--data_path", "digits", "--temprature", "0.1"], "did you mean '--temperature'"),
+    (["continual", "--freez_mode", "none"], "did you mean '--freeze_mode'"),
+])
+def test_unknown_flag_gets_did_you_mean(argv, hint, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--max", "3"], ["knn", "--check", "x", "--data_path", "digits"],
+                                  ["visualize", "x.pt", "y.png", "--mask", "0.5"]])
+def test_abbreviated_flags_are_refused(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized argument" in err and "flags are not abbreviated" in err
+    if argv[1] == "--max":
+        assert "'--max_steps'" in err
+
+
+def test_nothing_imports_the_cli() -> None:
+    import ast
+    from pathlib import Path
+
+    import mimkit
+
+    root = Path(mimkit.__file__).parent
+    offenders = []
+    for f in root.rglob("*.py"):
+        if f.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "mimkit.cli" or n.startswith("mimkit.cli.") for n in names):
+                offenders.append(str(f.relative_to(root)))
+            if (isinstance(node, ast.ImportFrom) and node.module == "mimkit"
+                    and any(a.name == "cli" for a in node.names)):
+                offenders.append(str(f.relative_to(root)))
+    assert offenders == []

@@ -67,7 +67,8 @@ def test_layers_flags_then_overrides_win() -> None:
 
 def test_no_data_path_means_demo_preset() -> None:
     cfg = cfg_of(["--epochs", "2"])
-    assert cfg.data.data_path is None and cfg.model.type == "mae_vit_tiny_patch16" and cfg.schedule.epochs == 2
+    assert cfg.data.data_path is None and cfg.model.type == "mae_vit_demo_patch8" and cfg.schedule.epochs == 2
+    assert dict(cfg.model.kwargs) == {} and cfg.misc.preset == "pretrain/demo.yaml"
 
 
 def test_rectangular_input_size() -> None:

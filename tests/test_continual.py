@@ -43,14 +43,14 @@ def test_seed_defaults_and_checkpoint_flag() -> None:
     assert cfg.model.type == "continual_mae_vit_large_patch16"
     assert (cfg.model.loss_mode, cfg.model.freeze_mode, cfg.model.mask_ratio) == ("all_pixels", "none", 0.75)
     assert (cfg.optimization.base_lr, cfg.schedule.epochs, cfg.optimization.batch_size) == (1e-4, 100, 64)
-    assert cfg.misc.output_dir == "./continual_output" and cfg.model.init_from == "mae.pth"
+    assert cfg.misc.output_dir is None and cfg.model.init_from == "mae.pth"  # None: a new runs/continual/<time>
     assert CT.sequence_domains(cfg) == ["/x"]
 
 
 def test_no_data_runs_the_demo_and_flags_override_it() -> None:
     cfg = CT.config_from_args(parse("--freeze_mode", "layernorm_only"))
     assert list(cfg.continual.domains) == ["photos", "microscopy", "textures"]
-    assert cfg.model.type == "mae_vit_tiny_patch16" and cfg.model.freeze_mode == "layernorm_only"
+    assert cfg.model.type == "mae_vit_nano_patch8" and cfg.model.freeze_mode == "layernorm_only"
     sweep = CT.config_from_args(parse("--sweep"))
     assert list(sweep.continual.eval_domains) == ["photos"] and sweep.continual.base_data == "photos"
 
@@ -58,7 +58,7 @@ def test_no_data_runs_the_demo_and_flags_override_it() -> None:
 def test_preset_over_demo_keeps_the_presets_values() -> None:
     cfg = CT.config_from_args(parse("continual/all_layernorms.yaml"))
     assert (cfg.schedule.epochs, cfg.model.freeze_mode, cfg.optimization.base_lr) == (25, "layernorm_only", 3e-4)
-    assert cfg.model.type == "mae_vit_tiny_patch16"  # no data given: the demo's tiny model underneath
+    assert cfg.model.type == "mae_vit_nano_patch8"  # no data given: the demo model underneath
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -126,7 +126,7 @@ def test_matrices_forgetting_bwt_and_files_from_a_hand_made_sequence(tmp_path: P
     assert k["backward_transfer"] == pytest.approx(((0.6 - 0.9) + (0.6 - 0.7)) / 2)
     assert k["final_average"] == pytest.approx(0.6)  # the unlabelled domain is left out, not NaN
     csv = (tmp_path / "recon_loss.csv").read_text().splitlines()
-    assert csv[0] == "stage,a,b,c" and csv[3] == "after_c,0.7,0.5,0.3"
+    assert csv[0] == "stage,a,b,c" and csv[1] == "initial,1.0,1.0,1.0" and csv[4] == "after_c,0.7,0.5,0.3"
     saved = json.loads((tmp_path / "knn_acc.json").read_text())
     assert saved["matrix"][2] == [0.6, 0.6, None] and saved["stages"] == ["after_a", "after_b", "after_c"]
     from PIL import Image
@@ -232,7 +232,8 @@ def test_sequence_freezes_evaluates_and_resumes_mid_stage(tmp_path: Path, monkey
 
     state = json.loads((straight / "sequence.json").read_text())
     assert [s["name"] for s in state["stages"]] == ["a", "b"] and state["trainable_params"] == 2 * 2 * 2 * 32
-    R = np.loadtxt(straight / "recon_loss.csv", delimiter=",", skiprows=1, usecols=(1, 2))
+    assert (straight / "recon_loss.csv").read_text().splitlines()[1].startswith("initial,")
+    R = np.loadtxt(straight / "recon_loss.csv", delimiter=",", skiprows=2, usecols=(1, 2))
     assert R.shape == (2, 2) and np.all(R > 0)
     assert json.loads((straight / "knn_acc.json").read_text())["forgetting"]["b"] is None
     assert (straight / "matrix.png").exists() and (straight / "log.txt").exists()

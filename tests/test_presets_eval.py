@@ -1,4 +1,4 @@
-"""The CPU presets linprobe/digits.yaml and finetune/digits.yaml load through the CLI's config path and run."""
+"""The CPU presets {pretrain,linprobe,finetune}/{digits,photos}.yaml load through the CLI's config path and run."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from mimkit.config import PRESET_DIR
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("data", ["digits", "photos"])
 @pytest.mark.parametrize("command", ["linprobe", "finetune"])
-def test_digits_preset_runs_from_the_cli(command, tmp_path) -> None:
-    preset = f"{command}/digits.yaml"
+def test_digits_preset_runs_from_the_cli(command, data, tmp_path) -> None:
+    preset = f"{command}/{data}.yaml"
     assert (PRESET_DIR / preset).is_file()
     ckpt = save_tiny(tmp_path / "tiny.pt")  # 32 px / patch 8, like the presets' input size
     out = tmp_path / "run"
@@ -27,9 +28,21 @@ def test_digits_preset_runs_from_the_cli(command, tmp_path) -> None:
     assert 0.0 <= acc1 <= 100.0
     # the preset's values reached the run (flags above override only what they name)
     cfg = r["config"]
-    assert cfg["data"]["data_path"] == "digits" and cfg["data"]["input_size"] == 32
+    assert cfg["data"]["data_path"] == data and cfg["data"]["input_size"] == 32
     assert cfg["schedule"]["epochs"] == 1
     if command == "linprobe":
         assert cfg["optimization"]["opt"] == "sgd" and cfg["data"]["augmentation"]["enabled"] is False
     else:
         assert cfg["data"]["augmentation"]["aa"] in (None, "none") and cfg["optimization"]["layer_decay"] == 0.75
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["digits", "photos"])
+def test_pretrain_preset_runs_from_the_cli(data, tmp_path) -> None:
+    out = tmp_path / "run"
+    argv = ["pretrain", f"pretrain/{data}.yaml", "--epochs", "1", "--max_steps", "2", "--output_dir", str(out),
+            "--device", "cpu"]
+    assert main(argv) == 0
+    assert (out / "checkpoints" / "final.pt").is_file()
+    cfg = (out / "config.yaml").read_text()
+    assert f"data_path: {data}" in cfg and "patch_size: 4" in cfg and "input_size: 32" in cfg

@@ -94,11 +94,12 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path: Path) -> None:
     write_images(data, 7)
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "run"
-    assert pretrain(out, data, "--epochs", "1") == 0
+    assert pretrain(out, data, "--epochs", "2") == 0
     log = (out / "log.txt").read_text()
-    assert "skipped images 1" in log and "broken.jpg" in log
-    epoch = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x][-1]
-    assert epoch["skipped_images"] == 1
+    assert "skipped images 1 this epoch, 1 in all" in log and "skipped images 1 this epoch, 2 in all" in log
+    assert log.count("skipping unreadable image") == 2 and "broken.jpg" in log  # warned once per epoch
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x]
+    assert [(e["skipped_images_epoch"], e["skipped_images"]) for e in epochs] == [(1, 1), (1, 2)]
 
 
 def test_nonfinite_loss_stops_with_step_named(tmp_path: Path, image_folder: Path, capsys) -> None:

@@ -7,6 +7,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from mimkit.config import take_leftovers
 from mimkit.errors import RunInterrupted, UserError
 
 # command -> (module, one-line description); each module has add_arguments(parser) and run(args) -> int
@@ -20,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rankme": ("mimkit.tasks.rankme", "RankMe (effective rank) of a frozen encoder's features"),
     "linprobe": ("mimkit.tasks.linprobe", "linear probe of a frozen encoder (official MAE recipe)"),
     "finetune": ("mimkit.tasks.finetune", "end-to-end classification fine-tuning (official MAE recipe)"),
+    "segment": ("mimkit.tasks.segment", "semantic segmentation: UperNet on an MAE encoder, mIoU (MMSeg recipe)"),
     "incremental": ("mimkit.tasks.incremental", "class-incremental learning against forgetting (CE, KD, EMA, "
                     "masked features, replay)"),
     "shards": ("mimkit.tasks.shards", "pack an image folder into WebDataset tar shards (+ index) for --data_path"),
@@ -29,27 +31,50 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the module docstring's layout and shows each flag's default unless its help already does."""
+    """Keeps the module docstring's layout and shows each flag's default exactly once."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default:" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
+        return with_default(action)
+
+
+def with_default(action: argparse.Action) -> str:
+    """The action's help with its default appended, unless the help already states it."""
+    text = action.help or ""
+    if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+        return text
+    if action.required:
+        return f"{text} (required)".strip()
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        default = "on" if action.default else "off"
+    elif action.default is None:
+        default = "none"
+    elif isinstance(action.default, (list, tuple)):
+        default = " ".join(str(v) for v in action.default)
+    else:
+        default = "%(default)s"
+    return f"{text} (default: {default})".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per command."""
+    """The top-level parser with one sub-parser per command; abbreviated flags are refused everywhere."""
     from mimkit import __version__
 
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit.")
+    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=(importlib.import_module(module).__doc__ or help_text),
-                            formatter_class=HelpFormatter)
-        importlib.import_module(module).add_arguments(sp)
+        mod = importlib.import_module(module)
+        sp = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text),
+                            formatter_class=HelpFormatter, allow_abbrev=False)
+        mod.add_arguments(sp)
         sp.set_defaults(_module=module)
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
     return parser
 
 
@@ -58,13 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides and a config file may come after flags too: collect what argparse left over.
     args, rest = parser.parse_known_args(argv)
-    if rest:
-        if not hasattr(args, "items") or any(r.startswith("-") for r in rest):
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        args.items = list(args.items) + rest
     if not getattr(args, "command", None):
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         parser.print_help()
         return 2
+    sp = _subparser(parser, args.command)
+    problem = take_leftovers(args, rest, [o for a in sp._actions for o in a.option_strings])
+    if problem:
+        sp.error(problem)
     try:
         return importlib.import_module(args._module).run(args) or 0
     except UserError as e:

@@ -3,12 +3,18 @@
 Layers, later wins: schema defaults <- demo preset (only when no data path is given anywhere)
 <- config file <- command-line flags <- `section.key=value` overrides. The section layout is seed 001's
 (`model / optimization / schedule / data / checkpointing / logging / misc`), so its JSON files load as they are.
+
+One model name is one architecture: `model.kwargs` belong to the `model.type` named beside them, so a layer that
+names another model drops the kwargs of the layers beneath it (a preset's kwargs never apply under a user's
+`--model`), and a layer taken from a checkpoint (origin starting with ARCH_ORIGIN) replaces them whole.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -20,6 +26,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from mimkit.errors import ConfigError, suggest
 
 PRESET_DIR = Path(__file__).parent / "configs"
+ARCH_ORIGIN = "architecture of "  # origin of a layer read from a checkpoint: a complete model.type + model.kwargs
+RUNS_DIR = "runs"  # default run folders: runs/<command>/<timestamp>
 
 
 @dataclass
@@ -122,13 +130,14 @@ class FreezeOutConfig:
 class MiscConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    output_dir: str = "./output_dir"  # the run folder
+    output_dir: Optional[str] = None  # the run folder; None = a new runs/<command>/<timestamp>
     resume: Optional[str] = None  # checkpoint to resume from (a .pt file or a checkpoint folder)
     auto_resume: bool = True  # resume from <checkpoint_dir>/latest.pt when it exists
     amp: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else off) | bf16 | fp16 | off
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     compile: bool = False  # torch.compile the model
     max_steps: int = 0  # stop after N optimiser steps (smoke tests); 0 = no limit
+    preset: Optional[str] = None  # recorded by the run: the preset put beneath your layers (demo, built-in data)
 
 
 @dataclass
@@ -167,7 +176,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "optimization.max_rollbacks": (lambda v: v >= 0, ">= 0"),
     "optimization.rollback_lr_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "optimization.rollback_amp": (lambda v: v in (None, "bf16", "off"), "bf16, off or null"),
-    "schedule.epochs": (lambda v: v >= 1, ">= 1"),
+    "schedule.epochs": (lambda v: v is None or v >= 1, ">= 1"),
     "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "schedule.start_epoch": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
@@ -260,12 +269,29 @@ def build_config(
     cfg = schema_cfg
     for origin, data in layers:
         try:
+            if _replaces_kwargs(cfg, data, origin):
+                cfg.model.kwargs = {}
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
         except OmegaConfBaseException as e:
             raise _explain(e, schema_cfg, origin) from None
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
+
+
+def _replaces_kwargs(cfg: DictConfig, data: dict, origin: str) -> bool:
+    """True when `data` names a model other than cfg's (or is a checkpoint's architecture): kwargs start over."""
+    new = _get(data, "model.type")
+    if not new or "model" not in cfg or "kwargs" not in cfg.model:
+        return False
+    return origin.startswith(ARCH_ORIGIN) or not same_model(OmegaConf.select(cfg, "model.type"), new)
+
+
+def same_model(a: Optional[str], b: Optional[str]) -> bool:
+    """Do two model names (aliases resolved) name the same registered builder?"""
+    from mimkit.models.registry import same_model as _same
+
+    return _same(a, b)
 
 
 def _get(d: dict, dotted: str):
@@ -296,7 +322,8 @@ def validate(cfg: DictConfig) -> None:
         size = input_size(cfg)
         if any(s < 1 for s in size):
             raise ConfigError(f"bad value for 'data.input_size': {size} (must be positive)")
-        if cfg.data.augmentation.crop_scale_min > cfg.data.augmentation.crop_scale_max:
+        aug = cfg.data.augmentation
+        if "crop_scale_min" in aug and aug.crop_scale_min > aug.crop_scale_max:
             raise ConfigError("data.augmentation.crop_scale_min must not exceed crop_scale_max")
 
 
@@ -310,6 +337,71 @@ def input_size(cfg: DictConfig) -> tuple[int, int]:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ConfigError(f"bad value for 'data.input_size': {v!r} (an int or [H, W])")
     return v, v
+
+
+def new_run_dir(command: str, root: str | Path = RUNS_DIR) -> Path:
+    """Create and return a fresh `root/<command>/<YYYY-mm-dd_HH-MM-SS>` (suffixed -2, -3, ... when taken)."""
+    base = Path(root) / command
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    path, n = base / stamp, 2
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            path, n = base / f"{stamp}-{n}", n + 1
+
+
+def resolve_output_dir(cfg: DictConfig, command: str) -> str:
+    """cfg.misc.output_dir, first set to a new runs/<command>/<timestamp> when unset (the one default scheme).
+
+    An explicit folder is kept as it is (training commands resume from it); a default one is always new, so no
+    run ever writes over an earlier one. Under torchrun rank 0 picks the folder and the other ranks receive it.
+    """
+    if cfg.misc.output_dir:
+        return cfg.misc.output_dir
+    import torch.distributed as tdist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (tdist.is_available() and tdist.is_initialized()):
+        raise ConfigError(f"give --output_dir when launching mimkit {command} with torchrun: every process must "
+                          "write to the same folder")
+    path = [str(new_run_dir(command)) if int(os.environ.get("RANK", "0")) == 0 else None]
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.broadcast_object_list(path, src=0)
+    OmegaConf.set_struct(cfg, False)
+    cfg.misc.output_dir = path[0]
+    OmegaConf.set_struct(cfg, True)
+    return path[0]
+
+
+def take_leftovers(args: Any, rest: list[str], options: list[str]) -> Optional[str]:
+    """Words argparse left over: config files / `key=value` overrides go to args.items; an unknown flag (or a
+    word a command does not take) comes back as one error line, with the closest flag when one is close."""
+    bad = [r for r in rest if r.startswith("-")] or ([] if hasattr(args, "items") else rest)
+    if bad:
+        name = bad[0].split("=")[0]
+        longer = sorted(o for o in options if o.startswith(name) and name.startswith("--"))
+        if longer:  # an abbreviation: refused (it would silently mean another flag once one is added)
+            return (f"unrecognized argument: {bad[0]} (flags are not abbreviated: "
+                    f"{' or '.join(repr(o) for o in longer[:3])}?)")
+        return f"unrecognized argument: {bad[0]}{suggest(name, options) if name.startswith('-') else ''}"
+    if rest:
+        args.items = list(args.items) + rest
+    return None
+
+
+def parse_command(module: Any, command: str, argv: list[str]) -> Any:
+    """Parse `mimkit COMMAND ARGV` with the command module's own flags (for tasks that run another command)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"mimkit {command}", allow_abbrev=False)
+    module.add_arguments(p)
+    args, rest = p.parse_known_args(argv)
+    problem = take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings])
+    if problem:
+        p.error(problem)
+    args.command = command
+    return args
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

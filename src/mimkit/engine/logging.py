@@ -53,6 +53,13 @@ class RunLogger:
         self.log_path = self.run_dir / "log.txt"
         self._file_handler = None
         self._bar = None
+        # whole-run timing: set by start_run; the estimate is printed once, after ESTIMATE_AFTER timed iterations
+        self.slow_hint: str | None = None  # a task's advice, shown when the estimate runs to hours on a CPU
+        self.device_type = "cpu"
+        self._run_left = None
+        self._run_seen = 0
+        self._run_t1 = None
+        self._estimated = False
         if not enabled:
             return
         try:
@@ -94,6 +101,36 @@ class RunLogger:
             self.file_log.info(msg)
 
     # -------------------------------------------------------------- progress
+    ESTIMATE_AFTER = 3  # iterations timed (after the first, which pays for start-up) before the estimate
+
+    def start_run(self, iters_left: int, device_type: str = "cpu") -> None:
+        """The run has `iters_left` iterations to go: time the first few, print the whole run's estimate."""
+        self._run_left, self.device_type = max(0, iters_left), device_type
+        self._run_seen, self._run_t1, self._estimated = 0, None, False
+
+    def run_eta(self) -> float | None:
+        """Seconds left in the whole run, from the mean iteration time since the first; None before it is known."""
+        if self._run_left is None or self._run_t1 is None or self._run_seen < 2:
+            return None
+        per_iter = (time.perf_counter() - self._run_t1) / (self._run_seen - 1)
+        return per_iter * max(0, self._run_left - self._run_seen)
+
+    def _tick_run(self) -> None:
+        if self._run_left is None:
+            return
+        self._run_seen += 1
+        if self._run_seen == 1:
+            self._run_t1 = time.perf_counter()
+        if not self._estimated and self._run_seen == 1 + self.ESTIMATE_AFTER and self._run_left > self._run_seen:
+            self._estimated = True
+            per_iter = (time.perf_counter() - self._run_t1) / self.ESTIMATE_AFTER
+            total = per_iter * self._run_left
+            self.info(f"estimated time of the whole run: {format_duration(total)} ({self._run_left:,} iterations at "
+                      f"{per_iter:.3g} s each, timed over iterations 2-{1 + self.ESTIMATE_AFTER}; evaluation and "
+                      "checkpoints not counted)")
+            if total > 3600 and self.device_type == "cpu" and self.slow_hint:
+                self.info(f"that is hours on a CPU: {self.slow_hint}")
+
     def start_epoch(self, epoch: int, total_iters: int, initial: int = 0) -> None:
         """Begin the per-epoch progress display."""
         self._t0 = time.perf_counter()
@@ -108,15 +145,21 @@ class RunLogger:
         """Update the bar (terminal) or print a line every print_freq iterations (CI, files)."""
         if not self.enabled:
             return
+        self._tick_run()
+        run_eta = self.run_eta()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix({k: _fmt(v) for k, v in fields.items()}, refresh=False)
+            post = {k: _fmt(v) for k, v in fields.items()}
+            if run_eta is not None:
+                post["run_eta"] = format_duration(run_eta)
+            self._bar.set_postfix(post, refresh=False)
         elif it % self.print_freq == 0 or it == self._iters - 1:
             done = it + 1
             elapsed = time.perf_counter() - self._t0
             eta = elapsed / max(done, 1) * (self._iters - done)
             text = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
-            self.info(f"epoch {self._epoch} [{done}/{self._iters}] {text}  eta {eta:.0f}s")
+            run = f"  run eta {format_duration(run_eta)}" if run_eta is not None else ""
+            self.info(f"epoch {self._epoch} [{done}/{self._iters}] {text}  epoch eta {format_duration(eta)}{run}")
 
     def end_epoch(self) -> None:
         """Close the bar."""
@@ -154,6 +197,18 @@ class RunLogger:
             self.log.removeHandler(self._file_handler)
             self.file_log.removeHandler(self._file_handler)
             self._file_handler.close()
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '7 min', '2 h 05 min', '3 d 4 h'."""
+    s = max(0.0, float(seconds))
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.0f} min"
+    if s < 86400:
+        return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+    return f"{int(s // 86400)} d {int(s % 86400 // 3600)} h"
 
 
 def _fmt(v: Any) -> str:

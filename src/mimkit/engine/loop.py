@@ -261,6 +261,10 @@ class Trainer:
             self.run.info(f"nothing to train: step {st.step} already reached misc.max_steps = {s.max_steps} "
                           "(raise --max_steps to continue)")
             return st
+        left = max(0, s.epochs * self.iters_per_epoch - (st.epoch * self.iters_per_epoch + st.batch))
+        if s.max_steps:
+            left = min(left, max(0, s.max_steps - st.step) * s.accum_iter)
+        self.run.start_run(left, self.device.type)  # the whole run's estimate and ETA
         start = st.position()
         self._call_hooks("on_train_start")
         try:
@@ -301,6 +305,7 @@ class Trainer:
         """One epoch from the current position; returns how it ended: epoch | max_steps | signal."""
         s, st = self.s, self.state
         epoch, start_batch = st.epoch, st.batch
+        self._skipped_before = st.skipped_images  # the epoch's own count is the difference
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_batch * s.batch_size)
         self.wrapped.train(True)
@@ -430,12 +435,14 @@ class Trainer:
         mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
         summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
                    "lr": self.current_lr(), "epoch_time_s": epoch_time,
-                   "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite}
+                   "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite,
+                   "skipped_images_epoch": st.skipped_images - getattr(self, "_skipped_before", 0)}
         st.history.append(summary)
         self.run.metrics(summary, st.step, tb_prefix="epoch")
         self.run.info(
             f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
-            + (f"  skipped images {st.skipped_images}" if st.skipped_images else "")
+            + (f"  skipped images {summary['skipped_images_epoch']} this epoch, {st.skipped_images} in all"
+               if st.skipped_images else "")
         )
 
     # ------------------------------------------------------------------ non-finite values

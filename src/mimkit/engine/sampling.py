@@ -34,7 +34,10 @@ class SeededSamples(Dataset):
         s = sample_seed(self.seed, epoch, index)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+            # The CPU generator only (the one fork_rng restores): torch.manual_seed also seeds CUDA / MPS / XPU,
+            # which would leak out of the fork, and while CUDA is uninitialised it queues each call with a
+            # formatted stack trace (milliseconds per image: more than a tiny model's whole step).
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             try:
                 return self.base[index]

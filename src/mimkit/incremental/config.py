@@ -99,7 +99,7 @@ class IncCheckpointing(C.CheckpointingConfig):
 class IncMiscConfig:
     seed: int = 0  # also fixes the class order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    output_dir: str = "./incremental_output"  # the run folder
+    output_dir: Optional[str] = None  # the run folder; None = a new runs/incremental/<timestamp>
     auto_resume: bool = True  # continue the run in output_dir (between tasks or inside one)
     amp: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else off) | bf16 | fp16 | off
 

@@ -1,4 +1,4 @@
-"""Registered MAE builders: the official B/L/H recipes, CPU-sized tiny/small presets, and the seeds' aliases."""
+"""Registered MAE builders: the official B/L/H recipes, CPU-sized tiny/small/demo presets, the seeds' aliases."""
 
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder, decoder 512-d, 8 blocks, 16 heads (MAE paper)."""
     return _mae(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kw)
+
+
+@_preset
+def mae_vit_demo_patch8(**kw) -> MaskedAutoencoderViT:
+    """The demo's model: ViT-Ti width (192-d, 3 heads) with 6 blocks, patch 8, 64 px; decoder 128-d, 2 blocks,
+    4 heads (3.2M parameters: `mimkit pretrain` trains it on a CPU in minutes)."""
+    return _mae(dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4), kw)
+
+
+@_preset
+def mae_vit_nano_patch8(**kw) -> MaskedAutoencoderViT:
+    """The continual demo's model: 96-d, 4 blocks, 3 heads, patch 8, 64 px; decoder 64-d, 1 block, 2 heads."""
+    return _mae(dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+                     decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2), kw)
 
 
 for _size, _patch in (("base", 16), ("large", 16), ("huge", 14)):

@@ -54,6 +54,11 @@ class LinearProbe(nn.Module):
         self.encoder.eval()
         return self
 
+    @property
+    def patch_embed(self) -> nn.Module:
+        """The encoder's patch embedding (its img_size and channels, as a timm ViT classifier exposes them)."""
+        return self.encoder.patch_embed
+
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs (N, C, H, W) -> pooled frozen features (N, D)."""
         with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from mimkit.errors import CheckpointError
 from mimkit.io import hf_config_beside, load_checkpoint_file, resolve_checkpoint
 from mimkit.models.convert import extract_state_dict, hf_config_to_kwargs, load_into_model, to_mae_state_dict
-from mimkit.models.registry import create_model, list_models
+from mimkit.models.registry import create_model, list_models, same_model
 
 # Registered builder used for a Hugging Face config that matches no preset: every size comes from config.json.
 HF_FALLBACK_NAME = "mae_vit_base_patch16"
@@ -92,8 +92,10 @@ def model_from_checkpoint(
     kwargs: dict[str, Any] = {}
     if cfg:
         mcfg = cfg.get("model", {})
-        model_name = model_name or mcfg.get("type")
-        kwargs.update(mcfg.get("kwargs", {}) or {})
+        if model_name is None or same_model(model_name, mcfg.get("type")):
+            # the checkpoint's kwargs belong to its own model type: another --model is built as registered
+            model_name = mcfg.get("type") or model_name
+            kwargs.update(mcfg.get("kwargs", {}) or {})
         size = cfg.get("data", {}).get("input_size")
         if size is not None:
             kwargs["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size

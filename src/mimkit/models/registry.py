@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -39,6 +39,38 @@ def resolve_name(name: str) -> str:
     if name in _ALIASES:
         return _ALIASES[name]
     raise UserError(f"unknown model '{name}'{suggest(name, list_models())}; `mimkit models` lists them")
+
+
+def same_model(a: Optional[str], b: Optional[str]) -> bool:
+    """Do two model names (aliases resolved) name the same registered builder? Unknown names: only if equal."""
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    try:
+        return resolve_name(a) == resolve_name(b)
+    except UserError:
+        return False
+
+
+def describe(model: nn.Module) -> str:
+    """The architecture in one line: 'patch 8, 6 blocks x 192-d (3 heads), decoder 2 blocks x 128-d, 64x64 px'."""
+    parts = []
+    if hasattr(model, "patch_size"):
+        parts.append(f"patch {model.patch_size}")
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and hasattr(model, "embed_dim"):
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if len(blocks) else None
+        parts.append(f"{len(blocks)} blocks x {model.embed_dim}-d" + (f" ({heads} heads)" if heads else ""))
+    dec = getattr(model, "decoder_blocks", None)
+    if dec is not None and hasattr(model, "decoder_embed"):
+        parts.append(f"decoder {len(dec)} blocks x {model.decoder_embed.out_features}-d")
+    size = getattr(model, "img_size", None)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        parts.append(f"{h}x{w} px, {getattr(model, 'in_chans', 3)} channel(s)")
+    parts.append(f"{sum(p.numel() for p in model.parameters()):,} params")
+    return ", ".join(parts)
 
 
 def model_kwargs(name: str) -> set[str]:

@@ -1,6 +1,6 @@
 """`mimkit continual`: continue MAE pretraining on new domains, one after another, and measure forgetting.
 
-    mimkit continual                                         # demo: tiny MAE, built-in photos -> microscopy -> textures
+    mimkit continual                                 # demo: mae_vit_nano_patch8, photos -> microscopy -> textures
     mimkit continual --data_path /new_domain --continual_checkpoint mae_pretrain_vit_large.pth
         --freeze_mode encoder_layernorms_only --blr 5e-4 --epochs 30     (one command)
     mimkit continual continual/demo.yaml --domains photos space --freeze_mode layernorm_only
@@ -14,7 +14,8 @@ every stage the model is evaluated on EVERY domain's held-out split: reconstruct
 dedicated generator per domain, the same masks at every stage) and k-NN accuracy where the domain has labels. `sequence.json` records finished stages, so a killed sequence resumes
 at its stage. Results: `recon_loss.{csv,json}`, `knn_acc.{csv,json}` (stage x domain, forgetting, backward
 transfer), `matrix.png`, and the summary table at the end of `log.txt`.
-Put `key=value` overrides before `--domains` (its list takes every word after it).
+Put `key=value` overrides before `--domains` (its list takes every word after it). Results go to --output_dir
+(a sequence there resumes), else a new runs/continual/<timestamp>/.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mimkit.engine.logging import RunLogger
 from mimkit.errors import ConfigError, DataError
 from mimkit.metrics import forgetting as F
 from mimkit.tasks import pretrain as P
+from mimkit.tasks.preflight import load_weights
 
 DEMO_PRESET = "continual/demo.yaml"
 SWEEP_PRESET = "continual/sweep.yaml"
@@ -66,11 +68,6 @@ class ContinualScheduleConfig(C.ScheduleConfig):
 
 
 @dataclass
-class ContinualMiscConfig(C.MiscConfig):
-    output_dir: str = "./continual_output"  # seed 000's output folder
-
-
-@dataclass
 class ContinualSection:
     domains: List[str] = field(default_factory=list)  # trained in order: folders or built-in names; [] = data_path
     eval_domains: List[str] = field(default_factory=list)  # evaluated after every stage but never trained
@@ -89,7 +86,6 @@ class ContinualConfig(C.PretrainConfig):
     model: ContinualModelConfig = field(default_factory=ContinualModelConfig)
     optimization: ContinualOptimizationConfig = field(default_factory=ContinualOptimizationConfig)
     schedule: ContinualScheduleConfig = field(default_factory=ContinualScheduleConfig)
-    misc: ContinualMiscConfig = field(default_factory=ContinualMiscConfig)
     continual: ContinualSection = field(default_factory=ContinualSection)
 
 
@@ -209,7 +205,7 @@ def open_domains(cfg: DictConfig, num_patches: int, in_chans: int) -> list[EvalD
 def evaluate(model, domains: list[EvalDomain], cfg: DictConfig) -> dict[str, dict[str, float]]:
     """{domain: {recon_loss, recon_loss_all, knn_acc}}: masked / all-patch MSE with fixed masks, k-NN top-1.
 
-    recon_loss is the MAE objective (mean over masked patches); NaN k-NN = no labels.
+    recon_loss is the MAE objective (mean over masked patches); knn_acc in %, as every command; NaN = no labels.
     """
     from torch.utils.data import DataLoader
 
@@ -242,8 +238,8 @@ def evaluate(model, domains: list[EvalDomain], cfg: DictConfig) -> dict[str, dic
         if d.knn_train is not None:
             tr_f, tr_y = extract_features(model, d.knn_train, bs, device, cfg.continual.pool)
             va_f, va_y = extract_features(model, d.val, bs, device, cfg.continual.pool)
-            row["knn_acc"] = knn_accuracy(tr_f, tr_y, va_f, va_y, (cfg.continual.knn_k,),
-                                          cfg.continual.knn_temperature)[cfg.continual.knn_k]
+            row["knn_acc"] = 100.0 * knn_accuracy(tr_f, tr_y, va_f, va_y, (cfg.continual.knn_k,),
+                                                  cfg.continual.knn_temperature)[cfg.continual.knn_k]
         results[d.name] = row
     model.train(was_training)
     return results
@@ -318,7 +314,7 @@ def _num(v: Any) -> float:
 
 METRICS = (  # (key, higher is better, title)
     ("recon_loss", False, "reconstruction loss (masked patches, fixed masks)"),
-    ("knn_acc", True, "k-NN accuracy"),
+    ("knn_acc", True, "k-NN accuracy (%)"),
 )
 
 
@@ -326,6 +322,9 @@ def matrices(state: dict, names: list[str]) -> dict[str, np.ndarray]:
     """{metric: (finished stages, domains) array} from the state's stage rows."""
     return {key: np.array([[_num(s["eval"][n][key]) for n in names] for s in state["stages"]], dtype=float)
             .reshape(len(state["stages"]), len(names)) for key, _, _ in METRICS}
+
+
+DIGITS = {"recon_loss": 4, "knn_acc": 2}  # decimals shown: losses to 1e-4, accuracies (%) to 0.01
 
 
 def write_results(out_dir: Path, state: dict, names: list[str], n_trained: int) -> dict[str, dict]:
@@ -344,7 +343,10 @@ def write_results(out_dir: Path, state: dict, names: list[str], n_trained: int) 
             s["initial"] = init.tolist()
             drop = (init - R[-1]) if higher else (R[-1] - init)
             s["drop_from_initial"] = dict(zip(names, [None if math.isnan(v) else float(v) for v in drop]))
-        F.write_matrix_csv(out_dir / f"{key}.csv", R, names, stages)
+        if state.get("initial"):  # the starting weights as the first row: the drop from the start reads off it
+            F.write_matrix_csv(out_dir / f"{key}.csv", np.vstack([init[None], R]), names, ["initial", *stages])
+        else:
+            F.write_matrix_csv(out_dir / f"{key}.csv", R, names, stages)
         F.write_matrix_json(out_dir / f"{key}.json", s)
         summaries[key] = s
     heatmap(out_dir / "matrix.png", state, names)
@@ -357,14 +359,16 @@ def _nanmean(v: np.ndarray) -> Optional[float]:
 
 
 def heatmap(path: Path, state: dict, names: list[str]) -> Path:
-    """One panel per metric: rows = initial + stages, columns = domains; darker = better, values written in."""
+    """One panel per metric: rows = initial + stages, columns = domains; darker = better, values written in,
+    and a colour bar beside each panel mapping shades to values (its ends: the panel's worst and best)."""
     from PIL import Image, ImageDraw
 
     rows = (["initial"] if state.get("initial") else []) + [f"after {s['name']}" for s in state["stages"]]
     evals = ([state["initial"]] if state.get("initial") else []) + [s["eval"] for s in state["stages"]]
-    cw, ch, left, top, gap = 92, 24, 130, 40, 30
-    width = left + cw * len(names) + 10
-    panel_h = top + ch * len(rows)
+    cw, ch, left, top, gap, bar_w = 92, 24, 130, 40, 30, 16
+    bar_x = left + cw * len(names) + 14
+    width = bar_x + bar_w + 70
+    panel_h = top + max(ch * len(rows), 60)
     img = Image.new("RGB", (width, panel_h * len(METRICS) + gap), "white")
     draw = ImageDraw.Draw(img)
     for p, (key, higher, title) in enumerate(METRICS):
@@ -372,6 +376,7 @@ def heatmap(path: Path, state: dict, names: list[str]) -> Path:
         vals = np.array([[_num(e[n][key]) for n in names] for e in evals], dtype=float)
         finite = vals[np.isfinite(vals)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        d = DIGITS[key]
         draw.text((4, y0 + 4), f"{title} ({'higher' if higher else 'lower'} is better)", fill="black")
         for j, n in enumerate(names):
             draw.text((left + j * cw + 4, y0 + 22), n[:14], fill="black")
@@ -385,14 +390,33 @@ def heatmap(path: Path, state: dict, names: list[str]) -> Path:
                     draw.rectangle([x, y, x + cw - 2, y + ch - 2], fill=(230, 230, 230))
                     draw.text((x + 4, y + 6), "n/a", fill="gray")
                     continue
-                t = 0.5 if hi == lo else (v - lo) / (hi - lo)
-                good = t if higher else 1 - t  # 1 = best value in the panel
-                shade = int(235 - 175 * good)
-                draw.rectangle([x, y, x + cw - 2, y + ch - 2], fill=(shade, shade, 255))
-                draw.text((x + 4, y + 6), f"{v:.4f}", fill="white" if good > 0.6 else "black")
+                good = _goodness(v, lo, hi, higher)
+                draw.rectangle([x, y, x + cw - 2, y + ch - 2], fill=_shade(good))
+                draw.text((x + 4, y + 6), f"{v:.{d}f}", fill="white" if good > 0.6 else "black")
+        # colour bar: best value at the top, worst at the bottom
+        y_top, y_bot = y0 + top, y0 + panel_h - 4
+        for y in range(y_top, y_bot + 1):
+            good = 1.0 - (y - y_top) / max(1, y_bot - y_top)
+            draw.line([bar_x, y, bar_x + bar_w, y], fill=_shade(good))
+        draw.rectangle([bar_x, y_top, bar_x + bar_w, y_bot], outline="black")
+        best, worst = (hi, lo) if higher else (lo, hi)
+        draw.text((bar_x + bar_w + 4, y_top), f"{best:.{d}f}", fill="black")
+        draw.text((bar_x + bar_w + 4, y_bot - 10), f"{worst:.{d}f}", fill="black")
+        draw.text((bar_x - 2, y0 + 22), "scale", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def _goodness(v: float, lo: float, hi: float, higher: bool) -> float:
+    """0 = the panel's worst value, 1 = its best."""
+    t = 0.5 if hi == lo else (v - lo) / (hi - lo)
+    return t if higher else 1 - t
+
+
+def _shade(good: float) -> tuple[int, int, int]:
+    s = int(235 - 175 * good)
+    return (s, s, 255)
 
 
 def format_summary(state: dict, names: list[str], summaries: dict[str, dict]) -> str:
@@ -405,7 +429,8 @@ def format_summary(state: dict, names: list[str], summaries: dict[str, dict]) ->
             continue
         lines.append(f"\n{title} ({'higher' if higher else 'lower'} is better)")
         lines.append(f"{'':<24}" + "".join(f"{n:>{w}}" for n in names))
-        fmt = (lambda v: f"{'n/a':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}.4f}")
+        d = DIGITS[key]
+        fmt = (lambda v: f"{'n/a':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}.{d}f}")
         if "initial" in s:
             lines.append(f"{'initial':<24}" + "".join(fmt(v) for v in s["initial"]))
         for stage, row in zip(s["stages"], s["matrix"], strict=True):
@@ -414,8 +439,8 @@ def format_summary(state: dict, names: list[str], summaries: dict[str, dict]) ->
         if "drop_from_initial" in s:
             lines.append(f"{'drop from initial':<24}" + "".join(fmt(s['drop_from_initial'][n]) for n in names))
         af, bwt = s["average_forgetting"], s["backward_transfer"]
-        lines.append(f"average forgetting {('n/a' if af is None else f'{af:.4f}')}   backward transfer "
-                     f"{('n/a' if bwt is None else f'{bwt:.4f}')}   "
+        lines.append(f"average forgetting {('n/a' if af is None else f'{af:.{d}f}')}   backward transfer "
+                     f"{('n/a' if bwt is None else f'{bwt:.{d}f}')}   "
                      "(positive forgetting = worse, positive BWT = better)")
     return "\n".join(lines)
 
@@ -423,9 +448,8 @@ def format_summary(state: dict, names: list[str], summaries: dict[str, dict]) ->
 def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     """Train every stage in turn (resuming where an earlier run stopped), evaluate, write the results."""
     from mimkit.engine import distributed as D
-    from mimkit.models.convert import load_into_model
 
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "continual"))
     domains = sequence_domains(cfg)
     # 1. validate before any work: options, data of every domain, the starting checkpoint
     P.seed_everything(cfg.misc.seed)
@@ -436,7 +460,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     state_path = out_dir / STATE_FILE
     state = load_state(state_path, domains, cfg)
     if cfg.model.init_from and not state["stages"]:
-        report = load_into_model(model, cfg.model.init_from)  # CheckpointError: another architecture/patch size
+        report = load_weights(model, cfg.model.init_from)  # CheckpointError: another architecture/patch size
     else:
         report = None
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -511,7 +535,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
 def log_eval(run: RunLogger, label: str, row: dict[str, dict[str, float]], step: int) -> None:
     """One line per domain in log.txt/console, and the values as TensorBoard scalars at x = stage."""
     for name, m in row.items():
-        knn = "n/a" if math.isnan(m["knn_acc"]) else f"{m['knn_acc']:.4f}"
+        knn = "n/a" if math.isnan(m["knn_acc"]) else f"{m['knn_acc']:.2f}%"
         run.info(f"eval {label}: {name:<16} recon_loss {m['recon_loss']:.4f}  recon_loss_all "
                  f"{m['recon_loss_all']:.4f}  knn_acc {knn}")
     run.metrics({"kind": "eval", "label": label, "step": step,
@@ -522,7 +546,7 @@ def log_eval(run: RunLogger, label: str, row: dict[str, dict[str, float]], step:
 # ---------------------------------------------------------------------------------------------- sweep
 def run_sweep(cfg: DictConfig) -> dict:
     """Every freeze_mode x loss_mode on the same sequence from one starting checkpoint; writes sweep.md/json."""
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "continual"))
     start = cfg.model.init_from
     if not start:
         if not cfg.continual.base_data:
@@ -579,16 +603,17 @@ def sweep_table(rows: list[dict], n_trained: int) -> str:
             s = r["summaries"].get(key, {})
             final = s.get("matrix", [[None] * len(names)])[-1]
             drop = s.get("drop_from_initial", {})
-            cells = [r["freeze_mode"], r["loss_mode"], *[_f(v) for v in final], _f(s.get("average_forgetting")),
-                     _f(s.get("backward_transfer")), *[_f(drop.get(n)) for n in names[n_trained:]],
+            d = DIGITS[key]
+            cells = [r["freeze_mode"], r["loss_mode"], *[_f(v, d) for v in final], _f(s.get("average_forgetting"), d),
+                     _f(s.get("backward_transfer"), d), *[_f(drop.get(n), d) for n in names[n_trained:]],
                      f"{r['trainable_params']:,} ({100 * r['trainable_params'] / r['total_params']:.1f}%)",
                      f"{r['train_s']:.1f}", f"{r['train_cpu_s']:.1f}"]
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-def _f(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+def _f(v: Any, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def run(args: argparse.Namespace) -> int:

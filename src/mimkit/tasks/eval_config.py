@@ -29,7 +29,6 @@ class ClassifierModelConfig:
 @dataclass
 class EvalMiscConfig(C.MiscConfig):
     eval: bool = False  # evaluate the checkpoint (misc.resume or model.finetune) on val/ and stop
-    output_dir: str = "./output_dir"
 
 
 @dataclass
@@ -197,6 +196,11 @@ FINETUNE_FLAGS: list[Flag] = COMMON_FLAGS + [
     Flag("mixup_switch_prob", "data.augmentation.mixup_switch_prob", float),
     Flag("mixup_mode", "data.augmentation.mixup_mode", str, "batch | pair | elem"),
 ]
+
+
+# Built-in data -> the CPU-sized preset put beneath the flags when no config file is given (stated at start-up).
+LINPROBE_PRESETS = {"digits": "linprobe/digits.yaml"}
+FINETUNE_PRESETS = {"digits": "finetune/digits.yaml"}
 
 
 def check_classifier_config(cfg, command: str) -> None:

@@ -24,8 +24,8 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
     """--checkpoint / --model / --input_size / --random_init: which frozen encoder to evaluate."""
     p.add_argument("--checkpoint", "--finetune", dest="checkpoint", default=None,
                    help="mimkit, official MAE (.pth) or Hugging Face checkpoint of the encoder")
-    p.add_argument("--model", default=None, help="registered model name; needed only when the checkpoint "
-                   "does not say (an official file of a non-standard size)")
+    p.add_argument("--model", default=None, help="registered model name (default: the checkpoint's; needed only "
+                   "when the checkpoint does not say, e.g. an official file of a non-standard size)")
     p.add_argument("--input_size", type=int, default=None,
                    help="image size (default: the checkpoint's); position embeddings are interpolated")
     p.add_argument("--random_init", action="store_true",
@@ -44,7 +44,9 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
         torch.manual_seed(seed)
         kwargs = {"img_size": input_size} if input_size else {}
         model = create_model(model_name, **kwargs)
-        return model.eval(), f"{model_name} (random init, seed {seed})"
+        from mimkit.models.registry import describe
+
+        return model.eval(), f"{model_name} (random init, seed {seed}) [{describe(model)}]"
     path = _resolve(checkpoint)
     model, desc = model_from_checkpoint(path, model_name=model_name, input_size=input_size)
     if random_init:
@@ -52,7 +54,20 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
             torch.manual_seed(seed)
             model.initialize_weights()
         desc += f", weights re-initialised (random init, seed {seed})"
-    return model.eval(), desc
+    from mimkit.models.registry import describe
+
+    return model.eval(), f"{desc} [{describe(model)}]"  # the architecture built, in every start-up line
+
+
+def encoder_arch(checkpoint: Optional[str], encoder) -> dict:
+    """{type, kwargs} that rebuild `encoder` (the kwargs its checkpoint's config names for that type)."""
+    from mimkit.models.loading import architecture_of
+    from mimkit.models.registry import same_model
+
+    arch = architecture_of(_resolve(checkpoint)) if checkpoint else None
+    m = (arch or {}).get("model") or {}
+    kwargs = dict(m.get("kwargs") or {}) if same_model(m.get("type"), encoder.model_name) else {}
+    return {"type": encoder.model_name, "kwargs": kwargs}
 
 
 def _resolve(checkpoint: str) -> Path:
@@ -108,22 +123,25 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 
 
 def write_results(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoint: Optional[str],
-                  data: str, config: dict, extra: Optional[dict] = None) -> Path:
-    """Write <out_dir>/results.json: command, metrics, checkpoint, data, config, version, time."""
+                  data: str, config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
+    """Write <out_dir>/results.json. A training run rewrites its own as it goes; with `keep_earlier` (one-shot
+    evaluations, which may share a folder) an existing one is kept and results-2.json, ... written instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "metrics": metrics, "checkpoint": checkpoint, "data": data,
               "config": config, "mimkit_version": __version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-    path = out / "results.json"
+    path, n = out / "results.json", 2
+    while keep_earlier and path.exists():
+        path, n = out / f"results-{n}.json", n + 1
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 
 def report(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoint: Optional[str], data: str,
-           config: dict, extra: Optional[dict] = None) -> Path:
-    """Print the summary table and write results.json; returns its path."""
-    path = write_results(out_dir, command, metrics, checkpoint, data, config, extra)
+           config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
+    """Print the summary table and write results.json (see write_results); returns its path."""
+    path = write_results(out_dir, command, metrics, checkpoint, data, config, extra, keep_earlier)
     print(format_table(metrics, f"mimkit {command}: {checkpoint or 'random init'} on {data}"))
     print(f"results: {path}")
     return path
@@ -228,6 +246,15 @@ def classifier_metrics(hook: EvalEveryEpoch, final: dict) -> dict[str, Any]:
     return out
 
 
+# What to try when a linprobe / finetune run's estimate is hours on a CPU.
+SLOW_HINTS = {
+    "linprobe": "CPU-sized settings as in linprobe/digits.yaml: --no_aug (frozen features computed once), "
+                "--input_size 32-64, --opt sgd, fewer --epochs",
+    "finetune": "CPU-sized settings as in finetune/digits.yaml: --input_size 32-64, --aa none --reprob 0, "
+                "--epochs 5, or a smaller model",
+}
+
+
 def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set,
                      val_set, step_fn: Callable, eval_forward: Callable, lr: float, dist, run_log,
                      num_workers: int, resume_ckpt: Optional[dict], describe: str) -> dict:
@@ -251,7 +278,15 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     def lr_schedule(optim: torch.optim.Optimizer, epoch_f: float) -> None:
         set_lr(optim, warmup_cosine(epoch_f, lr, opt.min_lr, sched.warmup_epochs, sched.epochs))
 
+    from mimkit.tasks.preflight import cap_workers, check_one_batch, note_schedule_change, warn_small_images
+
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
+    check_one_batch(len(train_set), opt.batch_size, dist.world_size, SLOW_HINTS[command])
+    small = warn_small_images(train_set, C.input_size(cfg))
+    if small:
+        run_log.info(small)
+    num_workers = cap_workers(num_workers, run_log)
+    run_log.slow_hint = SLOW_HINTS[command]
     hook = EvalEveryEpoch(
         lambda: evaluate_classifier(eval_forward, val_set, opt.batch_size, dist.device, cfg.data.dist_eval),
         run_log, ckpt_dir / "best.pt", dist.is_main)
@@ -271,11 +306,17 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
             run_log.info(resume_ckpt["resume_warning"])
         trainer.load(resume_ckpt)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
+        note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
+                             trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
     elif sched.start_epoch:
         trainer.state.epoch = sched.start_epoch
     eff = opt.batch_size * opt.accum_iter * dist.world_size
     run_log.info(f"mimkit {command}: {describe}; {len(train_set)} train / {len(val_set)} val images; effective "
-                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, amp {amp} ({amp_why})")
+                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, input {cfg.data.input_size}, amp {amp} "
+                 f"({amp_why}); run folder {out_dir}")
+    if cfg.misc.preset:
+        run_log.info(f"preset {cfg.misc.preset} beneath your flags (CPU-sized, for the built-in "
+                     f"{cfg.data.data_path}); a config file or flags override it")
     try:
         trainer.fit()
     finally:
@@ -298,8 +339,10 @@ def read_resume(cfg) -> Optional[dict]:
     """
     from mimkit.engine.checkpoint import find_resume
 
-    ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir) / "checkpoints")
-    ckpt, _, warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
+    run_dir = cfg.checkpointing.checkpoint_dir or (cfg.misc.output_dir and Path(cfg.misc.output_dir) / "checkpoints")
+    if not run_dir and not cfg.misc.resume:  # a default run folder is always new: nothing to resume
+        return None
+    ckpt, _, warning = find_resume(cfg.misc.resume, Path(run_dir or "."), cfg.misc.auto_resume and bool(run_dir))
     if ckpt is not None and warning:
         ckpt["resume_warning"] = warning
     return ckpt
@@ -325,5 +368,5 @@ def evaluate_only(cfg, task: str, model, val_set, resume, dist, desc: str) -> di
     metrics = {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"]}
     if dist.is_main:
         report(cfg.misc.output_dir, task, metrics, cfg.misc.resume, cfg.data.data_path,
-               C.to_container(cfg), {"model": desc, "eval_only": True})
+               C.to_container(cfg), {"model": desc, "eval_only": True}, keep_earlier=True)
     return metrics

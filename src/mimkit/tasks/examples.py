@@ -5,15 +5,19 @@
     mimkit examples 2 --data_path /new_domain --continual_checkpoint mae_pretrain_vit_large.pth
     mimkit examples --dry_run 3          # print the command only
 
-With no --data_path / --domains the example runs on the built-in demo domains with the demo's tiny model;
-every word after the example's name is passed on to `mimkit continual`.
+With no --data_path / --domains the example runs on the built-in demo domains; the examples that freeze part of
+the model (2, 2b, 3) then start from the demo's pretrained checkpoint (runs/demo, pretrained first when absent),
+since freezing random weights learns nothing. Every word after the example's name is passed on to
+`mimkit continual`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from mimkit.errors import UserError, suggest
@@ -27,6 +31,12 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "4": ("continual/original_loss.yaml", "Original MAE loss (20 epochs): masked patches only"),
     "5": ("continual/quick_test.yaml", "Quick test (5 epochs)"),
 }
+
+FREEZING = ("2", "2b", "3")  # the examples whose preset freezes part of the model
+DEMO_RUN = "runs/demo"  # where the freezing examples find (or pretrain) their starting checkpoint
+# words that say where the data or the starting weights come from: then the example runs as the user says
+OWN_CHOICE = ("--continual_checkpoint", "--init_from", "model.init_from", "--data_path", "data.data_path",
+              "--domains", "continual.domains")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,12 +63,31 @@ def command(key: str, extra: list[str] = ()) -> list[str]:
 def run_example(key: str, extra: list[str] = (), dry_run: bool = False) -> int:
     """Print the command, then run it in this process (same exit codes as `mimkit continual`)."""
     argv = command(key, list(extra))
+    own = any(w.split("=")[0] in OWN_CHOICE for w in extra)
+    if key in FREEZING and not own:
+        ckpt = Path(DEMO_RUN) / "checkpoints" / "final.pt"
+        argv[2:2] = ["--continual_checkpoint", str(ckpt)]
+        if not ckpt.is_file():
+            pre = ["pretrain", "--output_dir", DEMO_RUN]
+            print(f"example {key} freezes part of the model: it starts from the demo's pretrained weights, "
+                  f"which {ckpt} does not hold yet", flush=True)
+            print("$ mimkit " + shlex.join(pre), flush=True)
+            if not dry_run:
+                rc = run_command(pre)
+                if rc:
+                    return rc
     print("$ mimkit " + shlex.join(argv), flush=True)
     if dry_run:
         return 0
-    from mimkit.cli import main
+    return run_command(argv)
 
-    return main(argv)
+
+def run_command(argv: list[str]) -> int:
+    """Run `mimkit ARGV` in this process without the CLI module (nothing imports it): parse, then the task."""
+    from mimkit.config import parse_command
+
+    module = importlib.import_module(f"mimkit.tasks.{argv[0]}")
+    return module.run(parse_command(module, argv[0], argv[1:])) or 0
 
 
 def menu(ask: Callable[[str], str] = input) -> Optional[str]:

@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
     p.add_argument("--batch_size", type=int, default=2, help="batch of the random parity input")
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference accepted")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random parity input")
 
 
 class EncoderFeatures(nn.Module):
@@ -83,6 +83,10 @@ def load_for_export(path: str, model_name: str | None = None, input_size: int | 
     p = _resolve(path)
     obj = load_checkpoint_file(p)
     sd, _ = extract_state_dict(obj)
+    if "head.1.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:  # a `mimkit linprobe` run
+        from mimkit.tasks.linprobe import probe_from_checkpoint
+
+        return probe_from_checkpoint(obj, sd), "classifier", None, f"linear probe from {p.name}"
     if "head.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:
         model, kind = _classifier(obj, sd, input_size)
         model.saved_config = obj.get("config")  # its data.mean / data.std go into the export record
@@ -210,14 +214,22 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     hf = ViTMAEModel(hf_cfg)
     sd = {k[len("vit."):]: v for k, v in mae_to_hf(_mae_sd(mae)).items() if k.startswith("vit.")}
     hf.load_state_dict(sd, strict=True)
-    hf.save_pretrained(str(out))
-    mean, std = mean_std(mae.in_chans, *normalization_of(mae))
-    size = {"height": mae.img_size[0], "width": mae.img_size[1]}
-    (out / "preprocessor_config.json").write_text(json.dumps({  # transformers' ViTImageProcessor reads this
-        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": size, "resample": 3,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(mean), "image_std": list(std)}, indent=2) + "\n")
-    hf = ViTMAEModel.from_pretrained(str(out)).eval()
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no shard-loading bars in the middle of mimkit's output
+    try:
+        hf.save_pretrained(str(out))
+        mean, std = mean_std(mae.in_chans, *normalization_of(mae))
+        size = {"height": mae.img_size[0], "width": mae.img_size[1]}
+        (out / "preprocessor_config.json").write_text(json.dumps({  # transformers' ViTImageProcessor reads this
+            "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": size, "resample": 3,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(mean), "image_std": list(std)}, indent=2) + "\n")
+        hf = ViTMAEModel.from_pretrained(str(out)).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # noise = position index: argsort keeps the patch order, so no token is shuffled (mask ratio 0)

@@ -1,10 +1,10 @@
-"""`mimkit finetune`: end-to-end classification fine-tuning of an MAE encoder, the official recipe, on THE loop.
+r"""`mimkit finetune`: end-to-end classification fine-tuning of an MAE encoder, the official recipe, on THE loop.
 
-    mimkit finetune --finetune runs/demo/checkpoints/final.pt --data_path digits --input_size 64 --epochs 10
+    mimkit finetune --finetune runs/demo --data_path digits      # built-in data: preset finetune/digits.yaml beneath
     mimkit finetune --finetune mae_pretrain_vit_base.pth --data_path /imagenet --model mae_vit_base_patch16 \
         --batch_size 32 --accum_iter 4 --blr 5e-4 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 \
         --mixup 0.8 --cutmix 1.0 --reprob 0.25 --dist_eval
-    mimkit finetune --data_path digits --eval --resume output_dir/checkpoints/best.pt
+    mimkit finetune --data_path digits --eval --resume runs/finetune/<timestamp>/checkpoints/best.pt
 
 A timm VisionTransformer with the encoder's weights (position embeddings interpolated when --input_size
 differs), global average pooling + fc_norm (or --cls_token), head at trunc_normal(2e-5); AdamW over
@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: config, then fine-tune."""
-    cfg = config_from_args(args, EC.FINETUNE_FLAGS, EC.FinetuneConfig, demo_preset=None)
+    cfg = config_from_args(args, EC.FINETUNE_FLAGS, EC.FinetuneConfig, demo_preset=None,
+                           data_presets=EC.FINETUNE_PRESETS)
     finetune(cfg)
     return 0
 
@@ -169,6 +170,7 @@ def finetune(cfg) -> dict:
     cfg.optimization.lr = lr
     OmegaConf.set_struct(cfg, True)
     model.to(dist.device)
+    C.resolve_output_dir(cfg, "finetune")
 
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "finetune", model, val_set, resume, dist, desc)

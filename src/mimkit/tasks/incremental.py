@@ -158,7 +158,7 @@ def train_incremental(cfg) -> dict:
                             f"training / {len(va)} held-out images: fewer than one batch of {o.batch_size} or none "
                             "to evaluate; lower --batch_size or use fewer tasks")
     rank_set = ID.fixed_subset(val_set, split, i.rankme_images)
-    out_dir = Path(cfg.misc.output_dir)
+    out_dir = Path(C.resolve_output_dir(cfg, "incremental"))
     state = load_state(out_dir / STATE_FILE, fingerprint(cfg, split.order, sizes), cfg.misc.auto_resume)
     done = len(state["rows"])
     dist = D.init_distributed(cfg.misc.device)

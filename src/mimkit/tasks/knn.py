@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from mimkit import config as C
 from mimkit.tasks import evaluate as E
 
 
@@ -21,11 +22,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts (several at once)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cosine / T)")
     p.add_argument("--pool", choices=("cls", "avg"), default="cls", help="cls token or mean of the patch tokens")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="./output_dir/knn")
+    add_common_arguments(p, "knn")
+
+
+def add_common_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """--batch_size, --num_workers, --device, --seed, --output_dir of the feature commands (knn, rankme)."""
+    p.add_argument("--batch_size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed (of --random_init weights)")
+    p.add_argument("--output_dir", default=None, help=f"folder of results.json (kept: a rerun writes results-2.json); "
+                   f"default: a new runs/{command}/<timestamp>")
 
 
 def features(args: argparse.Namespace):
@@ -57,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"mimkit knn: {desc}; {len(xtr)} train / {len(xva)} val images, {len(classes)} classes")
     acc = knn_accuracy(xtr, ytr, xva, yva, ks=args.k, temperature=args.temperature, num_classes=len(classes))
     metrics = {f"knn_top1_k{k}": 100.0 * a for k, a in acc.items()}
-    E.report(args.output_dir, "knn", metrics, args.checkpoint, args.data_path, _config(args),
-             {"model": desc, "num_train": len(xtr), "num_val": len(xva), "classes": classes})
+    E.report(args.output_dir or C.new_run_dir("knn"), "knn", metrics, args.checkpoint, args.data_path, _config(args),
+             {"model": desc, "num_train": len(xtr), "num_val": len(xva), "classes": classes}, keep_earlier=True)
     return 0
 
 

@@ -1,9 +1,8 @@
 """`mimkit linprobe`: linear probe of a frozen encoder, the official MAE recipe, on THE engine loop.
 
-    mimkit linprobe --finetune runs/demo/checkpoints/final.pt --data_path digits --input_size 64 --epochs 20
+    mimkit linprobe --finetune runs/demo --data_path digits    # built-in data: preset linprobe/digits.yaml beneath
     mimkit linprobe --finetune mae_pretrain_vit_base.pth --data_path /imagenet --batch_size 512 --blr 0.1
-    mimkit linprobe linprobe/digits.yaml --finetune runs/demo                         # a preset
-    mimkit linprobe --finetune ... --data_path ... --eval --resume output_dir/checkpoints/best.pt
+    mimkit linprobe --finetune ... --data_path ... --eval --resume runs/linprobe/<timestamp>/checkpoints/best.pt
 
 Head: BatchNorm1d(affine=False) + Linear on the cls token (or, with --global_pool, the layer-normed mean of
 the patch tokens); LARS (or --opt sgd), lr = blr * batch / 256, warmup + cosine, top-1 / top-5 on val/
@@ -33,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: config, then probe."""
-    cfg = config_from_args(args, EC.LINPROBE_FLAGS, EC.LinprobeConfig, demo_preset=None)
+    cfg = config_from_args(args, EC.LINPROBE_FLAGS, EC.LinprobeConfig, demo_preset=None,
+                           data_presets=EC.LINPROBE_PRESETS)
     probe(cfg)
     return 0
 
@@ -65,6 +65,29 @@ def cache_features(model, dataset, batch_size: int, device: torch.device) -> Fea
                 feats.append(model.features(batch["images"].to(device)).float().cpu())
                 labels.append(batch["labels"])
     return FeatureSet(torch.cat(feats), torch.cat(labels), list(dataset.classes))
+
+
+def probe_from_checkpoint(obj: dict, sd: dict):
+    """Rebuild a `mimkit linprobe` checkpoint's LinearProbe (encoder architecture from its config), load it
+    strictly; in eval mode."""
+    from mimkit.errors import CheckpointError
+    from mimkit.models import create_model
+    from mimkit.models.heads import LinearProbe
+
+    cfg = obj.get("config") or {}
+    arch = ((cfg.get("model") or {}).get("arch") or {}).get("probe_encoder")
+    if not arch:
+        raise CheckpointError("this linear-probe checkpoint's config has no model.arch.probe_encoder (the encoder's "
+                              "architecture, recorded by newer runs); re-run `mimkit linprobe` to export the probe")
+    size = (cfg.get("data") or {}).get("input_size", 224)
+    encoder = create_model(arch["type"], **{**arch.get("kwargs", {}),
+                                            "img_size": tuple(size) if isinstance(size, list) else size})
+    model = LinearProbe(encoder, sd["head.1.weight"].shape[0], bool(cfg["model"].get("global_pool", False)))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"linear-probe checkpoint does not fit its architecture: {str(e)[:200]}") from None
+    return model.eval()
 
 
 def probe_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -111,8 +134,11 @@ def probe(cfg) -> dict:
                                           cfg.optimization.accum_iter, dist.world_size)
     OmegaConf.set_struct(cfg, False)
     cfg.optimization.lr = lr  # the derived value goes into the saved config
+    cfg.model.nb_classes = nb_classes
+    cfg.model.arch = {"probe_encoder": E.encoder_arch(encoder_path, encoder)}  # `mimkit export` rebuilds from it
     OmegaConf.set_struct(cfg, True)
 
+    C.resolve_output_dir(cfg, "linprobe")
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "linprobe", model, val_set, resume, dist, desc)
 

@@ -1,9 +1,13 @@
-"""`mimkit pretrain`: MAE-family pretraining (also LocalMIM, FreezeOut), one recipe read top to bottom.
+r"""`mimkit pretrain`: MAE-family pretraining (also LocalMIM, FreezeOut), one recipe read top to bottom.
 
-    mimkit pretrain                                   # the embedded demo (tiny MAE, bundled photos, CPU)
-    mimkit pretrain --data_path /imagenet --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64
-    mimkit pretrain configs/pretrain/mae_vit_base.yaml data.data_path=/imagenet
-    torchrun --nproc_per_node 8 -m mimkit pretrain configs/pretrain/mae_vit_base.yaml --data_path /imagenet
+    mimkit pretrain                                   # the embedded demo (mae_vit_demo_patch8, bundled photos, CPU)
+    mimkit pretrain pretrain/cpu_small.yaml --data_path /my/images          # your images on a CPU
+    mimkit pretrain --data_path /imagenet --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64   # GPUs
+    mimkit pretrain configs/pretrain/mae_vit_base.yaml data.data_path=/imagenet                          # GPUs
+    torchrun --nproc_per_node 8 -m mimkit pretrain configs/pretrain/mae_vit_base.yaml --data_path /imagenet \
+        --output_dir runs/vitb
+
+Results go to --output_dir (resumed when it holds a run), else a new runs/pretrain/<timestamp>/.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from mimkit.engine.loop import LoopSettings, Trainer, rollback_settings
 from mimkit.engine.precision import amp_decision
 from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
 from mimkit.errors import ConfigError, UserError
+from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
+from mimkit.tasks.preflight import warn_small_images
 
 DEMO_PRESET = "pretrain/demo.yaml"
 
@@ -44,7 +50,8 @@ class Flag:
 
 # Run folder, schedule and optimiser flags every training command shares (official names).
 TRAINING_FLAGS: list[Flag] = [
-    Flag("output_dir", "misc.output_dir", str, "run folder"),
+    Flag("output_dir", "misc.output_dir", str, "run folder (resumed when it holds a run); unset = a new "
+         "runs/<command>/<timestamp>"),
     Flag("epochs", "schedule.epochs", int),
     Flag("warmup_epochs", "schedule.warmup_epochs", float),
     Flag("start_epoch", "schedule.start_epoch", int),
@@ -112,8 +119,14 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema:
     p.add_argument("--config", default=None, help="config file (same as the positional)")
     defaults = OmegaConf.structured(schema)
     for f in flags:
-        default = OmegaConf.select(defaults, f.key, default=None)
-        help_text = f"{f.help + '; ' if f.help else ''}sets {f.key} (default: {default})"
+        default = _show(OmegaConf.select(defaults, f.key, default=None))
+        text = f.help + "; " if f.help else ""
+        if "default" in f.help:
+            help_text = f"{text}sets {f.key}"
+        elif f.const is not None:
+            help_text = f"{text}sets {f.key} to {_show(f.const)} (default: off, {f.key} = {default})"
+        else:
+            help_text = f"{text}sets {f.key} (default: {default})"
         if f.const is not None:
             p.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=f.const, default=None,
                            help=help_text)
@@ -126,37 +139,96 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema:
                    "writes to <output_dir>/tb")
 
 
+def _show(value: Any) -> str:
+    """A default as the user would type it (None -> none, True -> true)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema: type = C.PretrainConfig,
-                     demo_preset: Optional[str] = DEMO_PRESET) -> DictConfig:
-    """Layers: preset/demo <- config file <- flags <- dotted overrides; validated before any work."""
+                     demo_preset: Optional[str] = DEMO_PRESET,
+                     data_presets: Optional[dict[str, str]] = None) -> DictConfig:
+    """Layers: preset <- config file <- flags <- dotted overrides; validated before any work.
+
+    The preset underneath: `demo_preset` when no layer names any data, else `data_presets[data_path]` (CPU-sized
+    presets of the built-in sets) when no config file is given; cfg.misc.preset records which one applied. A
+    starting checkpoint (model.init_from) gives its architecture above presets and the config file (its input size
+    beneath the file), unless a flag names another model; a classifier's --resume gives its input size and pooling.
+    """
     files = [i for i in args.items if "=" not in i] + ([args.config] if args.config else [])
     overrides = [i for i in args.items if "=" in i]
     if len(files) > 1:
         raise ConfigError(f"give at most one config file, got {', '.join(files)}")
-    layers = []
-    if files:
-        layers.append((files[0], C.load_file(files[0])))
+    file_layers = [(files[0], C.load_file(files[0]))] if files else []
     from_flags: dict = {}
     for f in flags:
         v = getattr(args, f.name, None)
         if v is not None:
             _set_dotted(from_flags, f.key, v)
-    layers.append(("command-line flags", from_flags))
-    if overrides:
-        layers.append(("overrides", C.parse_dotlist(overrides)))
-    cfg = C.build_config(schema, layers, demo_preset=demo_preset)
+    user = [("command-line flags", from_flags)] + ([("overrides", C.parse_dotlist(overrides))] if overrides else [])
+    preset = None
+    if demo_preset and not any(C._get(d, "data.data_path") for _, d in file_layers + user):
+        preset = demo_preset
+    elif data_presets and not files:
+        data = next((C._get(d, "data.data_path") for _, d in reversed(user) if C._get(d, "data.data_path")), None)
+        preset = data_presets.get(str(data)) if data else None
+    below = [(preset, C.load_file(preset))] if preset else []
+    cfg = C.build_config(schema, below + file_layers + user)
+    resume = OmegaConf.select(cfg, "misc.resume", default=None)
+    if resume and OmegaConf.select(cfg, "model.finetune", default=_NO) is not _NO:
+        below += _resume_layer(resume)
+    above: list = []
     init_from = OmegaConf.select(cfg, "model.init_from", default=None)
-    if init_from and not any(C._get(d, "model.type") for _, d in layers):
-        # No model named anywhere: build the architecture the starting checkpoint holds (under every user layer).
-        from mimkit.models.loading import architecture_of
-
-        arch = architecture_of(init_from)
-        if arch:
-            cfg = C.build_config(schema, [(f"architecture of {init_from}", arch), *layers], demo_preset=demo_preset)
+    if init_from:
+        arch_below, above = _architecture_layers(init_from, user)
+        below += arch_below
+    if len(below) > (1 if preset else 0) or above:
+        cfg = C.build_config(schema, below + file_layers + above + user)
+    if "preset" in cfg.misc:
+        OmegaConf.set_struct(cfg, False)
+        cfg.misc.preset = preset
+        OmegaConf.set_struct(cfg, True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "world_size", None) not in (None, world):
         raise ConfigError(f"--world_size {args.world_size} but {world} process(es) were launched")
     return cfg
+
+
+_NO = object()
+
+
+def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[list, list]:
+    """(input-size layer for beneath the config file, model layer for above it) of a starting checkpoint.
+
+    Empty when the checkpoint says nothing readable, or when a flag / override names another model (then the
+    user's model is built and its kwargs are its own).
+    """
+    from mimkit.models.loading import architecture_of
+
+    arch = architecture_of(init_from)
+    if not arch:
+        return [], []
+    named = next((C._get(d, "model.type") for _, d in reversed(user) if C._get(d, "model.type")), None)
+    if named and not C.same_model(named, arch["model"]["type"]):
+        return [], []
+    below = [(f"input size of {init_from}", {"data": arch["data"]})] if "data" in arch else []
+    return below, [(C.ARCH_ORIGIN + str(init_from), {"model": arch["model"]})]
+
+
+def _resume_layer(resume: str) -> list[tuple[str, dict]]:
+    """The input size and pooling a classifier checkpoint was trained with (for --eval / resuming at its size)."""
+    from mimkit.engine.checkpoint import load_training_checkpoint
+
+    saved = load_training_checkpoint(resume).get("config") or {}
+    layer: dict = {}
+    if (saved.get("data") or {}).get("input_size") is not None:
+        layer["data"] = {"input_size": saved["data"]["input_size"]}
+    if (saved.get("model") or {}).get("global_pool") is not None:
+        layer["model"] = {"global_pool": saved["model"]["global_pool"]}
+    return [(f"training config of {resume}", layer)] if layer else []
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -245,14 +317,14 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
-    out_dir = Path(cfg.misc.output_dir)
+    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size)
+    small = warn_small_images(train_set, C.input_size(cfg))
+    out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
     resume_ckpt, resume_path, resume_warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
     if cfg.model.init_from and resume_ckpt is None:
-        from mimkit.models.convert import load_into_model
-
-        report = load_into_model(model, cfg.model.init_from)
+        report = load_weights(model, cfg.model.init_from)
     else:
         report = None
     eff_batch = cfg.optimization.batch_size * cfg.optimization.accum_iter * dist.world_size
@@ -269,8 +341,18 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist.is_main:
         C.save_config(cfg, out_dir / "config.yaml")
-    run_log.info(f"mimkit pretrain: model {cfg.model.type} ({sum(p.numel() for p in model.parameters()):,} params), "
-                 f"{len(train_set)} training images, device {dist.device}, {dist.world_size} process(es)")
+    from mimkit.models.registry import describe
+
+    run_log.info(f"mimkit pretrain: model {cfg.model.type} ({describe(model)}); {len(train_set)} training images "
+                 f"({cfg.data.data_path or 'built-in demo'}), device {dist.device}, {dist.world_size} process(es)")
+    if cfg.misc.preset:
+        run_log.info(f"preset {cfg.misc.preset} beneath your flags (no data path given: the demo)")
+    run_log.info(f"run folder {out_dir}")
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist.device.type == "cpu" and n_params > 50e6:  # the official defaults are GPU recipes
+        run_log.info(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU is slow; {CPU_HINT}")
+    if small:
+        run_log.info(small)
     if report is not None:
         run_log.info(report.summary())
     if resume_warning:
@@ -278,6 +360,10 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     model.apply_freeze_mode(cfg.model.freeze_mode)
     if cfg.model.freeze_mode != "none":
         run_log.info(model.format_param_status())
+        if not cfg.model.init_from and resume_ckpt is None:
+            run_log.info(f"warning: freeze_mode {cfg.model.freeze_mode} on a randomly initialised model (no "
+                         "--init_from / --continual_checkpoint): the frozen weights stay random, so little can be "
+                         "learned; start from a pretrained checkpoint")
     if dist.device.type == "cuda" and cfg.misc.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -304,9 +390,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     if sched.warmup_epochs >= sched.epochs:
         run_log.info(f"warning: schedule.warmup_epochs ({sched.warmup_epochs:g}) >= schedule.epochs ({sched.epochs}): "
                      "the lr never leaves its linear warmup; lower --warmup_epochs")
-    num_workers = min(cfg.data.num_workers, os.cpu_count() or 1)
-    if num_workers < cfg.data.num_workers:
-        run_log.info(f"data.num_workers {cfg.data.num_workers} > {num_workers} CPU cores: using {num_workers}")
+    num_workers = cap_workers(cfg.data.num_workers, run_log)
+    run_log.slow_hint = CPU_HINT
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
                  f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp} ({amp_why})")
@@ -345,6 +430,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         trainer.load(resume_ckpt)
         run_log.info(f"resumed from {resume_path} at epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                      f"step {trainer.state.step}")
+        note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
+                             trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
         if trainer.state.epoch >= sched.epochs:
             run_log.info(f"nothing to train: this run already finished its {sched.epochs} epochs "
                          "(raise --epochs to continue, or --no_auto_resume / a new --output_dir to start over)")
@@ -380,8 +467,23 @@ def picture_images(ds, n: int = 4) -> torch.Tensor:
 
     Drawn with fixed seeds inside a forked RNG, so picking them never moves the training RNG.
     """
+    import logging
+
     picked: list[torch.Tensor] = []
     step = max(1, len(ds) // n)
+    data_log = logging.getLogger("mimkit.data")  # an unreadable file is warned by the epoch that meets it
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        _pick(ds, n, step, picked)
+    finally:
+        data_log.setLevel(level)
+    if not picked:
+        raise UserError("no training image could be read")
+    return torch.stack(picked)
+
+
+def _pick(ds, n: int, step: int, picked: list) -> None:
     for k in range(len(ds)):
         idx = (k * step + k // n) % len(ds)
         with torch.random.fork_rng(devices=[]):
@@ -394,6 +496,3 @@ def picture_images(ds, n: int = 4) -> torch.Tensor:
             picked.append(item[0])
         if len(picked) == n:
             break
-    if not picked:
-        raise UserError("no training image could be read")
-    return torch.stack(picked)

@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 
 from mimkit.tasks import evaluate as E
-from mimkit.tasks.knn import _config
+from mimkit import config as C
+from mimkit.tasks.knn import _config, add_common_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit rankme`."""
     E.add_encoder_arguments(p)
     p.add_argument("--data_path", required=True, help="image folder (labels not needed) or a built-in set")
-    p.add_argument("--split", default="train", help="train or val")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="which split")
     p.add_argument("--pool", choices=("cls", "avg"), default="cls", help="cls token or mean of the patch tokens")
     p.add_argument("--max_images", type=int, default=25600, help="use at most this many images (the paper: 25600)")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="./output_dir/rankme")
+    add_common_arguments(p, "rankme")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
     value = rankme(feats)
     print(f"mimkit rankme: {desc}; {len(feats)} images, feature dim {feats.shape[1]}")
     metrics = {"rankme": value, "max_rank": min(feats.shape), "num_images": len(feats)}
-    E.report(args.output_dir, "rankme", metrics, args.checkpoint, args.data_path, _config(args), {"model": desc})
+    E.report(args.output_dir or C.new_run_dir("rankme"), "rankme", metrics, args.checkpoint, args.data_path,
+             _config(args), {"model": desc}, keep_earlier=True)
     return 0

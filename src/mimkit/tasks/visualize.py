@@ -144,11 +144,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="mimkit, official MAE or Hugging Face ViTMAE checkpoint: a file, or a run / "
                    "checkpoint / save_pretrained folder")
     p.add_argument("images", nargs="+", help="image files to reconstruct")
-    p.add_argument("--model", default=None, help="model name (default: from a mimkit checkpoint's config)")
-    p.add_argument("--input_size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed (default 0.75)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default 0)")
-    p.add_argument("--output", default="reconstruction.png", help="PNG to write (default reconstruction.png)")
+    p.add_argument("--model", default=None, help="model name (default: the checkpoint's)")
+    p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--output", default=None,
+                   help="PNG to write (default: reconstruction.png in a new runs/visualize/<timestamp>)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,7 +176,14 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.rand(batch.shape[0], model.num_patches, generator=gen)
     pic = reconstruction_grid(model, batch, args.mask_ratio, noise, title=f"{info} mask {args.mask_ratio:g}")
-    out = save_png(pic, args.output)
+    if args.output is None:
+        from mimkit.config import new_run_dir
+
+        out = save_png(pic, new_run_dir("visualize") / "reconstruction.png")
+    else:
+        if Path(args.output).exists():
+            print(f"replacing {args.output} (you named it with --output)")
+        out = save_png(pic, args.output)
     print(f"wrote {out}")
     return 0
 

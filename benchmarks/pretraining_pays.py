@@ -1,0 +1,273 @@
+"""Does MAE pretraining pay? Pretrained vs random init of the same encoder, on held-out data of the same domain.
+
+For each built-in labelled set (digits; photos: crops of scikit-image's photos labelled by source image, val
+crops from a held-out region of every image) and each seed:
+  1. pretrain a tiny MAE on the set's own train images, labels unused (configs/pretrain/<set>.yaml);
+  2. held-out reconstruction loss of the pretrained encoder vs its random-init twin (a sanity row);
+  3. k-NN on the frozen features (all labels);
+  4. linear probe (configs/linprobe/<set>.yaml) and fine-tuning (configs/finetune/<set>.yaml) with all labels,
+     10 % of the labels and 5 labels per class (the labelled subset drawn by the seed; val always whole),
+     from the pretrained weights and from random weights of the same architecture (`--random_init`).
+Writes <out>/pretraining_pays.md (mean ± std over seeds, paired difference) and <out>/pretraining_pays.json.
+
+    python benchmarks/pretraining_pays.py                         # the whole study on CPU (docs/evaluation.md)
+    python benchmarks/pretraining_pays.py --sets digits --seeds 0 # one set, one seed
+    python benchmarks/pretraining_pays.py --checkpoint runs/demo --sets photos --evals knn,probe --label_sets 5pc
+                                                                  # what a given encoder (the demo's) bought
+
+Every run's results are kept under <out>; a rerun reuses finished runs (delete <out> to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pays_lib as L  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EVALS = ("recon", "knn", "probe", "finetune")
+LABEL_SETS = ("all", "10pct", "5pc")
+# A few-label train set is written repeated up to this many files: the presets' epochs then hold enough steps.
+MIN_TRAIN = 256
+# A tiny setting for the tests: a few epochs of everything.
+TINY = {
+    "pretrain": {"schedule.epochs": 2, "schedule.warmup_epochs": 1},
+    "probe": {"schedule.epochs": 2, "schedule.warmup_epochs": 0},
+    "finetune": {"schedule.epochs": 1, "schedule.warmup_epochs": 0},
+}
+
+
+def machine() -> str:
+    """One line: CPU model, cores, GPU, torch."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+class NotRun(Exception):
+    """--collect: a run that has not finished."""
+
+
+COLLECT_ONLY = False
+
+
+def cached(path: Path, fn) -> dict:
+    """fn() once: its result is kept in `path` (JSON) and read back on a rerun (--collect: never run)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    if COLLECT_ONLY:
+        raise NotRun(str(path))
+    out = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def maybe(path: Path, fn) -> Optional[dict]:
+    """cached(), or None for a run --collect finds unfinished."""
+    try:
+        return cached(path, fn)
+    except NotRun:
+        return None
+
+
+def subset(data: str, labels: str, out: Path, seed: int) -> str:
+    """The labelled set for `labels` (all | <n>pc | <p>pct), drawn by `seed`, repeated up to MIN_TRAIN files."""
+    if labels == "all":
+        return data
+    where = out / "subsets" / f"{data}_{labels}_seed{seed}"
+    if labels.endswith("pct"):
+        return L.labelled_subset(data, where, fraction=int(labels[:-3]) / 100, seed=seed, min_train=MIN_TRAIN)
+    return L.labelled_subset(data, where, per_class=int(labels[:-2]), seed=seed, min_train=MIN_TRAIN)
+
+
+def run_seed(data: str, seed: int, out: Path, evals: list[str], label_sets: list[str], checkpoint: Optional[str],
+             extra: dict) -> list[dict]:
+    """Every evaluation of one set and seed: one record per (eval, labels, init); --collect: the finished ones."""
+    rows: list[dict] = []
+    try:
+        _run_seed(rows, data, seed, out, evals, label_sets, checkpoint, extra)
+    except NotRun:
+        pass
+    for r in rows:
+        r.update(data=data, seed=seed)
+    return rows
+
+
+def _run_seed(rows: list[dict], data: str, seed: int, out: Path, evals: list[str], label_sets: list[str],
+              checkpoint: Optional[str], extra: dict) -> None:
+    run = out / data / f"seed{seed}"
+    if checkpoint is None:
+        def do_pretrain() -> dict:
+            r = L.pretrain(f"pretrain/{data}.yaml", data, run / "pretrain", seed, **extra.get("pretrain", {}))
+            rec = {"checkpoint": r["checkpoint"], "loss": r["loss"], "cpu_s": r["cpu_s"]}
+            if "recon" in evals:
+                rand = L.random_twin(r["checkpoint"], seed)
+                rec["recon"] = {"pretrained": L.heldout_loss(r["model"], data), "random": L.heldout_loss(rand, data)}
+            return rec
+
+        pre = cached(run / "pretrain.json", do_pretrain)
+        checkpoint = pre["checkpoint"]
+        rows.append({"eval": "pretraining", "labels": "none", "init": "pretrained", "cpu_s": pre["cpu_s"],
+                     "value": pre["loss"]})
+        if "recon" in evals and "recon" in pre:
+            for init, key in (("pretrained", "pretrained"), ("random", "random")):
+                rows.append({"eval": "recon", "labels": "none", "init": init, "value": pre["recon"][key]})
+    for init, rnd in (("pretrained", False), ("random", True)):
+        if "knn" in evals and (m := maybe(run / f"knn_{init}.json", lambda: L.knn(
+                checkpoint, data, rnd, seed, ks=(20,), pool="avg"))):
+            rows.append({"eval": "knn", "labels": "all", "init": init, "value": m["knn_k20"]})
+        for labels in label_sets:
+            d = subset(data, labels, out, seed)
+            if "probe" in evals and (m := maybe(run / f"probe_{labels}_{init}.json", lambda: L.linprobe(
+                    f"linprobe/{data}.yaml", checkpoint, d, run / f"probe_{labels}_{init}", rnd, seed,
+                    **extra.get("probe", {})))):
+                rows.append({"eval": "probe", "labels": labels, "init": init, "value": m["acc1"],
+                             "cpu_s": m["cpu_s"]})
+            if "finetune" in evals and (m := maybe(run / f"finetune_{labels}_{init}.json", lambda: L.finetune(
+                    f"finetune/{data}.yaml", checkpoint, d, run / f"finetune_{labels}_{init}", rnd, seed,
+                    **extra.get("finetune", {})))):
+                rows.append({"eval": "finetune", "labels": labels, "init": init, "value": m["acc1"],
+                             "cpu_s": m["cpu_s"], "train_loss_first": m.get("train_loss_first"),
+                             "train_loss_last": m.get("train_loss_last")})
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    L.quiet_logs()
+
+
+def _job(job: tuple) -> list[dict]:
+    data, seed = job[:2]
+    print(f"{data}, seed {seed} ...", flush=True)
+    t = time.time()
+    rows = run_seed(*job)
+    print(f"{data}, seed {seed} done in {time.time() - t:.0f} s", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (data, eval, labels), pretrained and random, and the paired difference."""
+    out = []
+    keys = sorted({(r["data"], r["eval"], r["labels"]) for r in rows if r["eval"] != "pretraining"},
+                  key=lambda k: (k[0], list(EVALS).index(k[1]), list(LABEL_SETS + ("none",)).index(k[2])))
+    for data, ev, labels in keys:
+        by = {init: {r["seed"]: r["value"] for r in rows if (r["data"], r["eval"], r["labels"], r["init"])
+                     == (data, ev, labels, init)} for init in ("pretrained", "random")}
+        seeds = sorted(set(by["pretrained"]) & set(by["random"]))
+        if not seeds:
+            continue
+        pre = np.array([by["pretrained"][s] for s in seeds])
+        rnd = np.array([by["random"][s] for s in seeds])
+        diff = pre - rnd
+        sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
+        better = (diff < 0) if ev == "recon" else (diff > 0)
+        out.append({"data": data, "eval": ev, "labels": labels, "seeds": seeds,
+                    "pretrained": pre.tolist(), "random": rnd.tolist(),
+                    "pretrained_mean": float(pre.mean()), "pretrained_std": sd(pre),
+                    "random_mean": float(rnd.mean()), "random_std": sd(rnd),
+                    "diff_mean": float(diff.mean()), "diff_std": sd(diff), "pretrained_better": int(better.sum())})
+    return out
+
+
+LABEL_NAMES = {"all": "all labels", "10pct": "10 % of labels", "5pc": "5 per class", "none": "-"}
+EVAL_NAMES = {"recon": "held-out reconstruction loss (lower is better)", "knn": "k-NN top-1 %, k = 20",
+              "probe": "linear probe top-1 %", "finetune": "fine-tuning top-1 %"}
+
+
+def markdown(summary: list[dict]) -> str:
+    """The study's table."""
+    lines = ["| set | evaluation | labels | random init | pretrained | pretrained - random | pretrained better |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        fmt = "{:.3f}" if s["eval"] == "recon" else "{:.1f}"
+        pm = lambda m, d: f"{fmt.format(m)} ± {fmt.format(d)}"  # noqa: E731
+        lines.append(f"| {s['data']} | {EVAL_NAMES[s['eval']]} | {LABEL_NAMES[s['labels']]} | "
+                     f"{pm(s['random_mean'], s['random_std'])} | {pm(s['pretrained_mean'], s['pretrained_std'])} | "
+                     f"{'+' if s['diff_mean'] >= 0 else ''}{pm(s['diff_mean'], s['diff_std'])} | "
+                     f"{s['pretrained_better']}/{len(s['seeds'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the study (or the part asked for) and write its table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="./runs/pretraining_pays", help="study folder (default: %(default)s)")
+    p.add_argument("--sets", nargs="+", default=["digits", "photos"], help="built-in sets (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: %(default)s)")
+    p.add_argument("--evals", default=",".join(EVALS), help="comma list of %s (default: %%(default)s)"
+                   % ", ".join(EVALS))
+    p.add_argument("--label_sets", default=",".join(LABEL_SETS),
+                   help="comma list of all, <p>pct, <n>pc (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="evaluate this encoder instead of pretraining one per seed "
+                   "(default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded processes, one per core "
+                   "(1 = in this process) (default: %(default)s)")
+    p.add_argument("--collect", action="store_true", help="only assemble the table from finished runs in --out "
+                   "(default: %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="a few epochs of everything: checks the pipeline, "
+                   "not the claim (default: %(default)s)")
+    a = p.parse_args(argv)
+    L.quiet_logs()
+    out = Path(a.out)
+    evals = [e for e in a.evals.split(",") if e]
+    unknown = set(evals) - set(EVALS)
+    if unknown:
+        p.error(f"unknown evals {sorted(unknown)}; choose from {', '.join(EVALS)}")
+    label_sets = [x for x in a.label_sets.split(",") if x]
+    extra: dict[str, Any] = TINY if a.tiny else {}
+    global COLLECT_ONLY
+    COLLECT_ONLY = a.collect
+    t0, c0 = time.time(), time.process_time()
+    jobs = [(data, seed, out, evals, label_sets, a.checkpoint, extra) for seed in a.seeds for data in a.sets]
+    rows: list[dict] = []
+    if a.jobs <= 1:
+        for job in jobs:
+            rows += _job(job)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # one single-threaded process per core: tiny models use a core far better than two threads do
+        with ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("fork"), initializer=_one_thread) as pool:
+            for r in pool.map(_job, jobs):
+                rows += r
+    summary = summarise(rows)
+    cpu = sum(r.get("cpu_s") or 0.0 for r in rows)
+    table = markdown(summary)
+    cmd = "python benchmarks/pretraining_pays.py" + ("" if argv is None else " " + " ".join(argv))
+    header = (f"Command: `{cmd}`  \nMachine: {machine()}  \nCPU time of the training runs: {cpu:.0f} s "
+              f"(process time, all threads); wall time of this invocation: {time.time() - t0:.0f} s "
+              f"(runs reused from {out} are not re-timed)\n")
+    (out / "pretraining_pays.md").write_text(header + "\n" + table + "\n")
+    (out / "pretraining_pays.json").write_text(json.dumps(
+        {"command": cmd, "machine": machine(), "cpu_s": cpu, "process_cpu_s": time.process_time() - c0,
+         "summary": summary, "runs": rows}, indent=1))
+    print("\n" + table)
+    print(f"\ntable: {out / 'pretraining_pays.md'}  data: {out / 'pretraining_pays.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Checks and notes of the training commands before and as they start: batch fit, workers, image sizes, the
+schedule of a resumed run, the weights report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from mimkit.errors import DataError
+
+CPU_HINT = ("pretrain/cpu_small.yaml fits a CPU (a 3.2M-parameter model at 64 px): mimkit pretrain "
+            "pretrain/cpu_small.yaml --data_path DIR; or no --data_path for the built-in demo")
+
+
+def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: str = CPU_HINT) -> None:
+    """DataError before any work when the data cannot fill one batch per process."""
+    if n_images // world_size < batch_size:
+        fit = max(1, n_images // world_size)
+        raise DataError(f"the dataset has {n_images} images: fewer than one batch of {batch_size} per process "
+                        f"({world_size} process(es)); lower --batch_size (e.g. --batch_size {min(fit, 16)}); {hint}")
+
+
+def cap_workers(requested: int, run_log) -> int:
+    """data.num_workers, capped at the CPU core count (said in the log when it is)."""
+    n = min(requested, os.cpu_count() or 1)
+    if n < requested:
+        run_log.info(f"data.num_workers {requested} > {n} CPU cores: using {n}")
+    return n
+
+
+def note_schedule_change(run_log, saved: dict, cfg: DictConfig, lr: float, epoch_f: float) -> None:
+    """Say so when a resumed run's schedule (epochs, warmup, lr, min_lr) differs from the checkpoint's run."""
+    from mimkit.engine.optim import warmup_cosine
+
+    old_s, old_o = saved.get("schedule") or {}, saved.get("optimization") or {}
+    new = {"epochs": cfg.schedule.epochs, "warmup_epochs": cfg.schedule.warmup_epochs, "lr": lr,
+           "min_lr": cfg.optimization.min_lr}
+    old = {"epochs": old_s.get("epochs"), "warmup_epochs": old_s.get("warmup_epochs"), "lr": old_o.get("lr"),
+           "min_lr": old_o.get("min_lr")}
+    changed = [k for k in new if old[k] is not None and float(old[k]) != float(new[k])]
+    if not changed:
+        return
+    was = warmup_cosine(epoch_f, float(old["lr"] or lr), float(old["min_lr"] or 0.0),
+                        float(old["warmup_epochs"] or 0.0), int(old["epochs"] or cfg.schedule.epochs))
+    now = warmup_cosine(epoch_f, lr, cfg.optimization.min_lr, cfg.schedule.warmup_epochs, cfg.schedule.epochs)
+    what = ", ".join(f"{k} {old[k]:g} -> {new[k]:g}" for k in changed)
+    run_log.info(f"the schedule changed since the checkpoint ({what}): the lr schedule is recomputed over "
+                 f"{cfg.schedule.epochs} epochs; at epoch {epoch_f:g} the lr goes from {was:.3e} (the old "
+                 f"schedule) to {now:.3e}")
+
+
+def load_weights(model, path: str):
+    """load_into_model without its own log line: the run logs the report once, in its log.txt too."""
+    import logging
+
+    from mimkit.models.convert import load_into_model
+
+    from mimkit.errors import CheckpointError
+
+    quiet = logging.getLogger("mimkit.models.convert")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return load_into_model(model, path)
+    except CheckpointError as e:
+        from mimkit.models.loading import architecture_of
+        from mimkit.models.registry import same_model
+
+        held = ((architecture_of(path) or {}).get("model") or {}).get("type")
+        built = getattr(model, "model_name", None)
+        if held and built and not same_model(held, built):
+            raise CheckpointError(f"{e}; the checkpoint holds {held}: drop --model (the checkpoint's architecture "
+                                  f"is then built) or pass --model {held}") from None
+        raise
+    finally:
+        quiet.setLevel(level)
+
+
+def warn_small_images(ds, size: tuple[int, int], limit: int = 1000) -> Optional[str]:
+    """One warning line when images are smaller than the input size (they get upscaled), with the count.
+
+    In-memory sets are checked whole; folders on up to `limit` files spread over the set (header reads only).
+    None when every checked image is large enough or the sizes cannot be read cheaply.
+    """
+    from PIL import Image
+
+    h, w = size
+    images = getattr(ds, "images", None)
+    if images is not None and hasattr(images, "shape") and len(images.shape) >= 3:
+        n_small, n_checked = (len(images) if images.shape[1] < h or images.shape[2] < w else 0), len(images)
+    else:
+        samples = getattr(ds, "samples", None)
+        if not samples:
+            return None
+        step = max(1, len(samples) // limit)
+        n_small = n_checked = 0
+        for path, *_ in samples[::step][:limit]:
+            try:
+                with Image.open(path) as im:
+                    iw, ih = im.size
+            except (OSError, ValueError):
+                continue  # unreadable files are warned (and skipped) when training meets them
+            n_checked += 1
+            n_small += ih < h or iw < w
+    if not n_small:
+        return None
+    checked = "" if n_checked == len(ds) else f" (of {n_checked} checked)"
+    return (f"warning: {n_small} image(s){checked} are smaller than the {h}x{w} input and are upscaled; a smaller "
+            "--input_size keeps them sharp")

@@ -1,0 +1,388 @@
+"""`mimkit segment`: semantic segmentation with UperNet on an MAE encoder (MMSeg's recipe) on THE loop.
+
+    mimkit segment --output_dir runs/segment_demo    # built-in demo: tiny encoder on texture mosaics, CPU
+    mimkit segment --finetune runs/demo/checkpoints/final.pt        # the same from the pretraining demo
+    mimkit segment segment/ade20k_vit_base.yaml --finetune mae_pretrain_vit_base.pth --data_path ADE/
+    torchrun --nproc_per_node 8 -m mimkit segment segment/ade20k_vit_base.yaml --finetune ... --data_path ...
+    mimkit segment --eval --resume runs/segment_demo/checkpoints/final.pt
+    mimkit segment --predict photos/ --resume runs/segment_demo/checkpoints/final.pt
+
+Taps [3, 5, 7, 11] of the encoder -> Feature2Pyramid -> UPerHead + auxiliary FCNHead (0.4); AdamW with
+layer-wise lr decay (MMSeg layer ids), linear warmup then poly; cross-entropy ignoring 255; whole or
+sliding-window inference; mIoU / aAcc / mAcc / mDice from one confusion matrix into results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from mimkit import config as C
+from mimkit.errors import CheckpointError, ConfigError, DataError
+from mimkit.tasks import segment_config as SC
+from mimkit.tasks.pretrain import add_arguments as _add_arguments
+from mimkit.tasks.pretrain import config_from_args, seed_everything
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of the family (--finetune, --data_path, --max_iters, ...), a config file and dotted overrides."""
+    _add_arguments(p, SC.SEGMENT_FLAGS, SC.SegmentConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: config (--epochs and --max_iters replace each other), then segment."""
+    if getattr(args, "epochs", None) is not None and getattr(args, "max_iters", None) is None:
+        args.items = list(args.items) + ["schedule.max_iters=null"]
+    elif getattr(args, "max_iters", None) is not None and getattr(args, "epochs", None) is None:
+        args.items = list(args.items) + ["schedule.epochs=null"]
+    cfg = config_from_args(args, SC.SEGMENT_FLAGS, SC.SegmentConfig, demo_preset=SC.DEMO_PRESET)
+    segment(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def layer_id(name: str, depth: int) -> int:
+    """MMSeg get_layer_id_for_vit: cls token, position embedding, patch embedding 0; block i -> i + 1;
+    neck and heads depth + 1."""
+    from mimkit.tasks.finetune import layer_id as vit_layer_id
+
+    if name.startswith("backbone."):
+        return vit_layer_id(name[len("backbone."):], depth)
+    return depth + 1
+
+
+def param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups: lr_scale = layer_decay ** (depth + 1 - layer_id); no weight decay on 1-D parameters
+    (biases, LayerNorm, BatchNorm), the cls token and the position embedding."""
+    depth, skip = model.depth, model.no_weight_decay()
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip
+        lid = layer_id(name, depth)
+        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+        g = groups.setdefault(key, {"params": [], "names": [], "lr_scale": layer_decay ** (depth + 1 - lid),
+                                    "weight_decay": 0.0 if no_decay else weight_decay, "group": key})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def warmup_poly(step: float, lr: float, min_lr: float, warmup: int, warmup_ratio: float, total: int,
+                power: float) -> float:
+    """MMSeg LinearLR (start factor warmup_ratio) for `warmup` steps, then PolyLR to min_lr at `total`."""
+    if step < warmup:
+        return lr * (warmup_ratio + (1 - warmup_ratio) * step / warmup)
+    if total <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_lr + (lr - min_lr) * (1 - progress) ** power
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, avg_non_ignore: bool) -> torch.Tensor:
+    """Cross-entropy of logits (N, K, h, w) resized bilinearly to target (N, H, W); ignored pixels count 0 and
+    the sum is divided by all pixels (MMSeg's default) or only the labelled ones (avg_non_ignore)."""
+    logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False).float()
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    denom = (target != ignore_index).sum() if avg_non_ignore else torch.tensor(target.numel())
+    return total / denom.clamp(min=1)
+
+
+def segment_step(aux_weight: float, ignore_index: int, avg_non_ignore: bool) -> Callable:
+    """step_fn for the engine: images -> (main, aux) logits -> decode loss + aux_weight * aux loss."""
+
+    def step(model, batch):
+        main, aux = model(batch["images"])
+        y = batch["labels"]
+        loss_seg = seg_loss(main, y, ignore_index, avg_non_ignore)
+        loss_aux = seg_loss(aux, y, ignore_index, avg_non_ignore)
+        return loss_seg + aux_weight * loss_aux, {"loss_seg": loss_seg.item(), "loss_aux": loss_aux.item()}
+
+    return step
+
+
+def check_has_encoder(path: str) -> None:
+    """CheckpointError unless the file holds ViT encoder weights (patch embedding and blocks)."""
+    from mimkit.models.convert import extract_state_dict, load_checkpoint_file, to_mae_state_dict
+    from mimkit.tasks.evaluate import _resolve
+
+    fix = "give an MAE pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune"
+    sd, _ = extract_state_dict(load_checkpoint_file(_resolve(path)))
+    try:
+        sd, _ = to_mae_state_dict(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} holds no ViT encoder ({e}); {fix}") from None
+    if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
+
+
+def build_encoder(cfg, crop: tuple[int, int]):
+    """(MAE-family encoder sized to the crop, description): --finetune weights, or random weights."""
+    from mimkit.models import create_model
+    from mimkit.tasks.evaluate import load_encoder
+
+    m = cfg.model
+    if m.finetune:
+        check_has_encoder(m.finetune)
+        return load_encoder(m.finetune, m.type, crop, m.random_init, cfg.misc.seed)
+    if not (m.random_init or cfg.data.data_path is None):
+        raise ConfigError("give --finetune CHECKPOINT (a pretrained encoder), or --model NAME --random_init")
+    if not m.type:
+        raise ConfigError("--random_init without --finetune needs --model NAME (see `mimkit models`)")
+    torch.manual_seed(cfg.misc.seed)
+    kwargs = dict(OmegaConf.to_container(m.kwargs, resolve=True))
+    encoder = create_model(m.type, img_size=crop, **kwargs)
+    return encoder, f"{m.type} (random init, seed {cfg.misc.seed})"
+
+
+def open_splits(cfg, num_classes: Optional[int]):
+    """(train source, val source) with equal class lists, every mask checked when data.check_masks."""
+    from mimkit.data.segmentation import check_pairs, open_segmentation
+
+    d = cfg.data
+    train = open_segmentation(d.data_path, "train", num_classes, d.reduce_zero_label)
+    val = open_segmentation(d.data_path, "val", num_classes, d.reduce_zero_label)
+    if d.check_masks:
+        check_pairs(train)
+        check_pairs(val)
+    elif len(train) == 0 or len(val) == 0:
+        raise DataError(f"{d.data_path}: an empty split")
+    return train, val
+
+
+def percent_metrics(m: dict, class_names: list[str]) -> dict:
+    """results.json metrics: mIoU, aAcc (pixel accuracy), mAcc, mDice and per-class IoU / Acc / Dice, in %."""
+
+    def pct(v: float):
+        return None if math.isnan(v) else round(100 * v, 4)
+
+    per_class = {n: {"IoU": pct(i), "Acc": pct(a), "Dice": pct(d)}
+                 for n, i, a, d in zip(class_names, m["IoU"], m["Acc"], m["Dice"], strict=True)}
+    return {"mIoU": pct(m["mIoU"]), "aAcc": pct(m["aAcc"]), "mAcc": pct(m["mAcc"]), "mDice": pct(m["mDice"]),
+            "pixels": m["pixels"], "per_class": per_class}
+
+
+class SegEvalHook:
+    """Trainer hook: evaluate every `interval` optimiser steps (0 = never during training), log mIoU."""
+
+    def __init__(self, evaluate: Callable[[], tuple[dict, list]], interval: int, run_log) -> None:
+        self.evaluate, self.interval, self.run_log = evaluate, interval, run_log
+        self.history: list[dict] = []
+
+    def log(self, metrics: dict, panels: list, step: int) -> None:
+        """Console line, metrics.jsonl ('eval'), TensorBoard scalars and overlay images."""
+        record = {"kind": "eval", "step": step, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"],
+                  "mAcc": metrics["mAcc"], "mDice": metrics["mDice"]}
+        self.history.append(record)
+        self.run_log.metrics(record, step, tb_prefix="eval")
+        for i, panel in enumerate(panels):
+            self.run_log.image(f"eval/overlay_{i}", panel, step)
+        self.run_log.info(f"eval step {step}: mIoU {100 * metrics['mIoU']:.2f}  aAcc {100 * metrics['aAcc']:.2f}  "
+                          f"mAcc {100 * metrics['mAcc']:.2f}  mDice {100 * metrics['mDice']:.2f}")
+
+    def on_step_end(self, trainer) -> None:
+        """Evaluate when the step count reaches a multiple of the interval."""
+        if self.interval and trainer.state.step % self.interval == 0:
+            metrics, panels = self.evaluate()
+            self.log(metrics, panels, trainer.state.step)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, sd: dict, trainer) -> None:
+        self.history = list(sd.get("history", []))
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+def segment(cfg) -> dict:
+    """Train then evaluate (or with misc.eval only evaluate, with misc.predict only predict); returns metrics."""
+    from mimkit.data.segmentation import SegEvalPipeline, SegmentationDataset
+    from mimkit.engine import distributed as D
+    from mimkit.models.segmentation import MAESegmenter, segmenter_arch, segmenter_from_encoder
+    from mimkit.tasks import evaluate as E
+    from mimkit.tasks import segment_infer as I
+
+    # 1. validate config, checkpoint and data before any training
+    SC.check_segment_config(cfg)
+    dist = D.init_distributed(cfg.misc.device)
+    seed_everything(cfg.misc.seed)
+    crop = C.input_size(cfg)
+    resume = E.read_resume(cfg)
+    saved = (resume or {}).get("config") or {}
+    OmegaConf.set_struct(cfg, False)
+    if resume is not None and (cfg.misc.eval or cfg.misc.predict):
+        if not saved.get("model", {}).get("arch"):
+            raise CheckpointError(f"{cfg.misc.resume} is not a `mimkit segment` checkpoint (no model.arch)")
+        if cfg.data.data_path is None:  # the data the model was trained on, unless given
+            cfg.data.data_path = saved.get("data", {}).get("data_path")
+        cfg.data.reduce_zero_label = saved.get("data", {}).get("reduce_zero_label", cfg.data.reduce_zero_label)
+        if cfg.data.mean is None and cfg.data.std is None:  # the statistics the model was trained with
+            cfg.data.mean, cfg.data.std = saved.get("data", {}).get("mean"), saved.get("data", {}).get("std")
+        # the checkpoint's crop and test scale beat any preset: they are what the model was trained at
+        cfg.data.input_size = saved["model"]["arch"]["img_size"]
+        cfg.data.augmentation.scale = saved.get("data", {}).get("augmentation", {}).get("scale")
+        crop = C.input_size(cfg)
+    OmegaConf.set_struct(cfg, True)
+    pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
+    if cfg.misc.eval and cfg.misc.output_dir and (Path(cfg.misc.output_dir) / "results.json").exists():
+        raise ConfigError(f"{Path(cfg.misc.output_dir) / 'results.json'} holds an earlier run's results; "
+                          "give this evaluation its own --output_dir")
+    if cfg.misc.predict:
+        C.resolve_output_dir(cfg, "segment")
+        model = MAESegmenter(saved["model"]["arch"])
+        E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
+        paths = I.predict(model.to(dist.device), I.image_paths(cfg.misc.predict), pipeline, cfg.test, crop,
+                          dist.device, Path(cfg.misc.output_dir) / "predictions")
+        print(f"wrote {len(paths)} label PNG(s) and overlay(s) to {Path(cfg.misc.output_dir) / 'predictions'}")
+        return {"predictions": [str(p) for p in paths]}
+    if resume is None and cfg.model.finetune:
+        check_has_encoder(cfg.model.finetune)  # a wrong file fails before the masks are read
+    train_src, val_src = open_splits(cfg, cfg.model.num_classes)
+    classes = train_src.classes
+    if list(val_src.classes) != list(classes):
+        raise DataError("the val split's classes differ from the training split's")
+    if resume is not None:
+        arch = dict(saved.get("model", {}).get("arch") or {})
+        if not arch:
+            raise CheckpointError(f"{cfg.misc.resume or 'latest.pt'} is not a `mimkit segment` checkpoint")
+        if arch["num_classes"] != len(classes):
+            raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(classes)}")
+        model, desc = MAESegmenter(arch, cfg.model.drop_path), f"UperNet from {cfg.misc.resume or 'latest.pt'}"
+        if cfg.data.mean is None and cfg.data.std is None:  # keep the statistics the run started with
+            OmegaConf.update(cfg, "data.mean", saved.get("data", {}).get("mean"))
+            OmegaConf.update(cfg, "data.std", saved.get("data", {}).get("std"))
+            pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
+    else:
+        encoder, desc = build_encoder(cfg, crop)
+        m = cfg.model
+        arch = segmenter_arch(encoder, crop, len(classes), m.taps, m.channels, m.aux_channels, m.pool_scales,
+                              m.dropout)
+        model = segmenter_from_encoder(encoder, arch, m.drop_path)
+        E.adopt_normalization(cfg, encoder)  # the encoder's pretraining statistics, unless data.mean/std say
+        pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
+        del encoder
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
+    OmegaConf.set_struct(cfg, True)
+    val_set = SegmentationDataset(val_src)
+    model.to(dist.device)
+    out_dir = Path(C.resolve_output_dir(cfg, "segment"))  # default: a new runs/segment/<timestamp>
+
+    def run_eval(overlays: int = 0):
+        return I.evaluate(model, val_set, pipeline, cfg.test, crop, dist.device, cfg.data.ignore_index,
+                          out_dir / "overlays" if dist.is_main and overlays else None, overlays)
+
+    if cfg.misc.eval:
+        if resume is None:
+            raise ConfigError("--eval needs --resume CHECKPOINT")
+        E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
+        metrics, _ = run_eval(cfg.test.num_overlays)
+        return report(cfg, metrics, classes, desc, dist, {"eval_only": True})
+    train_set = SegmentationDataset(train_src, train_pipeline(cfg, crop))
+    state, hook = fit(cfg, model, train_set, run_eval, resume, desc, dist)
+    metrics, panels = run_eval(cfg.test.num_overlays)
+    hook.log(metrics, panels, state.step)
+    hook.run_log.close()
+    return report(cfg, metrics, classes, desc, dist, {"history": hook.history, "steps": state.step,
+                                                      "final_checkpoint": str(ckpt_dir(cfg) / "final.pt")})
+
+
+def train_pipeline(cfg, crop: tuple[int, int]):
+    """MMSeg's ADE20K training pipeline with the config's values."""
+    from mimkit.data.segmentation import SegTrainPipeline
+
+    a = cfg.data.augmentation
+    return SegTrainPipeline(crop, a.scale, tuple(a.ratio_range), a.cat_max_ratio, a.hflip, a.photometric,
+                            cfg.data.ignore_index, cfg.data.mean, cfg.data.std)
+
+
+def ckpt_dir(cfg) -> Path:
+    """<output_dir>/checkpoints unless checkpointing.checkpoint_dir says otherwise."""
+    return Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir) / "checkpoints")
+
+
+def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc: str, dist):
+    """Set up the optimiser, schedule and THE engine loop, and train; returns (state, eval hook)."""
+    import os
+
+    from mimkit.data.datasets import collate_batch
+    from mimkit.engine.checkpoint import CheckpointManager
+    from mimkit.engine.logging import RunLogger
+    from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+    from mimkit.engine.optim import build_adamw, set_lr
+    from mimkit.engine.sampling import EpochSampler
+
+    o, s = cfg.optimization, cfg.schedule
+    if dist.enabled and dist.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all GPUs
+    run_log = RunLogger(Path(cfg.misc.output_dir), enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                        print_freq=cfg.logging.print_freq)
+    if dist.is_main:
+        C.save_config(cfg, Path(cfg.misc.output_dir) / "config.yaml")
+    seed_everything(cfg.misc.seed + dist.rank)  # augmentation and drop path differ across ranks
+    groups = param_groups(model, o.weight_decay, o.layer_decay)
+    optimizer = build_adamw(groups, o.lr, (o.adam_beta1, o.adam_beta2), dist.device)
+    ipe = EpochSampler(train_set, dist.rank, dist.world_size, cfg.misc.seed).full_len() // o.batch_size
+    if ipe < 1:
+        raise DataError(f"the training split has {len(train_set)} images: fewer than one batch of {o.batch_size}")
+    total = s.max_iters or (s.epochs * ipe) // o.accum_iter
+    epochs = s.epochs or math.ceil(total * o.accum_iter / ipe)
+
+    def lr_schedule(optim, epoch_f: float) -> None:
+        step = epoch_f * ipe / o.accum_iter
+        set_lr(optim, warmup_poly(step, o.lr, o.min_lr, s.warmup_iters, s.warmup_ratio, total, s.power))
+
+    hook = SegEvalHook(run_eval, cfg.test.interval, run_log)
+    amp = resolve_amp(cfg.misc.amp, dist.device)
+    settings = LoopSettings(
+        epochs=epochs, batch_size=o.batch_size, accum_iter=o.accum_iter, gradient_clip=o.gradient_clip,
+        on_nonfinite=o.on_nonfinite, amp=amp, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
+        pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
+        save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
+        max_steps=min(total, cfg.misc.max_steps or total), find_unused_parameters=max(model.taps) < model.depth - 1,
+    )
+    ckpt = CheckpointManager(ckpt_dir(cfg), cfg.checkpointing.keep_last_n, run_log.log_path,
+                             cfg.checkpointing.safetensors)
+    m = cfg.model
+    trainer = Trainer(model=model, optimizer=optimizer, dataset=train_set, collate=collate_batch,
+                      step_fn=segment_step(m.aux_weight, cfg.data.ignore_index, m.avg_non_ignore),
+                      lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log, ckpt=ckpt,
+                      config=C.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True), hooks=[hook])
+    if resume is not None:
+        trainer.load(resume)
+        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
+    run_log.info(f"mimkit segment: {desc}; UperNet taps {model.taps}, {model.num_classes} classes; "
+                 f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
+                 f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e}, layer decay {o.layer_decay}, "
+                 f"amp {amp}, device {dist.device}")
+    if trainer.state.step >= total:
+        run_log.info(f"nothing to train: this run already made its {total} steps (a new --output_dir starts over)")
+        return trainer.state, hook
+    try:
+        trainer.fit()
+    except BaseException:
+        run_log.close()
+        raise
+    return trainer.state, hook
+
+
+def report(cfg, metrics: dict, classes: list[str], desc: str, dist, extra: dict) -> dict:
+    """Print the per-class table and write results.json (rank 0); returns the metrics in %."""
+    from mimkit.metrics.segmentation import format_class_table
+    from mimkit.tasks.evaluate import write_results
+
+    out = percent_metrics(metrics, classes)
+    if dist.is_main:
+        path = write_results(cfg.misc.output_dir, "segment", out, cfg.model.finetune or cfg.misc.resume,
+                             str(cfg.data.data_path or "builtin:mosaics"), C.to_container(cfg),
+                             {"model": desc, "test_mode": cfg.test.mode, **extra})
+        print(format_class_table(metrics, classes))
+        print(f"results: {path}")
+    return out

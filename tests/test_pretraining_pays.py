@@ -1,0 +1,79 @@
+"""The "pretraining pays" study on CPU: pretraining lowers held-out loss, fine-tuning from it trains, the script runs.
+
+Tiny settings (a few epochs of the study's presets): these check the pipeline and the direction of the losses,
+not the study's claim (docs/evaluation.md has the measured table and its command).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import pays_lib as L  # noqa: E402
+import pretraining_pays as study  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 3-epoch pretraining of the photos preset (480 crops, 32 px): checkpoint and trained model."""
+    out = tmp_path_factory.mktemp("pays") / "pretrain"
+    return L.pretrain("pretrain/photos.yaml", "photos", out, seed=0, **{"schedule.epochs": 3,
+                                                                        "schedule.warmup_epochs": 1})
+
+
+@pytest.mark.timeout(600)
+def test_short_pretraining_lowers_the_heldout_reconstruction_loss(pretrained):
+    before = L.heldout_loss(L.random_twin(pretrained["checkpoint"], seed=0), "photos")
+    after = L.heldout_loss(pretrained["model"], "photos")
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.timeout(600)
+def test_finetuning_from_the_pretrained_encoder_lowers_the_train_loss(pretrained, tmp_path):
+    data = L.labelled_subset("photos", tmp_path / "sub", per_class=5, seed=0, min_train=120)
+    m = L.finetune("finetune/photos.yaml", pretrained["checkpoint"], data, tmp_path / "ft", random_init=False, seed=0,
+                   **{"schedule.epochs": 4, "schedule.warmup_epochs": 1})
+    assert m["train_loss_last"] < m["train_loss_first"] - 0.05, m
+    assert 0.0 <= m["acc1"] <= 100.0
+
+
+def test_labelled_subset_keeps_n_per_class_repeated_and_val_whole(tmp_path):
+    root = Path(L.labelled_subset("digits", tmp_path / "d", per_class=5, seed=1, min_train=100))
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert classes == [str(c) for c in range(10)]
+    for c in classes:
+        files = sorted((root / "train" / c).glob("*.png"))
+        assert len({f.name.split("_")[0] for f in files}) == 5  # 5 distinct labelled images
+        assert len(files) == 5 * 2  # each written ceil(100 / 50) = 2 times
+    assert sum(1 for _ in (root / "val").rglob("*.png")) == 360
+    other = Path(L.labelled_subset("digits", tmp_path / "e", per_class=5, seed=2))
+    picked = {p.name.split("_")[0] for p in (root / "train").rglob("*.png")}
+    assert {p.name.split("_")[0] for p in (other / "train").rglob("*.png")} != picked  # the seed draws the subset
+
+
+@pytest.mark.timeout(900)
+def test_study_script_runs_end_to_end_and_writes_its_table(tmp_path):
+    rc = study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--jobs", "1",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    table = (tmp_path / "pretraining_pays.md").read_text()
+    res = json.loads((tmp_path / "pretraining_pays.json").read_text())
+    evals = {(s["eval"], s["labels"]) for s in res["summary"]}
+    assert evals == {("recon", "none"), ("knn", "all"), ("probe", "5pc"), ("finetune", "5pc")}
+    for s in res["summary"]:
+        assert s["seeds"] == [0]
+        assert f"| photos | {study.EVAL_NAMES[s['eval']]} | {study.LABEL_NAMES[s['labels']]} |" in table
+    recon = next(s for s in res["summary"] if s["eval"] == "recon")
+    assert recon["pretrained_mean"] < recon["random_mean"]
+    # a rerun reuses every finished run
+    assert study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--jobs", "1",
+                       "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "pretraining_pays.json").read_text())["summary"] == res["summary"]

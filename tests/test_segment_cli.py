@@ -1,0 +1,134 @@
+"""`mimkit segment` from the CLI: bad input stops before training, bitwise resume, a tiny run that learns,
+--eval and --predict from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_segment import write_ade, write_generic
+
+from mimkit.cli import main
+
+TINY = [
+    "--random_init", "--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--input_size", "32",
+    "model.kwargs.embed_dim=32", "model.kwargs.depth=2", "model.kwargs.num_heads=2",
+    "model.kwargs.decoder_embed_dim=32", "model.kwargs.decoder_depth=1", "model.kwargs.decoder_num_heads=2",
+    "model.channels=16", "model.aux_channels=8", "--batch_size", "8", "--num_workers", "0",
+    "--test_mode", "whole", "logging.tensorboard=false", "--no_auto_resume",
+]
+
+
+def _fails(args, capsys, match: str, out) -> None:
+    assert main(["segment", *args, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not (out / "checkpoints").exists() and not (out / "log.txt").exists()  # nothing started
+
+
+def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None:
+    common = [*TINY, "--max_iters", "2"]
+    lonely = write_generic(tmp_path / "lonely")
+    (lonely / "val" / "masks" / "2.png").unlink()
+    _fails([*common, "--data_path", str(lonely)], capsys, "has no mask", tmp_path / "o1")
+    sized = write_generic(tmp_path / "sized", sizes={("train", 2): (31, 24)})
+    _fails([*common, "--data_path", str(sized)], capsys, "is 31x24 but its image", tmp_path / "o2")
+    labels = write_generic(tmp_path / "labels", label_max=9)
+    _fails([*common, "--data_path", str(labels)], capsys, "but there are 3 classes", tmp_path / "o3")
+    ade = write_ade(tmp_path / "ade" / "ADEChallengeData2016", label_max=151)
+    _fails([*common, "--data_path", str(tmp_path / "ade")], capsys, "has label 151 but there are 150", tmp_path / "o4")
+    empty = write_generic(tmp_path / "empty")
+    for f in (empty / "val" / "images").iterdir():
+        f.unlink()
+    _fails([*common, "--data_path", str(empty)], capsys, "split is empty", tmp_path / "o5")
+    torch.save({"model": {"head.weight": torch.zeros(3, 4)}}, tmp_path / "noenc.pt")
+    _fails(["--finetune", str(tmp_path / "noenc.pt"), "--max_iters", "2", "--data_path", str(lonely.parent / "sized")],
+           capsys, "holds no ViT encoder", tmp_path / "o6")
+    _fails([*common, "--epochs", "1"], capsys, "exactly one of --max_iters and --epochs", tmp_path / "o7")
+    _fails(["--eval"], capsys, "--eval needs --resume", tmp_path / "o8")
+
+
+def test_generic_layout_trains_with_a_pretrained_encoder(tmp_path) -> None:
+    from test_evaluate import save_tiny
+
+    ckpt = save_tiny(tmp_path / "enc.pt")
+    data = write_generic(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    args = ["segment", "--finetune", str(ckpt), "--data_path", str(data), "--input_size", "16", "--batch_size", "2",
+            "--max_iters", "2", "--num_workers", "0", "model.channels=8", "model.aux_channels=8",
+            "--output_dir", str(out), "logging.tensorboard=false", "test.crop_size=[16,16]", "test.stride=[8,8]"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["metrics"]["per_class"]) == {"sky", "road", "car"}
+    assert res["config"]["model"]["arch"]["img_size"] == [16, 16] and res["test_mode"] == "slide"
+    assert 0 <= res["metrics"]["mIoU"] <= 100 and res["metrics"]["pixels"] == 4 * 24 * 32
+
+
+@pytest.mark.slow
+def test_resume_mid_run_is_bitwise(tmp_path) -> None:
+    args = [*TINY, "--max_iters", "4", "--save_freq_steps", "2", "--keep_last_n", "0", "test.num_overlays=0"]
+    a = tmp_path / "straight"
+    assert main(["segment", *args, "--output_dir", str(a)]) == 0
+    b = tmp_path / "resumed"
+    assert main(["segment", *args, "--output_dir", str(b), "--resume", str(a / "checkpoints" / "step-2")]) == 0
+    sa = torch.load(a / "checkpoints" / "final.pt", weights_only=True)
+    sb = torch.load(b / "checkpoints" / "final.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 4
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    ra = json.loads((a / "results.json").read_text())["metrics"]
+    rb = json.loads((b / "results.json").read_text())["metrics"]
+    assert ra["mIoU"] == rb["mIoU"]
+
+
+@pytest.mark.slow
+def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> None:
+    from mimkit.data.mosaics import build_mosaics
+
+    out = tmp_path / "run"
+    assert main(["segment", *TINY, "--max_iters", "60", "--lr", "2e-3", "--layer_decay", "0.9",
+                 "--warmup_iters", "5", "--output_dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())["metrics"]
+    _, train_masks, classes = build_mosaics("train")
+    _, val_masks, _ = build_mosaics("val")
+    majority = np.bincount(train_masks.ravel(), minlength=len(classes)).argmax()
+    majority_acc = 100 * float((val_masks == majority).mean())
+    majority_miou = majority_acc / len(np.unique(val_masks))  # its IoU = its share; the others 0
+    assert res["aAcc"] > majority_acc + 10, (res["aAcc"], majority_acc)
+    assert res["mIoU"] > 2 * majority_miou, (res["mIoU"], majority_miou)
+    assert len(list((out / "overlays").glob("*.png"))) == 8  # the demo preset draws 8
+    panel = np.array(Image.open(next((out / "overlays").glob("*.png"))))
+    assert panel.shape == (64, 3 * 64, 3)  # image | ground truth | prediction
+
+    ckpt = out / "checkpoints" / "final.pt"
+    ev = tmp_path / "eval"
+    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(ev), "--test_mode", "whole",
+                 "logging.tensorboard=false"]) == 0
+    res_eval = json.loads((ev / "results.json").read_text())
+    assert res_eval["metrics"]["mIoU"] == pytest.approx(res["mIoU"]) and res_eval["eval_only"]
+    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(out)]) == 2  # keeps results
+    assert json.loads((out / "results.json").read_text())["metrics"] == res
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, size in enumerate([(40, 30), (64, 64)]):
+        arr = (np.random.default_rng(i).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(images / f"p{i}.png")
+    pr = tmp_path / "pred"
+    assert main(["segment", "--predict", str(images), "--resume", str(ckpt), "--output_dir", str(pr)]) == 0
+    label = np.array(Image.open(pr / "predictions" / "p0_label.png"))
+    assert label.shape == (30, 40) and label.max() < len(classes)
+    assert np.array(Image.open(pr / "predictions" / "p0_overlay.png")).shape == (30, 40, 3)
+    assert (pr / "predictions" / "p1_overlay.png").exists()
+
+
+def test_help_shows_every_default(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "sets optimization.layer_decay (default: 0.65)" in out and "sets data.input_size (default: 512)" in out
+    assert "sets schedule.max_iters (default: 160000)" in out and "sets test.mode (default: slide)" in out
