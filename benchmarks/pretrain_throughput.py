@@ -5,6 +5,14 @@ of mimkit.engine.optim applied to both models. Both models are built from the sa
 (ours converted with mimkit.models.convert.mae_to_hf) and see the same images and the same masking noise, so they
 compute the same loss (printed as a check). Steps are interleaved (ours, HF, ours, HF, ...) and medians reported,
 so a machine shared with other jobs slows both alike; the ratio is ours / HF images per second (> 1: we are faster).
+"ours" and "hf" use the same precision (--amp) and the same AdamW (fused on GPU, for-each on CPU): like for like.
+
+--variants adds mimkit's faster settings to the same interleaved run, each a fresh model with the same weights,
+images and noise: `fused` (fused AdamW), `bf16` (bf16 autocast), `bf16+fused` (both: what `--amp auto` and the
+default optimiser give on a CPU with native bf16) and `fp32` (ours again, unfused, fp32). Each is reported as
+images/s, its speed-up over the reference (HF at --amp) and over "ours", and its first loss (bf16 within ~1% of fp32).
+The result records the CPU model and its bf16 capability as torch reports it (AVX-512 BF16 / AMX-BF16), the
+capability `--amp auto` follows. Time it on an idle machine: a loaded one slows every variant, not alike.
 
 Peak memory is measured for each model in its own fresh subprocess (the same command with --memory_child):
   * CUDA: torch.cuda.max_memory_allocated() over warm-up and timed steps (weights, gradients, optimiser state,
@@ -27,6 +35,9 @@ The first step of every round (DataLoader start-up) is never timed.
     # CPU (figures in docs/benchmarks.md)
     python benchmarks/pretrain_throughput.py --model mae_vit_tiny_patch16 --batch_size 16 --steps 8 --warmup 2
     python benchmarks/pretrain_throughput.py --model mae_vit_base_patch16 --batch_size 8 --steps 4 --warmup 1
+    # fp32 / fused AdamW / bf16 / both beside the HF fp32 reference, one interleaved run (issue 15's table)
+    python benchmarks/pretrain_throughput.py --model mae_vit_base_patch16 --batch_size 8 --steps 4 --warmup 1 \
+        --variants fused,bf16,bf16+fused --no_memory --json vitb_cpu_bf16.json
     python benchmarks/pretrain_throughput.py --loop --model mae_vit_tiny_patch16 --batch_size 16 --steps 8
     # GPU, the target configuration
     python benchmarks/pretrain_throughput.py --model mae_vit_base_patch16 --batch_size 256 --device cuda \
@@ -82,12 +93,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=2, help="--loop: DataLoader workers for the JPEG run")
     p.add_argument("--rounds", type=int, default=2, help="--loop: interleaved rounds of (warm-up + steps) each")
     p.add_argument("--jpeg_px", type=int, default=None, help="--loop: JPEG side (default 1.75 x input_size)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated extra mimkit settings in the same interleaved run: "
+                        "fp32, fused, bf16, bf16+fused (fp16, fp16+fused on GPU)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--memory_child", choices=("ours", "hf"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--steps and --batch_size must be >= 1, --warmup >= 0")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown '{v}' (choose from {', '.join(VARIANTS)})")
     return args
+
+
+# variant name -> (autocast: bf16 | fp16 | off, fused AdamW)
+VARIANTS = {"fp32": ("off", False), "fused": ("off", True), "bf16": ("bf16", False), "bf16+fused": ("bf16", True),
+            "fp16": ("fp16", False), "fp16+fused": ("fp16", True)}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -136,22 +159,25 @@ def make_inputs(args, num_patches: int, device: torch.device):
 class Runner:
     """One implementation's training step: model, AdamW (mimkit's groups), autocast, grad scaler."""
 
-    def __init__(self, name: str, model, args, device: torch.device, imgs, noise):
+    def __init__(self, name: str, model, args, device: torch.device, imgs, noise, amp: str | None = None,
+                 fused: bool | None = None):
         from mimkit.engine.optim import build_adamw, param_groups
 
+        amp = args.amp if amp is None else amp
+        fused = device.type == "cuda" if fused is None else fused  # ours / hf: fused on GPU only, as before
         self.name, self.imgs, self.noise, self.device = name, imgs, noise, device
         self.model = model.to(device).train()
-        self.opt = build_adamw(param_groups(self.model, 0.05), 1.5e-4, (0.9, 0.95), device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        self.opt = build_adamw(param_groups(self.model, 0.05), 1.5e-4, (0.9, 0.95), device, fused=fused)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.mask_ratio = args.mask_ratio
         self.fwd = torch.compile(self.model) if args.compile else self.model
         self.times: list[float] = []
         self.first_loss = None
 
     def loss(self):
-        if self.name == "ours":
+        if self.name != "hf":
             return self.fwd(self.imgs, mask_ratio=self.mask_ratio, noise=self.noise)[0]
         return self.fwd(pixel_values=self.imgs, noise=self.noise).loss
 
@@ -271,6 +297,11 @@ def compare(args, device: torch.device) -> dict:
     hf = build_hf(args, ours)
     imgs, noise = make_inputs(args, ours.num_patches, device)
     runners = [Runner("ours", ours, args, device, imgs, noise), Runner("hf", hf, args, device, imgs, noise)]
+    for v in args.variants:
+        amp, fused = VARIANTS[v]
+        if amp == "fp16" and device.type != "cuda":
+            sys.exit(f"--variants {v}: fp16 needs a GPU")
+        runners.append(Runner(v, build_ours(args), args, device, imgs, noise, amp=amp, fused=fused))
     flops = flops_per_image(ours, args.mask_ratio)
     print(f"{args.model} {args.input_size}px batch {args.batch_size} on {describe_device(device)}, amp {args.amp}, "
           f"compile {args.compile}, {torch.get_num_threads()} threads; {flops / 1e9:.2f} GFLOP per training image")
@@ -282,8 +313,15 @@ def compare(args, device: torch.device) -> dict:
     res: dict = {}
     for r in runners:
         med = statistics.median(r.times)
-        res[r.name] = {"images_per_s": args.batch_size / med, "step_s_median": med, "step_s": r.times,
-                       "first_loss": r.first_loss}
+        entry = {"images_per_s": args.batch_size / med, "step_s_median": med, "step_s": r.times,
+                 "first_loss": r.first_loss}
+        if r.name in ("ours", "hf"):
+            res[r.name] = entry
+        else:
+            res.setdefault("variants", {})[r.name] = entry
+    for entry in res.get("variants", {}).values():
+        entry["speedup_vs_hf"] = entry["images_per_s"] / res["hf"]["images_per_s"]
+        entry["speedup_vs_ours"] = entry["images_per_s"] / res["ours"]["images_per_s"]
     pairs = [h / o for o, h in zip(runners[0].times, runners[1].times)]
     res["ratio"] = res["ours"]["images_per_s"] / res["hf"]["images_per_s"]
     res["ratio_pairwise_median"] = statistics.median(pairs)
@@ -317,6 +355,11 @@ def print_compare(res: dict) -> None:
         print(f"peak memory ours/HF: {mem['ours'] / mem['hf']:.3f} ({res['ours']['peak_memory']['how']})")
     if res["peak_tflops_assumed"]:
         print(f"MFU against {res['peak_tflops_assumed']:.0f} TFLOP/s ({res['peak_source']})")
+    if res.get("variants"):
+        print(f"{'variant':12}{'images/s':>10}{'step s':>9}{'x HF':>7}{'x ours':>8}  first loss")
+        for name, r in res["variants"].items():
+            print(f"{name:12}{r['images_per_s']:>10.2f}{r['step_s_median']:>9.3f}{r['speedup_vs_hf']:>7.2f}"
+                  f"{r['speedup_vs_ours']:>8.2f}  {r['first_loss']:.6f}")
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -463,8 +506,12 @@ def main(argv=None) -> int:
         sys.exit("--amp fp16 needs a GPU (use bf16 or off on CPU)")
     import transformers
 
+    from mimkit.engine.precision import cpu_bf16_support
+
+    bf16_ok, bf16_why = cpu_bf16_support()
     result = {"args": {k: v for k, v in vars(args).items() if k != "memory_child"},
               "device": describe_device(device), "torch": torch.__version__,
+              "cpu": {"model": describe_device(torch.device("cpu")), "bf16": bf16_ok, "bf16_why": bf16_why},
               "transformers": transformers.__version__, "threads": torch.get_num_threads(),
               "load_average_before": os.getloadavg(),
               "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv else "", *sys.argv[1:]])}

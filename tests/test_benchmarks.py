@@ -20,7 +20,7 @@ def test_pretrain_throughput_writes_both_implementations_and_the_ratio(tmp_path)
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(SCRIPT), "--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8",
            "--depth", "1", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu", "--threads", "1",
-           "--json", str(out)]
+           "--variants", "fused,bf16,bf16+fused", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -33,6 +33,15 @@ def test_pretrain_throughput_writes_both_implementations_and_the_ratio(tmp_path)
     assert res["ratio"] == pytest.approx(res["ours"]["images_per_s"] / res["hf"]["images_per_s"])
     assert res["gflop_per_image"] > 0
     assert "ratio ours/HF images/s" in done.stdout
+    # the fp32 / fused / bf16 variants ran in the same interleaved run, from the same weights, images and noise
+    assert set(res["variants"]) == {"fused", "bf16", "bf16+fused"}
+    for name, v in res["variants"].items():
+        assert v["images_per_s"] > 0 and len(v["step_s"]) == 1
+        assert v["speedup_vs_hf"] == pytest.approx(v["images_per_s"] / res["hf"]["images_per_s"])
+        rel = 2e-2 if "bf16" in name else 1e-6  # bf16 autocast: within the stated tolerance of fp32
+        assert v["first_loss"] == pytest.approx(res["ours"]["first_loss"], rel=rel)
+    assert isinstance(res["cpu"]["bf16"], bool) and res["cpu"]["model"].startswith("CPU ")
+    assert "bf16+fused" in done.stdout
 
 
 def test_flops_per_image_matches_the_known_vit_b_figure():

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from mimkit.config import take_leftovers
-from mimkit.errors import UserError
+from mimkit.errors import RunInterrupted, UserError
 
 # command -> (module, one-line description); each module has add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -97,8 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"mimkit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mimkit {args.command}: interrupted; resume with the same command (auto_resume)", file=sys.stderr)
+    except RunInterrupted as e:  # a signal: the step finished and a checkpoint was written
+        print(f"mimkit {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside training): quit without a new checkpoint
+        print(f"mimkit {args.command}: interrupted; the same command resumes from the last checkpoint "
+              "(auto_resume)", file=sys.stderr)
         return 130
 
 

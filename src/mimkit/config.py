@@ -54,7 +54,10 @@ class OptimizationConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     gradient_clip: Optional[float] = None  # max grad norm; None = no clipping (official pretraining)
-    on_nonfinite: str = "stop"  # what a NaN/inf loss does: stop | skip (the step)
+    on_nonfinite: str = "stop"  # what a NaN/inf loss (or clipped grad norm) does: stop | skip (the step) | rollback
+    max_rollbacks: int = 3  # rollback: reloads of the last checkpoint allowed per run, then stop
+    rollback_lr_scale: float = 1.0  # rollback: multiply the lr by this after each rollback (e.g. 0.5)
+    rollback_amp: Optional[str] = None  # rollback: fall back to this more precise amp (bf16 | off); null keeps it
 
 
 @dataclass
@@ -130,7 +133,7 @@ class MiscConfig:
     output_dir: Optional[str] = None  # the run folder; None = a new runs/<command>/<timestamp>
     resume: Optional[str] = None  # checkpoint to resume from (a .pt file or a checkpoint folder)
     auto_resume: bool = True  # resume from <checkpoint_dir>/latest.pt when it exists
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else off) | bf16 | fp16 | off
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     compile: bool = False  # torch.compile the model
     max_steps: int = 0  # stop after N optimiser steps (smoke tests); 0 = no limit
@@ -169,7 +172,10 @@ CONSTRAINTS: dict[str, tuple] = {
     "optimization.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optimization.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optimization.gradient_clip": (lambda v: v is None or v > 0, "> 0 (or null for no clipping)"),
-    "optimization.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    "optimization.on_nonfinite": (lambda v: v in ("stop", "skip", "rollback"), "stop, skip or rollback"),
+    "optimization.max_rollbacks": (lambda v: v >= 0, ">= 0"),
+    "optimization.rollback_lr_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optimization.rollback_amp": (lambda v: v in (None, "bf16", "off"), "bf16, off or null"),
     "schedule.epochs": (lambda v: v is None or v >= 1, ">= 1"),
     "schedule.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "schedule.start_epoch": (lambda v: v >= 0, ">= 0"),

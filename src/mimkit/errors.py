@@ -22,6 +22,15 @@ class DataError(UserError):
     """A missing, empty or unusable dataset."""
 
 
+class RunInterrupted(Exception):
+    """A run stopped early on a signal after writing a checkpoint; rerunning the same command resumes it.
+
+    The CLI prints the message and exits with `exit_code` (75, EX_TEMPFAIL: "try again").
+    """
+
+    exit_code = 75
+
+
 def suggest(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest candidate, or '' when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)

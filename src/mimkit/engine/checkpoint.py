@@ -1,17 +1,21 @@
 """One checkpoint format, written atomically: epoch-N/ and step-N/ folders, latest.pt, final.pt, keep_last_n.
 
 A checkpoint is a dict with `model`, `optimizer`, `scaler`, `scheduler`, `epoch`, `step`, `config`, `rng`,
-`mimkit_version` (and `data_position`, `extra`), readable with `torch.load(weights_only=True)`.
+`mimkit_version` (and `data_position`, `counters`, `extra`, `rng_per_rank` under DDP), readable with
+`torch.load(weights_only=True)`. A failed write (read-only folder, full disk) leaves the previous checkpoint and
+latest.pt as they were and raises CheckpointWriteError; a damaged latest.pt on auto-resume falls back to the
+newest intact step-N / epoch-N checkpoint (`find_resume`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,6 +25,10 @@ from mimkit.errors import CheckpointError
 from mimkit.io import load_checkpoint_file, resolve_checkpoint, save_safetensors
 
 CKPT_NAME = "model.pt"
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (permissions, full disk); the previous one is intact."""
 _KIND_RE = re.compile(r"^(epoch|step)-(\d+)$")
 
 
@@ -105,10 +113,39 @@ class CheckpointManager:
         self.log_file = log_file
         self.safetensors = safetensors
 
+    def check_writable(self) -> None:
+        """Create the folder and write a probe file; a read-only or missing location is one clear line now."""
+        probe = self.dir / f".write-test-{os.getpid()}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {self.dir}: {_os_reason(e)}; choose a writable --output_dir "
+                "(or checkpointing.checkpoint_dir)"
+            ) from None
+
     def save(self, ckpt: dict, kind: str, index: int, config_yaml: str) -> Path:
-        """Write <kind>-<index>/ atomically (a temp folder renamed into place) and point latest.pt at it."""
-        final = self.dir / f"{kind}-{index}"
+        """Write <kind>-<index>/ atomically (a temp folder renamed into place) and point latest.pt at it.
+
+        Any OS error (permissions, full disk) removes the partial folder, leaves latest.pt and the previous
+        checkpoints untouched and raises CheckpointWriteError.
+        """
         tmp = self.dir / f".{kind}-{index}.tmp-{os.getpid()}"
+        try:
+            return self._save(ckpt, kind, index, config_yaml, tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            prev = self.latest()
+            kept = f"; the previous checkpoint {prev} is intact" if prev else ""
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {self.dir / f'{kind}-{index}'}: {_os_reason(e)}{kept}"
+            ) from None
+
+    def _save(self, ckpt: dict, kind: str, index: int, config_yaml: str, tmp: Path) -> Path:
+        final = self.dir / f"{kind}-{index}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         atomic_save(ckpt, tmp / CKPT_NAME)
@@ -117,20 +154,27 @@ class CheckpointManager:
             shutil.copyfile(self.log_file, tmp / "log.txt")
         if self.safetensors:
             save_weights_safetensors(ckpt["model"], tmp / "model.safetensors")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same position written again (a rerun at the same step): swap it in
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         _fsync_dir(self.dir)
         self._link(final / CKPT_NAME, self.dir / "latest.pt")
         self.prune(kind)
         return final
 
     def save_final(self, ckpt: dict) -> Path:
-        """Write final.pt (and final.safetensors when asked)."""
+        """Write final.pt (and final.safetensors when asked); an OS error is a CheckpointWriteError."""
         path = self.dir / "final.pt"
-        atomic_save(ckpt, path)
-        if self.safetensors:
-            save_weights_safetensors(ckpt["model"], self.dir / "final.safetensors")
+        try:
+            atomic_save(ckpt, path)
+            if self.safetensors:
+                save_weights_safetensors(ckpt["model"], self.dir / "final.safetensors")
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot write {path}: {_os_reason(e)}; latest.pt is intact") from None
         return path
 
     def _link(self, src: Path, dst: Path) -> None:
@@ -166,6 +210,51 @@ class CheckpointManager:
         """latest.pt when present."""
         p = self.dir / "latest.pt"
         return p if p.exists() else None
+
+    def candidates(self) -> list[Path]:
+        """Every step-N / epoch-N model.pt, newest first (by modification time, then step/epoch number)."""
+        found = [p / CKPT_NAME for _, p in self.list("step") + self.list("epoch")]
+        return sorted(found, key=lambda f: (f.stat().st_mtime_ns, _index(f.parent.name)), reverse=True)
+
+
+def _index(name: str) -> int:
+    m = _KIND_RE.match(name)
+    return int(m.group(2)) if m else -1
+
+
+def _os_reason(e: OSError) -> str:
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return reason
+
+
+def find_resume(explicit: Optional[str], ckpt_dir: str | Path, auto_resume: bool
+                ) -> tuple[Optional[dict], Optional[str], Optional[str]]:
+    """The checkpoint a run resumes from -> (checkpoint, its path, a warning or None).
+
+    An explicit `misc.resume` must load (else CheckpointError). With auto_resume, <ckpt_dir>/latest.pt; when
+    it is truncated or corrupt, the newest intact step-N / epoch-N checkpoint with a warning naming both
+    files; when none is intact, a CheckpointError (never a silent start from scratch).
+    """
+    if explicit:
+        return load_training_checkpoint(explicit), str(explicit), None
+    latest = Path(ckpt_dir) / "latest.pt"
+    if not auto_resume or not latest.exists():
+        return None, None, None
+    try:
+        return load_training_checkpoint(latest), str(latest), None
+    except CheckpointError as e:
+        damage = str(e)
+    for cand in CheckpointManager(ckpt_dir).candidates():
+        try:
+            ckpt = load_training_checkpoint(cand)
+        except CheckpointError:
+            continue
+        return ckpt, str(cand), (f"warning: {latest} is damaged ({damage}); resuming from the newest intact "
+                                 f"checkpoint {cand} (step {ckpt['step']}) instead")
+    raise CheckpointError(f"{latest} is damaged ({damage}) and no intact step-N / epoch-N checkpoint is left in "
+                          f"{ckpt_dir}; move the folder away or pass --no_auto_resume to start over")
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:

@@ -82,6 +82,24 @@ def all_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def max_int(value: int, device: torch.device) -> int:
+    """The largest of an int over ranks (a stop request: 0 = none, else the signal number)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list when single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup() -> None:
     """Leave the process group."""
     if dist.is_available() and dist.is_initialized():

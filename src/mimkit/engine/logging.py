@@ -62,8 +62,14 @@ class RunLogger:
         self._estimated = False
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file_handler = logging.FileHandler(self.log_path)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._file_handler = logging.FileHandler(self.log_path)
+        except OSError as e:
+            from mimkit.errors import UserError
+
+            raise UserError(f"cannot write to the output folder {self.run_dir}: {e.strerror or e}; "
+                            "choose a writable --output_dir") from None
         self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self._file_handler.setLevel(logging.INFO)
         # Everything under the package logger (data warnings naming a skipped file too) lands in log.txt.

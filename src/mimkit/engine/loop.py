@@ -1,7 +1,11 @@
-"""THE training loop, shared by every task: accumulation, AMP, clipping, hooks, non-finite guard, checkpoints.
+"""THE training loop, shared by every task: accumulation, AMP, clipping, hooks, non-finite guard / rollback,
+graceful stops on signals, checkpoints.
 
 A task hands it a model, an optimiser, a dataset and a `step_fn(model, batch) -> (loss, logs)`; the loop
-knows nothing else about the model.
+knows nothing else about the model. Every way a run ends leaves a checkpoint that latest.pt points to:
+the last epoch, misc.max_steps, a signal (SIGTERM / SIGUSR1 / Ctrl-C: the current optimiser step finishes,
+a step checkpoint is written, RunInterrupted is raised, exit code 75) and exhausted rollbacks (latest.pt is the
+last good checkpoint). Rerunning the same command resumes from it, bitwise on CPU.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -17,17 +22,18 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mimkit.engine import distributed as D
-from mimkit.engine.checkpoint import CheckpointManager, capture_rng, make_checkpoint, restore_rng
+from mimkit.engine.checkpoint import (
+    CKPT_NAME, CheckpointManager, CheckpointWriteError, capture_rng, make_checkpoint, restore_rng,
+)
 from mimkit.engine.logging import RunLogger, SmoothedValue
-from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader
-from mimkit.errors import CheckpointError, DataError, UserError
+from mimkit.engine.precision import autocast_dtype, describe_amp, resolve_amp  # noqa: F401  (tasks import these)
+from mimkit.engine.rollback import NonFiniteLossError, RecoveryState, Rollback, handle_nonfinite  # noqa: F401
+from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader, shutdown_workers
+from mimkit.engine.signals import GracefulStop, signal_name
+from mimkit.errors import CheckpointError, DataError, RunInterrupted, UserError
 
 StepFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 LrSchedule = Callable[[torch.optim.Optimizer, float], None]
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite."""
 
 
 class Hook(Protocol):
@@ -46,7 +52,10 @@ class LoopSettings:
     batch_size: int
     accum_iter: int = 1
     gradient_clip: Optional[float] = None
-    on_nonfinite: str = "stop"
+    on_nonfinite: str = "stop"  # stop | skip | rollback
+    max_rollbacks: int = 3  # rollback: at most this many per run, then stop
+    rollback_lr_scale: float = 1.0  # rollback: multiply the lr by this after each rollback
+    rollback_amp: Optional[str] = None  # rollback: switch to this more precise amp (bf16 | off); None keeps it
     amp: str = "off"  # bf16 | fp16 | off (already resolved from auto)
     num_workers: int = 0
     pin_memory: bool = False
@@ -56,6 +65,12 @@ class LoopSettings:
     save_freq_steps: int = 0
     max_steps: int = 0
     find_unused_parameters: bool = False
+
+
+def rollback_settings(opt) -> dict:
+    """LoopSettings keyword arguments of an `optimization` config section (on_nonfinite and its rollback keys)."""
+    return {"on_nonfinite": opt.on_nonfinite, "max_rollbacks": opt.max_rollbacks,
+            "rollback_lr_scale": opt.rollback_lr_scale, "rollback_amp": opt.rollback_amp}
 
 
 @dataclass
@@ -68,6 +83,9 @@ class TrainState:
     skipped_nonfinite: int = 0
     skipped_images: int = 0
     history: list = field(default_factory=list)
+
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.batch, self.step
 
 
 class Trainer:
@@ -90,6 +108,7 @@ class Trainer:
         self.config_yaml = config_yaml
         self.hooks = list(hooks)
         self.state = TrainState()
+        self.recovery = RecoveryState()
         self.device = dist.device
         self.sampler = EpochSampler(dataset, dist.rank, dist.world_size, settings.seed)
         self.iters_per_epoch = self.sampler.full_len() // settings.batch_size
@@ -98,13 +117,19 @@ class Trainer:
                 f"the dataset has {len(dataset)} images: fewer than one batch of {settings.batch_size} "
                 f"per process ({dist.world_size} process(es)); lower --batch_size"
             )
+        if settings.on_nonfinite == "rollback" and ckpt is None:
+            raise UserError("optimization.on_nonfinite=rollback needs checkpoints to roll back to")
+        self._check_writable()
         self.loader = build_loader(
             SeededSamples(dataset, settings.seed), settings.batch_size, self.sampler, collate, settings.num_workers,
             settings.pin_memory and self.device.type == "cuda", settings.persistent_workers, settings.seed,
         )
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.amp == "fp16")
+        self._set_precision(settings.amp)
         self.wrapped = self._wrap(model)
+        self._saved_at: Optional[tuple] = None  # position of the newest checkpoint this run wrote
+        self._restore_point: Optional[Path] = None  # that checkpoint's model.pt (what a rollback reloads)
+        self._stopper: Optional[GracefulStop] = None
+        self._stop_signum = 0  # the stop signal agreed on by every rank (0 = none)
 
     # ------------------------------------------------------------------ setup
     def current_lr(self) -> float:
@@ -122,24 +147,46 @@ class Trainer:
         """Rebuild the DDP wrapper after the set of trainable parameters changed (FreezeOut)."""
         self.wrapped = self._wrap(self.model)
 
+    def _set_precision(self, amp: str) -> None:
+        self.amp = amp
+        self.amp_dtype = autocast_dtype(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def _check_writable(self) -> None:
+        """A checkpoint folder that cannot be written stops the run now, on every rank, with one line."""
+        if self.ckpt is None:
+            return
+        err = None
+        if self.dist.is_main:
+            try:
+                self.ckpt.check_writable()
+            except CheckpointWriteError as e:
+                err = e
+        if not D.all_true(err is None, self.device):
+            raise err or CheckpointWriteError(f"rank 0 cannot write checkpoints to {self.ckpt.dir}")
+
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self) -> dict:
-        """The full training state as the one checkpoint format."""
+    def checkpoint(self, rng_per_rank: Optional[list] = None) -> dict:
+        """The full training state as the one checkpoint format (`rng_per_rank`: every rank's RNG, DDP)."""
         extra = {type(h).__name__: h.state_dict() for h in self.hooks if hasattr(h, "state_dict")}
-        return make_checkpoint(
+        ckpt = make_checkpoint(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             scheduler={"iters_per_epoch": self.iters_per_epoch},
             epoch=self.state.epoch, step=self.state.step,
             data_position={"epoch": self.state.epoch, "batch": self.state.batch},
-            counters={"skipped_nonfinite": self.state.skipped_nonfinite, "skipped_images": self.state.skipped_images},
+            counters={"skipped_nonfinite": self.state.skipped_nonfinite, "skipped_images": self.state.skipped_images,
+                      "recovery": self.recovery.to_dict()},
             config=self.config, rng=capture_rng(), extra=extra,
         )
+        if rng_per_rank is not None and len(rng_per_rank) > 1:
+            ckpt["rng_per_rank"] = rng_per_rank
+        return ckpt
 
     def load(self, ckpt: dict) -> None:
         """Restore everything a checkpoint holds; RNG last, so training continues bitwise."""
@@ -151,6 +198,11 @@ class Trainer:
             name = type(h).__name__
             if hasattr(h, "load_state_dict") and name in ckpt.get("extra", {}):
                 h.load_state_dict(ckpt["extra"][name], self)
+        counters = ckpt.get("counters", {})
+        self.recovery = RecoveryState.from_dict(counters.get("recovery"))
+        if self.recovery.amp and self.recovery.amp != self.amp:
+            self.run.info(f"amp {self.recovery.amp}: the precision an earlier rollback fell back to")
+            self._set_precision(self.recovery.amp)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
@@ -159,7 +211,6 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         pos = ckpt.get("data_position", {"epoch": ckpt["epoch"], "batch": 0})
         self.state.epoch, self.state.batch, self.state.step = int(pos["epoch"]), int(pos["batch"]), int(ckpt["step"])
-        counters = ckpt.get("counters", {})
         self.state.skipped_nonfinite = int(counters.get("skipped_nonfinite", 0))
         self.state.skipped_images = int(counters.get("skipped_images", 0))
         saved_ipe = ckpt.get("scheduler", {}).get("iters_per_epoch")
@@ -168,14 +219,29 @@ class Trainer:
                 f"cannot resume in the middle of epoch {self.state.epoch}: the checkpoint had {saved_ipe} "
                 f"iterations per epoch, this run has {self.iters_per_epoch} (batch size, data or world size changed)"
             )
-        if "rng" in ckpt:
+        per_rank = ckpt.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            restore_rng(per_rank[self.dist.rank])  # each rank's own masks and drop-path continue
+        elif "rng" in ckpt:
             restore_rng(ckpt["rng"])
 
-    def _save(self, kind: str, index: int) -> None:
-        if self.ckpt is not None and self.dist.is_main:
-            path = self.ckpt.save(self.checkpoint(), kind, index, self.config_yaml)
-            self.run.file_only(f"saved checkpoint {path}")
-        D.barrier()
+    def _save(self, kind: str, index: int) -> Optional[Path]:
+        """Write <kind>-<index>/ (rank 0) with every rank's RNG; a write error stops every rank with one line."""
+        if self.ckpt is None:
+            return None
+        rngs = D.gather_objects(capture_rng())  # a collective: every rank calls _save at the same point
+        err = None
+        folder = self.ckpt.dir / f"{kind}-{index}"
+        if self.dist.is_main:
+            try:
+                self.ckpt.save(self.checkpoint(rng_per_rank=rngs), kind, index, self.config_yaml)
+                self.run.file_only(f"saved checkpoint {folder}")
+            except CheckpointWriteError as e:
+                err = e
+        if not D.all_true(err is None, self.device):
+            raise err or CheckpointWriteError(f"rank 0 could not write checkpoint {folder}")
+        self._saved_at, self._restore_point = self.state.position(), folder / CKPT_NAME
+        return folder
 
     # ------------------------------------------------------------------ the loop
     def _call_hooks(self, name: str, *args) -> None:
@@ -185,34 +251,82 @@ class Trainer:
                 fn(self, *args)
 
     def fit(self) -> TrainState:
-        """Train from the current state to the last epoch; returns the final state."""
+        """Train from the current state to the last epoch (or misc.max_steps); returns the final state.
+
+        Raises RunInterrupted after a signal (checkpoint written) and NonFiniteLossError when the non-finite
+        policy gives up.
+        """
         s, st = self.s, self.state
+        if s.max_steps and st.step >= s.max_steps:
+            self.run.info(f"nothing to train: step {st.step} already reached misc.max_steps = {s.max_steps} "
+                          "(raise --max_steps to continue)")
+            return st
         left = max(0, s.epochs * self.iters_per_epoch - (st.epoch * self.iters_per_epoch + st.batch))
         if s.max_steps:
             left = min(left, max(0, s.max_steps - st.step) * s.accum_iter)
         self.run.start_run(left, self.device.type)  # the whole run's estimate and ETA
+        start = st.position()
         self._call_hooks("on_train_start")
+        try:
+            self._fit(start)
+        finally:
+            shutdown_workers(self.loader)
+        return st
+
+    def _fit(self, start: tuple[int, int, int]) -> None:
+        s, st = self.s, self.state
+        with GracefulStop() as stopper:
+            self._stopper = stopper
+            if s.on_nonfinite == "rollback":
+                self._save("step", st.step)  # the restore point a rollback before the first save returns to
+            ending = "epoch"
+            while st.epoch < s.epochs and ending in ("epoch", "rollback"):
+                try:
+                    ending = self._run_epoch()
+                except Rollback:
+                    ending = "rollback"
+            if ending == "signal":
+                self._stop_on_signal()
+            if st.position() != start and self._saved_at != st.position():
+                # every stop is a resume point: latest.pt at the position the run ended
+                self._save("step", st.step) if ending == "max_steps" else self._save("epoch", st.epoch)
+        self._stopper = None
+        if self.ckpt is not None and (st.position() != start or not (self.ckpt.dir / "final.pt").exists()):
+            err = None
+            if self.dist.is_main:
+                try:
+                    self.ckpt.save_final(self.checkpoint())
+                except CheckpointWriteError as e:
+                    err = e
+            if not D.all_true(err is None, self.device):
+                raise err or CheckpointWriteError("rank 0 could not write final.pt")
+
+    def _run_epoch(self) -> str:
+        """One epoch from the current position; returns how it ended: epoch | max_steps | signal."""
+        s, st = self.s, self.state
+        epoch, start_batch = st.epoch, st.batch
+        self._skipped_before = st.skipped_images  # the epoch's own count is the difference
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start_batch * s.batch_size)
+        self.wrapped.train(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.run.start_epoch(epoch, self.iters_per_epoch, initial=start_batch)
         smooth = SmoothedValue()
-        stop = False
-        for epoch in range(st.epoch, s.epochs):
-            st.epoch = epoch
-            start_batch = st.batch
-            self._skipped_before = st.skipped_images  # the epoch's own count is the difference
-            self.sampler.set_epoch(epoch)
-            self.sampler.set_start(start_batch * s.batch_size)
-            self.wrapped.train(True)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.run.start_epoch(epoch, self.iters_per_epoch, initial=start_batch)
-            ep_loss, ep_n, t_epoch, t_last = 0.0, 0, time.perf_counter(), time.perf_counter()
-            for i, batch in enumerate(self.loader, start=start_batch):
+        ep_loss, ep_n, t_epoch, t_last = 0.0, 0, time.perf_counter(), time.perf_counter()
+        ending = "epoch"
+        batches = iter(self.loader)
+        try:
+            for i, batch in enumerate(batches, start=start_batch):
                 if i >= self.iters_per_epoch:
                     break
                 if i % s.accum_iter == 0:
-                    self.lr_schedule(self.optimizer, epoch + i / self.iters_per_epoch)
+                    self._set_lr(epoch + i / self.iters_per_epoch)
                 update = (i + 1) % s.accum_iter == 0
                 st.skipped_images += int(batch.get("skipped", 0))
-                # every image of the batch unreadable (on any rank): all ranks skip it together
-                if not D.all_true(batch["images"].shape[0] > 0, self.device):
+                # a window that diverged before a rollback, or every image of the batch unreadable (on any
+                # rank): all ranks skip it together
+                if self.recovery.skips(epoch, i // s.accum_iter) or not D.all_true(
+                        batch["images"].shape[0] > 0, self.device):
                     st.batch = i + 1
                     continue
                 batch = _to_device(batch, self.device)
@@ -220,9 +334,10 @@ class Trainer:
                 with sync_ctx:
                     with self._autocast():
                         loss, logs = self.step_fn(self.wrapped, batch)
+                    loss = loss.float()  # the loss value and its backward start in fp32 under any autocast
                     loss_value = loss.item()
                     if not D.all_true(math.isfinite(loss_value), self.device):
-                        self._nonfinite(loss_value, epoch, i)
+                        self._nonfinite("loss", loss_value, epoch, i)
                         st.batch = i + 1
                         continue
                     if loss.requires_grad:  # False once FreezeOut has frozen every trainable part
@@ -230,47 +345,89 @@ class Trainer:
                 st.batch = i + 1
                 grad_norm = None
                 if update:
-                    if s.gradient_clip:
-                        self.scaler.unscale_(self.optimizer)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.gradient_clip).item()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    st.step += 1
-                    self._call_hooks("on_step_end")
-                    if s.save_freq_steps and st.step % s.save_freq_steps == 0:
-                        self._save("step", st.step)
-                    if s.max_steps and st.step >= s.max_steps:
-                        stop = True
-                        self.run.info(f"stopping at misc.max_steps = {s.max_steps} optimiser steps")
+                    grad_norm, stepped = self._optimizer_step(epoch, i)
+                    if stepped:
+                        ending = self._after_step()
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 ep_loss, ep_n = ep_loss + loss_value, ep_n + 1
-                lr = self.current_lr()
-                record = {"loss": loss_value, "loss_avg": smooth.update(loss_value), "lr": lr,
-                          "samples_per_s": s.batch_size * self.dist.world_size / max(dt, 1e-9), "iter_s": dt, **logs}
+                record = {"loss": loss_value, "loss_avg": smooth.update(loss_value), "lr": self.current_lr(),
+                          "samples_per_s": s.batch_size * self.dist.world_size / max(dt, 1e-9), "iter_s": dt,
+                          **logs}
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 self.run.progress(i, record)
                 if i % self.run.print_freq == 0 or i == self.iters_per_epoch - 1:
                     self.run.metrics({"kind": "step", "epoch": epoch, "iter": i, "step": st.step, **record}, st.step)
-                if stop:
+                if ending != "epoch":
                     break
+        except BaseException:
+            shutdown_workers(self.loader, batches)  # a traceback would keep the workers alive until exit
+            raise
+        finally:
             self.run.end_epoch()
-            # resumed exactly at the end of this epoch: its summary was logged by the earlier run
-            if not (ep_n == 0 and start_batch >= self.iters_per_epoch):
-                self._epoch_summary(epoch, ep_loss, ep_n, time.perf_counter() - t_epoch)
-            if stop:
-                break
-            st.epoch, st.batch = epoch + 1, 0
-            self._call_hooks("on_epoch_end", epoch)
-            last = epoch + 1 == s.epochs
-            if s.save_freq_epochs and ((epoch + 1) % s.save_freq_epochs == 0 or last):
-                self._save("epoch", epoch + 1)
-        if self.ckpt is not None and self.dist.is_main:
-            self.ckpt.save_final(self.checkpoint())
-        D.barrier()
-        return st
+        # resumed exactly at the end of this epoch: its summary was logged by the earlier run
+        if not (ep_n == 0 and start_batch >= self.iters_per_epoch):
+            self._epoch_summary(epoch, ep_loss, ep_n, time.perf_counter() - t_epoch)
+        if ending != "epoch":
+            return ending
+        st.epoch, st.batch = epoch + 1, 0
+        self._call_hooks("on_epoch_end", epoch)
+        last = st.epoch == s.epochs
+        if s.save_freq_epochs and (st.epoch % s.save_freq_epochs == 0 or last):
+            self._save("epoch", st.epoch)
+        return "signal" if self._stop_requested() else "epoch"
+
+    def _set_lr(self, epoch_f: float) -> None:
+        self.lr_schedule(self.optimizer, epoch_f)
+        if self.recovery.lr_factor != 1.0:
+            for g in self.optimizer.param_groups:
+                g["lr"] *= self.recovery.lr_factor
+
+    def _optimizer_step(self, epoch: int, i: int) -> tuple[Optional[float], bool]:
+        """Clip, step, update the scaler -> (gradient norm or None, whether the optimiser stepped)."""
+        grad_norm = None
+        if self.s.gradient_clip:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.gradient_clip).item()
+            # under fp16 an inf norm is the scaler calibrating (it skips the step itself); otherwise divergence.
+            # Gradients are all-reduced, so every rank sees the same norm.
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                self._nonfinite("gradient norm", grad_norm, epoch, i)
+                return grad_norm, False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return grad_norm, True
+
+    def _after_step(self) -> str:
+        """Hooks, step checkpoints and the stop checks after an optimiser step -> epoch | max_steps | signal."""
+        s, st = self.s, self.state
+        self._call_hooks("on_step_end")
+        if s.save_freq_steps and st.step % s.save_freq_steps == 0:
+            self._save("step", st.step)
+        if s.max_steps and st.step >= s.max_steps:
+            self.run.info(f"stopping at misc.max_steps = {s.max_steps} optimiser steps")
+            return "max_steps"
+        return "signal" if self._stop_requested() else "epoch"
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (an all-reduce, so every rank stops at the same step)."""
+        local = self._stopper.signum if self._stopper is not None else 0
+        self._stop_signum = D.max_int(local, self.device)
+        return self._stop_signum != 0
+
+    def _stop_on_signal(self) -> None:
+        st = self.state
+        name = signal_name(self._stop_signum)
+        folder = self._save("step", st.step) if self._saved_at != st.position() else self._restore_point.parent
+        msg = (f"stopped by {name} after optimiser step {st.step} (epoch {st.epoch}, iteration {st.batch}): "
+               f"checkpoint {folder}; rerun the same command to resume")
+        self.run.info(msg)
+        self.run.metrics({"kind": "stop", "signal": name, "epoch": st.epoch, "iter": st.batch, "step": st.step},
+                         st.step)
+        raise RunInterrupted(msg)
 
     def _epoch_summary(self, epoch: int, ep_loss: float, ep_n: int, epoch_time: float) -> None:
         """Log the epoch's mean loss (over ranks), time and skip counters."""
@@ -288,17 +445,10 @@ class Trainer:
                if st.skipped_images else "")
         )
 
-    def _nonfinite(self, value: float, epoch: int, i: int) -> None:
-        self.state.skipped_nonfinite += 1
-        where = f"epoch {epoch}, iteration {i}, optimiser step {self.state.step}"
-        if self.s.on_nonfinite == "stop":
-            latest = self.ckpt.latest() if self.ckpt else None
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) at {where}; lower the learning rate, set optimization.gradient_clip, "
-                f"or optimization.on_nonfinite=skip" + (f" (last checkpoint: {latest})" if latest else "")
-            )
-        self.run.info(f"warning: non-finite loss ({value}) at {where}: step skipped")
-        self.optimizer.zero_grad(set_to_none=True)
+    # ------------------------------------------------------------------ non-finite values
+    def _nonfinite(self, what: str, value: float, epoch: int, i: int) -> None:
+        """Apply optimization.on_nonfinite: raise (stop), drop the step (skip) or reload (rollback)."""
+        handle_nonfinite(self, what, value, epoch, i)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -309,13 +459,3 @@ def _short_load_error(e: RuntimeError) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
     return text[:400]
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """'auto' -> bf16 on a CUDA device that supports it, else off; fp16/bf16 on CPU fall back to off."""
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if device.type != "cuda" and amp == "fp16":
-        return "off"
-    return amp
-

@@ -36,10 +36,30 @@ def param_groups(model: nn.Module, weight_decay: float, extra_groups: Iterable[d
     return [g for g in groups if g["params"]] + list(extra_groups)
 
 
-def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `groups`; the fused CUDA kernel when on GPU."""
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+def fused_supported(device: torch.device) -> bool:
+    """Whether the installed torch has a fused AdamW kernel for this device type (CPU since torch 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # older torch: CUDA only
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device,
+                fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `groups` (unchanged); the fused kernel wherever torch has one (`fused=None`), else for-each.
+
+    The fused kernel reads fp32 parameters and keeps its moments in fp32, as the unfused one does; updates
+    agree within float rounding (tests/test_precision.py).
+    """
+    if fused is None:
+        fused = fused_supported(device)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError):  # a parameter type or device the kernel does not take
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def scaled_lr(base_lr: float, batch_size: int, accum_iter: int, world_size: int) -> float:

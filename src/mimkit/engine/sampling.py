@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from mimkit.engine.signals import ignore_stop_signals
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample of one epoch."""
@@ -85,5 +87,20 @@ def build_loader(
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=True, persistent_workers=persistent_workers and num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals if num_workers else None,
     )
+
+
+def shutdown_workers(loader: DataLoader, iterator=None) -> None:
+    """Stop the worker processes of `iterator` (or of a persistent `loader`) now.
+
+    Workers ignore SIGTERM (ignore_stop_signals), so they must not be left for the interpreter's exit, where
+    multiprocessing stops leftover children with SIGTERM and then waits for them forever.
+    """
+    for it in (iterator, getattr(loader, "_iterator", None)):
+        stop = getattr(it, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
+    if getattr(loader, "_iterator", None) is not None:
+        loader._iterator = None  # a later epoch or fit() starts fresh workers
+

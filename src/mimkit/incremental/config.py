@@ -56,7 +56,10 @@ class IncOptimizationConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # not applied to biases and norms
     gradient_clip: Optional[float] = None  # max grad norm; None = no clipping
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: str = "stop"  # stop | skip | rollback (docs/cluster.md)
+    max_rollbacks: int = 3  # rollback: reloads of the last checkpoint allowed per task's run
+    rollback_lr_scale: float = 1.0  # rollback: lr factor after each rollback
+    rollback_amp: Optional[str] = None  # rollback: fall back to this amp (bf16 | off)
 
 
 @dataclass
@@ -98,7 +101,7 @@ class IncMiscConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: Optional[str] = None  # the run folder; None = a new runs/incremental/<timestamp>
     auto_resume: bool = True  # continue the run in output_dir (between tasks or inside one)
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else off) | bf16 | fp16 | off
 
 
 @dataclass

@@ -87,7 +87,10 @@ class ProbeOptimizationConfig:
     opt: str = "lars"  # lars (official) | sgd (momentum, as MoCo / DINO probes)
     momentum: float = 0.9  # momentum of LARS / SGD
     gradient_clip: Optional[float] = None  # max grad norm; None = no clipping (official)
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: str = "stop"  # stop | skip | rollback (see the pretraining config)
+    max_rollbacks: int = 3  # rollback: reloads of the last checkpoint allowed per run
+    rollback_lr_scale: float = 1.0  # rollback: lr factor after each rollback
+    rollback_amp: Optional[str] = None  # rollback: fall back to this amp (bf16 | off)
 
 
 @dataclass

@@ -266,7 +266,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
 
     from mimkit import config as C
     from mimkit.engine.checkpoint import CheckpointManager
-    from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+    from mimkit.engine.loop import LoopSettings, Trainer, rollback_settings
+    from mimkit.engine.precision import amp_decision
     from mimkit.engine.optim import set_lr, warmup_cosine
     from mimkit.data.datasets import collate_batch
 
@@ -279,7 +280,7 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
 
     from mimkit.tasks.preflight import cap_workers, check_one_batch, note_schedule_change, warn_small_images
 
-    amp = resolve_amp(cfg.misc.amp, dist.device)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     check_one_batch(len(train_set), opt.batch_size, dist.world_size, SLOW_HINTS[command])
     small = warn_small_images(train_set, C.input_size(cfg))
     if small:
@@ -291,7 +292,7 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
         run_log, ckpt_dir / "best.pt", dist.is_main)
     settings = LoopSettings(
         epochs=sched.epochs, batch_size=opt.batch_size, accum_iter=opt.accum_iter,
-        gradient_clip=opt.gradient_clip, on_nonfinite=opt.on_nonfinite, amp=amp, num_workers=num_workers,
+        gradient_clip=opt.gradient_clip, **rollback_settings(opt), amp=amp, num_workers=num_workers,
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
         max_steps=cfg.misc.max_steps,
@@ -301,6 +302,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
                       lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log, ckpt=ckpt,
                       config=C.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True), hooks=[hook])
     if resume_ckpt is not None:
+        if resume_ckpt.get("resume_warning"):
+            run_log.info(resume_ckpt["resume_warning"])
         trainer.load(resume_ckpt)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
         note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
@@ -309,8 +312,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
         trainer.state.epoch = sched.start_epoch
     eff = opt.batch_size * opt.accum_iter * dist.world_size
     run_log.info(f"mimkit {command}: {describe}; {len(train_set)} train / {len(val_set)} val images; effective "
-                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, input {cfg.data.input_size}, amp {amp}; run "
-                 f"folder {out_dir}")
+                 f"batch {eff}, lr {lr:.3e}, {sched.epochs} epochs, input {cfg.data.input_size}, amp {amp} "
+                 f"({amp_why}); run folder {out_dir}")
     if cfg.misc.preset:
         run_log.info(f"preset {cfg.misc.preset} beneath your flags (CPU-sized, for the built-in "
                      f"{cfg.data.data_path}); a config file or flags override it")
@@ -329,18 +332,20 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
 
 
 def read_resume(cfg) -> Optional[dict]:
-    """The training checkpoint to resume from: misc.resume, or <output_dir>/checkpoints/latest.pt."""
-    from mimkit.engine.checkpoint import load_training_checkpoint
+    """The training checkpoint to resume from: misc.resume, or <output_dir>/checkpoints/latest.pt.
 
-    if cfg.misc.resume:
-        return load_training_checkpoint(cfg.misc.resume)
+    A damaged latest.pt falls back to the newest intact checkpoint; the warning rides under `resume_warning`
+    until train_classifier logs it.
+    """
+    from mimkit.engine.checkpoint import find_resume
+
     run_dir = cfg.checkpointing.checkpoint_dir or (cfg.misc.output_dir and Path(cfg.misc.output_dir) / "checkpoints")
-    if not run_dir:  # a default run folder is always new: nothing to resume
+    if not run_dir and not cfg.misc.resume:  # a default run folder is always new: nothing to resume
         return None
-    ckpt_dir = Path(run_dir)
-    if cfg.misc.auto_resume and (ckpt_dir / "latest.pt").exists():
-        return load_training_checkpoint(ckpt_dir / "latest.pt")
-    return None
+    ckpt, _, warning = find_resume(cfg.misc.resume, Path(run_dir or "."), cfg.misc.auto_resume and bool(run_dir))
+    if ckpt is not None and warning:
+        ckpt["resume_warning"] = warning
+    return ckpt
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, what: str) -> None:

@@ -123,9 +123,10 @@ def train_incremental(cfg) -> dict:
     """Run (or resume) every task; returns {'metrics', 'rows', 'output_dir'}."""
     from mimkit.data.datasets import collate_batch
     from mimkit.engine import distributed as D
-    from mimkit.engine.checkpoint import CheckpointManager, atomic_write_text, load_training_checkpoint
+    from mimkit.engine.checkpoint import CheckpointManager, atomic_write_text, find_resume, load_training_checkpoint
     from mimkit.engine.logging import RunLogger
-    from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+    from mimkit.engine.loop import LoopSettings, Trainer, rollback_settings
+    from mimkit.engine.precision import amp_decision
     from mimkit.engine.optim import set_lr, warmup_cosine
     from mimkit.incremental import data as ID
     from mimkit.incremental import report as R
@@ -181,7 +182,8 @@ def train_incremental(cfg) -> dict:
                         print_freq=cfg.logging.print_freq)
     if dist.is_main:
         C.save_config(cfg, out_dir / "config.yaml")
-    amp = resolve_amp(cfg.misc.amp, dist.device)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
+    run_log.info(f"amp {amp} ({amp_why})")
     names = [train_set.classes[c] for c in split.order]
     run_log.info(f"mimkit incremental: {desc}; {kind} data {cfg.data.data_path}: {len(train_set)} train / "
                  f"{len(val_set)} held-out images, {len(sizes)} tasks of {sizes} classes, order {names}; "
@@ -209,7 +211,7 @@ def train_incremental(cfg) -> dict:
 
             settings = LoopSettings(
                 epochs=sched.epochs, batch_size=o.batch_size, accum_iter=o.accum_iter,
-                gradient_clip=o.gradient_clip, on_nonfinite=o.on_nonfinite, amp=amp,
+                gradient_clip=o.gradient_clip, **rollback_settings(o), amp=amp,
                 num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
                 persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed + k,
                 save_freq_epochs=cfg.checkpointing.save_freq_epochs,
@@ -221,9 +223,12 @@ def train_incremental(cfg) -> dict:
                               step_fn=step_fn, lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log,
                               ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=hooks)
             trainer.state.step = state["rows"][-1]["end_step"] if state["rows"] else 0  # one step axis in TB
-            latest = task_dir / "latest.pt"
-            if cfg.misc.auto_resume and latest.exists():
-                trainer.load(load_training_checkpoint(latest))
+            # a damaged latest.pt falls back to the task's newest intact checkpoint, with a warning
+            resume, _, warning = find_resume(None, task_dir, cfg.misc.auto_resume)
+            if warning:
+                run_log.info(warning)
+            if resume is not None:
+                trainer.load(resume)
                 run_log.info(f"task {k}: resumed at epoch {trainer.state.epoch}, batch {trainer.state.batch}")
             run_log.info(f"task {k}: classes {[train_set.classes[c] for c in split.classes(k)]}, "
                          f"{len(train_tasks[k])} images, head over {model.num_classes} classes")

@@ -25,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from mimkit import config as C
 from mimkit.engine import distributed as D
-from mimkit.engine.checkpoint import CheckpointManager, load_training_checkpoint
+from mimkit.engine.checkpoint import CheckpointManager, find_resume
 from mimkit.engine.logging import RunLogger
-from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+from mimkit.engine.loop import LoopSettings, Trainer, rollback_settings
+from mimkit.engine.precision import amp_decision
 from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
 from mimkit.errors import ConfigError, UserError
 from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
@@ -321,13 +322,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     small = warn_small_images(train_set, C.input_size(cfg))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
-    resume_ckpt, resume_path = None, None
-    if cfg.misc.resume:
-        resume_path = cfg.misc.resume
-    elif cfg.misc.auto_resume and (ckpt_dir / "latest.pt").exists():
-        resume_path = str(ckpt_dir / "latest.pt")
-    if resume_path:
-        resume_ckpt = load_training_checkpoint(resume_path)
+    # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
+    resume_ckpt, resume_path, resume_warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
     if cfg.model.init_from and resume_ckpt is None:
         report = load_weights(model, cfg.model.init_from)
     else:
@@ -360,6 +356,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         run_log.info(small)
     if report is not None:
         run_log.info(report.summary())
+    if resume_warning:
+        run_log.info(resume_warning)
     model.apply_freeze_mode(cfg.model.freeze_mode)
     if cfg.model.freeze_mode != "none":
         run_log.info(model.format_param_status())
@@ -395,9 +393,9 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
                      "the lr never leaves its linear warmup; lower --warmup_epochs")
     num_workers = cap_workers(cfg.data.num_workers, run_log)
     run_log.slow_hint = CPU_HINT
-    amp = resolve_amp(cfg.misc.amp, dist.device)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
-                 f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp}")
+                 f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp} ({amp_why})")
     recon = None
     if hasattr(model, "decoder_pred"):  # pixel reconstructions to draw (LocalMIM predicts HOG features)
         vis_images = picture_images(train_set, min(4, len(train_set)))
@@ -413,7 +411,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
         hooks.append(MonitorHook.from_config(cfg, run_log))
     settings = LoopSettings(
         epochs=sched.epochs, batch_size=cfg.optimization.batch_size, accum_iter=cfg.optimization.accum_iter,
-        gradient_clip=cfg.optimization.gradient_clip, on_nonfinite=cfg.optimization.on_nonfinite, amp=amp,
+        gradient_clip=cfg.optimization.gradient_clip, **rollback_settings(cfg.optimization), amp=amp,
         num_workers=num_workers, pin_memory=cfg.data.pin_memory,
         persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
