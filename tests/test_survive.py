@@ -433,3 +433,24 @@ def test_classifier_commands_stop_on_a_signal_and_resume(tmp_path: Path, monkeyp
     log = (out / "log.txt").read_text()
     assert "stopped by SIGTERM after optimiser step 2" in log and "resumed at epoch 0, step 2" in log
     assert len(json.loads((out / "results.json").read_text())["history"]) == 2
+
+
+def test_torch_zip_writer_error_on_a_full_disk_is_a_write_error(tmp_path: Path, monkeypatch) -> None:
+    """On a full disk torch.save raises its zip writer's RuntimeError while handling the OSError: still one line."""
+    from mimkit.engine.checkpoint import CheckpointManager, CheckpointWriteError
+
+    mgr = CheckpointManager(tmp_path / "ckpt")
+    mgr.save({"model": {"w": torch.zeros(2)}}, "step", 2, "a: 1\n")
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        mgr.save({"model": {"w": torch.ones(2)}}, "step", 4, "a: 1\n")
+    assert "no space left on device" in str(info.value) and "is intact" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest.pt", "step-2"]

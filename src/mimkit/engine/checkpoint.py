@@ -77,7 +77,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer hides the OSError (full disk) behind a RuntimeError
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, OSError):
+                    raise cause from None
+                raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0]}") from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
