@@ -196,6 +196,8 @@ def test_max_steps_leaves_latest_and_more_steps_resume_bitwise(tmp_path: Path, i
     split = tmp_path / "split"
     assert pretrain(split, image_folder, "--epochs", "3", "--max_steps", "3") == 0
     assert step_of(split / "checkpoints/latest.pt") == 3 and step_of(split / "checkpoints/final.pt") == 3
+    log = (split / "log.txt").read_text()  # a stop inside an epoch is not reported as the epoch done
+    assert "epoch 0 stopped after iteration 3/4" in log and "epoch 0 done" not in log
     final_before = (split / "checkpoints/final.pt").read_bytes()
     assert pretrain(split, image_folder, "--epochs", "3", "--max_steps", "3") == 0  # the same command: nothing to do
     assert (split / "checkpoints/final.pt").read_bytes() == final_before

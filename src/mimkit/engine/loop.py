@@ -433,14 +433,17 @@ class Trainer:
         """Log the epoch's mean loss (over ranks), time and skip counters."""
         st = self.state
         mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
+        partial = 0 < st.batch < self.iters_per_epoch  # a stop inside the epoch (max_steps, signal)
         summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
-                   "lr": self.current_lr(), "epoch_time_s": epoch_time,
+                   "lr": self.current_lr(), "epoch_time_s": epoch_time, "partial": partial,
                    "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite,
                    "skipped_images_epoch": st.skipped_images - getattr(self, "_skipped_before", 0)}
         st.history.append(summary)
         self.run.metrics(summary, st.step, tb_prefix="epoch")
         self.run.info(
-            f"epoch {epoch} done: loss {mean_loss:.4f}  time {epoch_time:.1f}s"
+            (f"epoch {epoch} stopped after iteration {st.batch}/{self.iters_per_epoch} (the rest runs on resume):"
+             if partial else f"epoch {epoch} done:")
+            + f" loss {mean_loss:.4f}  time {epoch_time:.1f}s"
             + (f"  skipped images {summary['skipped_images_epoch']} this epoch, {st.skipped_images} in all"
                if st.skipped_images else "")
         )
