@@ -36,3 +36,14 @@ def image_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "images"
     write_images(folder, 16)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _mimkit_logger_level():
+    """Restore the package logger's level after each test: an in-process study script quiets it globally."""
+    import logging
+
+    log = logging.getLogger("mimkit")
+    level = log.level
+    yield
+    log.setLevel(level if level != logging.NOTSET else logging.INFO)
