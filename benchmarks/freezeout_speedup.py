@@ -68,6 +68,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import cpu_model  # noqa: E402
+
 DEFAULT_MODELS = ("mae_vit_tiny_patch16", "localmim_vit_tiny_patch16")
 DEFAULT_CONFIGS = ("regular", "linear:0.5", "cubic:0.8")
 
@@ -342,15 +345,8 @@ def cost_by_frozen(argv: list[str], batch: int = 2) -> dict[str, list[float]]:
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
+    info = {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "platform": platform.platform(), "load_avg_at_start": os.getloadavg()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -40,19 +40,26 @@ def main() -> int:
     p.add_argument("--few", default="", help="comma list of few-label settings for probe/ft: 5pc,10pct")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_random", action="store_true", help="skip the random-init twin")
+    p.add_argument("--amp", default="off", help="misc.amp of every training run (off = fp32, as the study)")
     p.add_argument("--out", default="/tmp/pays")
     p.add_argument("--results", default="/tmp/pays/results.jsonl")
     a = p.parse_args()
-    L.quiet_logs()
+    with L.quiet_logs():
+        return run(a)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Pretrain (or reuse) one encoder, evaluate it and its random twin, append the record."""
     out = Path(a.out) / a.tag
-    rec: dict = {"tag": a.tag, "data": a.data, "pre": a.pre, "probe": a.probe, "ft": a.ft, "seed": a.seed,
-                 "argv": sys.argv[1:]}
+    amp = {"misc.amp": a.amp}
+    rec: dict = {"tag": a.tag, "amp": a.amp, "data": a.data, "pre": a.pre, "probe": a.probe, "ft": a.ft,
+                 "seed": a.seed, "argv": sys.argv[1:]}
     evals = a.evals.split(",")
     t0 = time.time()
     if a.checkpoint:
         ckpt = a.checkpoint
     else:
-        r = L.pretrain(a.pretrain_preset, a.pretrain_data or a.data, out / "pretrain", a.seed, **kv(a.pre))
+        r = L.pretrain(a.pretrain_preset, a.pretrain_data or a.data, out / "pretrain", a.seed, **amp, **kv(a.pre))
         ckpt = r["checkpoint"]
         rec.update(pretrain_loss=r["loss"], pretrain_cpu_s=r["cpu_s"])
         if "recon" in evals:
@@ -60,14 +67,9 @@ def main() -> int:
         print(f"[{a.tag}] pretrained: loss {r['loss']:.4f} cpu {r['cpu_s']:.0f}s", flush=True)
     rec["checkpoint"] = ckpt
     inits = [("pre", False)] + ([] if a.no_random else [("rand", True)])
-    sets = [("all", a.data)]
-    for f in filter(None, a.few.split(",")):
-        if f.endswith("pc"):
-            sets.append((f, L.labelled_subset(a.data, Path(a.out) / "subsets" / f"{a.data}_{f}_s{a.seed}",
-                                              per_class=int(f[:-2]), seed=a.seed)))
-        else:
-            sets.append((f, L.labelled_subset(a.data, Path(a.out) / "subsets" / f"{a.data}_{f}_s{a.seed}",
-                                              fraction=int(f[:-3]) / 100, seed=a.seed)))
+    # the study's labelled subsets (same draw, same repetition), so a factor run's rows compare with its table
+    sets = [(f, L.labelled(a.data, f, Path(a.out) / "subsets", a.seed))
+            for f in ["all", *filter(None, a.few.split(","))]]
     for name, rnd in inits:
         if "knn" in evals:
             for pool in ("cls", "avg"):
@@ -75,11 +77,12 @@ def main() -> int:
                 print(f"[{a.tag}] {name} knn {pool} {rec[f'{name}.knn.{pool}']}", flush=True)
         for sname, sdata in sets:
             if "probe" in evals:
-                m = L.linprobe(a.probe_preset, ckpt, sdata, out / f"probe_{name}_{sname}", rnd, a.seed, **kv(a.probe))
+                m = L.linprobe(a.probe_preset, ckpt, sdata, out / f"probe_{name}_{sname}", rnd, a.seed, **amp,
+                               **kv(a.probe))
                 rec[f"{name}.probe.{sname}"] = {k: m[k] for k in ("acc1", "best_acc1", "cpu_s") if k in m}
                 print(f"[{a.tag}] {name} probe {sname} {rec[f'{name}.probe.{sname}']}", flush=True)
             if "ft" in evals:
-                m = L.finetune(a.ft_preset, ckpt, sdata, out / f"ft_{name}_{sname}", rnd, a.seed, **kv(a.ft))
+                m = L.finetune(a.ft_preset, ckpt, sdata, out / f"ft_{name}_{sname}", rnd, a.seed, **amp, **kv(a.ft))
                 rec[f"{name}.ft.{sname}"] = {k: m[k] for k in ("acc1", "best_acc1", "cpu_s", "train_loss_first",
                                                                "train_loss_last") if k in m}
                 print(f"[{a.tag}] {name} ft {sname} {rec[f'{name}.ft.{sname}']}", flush=True)

@@ -14,7 +14,7 @@ import logging
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,14 +44,18 @@ def _deep(d: dict, dotted: dict) -> dict:
     return d
 
 
+def _run_overrides(data: str, out: Path, seed: int, overrides: dict, **fields: Any) -> dict:
+    """The overrides every study run shares (data, run folder, seed, CPU, no resume, no TensorBoard) + its own."""
+    return _deep({}, {"data.data_path": data, "misc.output_dir": str(out), "misc.seed": seed,
+                      "misc.auto_resume": False, "misc.device": "cpu", "logging.tensorboard": False,
+                      **fields, **overrides})
+
+
 def pretrain(preset: str, data: str, out: Path, seed: int, **overrides: Any) -> dict:
     """Unlabelled MAE pretraining on `data`'s train split; returns {checkpoint, loss, cpu_s, model}."""
     from mimkit.tasks.pretrain import train
 
-    ov = _deep({}, {"data.data_path": data, "misc.output_dir": str(out), "misc.seed": seed,
-                    "misc.auto_resume": False, "misc.device": "cpu", "logging.tensorboard": False,
-                    **overrides})
-    cfg = _cfg(C.PretrainConfig, preset, ov)
+    cfg = _cfg(C.PretrainConfig, preset, _run_overrides(data, out, seed, overrides))
     t0 = time.process_time()
     with _quiet():
         summary = train(cfg, print_summary=False)
@@ -101,19 +105,23 @@ def knn(checkpoint: str, data: str, random_init: bool, seed: int, ks=(10, 20), p
     return {f"knn_k{k}": 100.0 * a for k, a in acc.items()}
 
 
+def _classifier(task, schema: type, preset: str, checkpoint: str, data: str, out: Path, random_init: bool,
+                seed: int, overrides: dict) -> dict:
+    """Run a classifier task (probe / fine-tune) from `checkpoint` (or its random twin): its metrics + cpu_s."""
+    ov = _run_overrides(data, out, seed, overrides, **{"model.finetune": checkpoint, "model.random_init": random_init})
+    cfg = _cfg(schema, preset, ov)
+    t0 = time.process_time()
+    with _quiet():
+        m = task(cfg)
+    return {**m, "cpu_s": time.process_time() - t0}
+
+
 def linprobe(preset: str, checkpoint: str, data: str, out: Path, random_init: bool, seed: int,
              **overrides: Any) -> dict:
     """`mimkit linprobe` metrics (acc1 = final epoch, best_acc1)."""
     from mimkit.tasks.linprobe import probe
 
-    ov = _deep({}, {"model.finetune": checkpoint, "model.random_init": random_init, "data.data_path": data,
-                    "misc.output_dir": str(out), "misc.seed": seed, "misc.auto_resume": False,
-                    "misc.device": "cpu", "logging.tensorboard": False, **overrides})
-    cfg = _cfg(EC.LinprobeConfig, preset, ov)
-    t0 = time.process_time()
-    with _quiet():
-        m = probe(cfg)
-    return {**m, "cpu_s": time.process_time() - t0}
+    return _classifier(probe, EC.LinprobeConfig, preset, checkpoint, data, out, random_init, seed, overrides)
 
 
 def finetune(preset: str, checkpoint: str, data: str, out: Path, random_init: bool, seed: int,
@@ -121,16 +129,8 @@ def finetune(preset: str, checkpoint: str, data: str, out: Path, random_init: bo
     """`mimkit finetune` metrics plus the first and last epochs' mean train loss."""
     from mimkit.tasks.finetune import finetune as ft
 
-    ov = _deep({}, {"model.finetune": checkpoint, "model.random_init": random_init, "data.data_path": data,
-                    "misc.output_dir": str(out), "misc.seed": seed, "misc.auto_resume": False,
-                    "misc.device": "cpu", "logging.tensorboard": False, **overrides})
-    cfg = _cfg(EC.FinetuneConfig, preset, ov)
-    t0 = time.process_time()
-    with _quiet():
-        m = ft(cfg)
-    m["cpu_s"] = time.process_time() - t0
-    m.update(train_loss_curve(out))
-    return m
+    m = _classifier(ft, EC.FinetuneConfig, preset, checkpoint, data, out, random_init, seed, overrides)
+    return {**m, **train_loss_curve(out)}
 
 
 def train_loss_curve(out: Path) -> dict:
@@ -147,6 +147,23 @@ def train_loss_curve(out: Path) -> dict:
         return {}
     first, last = min(per_epoch), max(per_epoch)
     return {"train_loss_first": float(np.mean(per_epoch[first])), "train_loss_last": float(np.mean(per_epoch[last]))}
+
+
+# A few-label train set is written repeated up to this many files: the presets' epochs then hold enough steps.
+MIN_TRAIN = 256
+
+
+def labelled(data: str, labels: str, root: Path, seed: int, min_train: int = MIN_TRAIN) -> str:
+    """The labelled set for `labels` (all | <n>pc | <p>pct), drawn by `seed` under `root`, repeated up to
+    `min_train` files; 'all' is `data` itself."""
+    if labels == "all":
+        return data
+    where = Path(root) / f"{data}_{labels}_seed{seed}"
+    if labels.endswith("pct"):
+        return labelled_subset(data, where, fraction=int(labels[:-3]) / 100, seed=seed, min_train=min_train)
+    if labels.endswith("pc"):
+        return labelled_subset(data, where, per_class=int(labels[:-2]), seed=seed, min_train=min_train)
+    raise ValueError(f"label set {labels!r}: use all, <n>pc (n per class) or <p>pct (p % of each class)")
 
 
 def labelled_subset(data: str, out: Path, per_class: Optional[int] = None, fraction: Optional[float] = None,
@@ -186,6 +203,14 @@ def labelled_subset(data: str, out: Path, per_class: Optional[int] = None, fract
     return str(out)
 
 
-def quiet_logs() -> None:
-    """Keep the study's console to its own lines."""
-    logging.getLogger("mimkit").setLevel(logging.WARNING)
+@contextlib.contextmanager
+def quiet_logs(level: int = logging.WARNING) -> Iterator[None]:
+    """Within the block, the mimkit logger shows only `level` and above (the study's console keeps to its own
+    lines); its level is restored on exit, so nothing else in the process is changed."""
+    logger = logging.getLogger("mimkit")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

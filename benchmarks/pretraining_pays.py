@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,12 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pays_lib as L  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EVALS = ("recon", "knn", "probe", "finetune")
 LABEL_SETS = ("all", "10pct", "5pc")
-# A few-label train set is written repeated up to this many files: the presets' epochs then hold enough steps.
-MIN_TRAIN = 256
 # A tiny setting for the tests: a few epochs of everything.
 TINY = {
     "pretrain": {"schedule.epochs": 2, "schedule.warmup_epochs": 1},
@@ -51,16 +49,8 @@ def machine() -> str:
     """One line: CPU model, cores, GPU, torch."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 class NotRun(Exception):
@@ -90,16 +80,6 @@ def maybe(path: Path, fn) -> Optional[dict]:
         return None
 
 
-def subset(data: str, labels: str, out: Path, seed: int) -> str:
-    """The labelled set for `labels` (all | <n>pc | <p>pct), drawn by `seed`, repeated up to MIN_TRAIN files."""
-    if labels == "all":
-        return data
-    where = out / "subsets" / f"{data}_{labels}_seed{seed}"
-    if labels.endswith("pct"):
-        return L.labelled_subset(data, where, fraction=int(labels[:-3]) / 100, seed=seed, min_train=MIN_TRAIN)
-    return L.labelled_subset(data, where, per_class=int(labels[:-2]), seed=seed, min_train=MIN_TRAIN)
-
-
 def run_seed(data: str, seed: int, out: Path, evals: list[str], label_sets: list[str], checkpoint: Optional[str],
              extra: dict) -> list[dict]:
     """Every evaluation of one set and seed: one record per (eval, labels, init); --collect: the finished ones."""
@@ -115,7 +95,9 @@ def run_seed(data: str, seed: int, out: Path, evals: list[str], label_sets: list
 
 def _run_seed(rows: list[dict], data: str, seed: int, out: Path, evals: list[str], label_sets: list[str],
               checkpoint: Optional[str], extra: dict) -> None:
-    run = out / data / f"seed{seed}"
+    amp = extra.get("amp", "off")
+    # fp32 runs keep the plain folder names; another precision gets its own, never mixed with fp32 results
+    run = out / data / (f"seed{seed}" if amp == "off" else f"seed{seed}_amp-{amp}")
     if checkpoint is None:
         def do_pretrain() -> dict:
             r = L.pretrain(f"pretrain/{data}.yaml", data, run / "pretrain", seed, **extra.get("pretrain", {}))
@@ -137,7 +119,7 @@ def _run_seed(rows: list[dict], data: str, seed: int, out: Path, evals: list[str
                 checkpoint, data, rnd, seed, ks=(20,), pool="avg"))):
             rows.append({"eval": "knn", "labels": "all", "init": init, "value": m["knn_k20"]})
         for labels in label_sets:
-            d = subset(data, labels, out, seed)
+            d = L.labelled(data, labels, out / "subsets", seed)
             if "probe" in evals and (m := maybe(run / f"probe_{labels}_{init}.json", lambda: L.linprobe(
                     f"linprobe/{data}.yaml", checkpoint, d, run / f"probe_{labels}_{init}", rnd, seed,
                     **extra.get("probe", {})))):
@@ -155,14 +137,14 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
-    L.quiet_logs()
 
 
 def _job(job: tuple) -> list[dict]:
     data, seed = job[:2]
     print(f"{data}, seed {seed} ...", flush=True)
     t = time.time()
-    rows = run_seed(*job)
+    with L.quiet_logs():
+        rows = run_seed(*job)
     print(f"{data}, seed {seed} done in {time.time() - t:.0f} s", flush=True)
     return rows
 
@@ -224,19 +206,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "(default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded processes, one per core "
                    "(1 = in this process) (default: %(default)s)")
+    p.add_argument("--amp", default="off", choices=["off", "bf16"],
+                   help="precision of every training run: off = fp32, the same numbers on any CPU; bf16 = autocast "
+                   "(issue 15's comparison; its runs go to seed<N>_amp-bf16 folders) (default: %(default)s)")
     p.add_argument("--collect", action="store_true", help="only assemble the table from finished runs in --out "
                    "(default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="a few epochs of everything: checks the pipeline, "
                    "not the claim (default: %(default)s)")
     a = p.parse_args(argv)
-    L.quiet_logs()
     out = Path(a.out)
     evals = [e for e in a.evals.split(",") if e]
     unknown = set(evals) - set(EVALS)
     if unknown:
         p.error(f"unknown evals {sorted(unknown)}; choose from {', '.join(EVALS)}")
     label_sets = [x for x in a.label_sets.split(",") if x]
-    extra: dict[str, Any] = TINY if a.tiny else {}
+    extra: dict[str, Any] = {stage: {**(TINY[stage] if a.tiny else {}), "misc.amp": a.amp} for stage in TINY}
+    extra["amp"] = a.amp
     global COLLECT_ONLY
     COLLECT_ONLY = a.collect
     t0, c0 = time.time(), time.process_time()
@@ -257,12 +242,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     cpu = sum(r.get("cpu_s") or 0.0 for r in rows)
     table = markdown(summary)
     cmd = "python benchmarks/pretraining_pays.py" + ("" if argv is None else " " + " ".join(argv))
-    header = (f"Command: `{cmd}`  \nMachine: {machine()}  \nCPU time of the training runs: {cpu:.0f} s "
+    precision = "fp32" if a.amp == "off" else a.amp
+    header = (f"Command: `{cmd}`  \nMachine: {machine()}; precision: {precision}  \n"
+              f"CPU time of the training runs: {cpu:.0f} s "
               f"(process time, all threads); wall time of this invocation: {time.time() - t0:.0f} s "
               f"(runs reused from {out} are not re-timed)\n")
     (out / "pretraining_pays.md").write_text(header + "\n" + table + "\n")
     (out / "pretraining_pays.json").write_text(json.dumps(
-        {"command": cmd, "machine": machine(), "cpu_s": cpu, "process_cpu_s": time.process_time() - c0,
+        {"command": cmd, "machine": machine(), "amp": a.amp, "cpu_s": cpu, "process_cpu_s": time.process_time() - c0,
          "summary": summary, "runs": rows}, indent=1))
     print("\n" + table)
     print(f"\ntable: {out / 'pretraining_pays.md'}  data: {out / 'pretraining_pays.json'}")

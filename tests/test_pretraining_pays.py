@@ -7,6 +7,7 @@ not the study's claim (docs/evaluation.md has the measured table and its command
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -18,7 +19,30 @@ sys.path.insert(0, str(BENCH))
 import pays_lib as L  # noqa: E402
 import pretraining_pays as study  # noqa: E402
 
-pytestmark = pytest.mark.slow
+
+
+def test_quiet_logs_is_scoped_and_restores_the_mimkit_logger_level():
+    log = logging.getLogger("mimkit")
+    before = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        with L.quiet_logs():
+            assert log.level == logging.WARNING
+        assert log.level == logging.DEBUG  # restored on exit
+        with pytest.raises(RuntimeError), L.quiet_logs():
+            raise RuntimeError("a failing run")
+        assert log.level == logging.DEBUG  # restored on an error too
+    finally:
+        log.setLevel(before)
+
+
+def test_labelled_names_the_label_sets(tmp_path):
+    assert L.labelled("digits", "all", tmp_path, seed=0) == "digits"
+    root = Path(L.labelled("digits", "5pc", tmp_path, seed=3, min_train=0))
+    assert root == tmp_path / "digits_5pc_seed3"
+    assert sum(1 for _ in (root / "train").rglob("*.png")) == 50
+    with pytest.raises(ValueError, match="label set"):
+        L.labelled("digits", "half", tmp_path, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +53,7 @@ def pretrained(tmp_path_factory):
                                                                         "schedule.warmup_epochs": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_short_pretraining_lowers_the_heldout_reconstruction_loss(pretrained):
     before = L.heldout_loss(L.random_twin(pretrained["checkpoint"], seed=0), "photos")
@@ -36,6 +61,7 @@ def test_short_pretraining_lowers_the_heldout_reconstruction_loss(pretrained):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_finetuning_from_the_pretrained_encoder_lowers_the_train_loss(pretrained, tmp_path):
     data = L.labelled_subset("photos", tmp_path / "sub", per_class=5, seed=0, min_train=120)
@@ -59,6 +85,7 @@ def test_labelled_subset_keeps_n_per_class_repeated_and_val_whole(tmp_path):
     assert {p.name.split("_")[0] for p in (other / "train").rglob("*.png")} != picked  # the seed draws the subset
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_study_script_runs_end_to_end_and_writes_its_table(tmp_path):
     rc = study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--jobs", "1",
@@ -77,3 +104,17 @@ def test_study_script_runs_end_to_end_and_writes_its_table(tmp_path):
     assert study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--jobs", "1",
                        "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "pretraining_pays.json").read_text())["summary"] == res["summary"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_study_amp_bf16_runs_apart_from_fp32_and_says_so(tmp_path):
+    assert study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--evals", "recon", "--label_sets", "",
+                       "--jobs", "1", "--amp", "bf16", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "photos" / "seed0").exists()  # never mixed with the fp32 runs
+    log = (tmp_path / "photos" / "seed0_amp-bf16" / "pretrain" / "log.txt").read_text()
+    assert "amp bf16" in log
+    res = json.loads((tmp_path / "pretraining_pays.json").read_text())
+    assert res["amp"] == "bf16"
+    assert "precision: bf16" in (tmp_path / "pretraining_pays.md").read_text()
+    assert [s["eval"] for s in res["summary"]] == ["recon"]
