@@ -14,6 +14,8 @@ Writes <out>/pretraining_pays.md (mean ± std over seeds, paired difference) and
     python benchmarks/pretraining_pays.py --sets digits --seeds 0 # one set, one seed
     python benchmarks/pretraining_pays.py --checkpoint runs/demo --sets photos --evals knn,probe --label_sets 5pc
                                                                   # what a given encoder (the demo's) bought
+    python benchmarks/pretraining_pays.py --amp bf16 --evals recon,knn,probe
+                                                                  # bf16 autocast vs the fp32 runs above
 
 Every run's results are kept under <out>; a rerun reuses finished runs (delete <out> to start over).
 """
@@ -173,6 +175,36 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _order(key: tuple) -> tuple:
+    return key[0], list(EVALS).index(key[1]), list(LABEL_SETS + ("none",)).index(key[2])
+
+
+def _pm(values: np.ndarray, fmt: str, sign: bool = False) -> str:
+    sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    mean = float(values.mean())
+    return f"{'+' if sign and mean >= 0 else ''}{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def versus_fp32(rows: list[dict], fp32_rows: list[dict]) -> str:
+    """Markdown: each (set, eval, labels, init) of `rows` beside the fp32 runs of the same seeds, paired."""
+    def key(r: dict) -> tuple:
+        return r["data"], r["eval"], r["labels"], r["init"]
+
+    fp = {(*key(r), r["seed"]): r["value"] for r in fp32_rows}
+    lines = ["| set | evaluation | labels | init | fp32 | this precision | difference (paired) | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in sorted({key(r) for r in rows if r["eval"] != "pretraining"}, key=_order):
+        pairs = sorted((r["seed"], fp[(*k, r["seed"])], r["value"]) for r in rows
+                       if key(r) == k and (*k, r["seed"]) in fp)
+        if not pairs:
+            continue
+        a, b = np.array([x[1] for x in pairs]), np.array([x[2] for x in pairs])
+        fmt = "{:.3f}" if k[1] == "recon" else "{:.1f}"
+        lines.append(f"| {k[0]} | {EVAL_NAMES[k[1]]} | {LABEL_NAMES[k[2]]} | {k[3]} | {_pm(a, fmt)} | {_pm(b, fmt)} "
+                     f"| {_pm(b - a, fmt, sign=True)} | {len(pairs)} |")
+    return "\n".join(lines)
+
+
 LABEL_NAMES = {"all": "all labels", "10pct": "10 % of labels", "5pc": "5 per class", "none": "-"}
 EVAL_NAMES = {"recon": "held-out reconstruction loss (lower is better)", "knn": "k-NN top-1 %, k = 20",
               "probe": "linear probe top-1 %", "finetune": "fine-tuning top-1 %"}
@@ -208,7 +240,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "(1 = in this process) (default: %(default)s)")
     p.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="precision of every training run: off = fp32, the same numbers on any CPU; bf16 = autocast "
-                   "(issue 15's comparison; its runs go to seed<N>_amp-bf16 folders) (default: %(default)s)")
+                   "(its runs go to seed<N>_amp-bf16 folders, its table to pretraining_pays_amp-bf16.md, with the "
+                   "fp32 runs of the same --out beside it, seed by seed) (default: %(default)s)")
     p.add_argument("--collect", action="store_true", help="only assemble the table from finished runs in --out "
                    "(default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="a few epochs of everything: checks the pipeline, "
@@ -241,18 +274,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = summarise(rows)
     cpu = sum(r.get("cpu_s") or 0.0 for r in rows)
     table = markdown(summary)
+    name = "pretraining_pays" if a.amp == "off" else f"pretraining_pays_amp-{a.amp}"
+    if a.amp != "off":  # the same runs in fp32, where this --out has them: the precision's effect, seed by seed
+        COLLECT_ONLY = True
+        fp32 = [r for job in jobs for r in run_seed(*job[:-1], {**extra, "amp": "off"})]
+        table += ("\n\nThe same runs, fp32 (`--amp off`, finished in this --out) vs " + a.amp + ":\n\n"
+                  + versus_fp32(rows, fp32))
     cmd = "python benchmarks/pretraining_pays.py" + ("" if argv is None else " " + " ".join(argv))
     precision = "fp32" if a.amp == "off" else a.amp
     header = (f"Command: `{cmd}`  \nMachine: {machine()}; precision: {precision}  \n"
               f"CPU time of the training runs: {cpu:.0f} s "
               f"(process time, all threads); wall time of this invocation: {time.time() - t0:.0f} s "
               f"(runs reused from {out} are not re-timed)\n")
-    (out / "pretraining_pays.md").write_text(header + "\n" + table + "\n")
-    (out / "pretraining_pays.json").write_text(json.dumps(
+    (out / f"{name}.md").write_text(header + "\n" + table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(
         {"command": cmd, "machine": machine(), "amp": a.amp, "cpu_s": cpu, "process_cpu_s": time.process_time() - c0,
          "summary": summary, "runs": rows}, indent=1))
     print("\n" + table)
-    print(f"\ntable: {out / 'pretraining_pays.md'}  data: {out / 'pretraining_pays.json'}")
+    print(f"\ntable: {out / (name + '.md')}  data: {out / (name + '.json')}")
     return 0
 
 

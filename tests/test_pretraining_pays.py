@@ -108,13 +108,21 @@ def test_study_script_runs_end_to_end_and_writes_its_table(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_study_amp_bf16_runs_apart_from_fp32_and_says_so(tmp_path):
-    assert study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--evals", "recon", "--label_sets", "",
-                       "--jobs", "1", "--amp", "bf16", "--out", str(tmp_path)]) == 0
-    assert not (tmp_path / "photos" / "seed0").exists()  # never mixed with the fp32 runs
-    log = (tmp_path / "photos" / "seed0_amp-bf16" / "pretrain" / "log.txt").read_text()
-    assert "amp bf16" in log
-    res = json.loads((tmp_path / "pretraining_pays.json").read_text())
-    assert res["amp"] == "bf16"
-    assert "precision: bf16" in (tmp_path / "pretraining_pays.md").read_text()
-    assert [s["eval"] for s in res["summary"]] == ["recon"]
+def test_study_amp_bf16_runs_apart_from_fp32_and_compares_with_it(tmp_path):
+    tiny = ["--tiny", "--sets", "photos", "--seeds", "0", "--evals", "recon", "--label_sets", "", "--jobs", "1",
+            "--out", str(tmp_path)]
+    assert study.main(tiny) == 0  # fp32 (the default)
+    fp32_table = (tmp_path / "pretraining_pays.md").read_text()
+    assert "amp off" in (tmp_path / "photos" / "seed0" / "pretrain" / "log.txt").read_text()
+    assert study.main([*tiny, "--amp", "bf16"]) == 0
+    assert "amp bf16" in (tmp_path / "photos" / "seed0_amp-bf16" / "pretrain" / "log.txt").read_text()
+    assert (tmp_path / "pretraining_pays.md").read_text() == fp32_table  # the fp32 table is not overwritten
+    res = json.loads((tmp_path / "pretraining_pays_amp-bf16.json").read_text())
+    assert res["amp"] == "bf16" and [s["eval"] for s in res["summary"]] == ["recon"]
+    table = (tmp_path / "pretraining_pays_amp-bf16.md").read_text()
+    assert "precision: bf16" in table
+    fp32 = json.loads((tmp_path / "pretraining_pays.json").read_text())["summary"][0]
+    bf16 = res["summary"][0]
+    row = next(x for x in table.splitlines() if x.startswith("| photos | held-out") and "| pretrained |" in x)
+    assert f"{fp32['pretrained_mean']:.3f} ± 0.000 | {bf16['pretrained_mean']:.3f} ± 0.000" in row
+    assert row.endswith("| 1 |")
