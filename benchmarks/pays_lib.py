@@ -205,12 +205,17 @@ def labelled_subset(data: str, out: Path, per_class: Optional[int] = None, fract
 
 @contextlib.contextmanager
 def quiet_logs(level: int = logging.WARNING) -> Iterator[None]:
-    """Within the block, the mimkit logger shows only `level` and above (the study's console keeps to its own
-    lines); its level is restored on exit, so nothing else in the process is changed."""
-    logger = logging.getLogger("mimkit")
-    before = logger.level
-    logger.setLevel(level)
+    """Within the block, mimkit's console lines below `level` are dropped (the study's console keeps to its own
+    lines); the logger itself is untouched, so every run's log.txt keeps all its lines; restored on exit."""
+    from mimkit.engine.logging import get_logger
+
+    # the console handler binds the real stdout when created, so redirect_stdout does not reach it
+    consoles = [h for h in get_logger().handlers if type(h) is logging.StreamHandler]
+    before = [h.level for h in consoles]
+    for h in consoles:
+        h.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(before)
+        for h, was in zip(consoles, before):
+            h.setLevel(was)

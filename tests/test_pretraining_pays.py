@@ -6,6 +6,7 @@ not the study's claim (docs/evaluation.md has the measured table and its command
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -21,19 +22,28 @@ import pretraining_pays as study  # noqa: E402
 
 
 
-def test_quiet_logs_is_scoped_and_restores_the_mimkit_logger_level():
-    log = logging.getLogger("mimkit")
-    before = log.level
-    log.setLevel(logging.DEBUG)
+def test_quiet_logs_silences_the_console_only_within_its_block(tmp_path):
+    from mimkit.engine.logging import get_logger
+
+    log = get_logger()
+    level = log.level
+    console = logging.StreamHandler(io.StringIO())  # a console handler, as get_logger's own
+    file_handler = logging.FileHandler(tmp_path / "log.txt")  # as a run's log.txt
+    log.addHandler(console)
+    log.addHandler(file_handler)
     try:
         with L.quiet_logs():
-            assert log.level == logging.WARNING
-        assert log.level == logging.DEBUG  # restored on exit
+            log.info("inside")
         with pytest.raises(RuntimeError), L.quiet_logs():
             raise RuntimeError("a failing run")
-        assert log.level == logging.DEBUG  # restored on an error too
+        log.info("after")
     finally:
-        log.setLevel(before)
+        log.removeHandler(console)
+        log.removeHandler(file_handler)
+        file_handler.close()
+    assert console.stream.getvalue() == "after\n"  # console quiet in the block only, restored after an error too
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["inside", "after"]  # a run's log.txt keeps all
+    assert log.level == level  # the logger itself is never changed
 
 
 def test_labelled_names_the_label_sets(tmp_path):
