@@ -109,8 +109,11 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
                  "logging.tensorboard=false"]) == 0
     res_eval = json.loads((ev / "results.json").read_text())
     assert res_eval["metrics"]["mIoU"] == pytest.approx(res["mIoU"]) and res_eval["eval_only"]
-    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(out)]) == 2  # keeps results
+    # into the run's own folder: its results.json and overlays/ stay, the evaluation goes beside them
+    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["metrics"] == res
+    assert json.loads((out / "results-2.json").read_text())["metrics"]["mIoU"] == pytest.approx(res["mIoU"])
+    assert len(list((out / "overlays-2").glob("*.png"))) == 8
 
     images = tmp_path / "photos"
     images.mkdir()
@@ -119,10 +122,10 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
         Image.fromarray(arr).save(images / f"p{i}.png")
     pr = tmp_path / "pred"
     assert main(["segment", "--predict", str(images), "--resume", str(ckpt), "--output_dir", str(pr)]) == 0
-    label = np.array(Image.open(pr / "predictions" / "p0_label.png"))
+    label = np.array(Image.open(pr / "predictions" / "p0.png_label.png"))
     assert label.shape == (30, 40) and label.max() < len(classes)
-    assert np.array(Image.open(pr / "predictions" / "p0_overlay.png")).shape == (30, 40, 3)
-    assert (pr / "predictions" / "p1_overlay.png").exists()
+    assert np.array(Image.open(pr / "predictions" / "p0.png_overlay.png")).shape == (30, 40, 3)
+    assert (pr / "predictions" / "p1.png_overlay.png").exists()
 
 
 def test_help_shows_every_default(capsys) -> None:
