@@ -130,6 +130,9 @@ def test_layer_decay_scales_equal_mmseg(depth, rate) -> None:
         assert by_param[id(p)]["lr_scale"] == pytest.approx(scale), name
         no_decay = p.ndim == 1 or name in ("backbone.cls_token", "backbone.pos_embed")
         assert by_param[id(p)]["weight_decay"] == (0.0 if no_decay else 0.05), name
+    # the loop logs the first group's lr: the heads' (scale 1), as MMSeg logs the base lr
+    assert groups[0]["lr_scale"] == 1.0 and groups[0]["names"][0].startswith(("neck.", "decode_head."))
+    assert [g["lr_scale"] for g in groups] == sorted((g["lr_scale"] for g in groups), reverse=True)
 
 
 def test_warmup_then_poly() -> None:

@@ -203,7 +203,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     from mimkit.tasks import segment_infer as I
     from mimkit.tasks import segment_setup as U
 
-    given = given or {"command": set(), "file": set()}
+    given = given or {"command": set(), "file": set(), "file_name": None}
     # 1. validate config, checkpoint and data before any training
     SC.check_segment_config(cfg)
     dist = D.init_distributed(cfg.misc.device)
@@ -221,7 +221,6 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     classes = train_src.classes
     if list(val_src.classes) != list(classes):
         raise DataError("the val split's classes differ from the training split's")
-    taps_given = U._covers(given["command"] | given["file"], "model.taps")
     if resume is not None:
         from mimkit.models.segmentation import MAESegmenter
 
@@ -243,7 +242,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
         E.adopt_normalization(cfg, encoder)  # the encoder's pretraining statistics, unless data.mean/std say
         del encoder
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
-    desc += f"; {U.describe_taps(arch['taps'], arch['depth'], taps_given)}"
+    desc += f"; {U.describe_taps(arch['taps'], arch['depth'])}"
     OmegaConf.set_struct(cfg, False)
     cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
     OmegaConf.set_struct(cfg, True)
@@ -256,7 +255,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
                           out_dir / "overlays" if dist.is_main and overlays else None, overlays)
 
     train_set = SegmentationDataset(train_src, train_pipeline(cfg, crop))
-    state, hook, trained = fit(cfg, model, train_set, run_eval, resume, desc, dist)
+    state, hook, trained = fit(cfg, model, train_set, run_eval, resume, desc, dist, given.get("file_name"))
     results = out_dir / "results.json"
     if not trained and results.exists():
         import json
@@ -291,7 +290,8 @@ def ckpt_dir(cfg) -> Path:
     return Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir) / "checkpoints")
 
 
-def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc: str, dist):
+def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc: str, dist,
+        config_file: Optional[str] = None):
     """Set up the optimiser, schedule and THE engine loop, and train; returns (state, eval hook, trained?)."""
     import os
 
@@ -342,8 +342,11 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     if resume is not None:
         trainer.load(resume)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
-    preset = (f"preset {cfg.misc.preset} beneath your flags (no --data_path: the demo)" if cfg.misc.preset
-              else "no preset (the schema's ADE20K defaults under your config file and flags)")
+    if cfg.misc.preset:
+        preset = f"preset {cfg.misc.preset} beneath your flags (no --data_path: the demo)"
+    else:
+        preset = f"config {config_file} over" if config_file else "your flags over"
+        preset += " the schema's defaults (MMSeg's ADE20K recipe)"
     run_log.info(f"mimkit segment: {preset}; {desc}; UperNet, {model.num_classes} classes; "
                  f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
                  f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "

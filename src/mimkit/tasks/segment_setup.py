@@ -31,14 +31,15 @@ def _flatten(d: Any, prefix: str = "") -> set[str]:
     return out
 
 
-def given_keys(args: argparse.Namespace, flags: list) -> dict[str, set[str]]:
-    """{'command': dotted keys set by flags or overrides, 'file': dotted keys set by a config file}."""
+def given_keys(args: argparse.Namespace, flags: list) -> dict[str, Any]:
+    """{'command': dotted keys set by flags or overrides, 'file': dotted keys set by a config file,
+    'file_name': that file}."""
     files = [i for i in args.items if "=" not in i] + ([args.config] if getattr(args, "config", None) else [])
     overrides = [i for i in args.items if "=" in i]
     command = {f.key for f in flags if getattr(args, f.name, None) is not None}
     command |= _flatten(C.parse_dotlist(overrides)) if overrides else set()
     file = _flatten(C.load_file(files[0])) if files else set()
-    return {"command": command, "file": file}
+    return {"command": command, "file": file, "file_name": files[0] if files else None}
 
 
 def _covers(given: set[str], key: str) -> bool:
@@ -47,7 +48,7 @@ def _covers(given: set[str], key: str) -> bool:
     return any(".".join(parts[:i]) in given for i in range(1, len(parts) + 1))
 
 
-def apply_run_settings(cfg, saved: dict, given: dict[str, set[str]]) -> list[str]:
+def apply_run_settings(cfg, saved: dict, given: dict[str, Any]) -> list[str]:
     """Put the checkpoint run's RUN_SETTINGS into cfg where the user set none; returns the keys the user set."""
     mine = given["command"] | given["file"]
     yours = []
@@ -113,7 +114,7 @@ def check_has_encoder(path: str) -> None:
         raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
 
 
-def build_encoder(cfg, crop: tuple[int, int], given: dict[str, set[str]]):
+def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
     """(MAE-family encoder sized to the crop, description): --finetune weights (a segment checkpoint's backbone
     too), or random weights of --model."""
     from mimkit.models import create_model
@@ -145,9 +146,11 @@ def build_encoder(cfg, crop: tuple[int, int], given: dict[str, set[str]]):
     return encoder, f"{m.type} (random init, seed {cfg.misc.seed})"
 
 
-def describe_taps(taps: list[int], depth: int, explicit: bool) -> str:
+def describe_taps(taps: list[int], depth: int) -> str:
     """'taps [1, 2, 3, 5] (MMSeg's [3, 5, 7, 11] scaled to 6 blocks)' for the start-up line."""
-    if explicit:
+    from mimkit.models.segmentation import default_taps
+
+    if list(taps) != default_taps(depth):
         return f"taps {list(taps)} (yours, of {depth} blocks)"
     if depth == 12:
         return f"taps {list(taps)} (MMSeg's out_indices for 12 blocks)"
