@@ -197,3 +197,27 @@ def test_max_steps_rerun_resumes_and_a_finished_run_stays_finished(tmp_path) -> 
     assert len(list((out / "overlays").glob("*.png"))) == 1
     assert main(args) == 0  # finished: results stand, nothing evaluated again
     assert (out / "log.txt").read_text().count("eval step 4:") == 1
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_ddp_run_sums_one_confusion_matrix(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mimkit",
+           "segment", *TINY, "--max_iters", "2", "--batch_size", "4", "--device", "cpu", "test.num_overlays=0",
+           "--output_dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 2 and "effective batch 8" in (out / "log.txt").read_text()
+    assert res["metrics"]["pixels"] == 60 * 64 * 64  # both ranks' halves of the 60 val mosaics, counted once
+    ev = tmp_path / "ev"  # the same checkpoint on one process scores the same
+    assert main(["segment", "--eval", "--resume", str(out / "checkpoints" / "final.pt"), "--output_dir",
+                 str(ev)]) == 0
+    assert json.loads((ev / "results.json").read_text())["metrics"] == res["metrics"]

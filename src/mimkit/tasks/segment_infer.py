@@ -82,6 +82,9 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
     rank = dist.get_rank() if world > 1 else 0
     was_training = model.training
     model.eval()
+    if world > 1:  # BatchNorm statistics differ per rank without SyncBN (CPU): score rank 0's, the checkpoint's
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     k = model.num_classes
     cm = ConfusionMatrix(k, ignore_index, device)
     colours, panels = palette(k), []
