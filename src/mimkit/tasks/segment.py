@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mimkit import config as C
-from mimkit.errors import CheckpointError, ConfigError, DataError
+from mimkit.errors import CheckpointError, DataError
 from mimkit.tasks import segment_config as SC
 from mimkit.tasks.pretrain import add_arguments as _add_arguments
 from mimkit.tasks.pretrain import config_from_args, seed_everything
