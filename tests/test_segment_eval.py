@@ -92,3 +92,18 @@ def test_finetune_from_a_segment_checkpoint_takes_its_backbone(trained, tmp_path
     assert new["decode_head.conv_seg.weight"].shape[0] == 3  # the new data's classes
     for k in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "backbone.pos_embed"):
         torch.testing.assert_close(new[k], src[k], atol=1e-6, rtol=0)  # lr ~ 0: the weights it started from
+
+
+def test_eval_says_when_the_checkpoints_data_is_gone(tmp_path, capsys) -> None:
+    data = write_generic(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    assert main(["segment", *TINY, "--data_path", str(data), "--max_iters", "1", "--batch_size", "2",
+                 "--input_size", "16", "--output_dir", str(out)]) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["segment", "--eval", "--resume", str(out / "checkpoints" / "final.pt"), "--output_dir",
+                 str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"trained on {data}, which is not here; give --data_path" in err
+    assert main(["segment", "--eval", "--resume", str(out / "checkpoints" / "final.pt"), "--data_path",
+                 str(tmp_path / "moved"), "--output_dir", str(tmp_path / "ev")]) == 0

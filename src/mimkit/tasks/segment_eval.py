@@ -51,6 +51,8 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
               + (f"; skipped {len(skipped)} unreadable file(s)" if skipped else ""))
         return {"predictions": [str(p) for p in written], "skipped": len(skipped)}
     d = cfg.data
+    if d.data_path and "data.data_path" not in yours and not Path(d.data_path).expanduser().exists():
+        raise DataError(f"the checkpoint was trained on {d.data_path}, which is not here; give --data_path")
     val_src = open_segmentation(d.data_path, "val", cfg.model.num_classes or len(names), d.reduce_zero_label, names)
     if len(val_src.classes) != arch["num_classes"]:
         raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(val_src.classes)}")
