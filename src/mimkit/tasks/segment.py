@@ -43,7 +43,9 @@ HELP_EPILOG = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the family (--finetune, --data_path, --max_iters, ...), a config file and dotted overrides."""
     _add_arguments(p, SC.SEGMENT_FLAGS, SC.SegmentConfig)
-    p.epilog = HELP_EPILOG
+    import textwrap
+
+    p.epilog = textwrap.fill(HELP_EPILOG, 100)  # the CLI's formatter keeps the epilog's own line breaks
 
 
 def run(args: argparse.Namespace) -> int:
