@@ -153,6 +153,7 @@ def _tiny_mae(path, depth: int):
     return path
 
 
+@pytest.mark.slow
 def test_checkpoint_architecture_beats_the_ade20k_preset_and_taps_scale(tmp_path) -> None:
     ckpt = _tiny_mae(tmp_path / "enc.pt", depth=6)
     data = write_generic(tmp_path / "data", n=2)
@@ -174,6 +175,7 @@ def test_checkpoint_architecture_beats_the_ade20k_preset_and_taps_scale(tmp_path
     assert "taps [0, 2, 4, 5] (yours, of 6 blocks)" in (out2 / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_max_steps_rerun_resumes_and_a_finished_run_stays_finished(tmp_path) -> None:
     out = tmp_path / "run"
     args = ["segment", *TINY, "--max_iters", "4", "--eval_interval", "4", "test.num_overlays=1", "--output_dir",

@@ -14,6 +14,8 @@ from test_segment_cli import TINY
 
 from mimkit.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end CLI runs
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
