@@ -302,3 +302,49 @@ def test_ade20k_preset_is_mmsegs_recipe() -> None:
     assert cfg.data.input_size == 512 and cfg.data.ignore_index == 255 and cfg.data.reduce_zero_label
     assert list(cfg.data.augmentation.ratio_range) == [0.5, 2.0] and cfg.data.augmentation.cat_max_ratio == 0.75
     assert cfg.test.mode == "slide" and list(cfg.test.stride) == [341, 341]
+
+
+def test_eval_settings_come_from_the_checkpoint_unless_the_user_gives_them() -> None:
+    import argparse
+
+    from mimkit import config as C
+    from mimkit.tasks.segment_config import SEGMENT_FLAGS, SegmentConfig
+    from mimkit.tasks.segment_setup import apply_run_settings, given_keys
+
+    p = argparse.ArgumentParser()
+    from mimkit.tasks.segment import add_arguments
+
+    add_arguments(p)
+    args = p.parse_args(["--test_mode", "whole", "test.stride=[8,8]", "--eval", "--resume", "x.pt"])
+    given = given_keys(args, SEGMENT_FLAGS)
+    assert {"test.mode", "test.stride", "misc.eval", "misc.resume"} <= given["command"] and not given["file"]
+    cfg = C.build_config(SegmentConfig, [("demo", C.load_file("segment/demo.yaml")),
+                                         ("you", {"test": {"mode": "whole", "stride": [8, 8]}})])
+    saved = {"model": {"arch": {"img_size": [48, 40]}},
+             "data": {"data_path": "/ade", "reduce_zero_label": True, "mean": [0.5] * 3, "std": [0.2] * 3,
+                      "augmentation": {"scale": [192, 48]}},
+             "test": {"mode": "slide", "crop_size": [48, 40], "stride": [16, 16]}}
+    assert apply_run_settings(cfg, saved, given) == ["test.mode", "test.stride"]
+    assert cfg.test.mode == "whole" and list(cfg.test.stride) == [8, 8]  # yours
+    assert list(cfg.test.crop_size) == [48, 40] and list(cfg.data.input_size) == [48, 40]  # the checkpoint's
+    assert cfg.data.data_path == "/ade" and cfg.data.reduce_zero_label and list(cfg.data.mean) == [0.5] * 3
+    assert list(cfg.data.augmentation.scale) == [192, 48]
+
+
+def test_a_checkpoints_architecture_beats_the_presets_model_type(tmp_path) -> None:
+    from mimkit import config as C
+    from mimkit.engine.checkpoint import make_checkpoint
+    from mimkit.tasks.segment_config import SegmentConfig
+    from mimkit.tasks.segment_setup import build_encoder
+
+    kw = {**TINY, "depth": 3}
+    enc = create_model("mae_vit_tiny_patch16", img_size=32, **kw)
+    config = {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kw}, "data": {"input_size": 32}}
+    torch.save(make_checkpoint(model=enc.state_dict(), optimizer={}, epoch=0, step=0, config=config), tmp_path / "e.pt")
+    cfg = C.build_config(SegmentConfig, [("preset", C.load_file("segment/ade20k_vit_base.yaml")),
+                                         ("flags", {"model": {"finetune": str(tmp_path / "e.pt")}})])
+    assert cfg.model.type == "mae_vit_base_patch16"  # the preset's, a fallback only
+    built, desc = build_encoder(cfg, (32, 32), {"command": {"model.finetune"}, "file": {"model.type"}})
+    assert len(built.blocks) == 3 and built.embed_dim == TINY["embed_dim"] and "mae_vit_tiny_patch16" in desc
+    assert torch.equal(built.blocks[2].mlp.fc1.weight, enc.blocks[2].mlp.fc1.weight)
+    assert segmenter_arch(built, (32, 32), 4, None, 8, 8, [1], 0.1)["taps"] == default_taps(3) == [0, 1, 1, 2]
