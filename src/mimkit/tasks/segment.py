@@ -174,8 +174,9 @@ class SegEvalHook:
         self.run_log.metrics(record, step, tb_prefix="eval")
         for i, panel in enumerate(panels):
             self.run_log.image(f"eval/overlay_{i}", panel, step)
-        self.run_log.info(f"eval step {step}: mIoU {record['mIoU']:.2f}%  aAcc {record['aAcc']:.2f}%  "
-                          f"mAcc {record['mAcc']:.2f}%  mDice {record['mDice']:.2f}%")
+        self.run_log.info(f"eval step {step}: " + "  ".join(
+            f"{k} {'n/a' if record[k] is None else format(record[k], '.2f') + '%'}"
+            for k in ("mIoU", "aAcc", "mAcc", "mDice")))
 
     def on_step_end(self, trainer) -> None:
         """Evaluate when the step count reaches a multiple of the interval."""
