@@ -301,7 +301,7 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     from mimkit.data.datasets import collate_batch
     from mimkit.engine.checkpoint import CheckpointManager
     from mimkit.engine.logging import RunLogger
-    from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+    from mimkit.engine.loop import LoopSettings, Trainer, amp_decision
     from mimkit.engine.optim import build_adamw, set_lr
     from mimkit.engine.sampling import EpochSampler
 
@@ -327,7 +327,7 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
 
     stop = min(total, cfg.misc.max_steps or total)
     hook = SegEvalHook(run_eval, cfg.test.interval, run_log, stop, cfg.test.num_overlays)
-    amp = resolve_amp(cfg.misc.amp, dist.device)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     settings = LoopSettings(
         epochs=epochs, batch_size=o.batch_size, accum_iter=o.accum_iter, gradient_clip=o.gradient_clip,
         on_nonfinite=o.on_nonfinite, amp=amp, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
@@ -353,7 +353,7 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     run_log.info(f"mimkit segment: {preset}; {desc}; UperNet, {model.num_classes} classes; "
                  f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
                  f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "
-                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {cfg.test.mode}, amp {amp}, "
+                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {cfg.test.mode}, amp {amp} ({amp_why}), "
                  f"device {dist.device}")
     if s.warmup_iters > total:
         run_log.info(f"warning: the run is {total} steps but the warmup is {s.warmup_iters} (the lr never reaches "

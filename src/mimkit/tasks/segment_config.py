@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from mimkit import config as C
+from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
 from mimkit.tasks.eval_config import EvalMiscConfig
 from mimkit.tasks.pretrain import Flag
@@ -154,7 +155,7 @@ SEGMENT_FLAGS: list[Flag] = [
          "settings unless you give them) and stop", const=True),
     Flag("predict", "misc.predict", str, "segment this image or folder (subfolders too) with the --resume "
          "checkpoint"),
-    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("max_steps", "misc.max_steps", int, "stop after N optimiser steps (the schedule keeps its length)"),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),
