@@ -76,7 +76,8 @@ class EncoderFeatures(nn.Module):
 
 
 def load_for_export(path: str, model_name: str | None = None, input_size: int | None = None):
-    """(module to export, kind 'encoder' | 'classifier', the MAE encoder or None, description)."""
+    """(module to export, kind 'encoder' | 'classifier', the MAE encoder or None, description, reference module
+    the export must match: the module itself, or a linear probe before its BatchNorm was folded)."""
     from mimkit.models.convert import extract_state_dict, load_checkpoint_file
     from mimkit.tasks.evaluate import _resolve, load_encoder
 
@@ -84,15 +85,22 @@ def load_for_export(path: str, model_name: str | None = None, input_size: int | 
     obj = load_checkpoint_file(p)
     sd, _ = extract_state_dict(obj)
     if "head.1.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:  # a `mimkit linprobe` run
+        from mimkit.models.heads import probe_as_vit
         from mimkit.tasks.linprobe import probe_from_checkpoint
 
-        return probe_from_checkpoint(obj, sd), "classifier", None, f"linear probe from {p.name}"
+        if input_size is not None:
+            raise UserError("a linear probe exports at its own input size; drop --input_size")
+        probe = probe_from_checkpoint(obj, sd)
+        model = probe_as_vit(probe)  # a plain timm ViT: BatchNorm folded into the head (eval statistics)
+        model.saved_config = obj.get("config")  # the probe run's data.mean / data.std go into the export record
+        return model, "classifier", None, f"linear probe from {p.name} (as a timm ViT classifier)", probe
     if "head.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:
         model, kind = _classifier(obj, sd, input_size)
         model.saved_config = obj.get("config")  # its data.mean / data.std go into the export record
-        return model, kind, None, f"fine-tuned classifier from {p.name}"
+        return model, kind, None, f"fine-tuned classifier from {p.name}", model
     mae, desc = load_encoder(str(p), model_name, input_size)
-    return EncoderFeatures(mae).eval(), "encoder", mae, desc
+    model = EncoderFeatures(mae).eval()
+    return model, "encoder", mae, desc, model
 
 
 def _classifier(obj: dict, sd: dict, input_size: int | None):
@@ -192,12 +200,40 @@ def export_timm(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     if kind == "classifier":
         save_safetensors(model.state_dict(), out, metadata={"format": "pt"})
         clone = _fresh_copy(model)
-        clone.load_state_dict(load_file(str(out)))
-        return clone.eval()
+        clone.load_state_dict(load_file(str(out)), strict=True)
+        clone.eval().timm = timm_recipe(clone)
+        return clone
     save_safetensors(mae_to_timm_vit(_mae_sd(mae)), out, metadata={"format": "pt"})
     timm_vit = vit_classifier_like(mae, 0, global_pool=False)
     timm_vit.load_state_dict(load_file(str(out)), strict=True)
-    return timm_vit.eval().forward_features  # (N, 1+L, D) after norm, as ours
+    timm_vit.eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return timm_vit.forward_features(x)  # (N, 1+L, D) after norm, as ours
+
+    features.timm = timm_recipe(timm_vit)
+    return features
+
+
+# timm's ViT names by width (the heads and depth of its presets); any other size is built from explicit kwargs.
+TIMM_VIT_NAMES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge"}
+
+
+def timm_recipe(vit: nn.Module) -> dict:
+    """{'model_name', 'kwargs'}: `timm.create_model(model_name, **kwargs)` builds a model that loads the timm
+    export of `vit` (a timm VisionTransformer) with strict=True; every size is stated, so any width works."""
+    from mimkit.tasks.finetune import vit_arch_of
+
+    arch = vit_arch_of(vit)
+    base = TIMM_VIT_NAMES.get(arch["embed_dim"], "vit_base")
+    kwargs = {k: (tuple(v) if k == "img_size" else v) for k, v in arch.items() if k != "layer_norm_eps"}
+    if arch.get("layer_norm_eps") is not None:
+        kwargs["norm_layer"] = f"partial(nn.LayerNorm, eps={arch['layer_norm_eps']:g})"  # a note, not JSON-built
+    import timm
+
+    exact = f"{base}_patch{arch['patch_size']}_{arch['img_size'][0]}"
+    name = next((n for n in (exact, f"{base}_patch16_224", "vit_base_patch16_224") if timm.is_model(n)))
+    return {"model_name": name, "kwargs": kwargs}
 
 
 def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
@@ -271,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
     torch.manual_seed(args.seed)
-    model, kind, mae, desc = load_for_export(args.checkpoint, args.model, args.input_size)
+    model, kind, mae, desc, reference = load_for_export(args.checkpoint, args.model, args.input_size)
     size = model.patch_embed.img_size if kind == "classifier" else mae.img_size
     in_chans = model.patch_embed.proj.in_channels if kind == "classifier" else mae.in_chans
     example = torch.randn(args.batch_size, in_chans, *size)
@@ -293,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "torchscript":
         check = torch.randn(args.batch_size, in_chans, *size)  # a trace fixes no batch size, but keep it simple
     with torch.no_grad():
-        expected = model(check)
+        expected = reference(check)
         got = runner(check)
     err = float((expected - got).abs().max())
     ok = err <= args.atol
@@ -301,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
               "output_shape": list(expected.shape), "max_abs_error": err, "atol": args.atol, "ok": ok,
               "model": desc, "runtime": getattr(runner, "runtime", f"torch {torch.__version__}"),
               "normalization": normalization_record(kind, mae, getattr(model, "saved_config", None), in_chans)}
+    if getattr(runner, "timm", None):  # how to build the timm model that loads this file strictly
+        record["timm"] = runner.timm
     Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json").write_text(
         json.dumps(record, indent=2) + "\n")
     print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})")
@@ -309,4 +347,8 @@ def run(args: argparse.Namespace) -> int:
     norm = record["normalization"]
     print(f"inputs: (N, {in_chans}, {size[0]}, {size[1]}) pixels in [0, 1] normalised with mean {norm['mean']} "
           f"std {norm['std']}")
+    if "timm" in record:
+        t = record["timm"]
+        print(f"timm: timm.create_model('{t['model_name']}', " + ", ".join(f"{k}={v!r}" for k, v in t["kwargs"].items())
+              + ").load_state_dict(safetensors.torch.load_file(path), strict=True)")
     return 0 if ok else 1
