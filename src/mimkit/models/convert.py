@@ -222,10 +222,14 @@ def hf_to_mae(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def hf_config_to_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A ViTMAE ``config.json`` (dict) -> MaskedAutoencoderViT arguments (the inverse of hf_config_kwargs)."""
-    if hf_config.get("model_type", "vit_mae") != "vit_mae":
-        raise CheckpointError(f"config.json describes a '{hf_config.get('model_type')}' model, not vit_mae")
+    """A ViTMAE (or plain ViT: `mimkit export --format hf`) ``config.json`` (dict) -> MaskedAutoencoderViT
+    arguments, the LayerNorm eps included (the inverse of hf_config_kwargs). A ViT config has no decoder: the
+    decoder arguments are ViTMAE's defaults (that decoder starts fresh)."""
+    if hf_config.get("model_type", "vit_mae") not in HF_MODEL_TYPES:
+        raise CheckpointError(f"config.json describes a '{hf_config.get('model_type')}' model, not vit_mae or vit")
     c = {**_HF_CONFIG_DEFAULTS, **hf_config}
+    if hf_config.get("model_type") == "vit":
+        c["decoder_intermediate_size"] = c["intermediate_size"] * c["decoder_hidden_size"] / c["hidden_size"]
     if c["intermediate_size"] != c["decoder_intermediate_size"] * c["hidden_size"] / c["decoder_hidden_size"]:
         log.warning("config.json: the decoder's MLP ratio differs from the encoder's; using the encoder's")
     return dict(
@@ -233,15 +237,17 @@ def hf_config_to_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         embed_dim=c["hidden_size"], depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         decoder_embed_dim=c["decoder_hidden_size"], decoder_depth=c["decoder_num_hidden_layers"],
         decoder_num_heads=c["decoder_num_attention_heads"], mlp_ratio=c["intermediate_size"] / c["hidden_size"],
-        norm_pix_loss=bool(c["norm_pix_loss"]),
+        norm_pix_loss=bool(c["norm_pix_loss"]), layer_norm_eps=float(c["layer_norm_eps"]),
     )
 
 
-# transformers' ViTMAEConfig defaults, for config.json files that leave a key out.
+# config.json model types whose weights map onto the MAE encoder (ViTModel: `mimkit export --format hf`).
+HF_MODEL_TYPES = ("vit_mae", "vit")
+# transformers' ViTMAEConfig defaults, for config.json files that leave a key out (its eps is 1e-12, not 1e-6).
 _HF_CONFIG_DEFAULTS = dict(
     image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
     intermediate_size=3072, decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-    decoder_intermediate_size=2048, norm_pix_loss=False,
+    decoder_intermediate_size=2048, norm_pix_loss=False, layer_norm_eps=1e-12,
 )
 
 
@@ -303,8 +309,9 @@ def timm_vit_to_mae(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
 def to_mae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
     """Any supported layout -> (MAE-layout state dict, keys dropped on the way)."""
     layout = detect_layout(sd)
-    if layout == "huggingface":
-        return hf_to_mae(sd), []
+    if layout == "huggingface":  # a transformers ViTModel's pooler (dense + tanh on the cls token) is no MAE part
+        pooler = [k for k in sd if k.startswith(("pooler.", "vit.pooler."))]
+        return hf_to_mae({k: v for k, v in sd.items() if k not in pooler}), pooler
     if layout == "timm_vit":
         return timm_vit_to_mae(sd)
     return dict(sd), []

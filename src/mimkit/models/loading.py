@@ -15,11 +15,15 @@ import torch
 
 from mimkit.errors import CheckpointError
 from mimkit.io import hf_config_beside, load_checkpoint_file, resolve_checkpoint
-from mimkit.models.convert import extract_state_dict, hf_config_to_kwargs, load_into_model, to_mae_state_dict
+from mimkit.models.convert import (HF_MODEL_TYPES, extract_state_dict, hf_config_to_kwargs, load_into_model,
+                                   to_mae_state_dict)
 from mimkit.models.registry import create_model, list_models, same_model
 
 # Registered builder used for a Hugging Face config that matches no preset: every size comes from config.json.
-HF_FALLBACK_NAME = "mae_vit_base_patch16"
+HF_FALLBACK_NAME = "mae_vit"
+# Sizes that make a preset what it is (a config naming other values is not that preset).
+_PRESET_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                 "decoder_num_heads", "mlp_ratio")
 
 
 def _preset_signature(name: str) -> tuple[int, int, int]:
@@ -40,6 +44,23 @@ def infer_model_name(sd: dict) -> Optional[str]:
         if name.startswith("mae_") and _preset_signature(name) == (width, depth, patch):
             return name
     return None
+
+
+def preset_for_kwargs(kwargs: dict) -> str:
+    """The registered MAE preset whose every size equals `kwargs` (a Hugging Face config's), else the generic
+    `mae_vit`: a checkpoint is never labelled with the name of another architecture."""
+    for name in list_models(include_aliases=False):
+        if not name.startswith("mae_vit_"):
+            continue
+        with torch.device("meta"):
+            m = create_model(name)
+        own = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=len(m.blocks),
+                   num_heads=m.blocks[0].attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
+                   decoder_depth=len(m.decoder_blocks), decoder_num_heads=m.decoder_blocks[0].attn.num_heads,
+                   mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.embed_dim)
+        if all(k in kwargs and float(kwargs[k]) == float(own[k]) for k in _PRESET_SIZES):
+            return name
+    return HF_FALLBACK_NAME
 
 
 def _mimkit_config(obj: Any) -> Optional[dict]:
@@ -100,12 +121,13 @@ def model_from_checkpoint(
         if size is not None:
             kwargs["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size
         kwargs["norm_pix_loss"] = bool(mcfg.get("norm_pix_loss", False))
-    elif hf_cfg is not None and hf_cfg.get("model_type") == "vit_mae":
+    elif hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs.update(hf_config_to_kwargs(hf_cfg))
+        model_name = model_name or preset_for_kwargs(kwargs)
     if model_name is None:
         sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
-        model_name = infer_model_name(sd) or (HF_FALLBACK_NAME if hf_cfg else None)
+        model_name = infer_model_name(sd)
         if model_name is None:
             raise CheckpointError(f"cannot tell which model {p} holds; pass --model (see `mimkit models`)")
     if input_size is not None:
@@ -148,13 +170,13 @@ def architecture_of(path: str | os.PathLike) -> Optional[dict]:
     except CheckpointError:
         return None
     hf_cfg = hf_config_beside(p)
-    name = infer_model_name(sd)
-    if hf_cfg is not None and hf_cfg.get("model_type") == "vit_mae":
+    if hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs = hf_config_to_kwargs(hf_cfg)
+        name = preset_for_kwargs(kwargs)
         data["input_size"] = kwargs.pop("img_size")
         norm_pix = kwargs.pop("norm_pix_loss")
-        return {"model": {"type": name or HF_FALLBACK_NAME, "kwargs": kwargs, "norm_pix_loss": norm_pix},
-                "data": data}
+        return {"model": {"type": name, "kwargs": kwargs, "norm_pix_loss": norm_pix}, "data": data}
+    name = infer_model_name(sd)
     if name is None:
         return None
     arch: dict[str, Any] = {"model": {"type": name}}

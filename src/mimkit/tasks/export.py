@@ -236,18 +236,32 @@ def timm_recipe(vit: nn.Module) -> dict:
     return {"model_name": name, "kwargs": kwargs}
 
 
+def hf_vit_config_kwargs(mae: nn.Module) -> dict:
+    """``transformers.ViTConfig`` arguments of the MAE encoder (its LayerNorm eps included)."""
+    from mimkit.models.convert import hf_config_kwargs
+
+    c = hf_config_kwargs(mae)
+    keep = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps")
+    return {k: c[k] for k in keep}
+
+
 def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
-    """A transformers ViTMAEModel folder (save_pretrained), run with mask_ratio 0 and the identity order."""
+    """A transformers ``ViTModel`` folder (save_pretrained, no pooler): the MAE encoder as a plain ViT.
+
+    Not ViTMAEModel: transformers' ViTMAE embeddings always shuffle the patch tokens by random noise (mask_ratio
+    0 keeps every token but in a random order, with no config switch to stop it), so its plain forward would
+    hand users permuted tokens. ViTModel runs the same weights unmasked, tokens in image order, deterministic.
+    """
     if kind != "encoder":
         raise UserError("--format hf exports MAE encoders; export a fine-tuned classifier as timm or onnx")
     import transformers
-    from transformers import ViTMAEConfig, ViTMAEModel
+    from transformers import ViTConfig, ViTModel
 
     from mimkit.data.transforms import mean_std, normalization_of
-    from mimkit.models.convert import hf_config_kwargs, mae_to_hf
+    from mimkit.models.convert import mae_to_hf
 
-    hf_cfg = ViTMAEConfig(**hf_config_kwargs(mae), mask_ratio=0.0)
-    hf = ViTMAEModel(hf_cfg)
+    hf = ViTModel(ViTConfig(**hf_vit_config_kwargs(mae)), add_pooling_layer=False)
     sd = {k[len("vit."):]: v for k, v in mae_to_hf(_mae_sd(mae)).items() if k.startswith("vit.")}
     hf.load_state_dict(sd, strict=True)
     from transformers.utils import logging as hf_logging
@@ -262,17 +276,15 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
             "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": size, "resample": 3,
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": list(mean), "image_std": list(std)}, indent=2) + "\n")
-        hf = ViTMAEModel.from_pretrained(str(out)).eval()
+        hf = ViTModel.from_pretrained(str(out), add_pooling_layer=False).eval()
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        # noise = position index: argsort keeps the patch order, so no token is shuffled (mask ratio 0)
-        noise = torch.arange(mae.num_patches, dtype=torch.float32).expand(len(x), -1)
-        return hf(pixel_values=x, noise=noise).last_hidden_state
+        return hf(pixel_values=x).last_hidden_state  # the plain forward users call: no noise, no mask
 
-    run.runtime = f"transformers {transformers.__version__}"
+    run.runtime = f"transformers {transformers.__version__} (ViTModel)"
     return run
 
 
