@@ -306,8 +306,41 @@ def timm_vit_to_mae(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
     return out, dropped
 
 
+# Prefixes under which other mimkit commands keep a ViT encoder: linprobe's LinearProbe (`encoder.`, MAE names)
+# and segment's MAESegmenter (`backbone.`, a timm ViT without final norm). Their heads are dropped.
+TASK_ENCODER_PREFIXES = ("encoder.", "backbone.")
+
+
+def unwrap_task_encoder(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """A linprobe / segment state dict -> (its encoder's state dict, keys dropped); other dicts unchanged.
+
+    A segment backbone was trained without the encoder's final norm: `norm` is filled at a fresh LayerNorm's
+    values (weight 1, bias 0), and the dropped list says so.
+    """
+    for prefix in TASK_ENCODER_PREFIXES:
+        inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if "patch_embed.proj.weight" not in inner or not any(k.startswith("blocks.") for k in inner):
+            continue
+        rest = [k for k in sd if not k.startswith(prefix)]
+        what = "linear-probe head" if prefix == "encoder." else "segmentation neck and heads"
+        dropped = [f"the {what} ({len(rest)} tensors)"] if rest else []
+        if prefix == "backbone." and "norm.weight" not in inner and "cls_token" in inner:
+            width = inner["cls_token"].shape[-1]
+            inner["norm.weight"], inner["norm.bias"] = torch.ones(width), torch.zeros(width)
+            dropped.append("norm (a segment backbone has no final norm: it starts as a fresh LayerNorm)")
+        return inner, dropped
+    return dict(sd), []
+
+
 def to_mae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """Any supported layout -> (MAE-layout state dict, keys dropped on the way)."""
+    """Any supported layout (a linprobe / segment checkpoint's encoder too) -> (MAE-layout state dict, keys
+    dropped on the way)."""
+    sd, task_dropped = unwrap_task_encoder(sd)
+    out, dropped = _layout_to_mae(sd)
+    return out, task_dropped + dropped
+
+
+def _layout_to_mae(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
     layout = detect_layout(sd)
     if layout == "huggingface":  # a transformers ViTModel's pooler (dense + tanh on the cls token) is no MAE part
         pooler = [k for k in sd if k.startswith(("pooler.", "vit.pooler."))]
