@@ -1,9 +1,12 @@
 """`mimkit export`: a checkpoint's encoder (unmasked features) or fine-tuned classifier in a deployable format.
 
-    mimkit export runs/demo/checkpoints/final.pt --format pt2              # torch.export -> <output>.pt2
-    mimkit export runs/demo --format onnx --output encoder.onnx               # a run folder: its final.pt
-    mimkit export runs/demo --format safetensors | timm | hf | torchscript
-    mimkit export output_dir/checkpoints/best.pt --format onnx             # a fine-tuned classifier: logits
+    mimkit export runs/demo/checkpoints/final.pt --format pt2   # torch.export -> runs/demo/export/final_encoder.pt2
+    mimkit export runs/demo --format onnx --output encoder.onnx    # a run folder: its final.pt
+    mimkit export runs/demo --format safetensors | timm | hf | torchscript   # export/final_encoder.torchscript.pt ...
+    mimkit export runs/linprobe/<time>/checkpoints/best.pt --format onnx    # a probe / fine-tuned classifier: logits
+
+Default outputs go to the run's export/ folder (beside checkpoints/, never among them), named for what they are:
+<checkpoint>_<encoder|classifier> + .pt2, .onnx, .safetensors, .timm.safetensors, .torchscript.pt or _hf/.
 
 onnx and hf need `pip install 'mimkit[export]'` (onnx, onnxruntime, transformers); this is checked before any
 work. pt2 (torch.export, loaded back with torch.export.load) replaces TorchScript, which PyTorch deprecates.
@@ -30,8 +33,10 @@ from mimkit.errors import CheckpointError, UserError
 from mimkit.io import resolve_checkpoint
 
 FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript")
-SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors", "timm": ".safetensors", "hf": "",
-          "pt2": ".pt2"}
+# Default file names end in what the file is, never a bare .pt that reads as a training checkpoint.
+SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "safetensors": ".safetensors",
+          "timm": ".timm.safetensors", "hf": "_hf", "pt2": ".pt2"}
+EXPORT_DIR = "export"  # default: <run folder>/export/, apart from the checkpoints
 # Optional packages each format needs (all in the `export` extra).
 REQUIRES = {"onnx": ("onnx",), "hf": ("transformers",)}
 EXTRA_HINT = "pip install 'mimkit[export]'"
@@ -56,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "save_pretrained folder), or a fine-tuned classifier")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="pt2 (torch.export), onnx, safetensors, timm, hf (transformers folder), torchscript")
-    p.add_argument("--output", default=None, help="file (folder for hf); default: beside the checkpoint")
+    p.add_argument("--output", default=None, help="file (folder for hf) (default: <run>/export/<checkpoint>_<kind> "
+                   "+ .pt2 | .onnx | .safetensors | .timm.safetensors | .torchscript.pt | _hf/, e.g. "
+                   "runs/demo/export/final_encoder.pt2)")
     p.add_argument("--model", default=None, help="model name when the checkpoint does not say")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
     p.add_argument("--batch_size", type=int, default=2, help="batch of the random parity input")
@@ -315,6 +322,19 @@ def normalization_record(kind: str, mae, checkpoint_obj_config: dict | None, in_
     return {"mean": list(mean) if mean else None, "std": list(std) if std else None}
 
 
+def default_output(src: Path, kind: str, fmt: str) -> Path:
+    """<run>/export/<checkpoint>_<kind><suffix>: runs/demo/checkpoints/final.pt -> runs/demo/export/final_encoder.pt2
+    (torchscript: final_encoder.torchscript.pt, timm: .timm.safetensors, hf: final_encoder_hf/). A checkpoint
+    outside a run's checkpoints/ folder exports to an export/ folder beside it."""
+    stem = src.stem
+    where = src.parent
+    if src.name in ("model.pt", "model.safetensors", "pytorch_model.bin") or src.name.endswith(".index.json"):
+        stem, where = src.parent.name, src.parent.parent  # epoch-N/model.pt, an HF save_pretrained folder
+    if where.name == "checkpoints":
+        where = where.parent
+    return where / EXPORT_DIR / f"{stem}_{kind}{SUFFIX[fmt]}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
@@ -323,10 +343,8 @@ def run(args: argparse.Namespace) -> int:
     size = model.patch_embed.img_size if kind == "classifier" else mae.img_size
     in_chans = model.patch_embed.proj.in_channels if kind == "classifier" else mae.in_chans
     example = torch.randn(args.batch_size, in_chans, *size)
-    src = resolve_checkpoint(args.checkpoint)
-    out = Path(args.output) if args.output else src.with_name(
-        f"{src.stem}_{kind}{'' if args.format in ('onnx', 'safetensors', 'torchscript', 'pt2') else '_' + args.format}"
-        f"{SUFFIX[args.format]}")
+    out = Path(args.output) if args.output else default_output(resolve_checkpoint(args.checkpoint), kind, args.format)
+    replaced = out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     exporters = {
         "torchscript": lambda: export_torchscript(model, example, out),
@@ -353,7 +371,8 @@ def run(args: argparse.Namespace) -> int:
         record["timm"] = runner.timm
     Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json").write_text(
         json.dumps(record, indent=2) + "\n")
-    print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})")
+    print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})"
+          + ("; replaced the earlier export there" if replaced else ""))
     print(f"max abs error vs PyTorch on random input: {err:.3e} ({'ok' if ok else 'ABOVE'} atol {args.atol:g}; "
           f"run by {record['runtime']})")
     norm = record["normalization"]
