@@ -99,3 +99,17 @@ def test_hf_export_of_a_default_mimkit_model_keeps_eps_1e6(tmp_path) -> None:
     ckpt = save_tiny(tmp_path / "tiny.pt")
     assert main(["export", str(ckpt), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["layer_norm_eps"] == 1e-6
+
+
+def test_classifier_and_segmenter_keep_the_encoders_eps(odd) -> None:
+    from mimkit.models.heads import vit_classifier
+    from mimkit.models.segmentation import segmenter_arch, segmenter_from_encoder
+
+    folder, _ = odd
+    enc, _ = model_from_checkpoint(folder)
+    clf = vit_classifier(enc, 3, global_pool=False)
+    seg = segmenter_from_encoder(enc, segmenter_arch(enc, (32, 32), 3, None, 8, 8, (1, 2), 0.1))
+    assert _layer_norm_eps(clf) == {1e-12} and _layer_norm_eps(seg.backbone) == {1e-12}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the classifier's cls features are the encoder's
+        torch.testing.assert_close(clf.forward_features(x), enc.forward_features(x), rtol=1e-5, atol=1e-5)
