@@ -121,7 +121,7 @@ def vit_arch(encoder: nn.Module, num_classes: int, global_pool: bool = True,
         num_classes=num_classes, global_pool="avg" if global_pool else "token", embed_dim=encoder.embed_dim,
         depth=len(encoder.blocks), num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim,
-        **_eps_arg(getattr(getattr(encoder, "blocks")[0], "norm1", None)),
+        **_eps_arg(getattr(blk, "norm1", None)),
     )
 
 
