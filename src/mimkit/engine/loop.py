@@ -269,6 +269,9 @@ class Trainer:
         self._call_hooks("on_train_start")
         try:
             self._fit(start)
+        except NonFiniteLossError as e:  # the CLI prints it to stderr; the run's own record keeps it too
+            self.run.file_only(f"error: {e}")
+            raise
         finally:
             shutdown_workers(self.loader)
         return st
