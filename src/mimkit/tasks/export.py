@@ -261,7 +261,8 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     hand users permuted tokens. ViTModel runs the same weights unmasked, tokens in image order, deterministic.
     """
     if kind != "encoder":
-        raise UserError("--format hf exports MAE encoders; export a fine-tuned classifier as timm or onnx")
+        raise UserError("--format hf exports MAE encoders; export a classifier (linear probe or fine-tuned) as "
+                        "timm, onnx or pt2, or its encoder from the checkpoint it was trained from")
     import transformers
     from transformers import ViTConfig, ViTModel
 
