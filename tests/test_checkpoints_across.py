@@ -159,3 +159,19 @@ def test_visualize_refuses_a_checkpoint_without_decoder_in_one_line(runs, tmp_pa
     assert main(["visualize", str(paths["finetune"]), str(tmp_path / "i.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no MAE decoder" in err and "pretraining checkpoint" in err
+
+
+def test_a_checkpoint_without_vit_encoder_is_one_line_naming_what_to_give(tmp_path, capsys) -> None:
+    from mimkit.cli import main
+    from mimkit.models.resnet import resnet18_cifar
+
+    path = tmp_path / "resnet.pt"  # an incremental-style ResNet checkpoint: no ViT encoder in it
+    torch.save(make_checkpoint(model=resnet18_cifar(nf=8).state_dict(), optimizer={}, epoch=0, step=0,
+                               config={"model": {"nf": 8}}), path)
+    for argv in (["knn", "--checkpoint", str(path), "--data_path", str(tmp_path), "--output_dir",
+                  str(tmp_path / "k")],
+                 ["export", str(path), "--format", "pt2", "--output", str(tmp_path / "e.pt2")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "holds no ViT encoder" in err and "linprobe / finetune / segment" in err
+    assert not (tmp_path / "e.pt2").exists()

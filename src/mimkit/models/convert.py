@@ -57,7 +57,9 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
         return "timm_vit"
     shown = ", ".join(keys[:5]) or "no keys"
     raise CheckpointError(
-        f"not an MAE, Hugging Face ViTMAE or timm ViT state dict (first keys: {shown})"
+        f"not an MAE, Hugging Face ViTMAE or timm ViT state dict (first keys: {shown}): it holds no ViT encoder; "
+        "give a checkpoint of mimkit pretrain / continual / linprobe / finetune / segment, an official MAE .pth, "
+        "a timm ViT or a Hugging Face ViTMAE / ViT folder"
     )
 
 
