@@ -73,7 +73,7 @@ def run(a: argparse.Namespace) -> int:
     for name, rnd in inits:
         if "knn" in evals:
             for pool in ("cls", "avg"):
-                rec[f"{name}.knn.{pool}"] = L.knn(ckpt, a.data, rnd, a.seed, pool=pool)
+                rec[f"{name}.knn.{pool}"] = L.knn(ckpt, a.data, rnd, a.seed, pool=pool, amp=a.amp)
                 print(f"[{a.tag}] {name} knn {pool} {rec[f'{name}.knn.{pool}']}", flush=True)
         for sname, sdata in sets:
             if "probe" in evals:

@@ -93,13 +93,13 @@ def heldout_loss(model, data: str, seed: int = 0, mask_ratio: Optional[float] = 
 
 
 def knn(checkpoint: str, data: str, random_init: bool, seed: int, ks=(10, 20), pool: str = "cls",
-        input_size: Optional[int] = None) -> dict:
-    """Weighted k-NN top-1 (%) of the frozen encoder, as `mimkit knn`."""
+        input_size: Optional[int] = None, amp: str = "off") -> dict:
+    """Weighted k-NN top-1 (%) of the frozen encoder, as `mimkit knn` (features under `amp`: off = fp32)."""
     from mimkit.metrics.knn import knn_accuracy
     from mimkit.tasks.knn import features
 
     args = Namespace(checkpoint=checkpoint, model=None, input_size=input_size, random_init=random_init, seed=seed,
-                     data_path=data, batch_size=256, pool=pool, num_workers=0, device="cpu")
+                     data_path=data, batch_size=256, pool=pool, num_workers=0, device="cpu", amp=amp)
     _, _, (xtr, ytr), (xva, yva), classes = features(args)
     acc = knn_accuracy(xtr, ytr, xva, yva, ks=list(ks), temperature=0.07, num_classes=len(classes))
     return {f"knn_k{k}": 100.0 * a for k, a in acc.items()}

@@ -118,7 +118,7 @@ def _run_seed(rows: list[dict], data: str, seed: int, out: Path, evals: list[str
                 rows.append({"eval": "recon", "labels": "none", "init": init, "value": pre["recon"][key]})
     for init, rnd in (("pretrained", False), ("random", True)):
         if "knn" in evals and (m := maybe(run / f"knn_{init}.json", lambda: L.knn(
-                checkpoint, data, rnd, seed, ks=(20,), pool="avg"))):
+                checkpoint, data, rnd, seed, ks=(20,), pool="avg", amp=amp))):
             rows.append({"eval": "knn", "labels": "all", "init": init, "value": m["knn_k20"]})
         for labels in label_sets:
             d = L.labelled(data, labels, out / "subsets", seed)
