@@ -362,3 +362,28 @@ def test_presets_load_and_flags_win(preset, tasks, model):
     cfg = config_from_args(p.parse_args([preset, "incremental.kd_weight=2", "--epochs", "7"]))
     assert cfg.incremental.tasks == tasks and cfg.model.type == model
     assert cfg.schedule.epochs == 7 and cfg.incremental.kd_weight == 2.0  # flags and overrides beat the preset
+
+
+# ---------------------------------------------------------------------------------------------- PreciseBN
+def test_precise_bn_recomputes_population_statistics_without_moving_rng():
+    from mimkit.data.datasets import collate_batch
+    from mimkit.incremental.precise_bn import PreciseBN
+
+    torch.manual_seed(0)
+    data = [(torch.randn(2, 1, 1) * 3 + 5, 0) for _ in range(12)]
+    net = nn.Sequential(nn.BatchNorm2d(2))
+    net.eval()
+    stored = torch.randn(4, 2, 1, 1) - 7  # a replay buffer's images come after the task's
+    hook = PreciseBN(lambda: [net], data, collate_batch, epochs=2, batch_size=4, num_images=8, seed=1,
+                     device=torch.device("cpu"), extra=lambda: stored)
+    hook.on_epoch_end(None, 0)  # not the last epoch: running statistics untouched
+    assert torch.equal(net[0].running_mean, torch.zeros(2)) and torch.equal(net[0].running_var, torch.ones(2))
+    before = torch.random.get_rng_state()
+    hook.on_epoch_end(None, 1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # training's random stream does not move
+    batches = [torch.stack([x for x, _ in data[:4]]), torch.stack([x for x, _ in data[4:8]]), stored]
+    # momentum None: the equal-weight mean over batches of the batch mean / unbiased variance (only 8 images used)
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(net[0].running_mean, mean, atol=1e-5) and torch.allclose(net[0].running_var, var, atol=1e-4)
+    assert net[0].momentum == 0.1 and not net.training  # restored

@@ -183,3 +183,31 @@ def test_mae_vit_encoder_backbone(tmp_path):
     assert len(res["per_task"]) == 2 and "mae_vit_tiny_patch16" in res["model"]
     assert res["config"]["data"]["mean"] == [0.5, 0.5, 0.5]  # the encoder's own normalisation is adopted
     assert res["config"]["data"]["std"] == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.slow
+def test_short_run_eval_accuracy_matches_the_trained_weights(tmp_path):
+    """1 epoch (18 steps) on task 0: BatchNorm running averages alone read chance (50 %) in eval mode; with the
+    statistics recomputed (PreciseBN) the reported accuracy is what the trained weights give."""
+    from mimkit.data.datasets import collate_batch
+    from mimkit.incremental import data as ID
+    from mimkit.incremental.model import build_classifier
+
+    out = tmp_path / "short"
+    args = ["incremental", "--data_path", "digits", "--init_classes", "2", "--increment", "8", "--nf", "8",
+            "--input_size", "16", "--epochs", "1", "--batch_size", "16", "--device", "cpu", "--print_freq", "1000",
+            "logging.tensorboard=false"]
+    assert _run(args, out) == 0
+    reported = json.loads((out / "results.json").read_text())["per_task"][0]["acc"][0]
+    _, val_tf = ID.transforms(16, 4, False)
+    _, val, _ = ID.open_data("digits", "auto", val_tf, val_tf)
+    task0 = ID.task_subsets(val, ID.TaskSplit(ID.class_order(10, 0), [2, 8]))[0]
+    net, _ = build_classifier("slim_resnet18", 8, None, 16, 2)
+    net.load_state_dict(torch.load(out / "checkpoints" / "task-0" / "final.pt", weights_only=True)["model"])
+    batch = collate_batch([task0[i] for i in range(len(task0))])
+    with torch.no_grad():  # eval mode first: a train-mode forward moves the running statistics
+        evaluated = (net.eval()(batch["images"]).argmax(1) == batch["labels"]).float().mean().item() * 100
+        # what the weights give with the held-out images' own batch statistics
+        own = (net.train()(batch["images"]).argmax(1) == batch["labels"]).float().mean().item() * 100
+    assert reported == pytest.approx(evaluated, abs=1e-4)  # the saved statistics are the evaluated ones
+    assert own > 70 and reported > 70 and abs(reported - own) <= 10

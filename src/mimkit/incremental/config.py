@@ -44,6 +44,8 @@ class IncrementalSection:
     buffer_size: int = 200  # er: reservoir replay buffer size (images)
     eval_batch_size: int = 256  # batch size of the per-task evaluation
     rankme_images: int = 2000  # RankMe on at most this many held-out images (fixed, all classes)
+    precise_bn_images: int = 8192  # PreciseBN after each task: BatchNorm statistics recomputed on this many
+    # training images with the final weights (mmpretrain PreciseBNHook's num_samples); 0 = keep running averages
 
 
 @dataclass
@@ -143,6 +145,8 @@ FLAGS: list[Flag] = [
          "convention): avg = (1-m)*avg + m*model; anne uses max(m, 100/(100+step))"),
     Flag("eval_teacher", "incremental.eval_teacher", None, "evaluate the EMA teacher, not the student", const=True),
     Flag("buffer_size", "incremental.buffer_size", int, "er: replay buffer size"),
+    Flag("precise_bn_images", "incremental.precise_bn_images", int, "BatchNorm statistics recomputed on this "
+         "many training images after each task (PreciseBN); 0 = keep the running averages"),
     Flag("output_dir", "misc.output_dir", str, "run folder"),
     Flag("epochs", "schedule.epochs", int, "epochs per task"),
     Flag("warmup_epochs", "schedule.warmup_epochs", float),
@@ -207,6 +211,7 @@ def validate(cfg) -> None:
         ("incremental.buffer_size", i.buffer_size >= 1, ">= 1"),
         ("incremental.eval_batch_size", i.eval_batch_size >= 1, ">= 1"),
         ("incremental.rankme_images", i.rankme_images >= 2, ">= 2"),
+        ("incremental.precise_bn_images", i.precise_bn_images >= 0, ">= 0"),
         ("optimization.lr", o.lr > 0 and math.isfinite(o.lr), "> 0"),
         ("optimization.momentum", 0 <= o.momentum < 1, "in [0, 1)"),
         ("model.nf", cfg.model.nf is None or cfg.model.nf >= 1, ">= 1"),

@@ -149,6 +149,17 @@ class Relabelled(Dataset):
         return item[0], self.mapping[int(item[1])]
 
 
+def with_transform(ds: Dataset, transform: Callable) -> Dataset:
+    """A shallow copy of ds whose items go through `transform` (ds itself when it has no `.transform`)."""
+    import copy
+
+    if not hasattr(ds, "transform"):
+        return ds
+    twin = copy.copy(ds)
+    twin.transform = transform
+    return twin
+
+
 def task_subsets(ds: Dataset, split: TaskSplit) -> list[Relabelled]:
     """One Relabelled subset per task (items of that task's classes, in dataset order)."""
     targets = targets_of(ds)

@@ -132,6 +132,7 @@ def train_incremental(cfg) -> dict:
     from mimkit.incremental import report as R
     from mimkit.incremental.methods import _set_head_size, make_step
     from mimkit.incremental.model import build_classifier
+    from mimkit.incremental.precise_bn import PreciseBN
 
     # 1. validate config, data and the split before any training
     i, o, sched = cfg.incremental, cfg.optimization, cfg.schedule
@@ -152,6 +153,7 @@ def train_incremental(cfg) -> dict:
     sizes = IC.task_sizes(len(train_set.classes), i.tasks, i.init_classes, i.increment)
     split = ID.TaskSplit(ID.class_order(len(train_set.classes), cfg.misc.seed), sizes)
     train_tasks, val_tasks = ID.task_subsets(train_set, split), ID.task_subsets(val_set, split)
+    bn_tasks = ID.task_subsets(ID.with_transform(train_set, val_tf), split)  # PreciseBN: what evaluation sees
     for t, (tr, va) in enumerate(zip(train_tasks, val_tasks, strict=True)):
         if len(tr) < o.batch_size or len(va) == 0:
             raise DataError(f"task {t} (classes {[train_set.classes[c] for c in split.classes(t)]}) has {len(tr)} "
@@ -219,9 +221,14 @@ def train_incremental(cfg) -> dict:
             task_dir = ckpt_root / f"task-{k}"
             manager = CheckpointManager(task_dir, cfg.checkpointing.keep_last_n, run_log.log_path,
                                         cfg.checkpointing.safetensors)
+            # BatchNorm statistics of the final weights, before evaluation (and before the task's checkpoints)
+            precise = PreciseBN(lambda: [model] + ([ema.model] if ema is not None else []), bn_tasks[k],
+                                collate_batch, sched.epochs, o.batch_size, i.precise_bn_images,
+                                cfg.misc.seed * 1000 + k, dist.device,
+                                extra=lambda: buffer.examples[:len(buffer)] if buffer is not None else None)
             trainer = Trainer(model=model, optimizer=optimizer, dataset=train_tasks[k], collate=collate_batch,
                               step_fn=step_fn, lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log,
-                              ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=hooks)
+                              ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=[*hooks, precise])
             trainer.state.step = state["rows"][-1]["end_step"] if state["rows"] else 0  # one step axis in TB
             # a damaged latest.pt falls back to the task's newest intact checkpoint, with a warning
             resume, _, warning = find_resume(None, task_dir, cfg.misc.auto_resume)
