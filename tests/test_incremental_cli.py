@@ -211,3 +211,40 @@ def test_short_run_eval_accuracy_matches_the_trained_weights(tmp_path):
         own = (net.train()(batch["images"]).argmax(1) == batch["labels"]).float().mean().item() * 100
     assert reported == pytest.approx(evaluated, abs=1e-4)  # the saved statistics are the evaluated ones
     assert own > 70 and reported > 70 and abs(reported - own) <= 10
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--epochs", "1"]
+    assert _run(args, out) == 0
+    results = (out / "results.json").read_text()
+    capsys.readouterr()
+
+    # run-defining settings changed: one line naming each (old -> new) and the ways on, before any work
+    assert _run(args + ["--batch_size", "32", "--kd_weight", "2", "--input_size", "16"], out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    for part in ("optimization.batch_size 64 → 32", "incremental.kd_weight 1.0 → 2.0", "data.input_size 8 → 16",
+                 "--output_dir", "--no_auto_resume"):
+        assert part in err, part
+    assert (out / "results.json").read_text() == results  # nothing written
+
+    # where it runs and the schedule may change (as pretrain): a log line, and results.json records it
+    assert _run(TINY + ["--epochs", "2", "--print_freq", "7"], out) == 0
+    log = (out / "log.txt").read_text()
+    assert "schedule.epochs 1 → 2" in log and "logging.print_freq 1000 → 7" in log
+    res = json.loads((out / "results.json").read_text())
+    assert {"from_task": 2, "key": "schedule.epochs", "old": 1, "new": 2} in res["resume_changes"]
+    assert res["per_task"] == json.loads(results)["per_task"]  # the finished tasks are the earlier ones
+
+    # --no_auto_resume: the earlier run's files are moved aside (nothing mixed, nothing lost), said in the log
+    assert _run(args + ["--batch_size", "32", "--no_auto_resume"], out) == 0
+    earlier = list((out / "earlier").iterdir())
+    assert len(earlier) == 1 and json.loads((earlier[0] / "results.json").read_text())["per_task"] == res["per_task"]
+    assert (earlier[0] / "checkpoints" / "task-1" / "final.pt").is_file() and (earlier[0] / "log.txt").is_file()
+    new = json.loads((out / "results.json").read_text())
+    assert new["config"]["optimization"]["batch_size"] == 32 and new["resume_changes"] == []
+    log = (out / "log.txt").read_text()
+    assert f"were moved to {earlier[0]}" in log and log.count("after task 0:") == 1
+    assert len(json.loads((out / "incremental.json").read_text())["rows"]) == 2

@@ -57,7 +57,7 @@ def fingerprint(cfg, order: list[int], sizes: list[int]) -> dict[str, Any]:
     """What a resumed run must share with the run in its folder."""
     keep = {k: OmegaConf.select(cfg, k) for k in (
         "incremental.method", "incremental.ema_mode", "incremental.cls_only", "incremental.mask_mode",
-        "data.data_path", "model.type", "model.finetune", "misc.seed", "schedule.epochs")}
+        "data.data_path", "model.type", "model.finetune", "misc.seed")}
     return {**keep, "class_order": order, "sizes": sizes}
 
 
@@ -130,6 +130,7 @@ def train_incremental(cfg) -> dict:
     from mimkit.engine.optim import set_lr, warmup_cosine
     from mimkit.incremental import data as ID
     from mimkit.incremental import report as R
+    from mimkit.incremental import resume as RS
     from mimkit.incremental.methods import _set_head_size, make_step
     from mimkit.incremental.model import build_classifier
     from mimkit.incremental.precise_bn import PreciseBN
@@ -149,6 +150,12 @@ def train_incremental(cfg) -> dict:
             OmegaConf.update(cfg, "data.std", norm[1])
     train_tf, val_tf = ID.transforms(cfg.data.input_size, cfg.data.augmentation.crop_padding, hflip,
                                      cfg.data.mean, cfg.data.std)
+    out_dir = Path(C.resolve_output_dir(cfg, "incremental"))
+    ckpt_root = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
+    changes, archived = [], None
+    if cfg.misc.auto_resume:  # a resumed run keeps the settings it started with (before any data loads)
+        started = RS.started_settings(out_dir)
+        changes = RS.compare(started, C.to_container(cfg), out_dir) if started else []
     train_set, val_set, kind = ID.open_data(cfg.data.data_path, cfg.data.dataset, train_tf, val_tf)
     sizes = IC.task_sizes(len(train_set.classes), i.tasks, i.init_classes, i.increment)
     split = ID.TaskSplit(ID.class_order(len(train_set.classes), cfg.misc.seed), sizes)
@@ -160,7 +167,8 @@ def train_incremental(cfg) -> dict:
                             f"training / {len(va)} held-out images: fewer than one batch of {o.batch_size} or none "
                             "to evaluate; lower --batch_size or use fewer tasks")
     rank_set = ID.fixed_subset(val_set, split, i.rankme_images)
-    out_dir = Path(C.resolve_output_dir(cfg, "incremental"))
+    if not cfg.misc.auto_resume and RS.is_rank0():  # starting over: the earlier run's files move aside
+        archived = RS.archive_earlier_run(out_dir, ckpt_root)
     state = load_state(out_dir / STATE_FILE, fingerprint(cfg, split.order, sizes), cfg.misc.auto_resume)
     done = len(state["rows"])
     dist = D.init_distributed(cfg.misc.device)
@@ -171,7 +179,6 @@ def train_incremental(cfg) -> dict:
     model.to(dist.device)
     prev, ema, buffer, reference = build_hooks(model, methods, cfg)
     hooks = [h for h in (prev, ema, buffer) if h is not None]
-    ckpt_root = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     if 0 < done:  # between tasks: the last finished task's final weights and method state
         ckpt = load_training_checkpoint(ckpt_root / f"task-{done - 1}" / "final.pt")
         _set_head_size(model, split.offsets[done])
@@ -191,6 +198,14 @@ def train_incremental(cfg) -> dict:
                  f"{len(val_set)} held-out images, {len(sizes)} tasks of {sizes} classes, order {names}; "
                  f"methods {sorted(methods)}, ema {i.ema_mode}, "
                  f"evaluating the {'teacher' if i.eval_teacher else 'student'}")
+    if archived is not None:
+        run_log.info(f"--no_auto_resume: the earlier run's files in {out_dir} were moved to {archived}")
+    if changes:
+        run_log.info(RS.describe_changes(changes, done))
+        state.setdefault("resume_changes", []).extend({"from_task": done, **c} for c in changes)
+    if dist.is_main:  # the run-defining settings (as started) for the next resume to compare against
+        state["settings"] = C.to_container(cfg)
+        atomic_write_text(json.dumps(state, indent=1), out_dir / STATE_FILE)
     if done:
         run_log.info(f"resuming after task {done - 1} ({done} of {len(sizes)} tasks done)")
 
@@ -270,6 +285,6 @@ def _write(out_dir: Path, state: dict, sizes: list[int], cfg_dict: dict, desc: s
 
     record = {"checkpoint": cfg_dict["model"]["finetune"], "data": cfg_dict["data"]["data_path"],
               "config": cfg_dict, "model": desc, "class_order": state["fingerprint"]["class_order"],
-              "classes_per_task": sizes}
+              "classes_per_task": sizes, "resume_changes": state.get("resume_changes", [])}
     return R.write(out_dir, state["rows"], len(sizes), record)
 
