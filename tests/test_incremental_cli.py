@@ -126,7 +126,7 @@ def test_fake_cifar10_folder_runs(tmp_path):
     (["--inv_mode", "v3"], "incremental.inv_mode"),
     (["--mask_ratio", "1.0"], "incremental.mask_ratio"),
     (["--eval_teacher"], "--ema_mode"),
-    (["--dataset", "cifar10"], "not a CIFAR-10 folder"),
+    (["--dataset", "cifar10"], "not a complete CIFAR-10 folder"),
     (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "data.mean has 2 value(s)"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, fragment):

@@ -28,7 +28,7 @@ class IncModelConfig:
 @dataclass
 class IncrementalSection:
     method: str = "ce"  # ce | kd | mask | er, combinable with commas (kd,er); ce is always part of the loss
-    tasks: int = 5  # number of tasks of equal class count (ignored when init_classes is set)
+    tasks: Optional[int] = None  # tasks of equal class count; None = 5, or with init_classes as many as it makes
     init_classes: Optional[int] = None  # classes of the first task (PyCIL's B); the rest in steps of increment
     increment: Optional[int] = None  # classes per later task (PyCIL's Inc); default = init_classes
     kd_weight: float = 1.0  # weight of the distillation loss (kd)
@@ -129,7 +129,8 @@ FLAGS: list[Flag] = [
     Flag("std", "data.std", C.float_list, "per-channel normalisation std"),
     Flag("num_workers", "data.num_workers", int),
     Flag("method", "incremental.method", str, "ce | kd | mask | er, or a comma list (kd,er)"),
-    Flag("tasks", "incremental.tasks", int, "number of tasks"),
+    Flag("tasks", "incremental.tasks", int, "number of tasks of equal class count (default: 5; with "
+         "--init_classes, the count init_classes + k x increment makes: give both only when they agree)"),
     Flag("init_classes", "incremental.init_classes", int, "classes of the first task (PyCIL B)"),
     Flag("increment", "incremental.increment", int, "classes per later task (PyCIL Inc)"),
     Flag("kd_weight", "incremental.kd_weight", float),
@@ -205,7 +206,7 @@ def validate(cfg) -> None:
         ("incremental.temperature", i.temperature > 0, "> 0"),
         ("incremental.kd_weight", i.kd_weight >= 0, ">= 0"),
         ("incremental.mask_weight", i.mask_weight >= 0, ">= 0"),
-        ("incremental.tasks", i.tasks >= 1, ">= 1"),
+        ("incremental.tasks", i.tasks is None or i.tasks >= 1, ">= 1"),
         ("incremental.init_classes", i.init_classes is None or i.init_classes >= 1, ">= 1"),
         ("incremental.increment", i.increment is None or i.increment >= 1, ">= 1"),
         ("incremental.buffer_size", i.buffer_size >= 1, ">= 1"),
@@ -224,6 +225,14 @@ def validate(cfg) -> None:
         raise ConfigError("--eval_teacher evaluates the EMA teacher: also give --ema_mode ema|anne|sto")
     if i.increment is not None and i.init_classes is None:
         raise ConfigError("--increment needs --init_classes (the first task's classes)")
+    # flags that would change nothing under the chosen method: an error, as the other flag dependencies here
+    methods = parse_methods(i.method)
+    if i.ema_mode != "none" and not methods & {"kd", "mask"} and not i.eval_teacher:
+        raise ConfigError(f"--ema_mode {i.ema_mode} has no effect with --method {i.method}: the EMA teacher is the "
+                          "reference of kd / mask; add --method kd (or mask), or --eval_teacher to evaluate the EMA")
+    if i.cls_only and not methods & {"kd", "mask"}:
+        raise ConfigError(f"--cls_only has no effect with --method {i.method}: it changes the reference of kd / "
+                          "mask; add --method kd (or mask), or drop --cls_only")
 
 
 def _value(cfg, key: str):
@@ -232,9 +241,12 @@ def _value(cfg, key: str):
     return OmegaConf.select(cfg, key)
 
 
-def task_sizes(num_classes: int, tasks: int, init_classes: Optional[int], increment: Optional[int]) -> list[int]:
-    """Classes per task: `tasks` equal parts, or init_classes then steps of increment (a smaller last remainder)."""
+def task_sizes(num_classes: int, tasks: Optional[int], init_classes: Optional[int],
+               increment: Optional[int]) -> list[int]:
+    """Classes per task: `tasks` (default 5) equal parts, or init_classes then equal steps of increment (a split
+    that does not come out even is an error naming the numbers, never silently adjusted)."""
     if init_classes is None:
+        tasks = 5 if tasks is None else tasks
         if tasks > num_classes:
             raise ConfigError(f"--tasks {tasks} is more than the {num_classes} classes of the data; every task "
                               f"needs at least one class (use --tasks <= {num_classes})")
@@ -245,7 +257,15 @@ def task_sizes(num_classes: int, tasks: int, init_classes: Optional[int], increm
     if init_classes > num_classes:
         raise ConfigError(f"--init_classes {init_classes} is more than the {num_classes} classes of the data")
     inc = increment or init_classes
-    sizes = [init_classes]
-    while sum(sizes) < num_classes:
-        sizes.append(min(inc, num_classes - sum(sizes)))
-    return sizes
+    rest = num_classes - init_classes
+    n = 1 + rest // inc
+    if rest % inc:
+        raise ConfigError(f"{num_classes} classes cannot split into tasks of increment {inc} after {init_classes} "
+                          f"initial ({rest} classes left, not a multiple of {inc}); give an --increment that "
+                          f"divides {rest}, or another --init_classes")
+    if tasks is not None and tasks != n:
+        raise ConfigError(f"{num_classes} classes cannot split into {tasks} tasks of increment {inc} after "
+                          f"{init_classes} initial ({init_classes} + {tasks - 1} x {inc} = "
+                          f"{init_classes + (tasks - 1) * inc}); drop --tasks (they make {n}), or change "
+                          "--init_classes / --increment")
+    return [init_classes] + [inc] * (n - 1)

@@ -68,9 +68,12 @@ def open_cifar(root: str | Path, kind: str, train_tf: Callable, val_tf: Callable
     sub, train_files, test_files, meta, names_key, label_key = CIFAR_FILES[kind]
     folder = cifar_folder(root, kind)
     if folder is None:
-        need = ", ".join([*train_files, *test_files, meta])
+        need = [*train_files, *test_files, meta]
+        look = root / sub if (root / sub).is_dir() or not any((root / f).exists() for f in need) else root
+        missing = ", ".join(f for f in need if not (look / f).is_file())
         name = "CIFAR-10" if kind == "cifar10" else "CIFAR-100"
-        raise DataError(f"{root} is not a {name} folder: put the python version's files ({need}) in "
+        raise DataError(f"{root} is not a complete {name} folder: {look} lacks {missing}; put the python "
+                        f"version's files ({', '.join(need)}) in "
                         f"{root / sub}/ (extract {sub.replace('-batches-py', '').replace('-python', '')}-python.tar.gz "
                         f"from {CIFAR_URL} into {root})")
     classes = [c.decode() if isinstance(c, bytes) else str(c)
