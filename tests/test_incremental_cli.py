@@ -248,3 +248,34 @@ def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(
     log = (out / "log.txt").read_text()
     assert f"were moved to {earlier[0]}" in log and log.count("after task 0:") == 1
     assert len(json.loads((out / "incremental.json").read_text())["rows"]) == 2
+
+
+def test_every_flag_shows_its_default_and_no_auto_resume_reads_plainly():
+    import argparse
+
+    from mimkit.cli import _subparser, build_parser, with_default
+
+    sp = _subparser(build_parser(), "incremental")
+    for action in sp._actions:
+        if action.option_strings and action.help is not argparse.SUPPRESS and "-h" not in action.option_strings:
+            assert "default" in with_default(action), action.option_strings  # --world_size, --log_dir too
+    helps = {a.option_strings[0]: with_default(a) for a in sp._actions if a.option_strings}
+    assert "(default: resume)" in helps["--no_auto_resume"] and "True" not in helps["--no_auto_resume"]
+    assert "runs/incremental/" in helps["--output_dir"]
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import mimkit.cli as cli
+    from mimkit.incremental import data as ID
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ID, "open_data", interrupted)  # Ctrl-C while the data loads
+    assert _run(TINY, tmp_path / "out") == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # Ctrl-C while the command modules import
+    assert cli.main(["incremental", "--help"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "mimkit: interrupted while starting; nothing was written"

@@ -148,7 +148,8 @@ FLAGS: list[Flag] = [
     Flag("buffer_size", "incremental.buffer_size", int, "er: replay buffer size"),
     Flag("precise_bn_images", "incremental.precise_bn_images", int, "BatchNorm statistics recomputed on this "
          "many training images after each task (PreciseBN); 0 = keep the running averages"),
-    Flag("output_dir", "misc.output_dir", str, "run folder"),
+    Flag("output_dir", "misc.output_dir", str, "run folder; a folder holding a run resumes it (default: a new "
+         "runs/incremental/<date>_<time>)"),
     Flag("epochs", "schedule.epochs", int, "epochs per task"),
     Flag("warmup_epochs", "schedule.warmup_epochs", float),
     Flag("batch_size", "optimization.batch_size", int),
@@ -160,7 +161,8 @@ FLAGS: list[Flag] = [
     Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
     Flag("seed", "misc.seed", int, "seeds training and the class order"),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
-    Flag("no_auto_resume", "misc.auto_resume", None, "start over instead of resuming output_dir", const=False),
+    Flag("no_auto_resume", "misc.auto_resume", None, "start over in --output_dir instead of resuming the run in "
+         "it; its earlier files move to earlier/<time>/ (default: resume)", const=False),
     Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
     Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),

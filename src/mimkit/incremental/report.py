@@ -142,7 +142,7 @@ def layout(n_rows: int, n_cols: int, text_width) -> dict[str, Any]:
             "title_matrix": (left, 8, left + text_width(t1), 20), "heatmap": (left, top, left + hm_w, top + hm_h),
             "colour_bar": (bar_x, top, bar_labels[2], top + hm_h),
             "title_rankme": (plot_x0 - y_label_w, 8, plot_x0 - y_label_w + text_width(t2), 20),
-            "rankme_axes": (plot_x0 - y_label_w, top, plot_x0 + plot_w, top + plot_h + 36),
+            "rankme_axes": (plot_x0 - y_label_w, top - 14, plot_x0 + plot_w, top + plot_h + 36),
         },
         "titles": (t1, t2),
     }
@@ -198,7 +198,7 @@ def picture(path: Path, R: np.ndarray, rankmes: list[float]) -> Path:
             d.line([x0 + 1, y, x0 + w - 1, y], fill=(230, 230, 230))
             label = f"{t:g}"
             d.text((x0 - 8 - probe.textlength(label, font=font), y - 5), label, fill="black", font=font)
-        d.text((L["boxes"]["rankme_axes"][0], y1 + 20), "RankMe", fill="black", font=font)
+        d.text((L["boxes"]["rankme_axes"][0], top - 14), "RankMe", fill="black", font=font)  # the y axis's name
         n = len(rankmes)
         pts = {k: (x0 + w * (k + 0.5) / n, y_of(v)) for k, v in enumerate(rankmes) if math.isfinite(v)}
         if len(pts) > 1:
