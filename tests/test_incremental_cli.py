@@ -279,3 +279,24 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, monkeypatch, c
     assert cli.main(["incremental", "--help"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == "mimkit: interrupted while starting; nothing was written"
+
+
+@pytest.mark.slow
+def test_two_process_gloo_smoke(tmp_path):
+    """torchrun, 2 CPU processes (gloo), kd + er: both tasks train, rank 0 alone writes one run folder."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mimkit",
+           *TINY, "--epochs", "1", "--batch_size", "32", "--method", "kd,er", "--buffer_size", "50", "--amp", "off",
+           "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [len(row["acc"]) for row in res["per_task"]] == [1, 2]
+    assert all(0 <= a <= 100 for row in res["per_task"] for a in row["acc"])
+    assert (out / "checkpoints" / "task-1" / "final.pt").is_file()
+    assert r.stdout.count("final average accuracy") == 1  # printed once (rank 0), not per rank
