@@ -8,8 +8,9 @@ evaluation in eval mode reads near chance even though the weights classify well 
 one no-grad pass in train mode over training batches with momentum None (an equal-weight mean), after the last
 epoch. The task's training images go through the evaluation pipeline (no crop / flip): the distribution the
 statistics are used on (on digits at 16 px, nf 8, 1 epoch: task 0 reads 77 % that way, 66 % with the padded
-training crops, 50 % with the running averages, 81 % with the held-out set's own batch statistics). Done in `on_epoch_end` of the last epoch, so the epoch checkpoint and final.pt hold the new statistics
-(resume stays bitwise), inside a forked RNG (the training streams do not move) seeded per task (deterministic).
+training crops, 50 % with the running averages, 81 % with the held-out set's own batch statistics). Done in
+`on_epoch_end` of the last epoch, so the epoch checkpoint and final.pt hold the new statistics (resume stays
+bitwise), inside a forked RNG (the training streams do not move) seeded per task (deterministic).
 """
 
 from __future__ import annotations
