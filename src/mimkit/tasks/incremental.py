@@ -13,8 +13,11 @@ Trainer fit per task (THE engine; teachers, EMA and replay are its step function
 per task. After each task the model (or --eval_teacher's EMA) is evaluated on every task seen so far, and
 RankMe of its backbone features is measured on a fixed held-out set. Results: accuracy_matrix.csv,
 per_task.csv, results.json (final / average incremental accuracy, forgetting, BWT, RankMe), incremental.png,
-TensorBoard (tb/), the printed table. Checkpoints in checkpoints/task-<t>/: a killed run resumes inside its task
-(bitwise on CPU) or at the next task when restarted with the same command.
+TensorBoard (tb/), the printed table, in a new runs/incremental/<date>_<time>/ unless --output_dir. BatchNorm
+statistics are recomputed with each task's final weights before it is evaluated (PreciseBN). Checkpoints in
+checkpoints/task-<t>/: a killed run resumes inside its task (bitwise on CPU) or at the next task when restarted
+with the same command; other run-defining settings are refused in one line, and --no_auto_resume starts over,
+moving the earlier run's files to earlier/<time>/.
 """
 
 from __future__ import annotations
