@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from mimkit import config as C
+from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError, suggest
 from mimkit.tasks.pretrain import Flag
 
@@ -163,7 +164,7 @@ FLAGS: list[Flag] = [
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("no_auto_resume", "misc.auto_resume", None, "start over in --output_dir instead of resuming the run in "
          "it; its earlier files move to earlier/<time>/ (default: resume)", const=False),
-    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),
