@@ -204,18 +204,21 @@ _NO = object()
 def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[list, list]:
     """(input-size layer for beneath the config file, model layer for above it) of a starting checkpoint.
 
-    Empty when the checkpoint says nothing readable, or when a flag / override names another model (then the
-    user's model is built and its kwargs are its own).
+    Empty when the checkpoint says nothing readable. When a flag / override names another model, the user's
+    model is built with its own kwargs and input size, but the checkpoint's mean / std still lie beneath: the
+    weights were trained on inputs normalised so (a config file or --mean / --std still win).
     """
     from mimkit.models.loading import architecture_of
 
     arch = architecture_of(init_from)
     if not arch:
         return [], []
+    data = dict(arch.get("data") or {})
     named = next((C._get(d, "model.type") for _, d in reversed(user) if C._get(d, "model.type")), None)
     if named and not C.same_model(named, arch["model"]["type"]):
-        return [], []
-    below = [(f"input size of {init_from}", {"data": arch["data"]})] if "data" in arch else []
+        norm = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
+        return ([(f"normalisation of {init_from}", {"data": norm})] if norm else []), []
+    below = [(f"input size of {init_from}", {"data": data})] if data else []
     return below, [(C.ARCH_ORIGIN + str(init_from), {"model": arch["model"]})]
 
 

@@ -165,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise UserError(f"image not found: {p}")
     model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
+    if getattr(model, "load_report", None) is not None and model.load_report.decoder_fresh:
+        raise UserError(f"{args.checkpoint} holds no MAE decoder (an encoder-only, linprobe, finetune or segment "
+                        "checkpoint): reconstructions need the pretraining checkpoint (pretrain / continual)")
     tf = eval_transform(model.img_size, model.in_chans, *normalization_of(model))  # the checkpoint's mean/std
     imgs = []
     for p in paths:
