@@ -79,7 +79,15 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point; Ctrl-C while starting (imports, parsing) is one line and exit 130 too."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("mimkit: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     # Overrides and a config file may come after flags too: collect what argparse left over.
     args, rest = parser.parse_known_args(argv)
