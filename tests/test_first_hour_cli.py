@@ -1,0 +1,110 @@
+"""Issue 10 part B (the closing new-user trial): presets for built-in data, start-up lines, estimates of every run,
+image notes, CLI habits, the visualize grid."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.cli import build_parser
+from mimkit.engine import logging as L
+from mimkit.tasks import continual as CT
+from mimkit.tasks import pretrain as P
+
+
+def _continual_cfg(*argv: str):
+    return CT.config_from_args(build_parser().parse_args(["continual", *argv]))
+
+
+def _pretrain_cfg(*argv: str):
+    return P.config_from_args(build_parser().parse_args(["pretrain", *argv]), builtin_presets=P.BUILTIN_PRESETS)
+
+
+# ---------------------------------------------------------------------------------------------- 1. built-in data
+@pytest.mark.parametrize("argv", [("--domains", "photos", "textures"), ("--data_path", "photos")])
+def test_continual_on_builtin_domains_takes_the_demo_recipe(argv) -> None:
+    cfg = _continual_cfg(*argv)
+    assert cfg.misc.preset == "continual/demo.yaml"
+    assert cfg.model.type == "mae_vit_nano_patch8" and cfg.data.input_size == 64 and cfg.schedule.epochs == 3
+    # the user's data replaces the preset's domain list
+    assert list(cfg.continual.domains) == (["photos", "textures"] if argv[0] == "--domains" else [])
+
+
+@pytest.mark.parametrize("argv", [("--domains", "photos", "--model", "mae_vit_base_patch16"),
+                                  ("continual/basic.yaml", "--domains", "photos")])
+def test_continual_model_or_config_file_replaces_the_builtin_preset(argv) -> None:
+    cfg = _continual_cfg(*argv)
+    assert cfg.misc.preset is None and cfg.model.type != "mae_vit_nano_patch8"
+
+
+def test_an_existing_folder_named_like_a_builtin_set_gets_no_preset(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _continual_cfg("--domains", "photos").misc.preset is None
+
+
+@pytest.mark.parametrize("data,preset", [("textures", "pretrain/demo.yaml"), ("digits", "pretrain/digits.yaml"),
+                                         ("photos", "pretrain/photos.yaml")])
+def test_pretrain_on_builtin_data_takes_a_cpu_preset(data: str, preset: str) -> None:
+    cfg = _pretrain_cfg("--data_path", data)
+    assert cfg.misc.preset == preset and cfg.data.data_path == data
+    assert C_input(cfg) <= 64 and cfg.model.type != "mae_vit_large_patch16"
+    named = _pretrain_cfg("--data_path", data, "--model", "mae_vit_base_patch16")
+    assert named.misc.preset is None and named.model.type == "mae_vit_base_patch16" and C_input(named) == 224
+    assert _pretrain_cfg("--data_path", "/not/builtin").misc.preset is None
+
+
+def C_input(cfg) -> int:
+    return int(cfg.data.input_size)
+
+
+def test_continual_startup_lines_name_the_architecture_and_the_cpu_cost() -> None:
+    cfg = _continual_cfg("--domains", "photos", "--model", "mae_vit_large_patch16", "--device", "cpu")
+    with torch.device("meta"):
+        model = P.build_model(cfg, "meta")
+    lines = "\n".join(CT.startup_lines(cfg, model))
+    assert "model mae_vit_large_patch16 (patch 16, 24 blocks x 1024-d" in lines and "224x224 px" in lines
+    assert re.search(r"note: a 3\d\dM-parameter model on a CPU is slow; continual/demo.yaml fits a CPU", lines)
+    demo = _continual_cfg("--domains", "photos", "--device", "cpu")
+    with torch.device("meta"):
+        small = P.build_model(demo, "meta")
+    lines = "\n".join(CT.startup_lines(demo, small))
+    assert "mae_vit_nano_patch8 (patch 8, 4 blocks x 96-d" in lines and "preset continual/demo.yaml" in lines
+    assert "note:" not in lines
+
+
+# ---------------------------------------------------------------------------------------------- 5. estimates
+@pytest.mark.parametrize("iters", [1, 2, 4, 5])
+def test_every_run_gets_an_estimate(tmp_path: Path, iters: int) -> None:
+    run = L.RunLogger(tmp_path, tensorboard=False)
+    run.tty = False
+    run.start_run(iters, "cpu")
+    run.start_epoch(0, iters)
+    for i in range(iters):
+        run.progress(i, {"loss": 1.0})
+    run.close()
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("estimated time of the whole run: under a minute") == 1
+    assert f"({iters} iteration(s) at" in log
+
+
+def test_a_stage_estimate_speaks_for_the_stages_left(tmp_path: Path, monkeypatch) -> None:
+    clock = iter(range(0, 100_000, 700))  # every perf_counter call advances 700 s
+    monkeypatch.setattr(L.time, "perf_counter", lambda: float(next(clock)))
+    run = L.RunLogger(tmp_path, tensorboard=False)
+    run.tty, run.slow_hint = False, "continual/demo.yaml fits"
+    run.also_estimate = (3, "stage(s) left")
+    run.start_run(2, "cpu")
+    run.start_epoch(0, 2)
+    for i in range(2):
+        run.progress(i, {"loss": 1.0})
+    run.close()
+    log = (tmp_path / "log.txt").read_text()
+    one = re.search(r"estimated time of the whole run: (\d+) h (\d+) min", log)
+    three = re.search(r"estimated time of 3 stage\(s\) left: (\d+) h (\d+) min", log)
+    assert one and three and "that is hours on a CPU: continual/demo.yaml fits" in log
+    minutes = [int(m.group(1)) * 60 + int(m.group(2)) for m in (one, three)]
+    assert abs(minutes[1] - 3 * minutes[0]) <= 2
