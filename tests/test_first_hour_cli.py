@@ -108,3 +108,95 @@ def test_a_stage_estimate_speaks_for_the_stages_left(tmp_path: Path, monkeypatch
     assert one and three and "that is hours on a CPU: continual/demo.yaml fits" in log
     minutes = [int(m.group(1)) * 60 + int(m.group(2)) for m in (one, three)]
     assert abs(minutes[1] - 3 * minutes[0]) <= 2
+
+
+# ---------------------------------------------------------------------------------------------- 2, 3. image notes
+def _alpha_files(folder: Path) -> dict[str, Path]:
+    """One file per mode with transparency Pillow writes: RGBA, LA, palette with a transparent colour."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out = {}
+    rgba = rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)
+    out["RGBA"] = folder / "a_rgba.png"
+    Image.fromarray(rgba, "RGBA").save(out["RGBA"])
+    out["LA"] = folder / "b_la.png"
+    Image.fromarray(rgba[..., :2].copy(), "LA").save(out["LA"])
+    out["P"] = folder / "c_p.png"
+    Image.fromarray(rgba[..., :3].copy()).quantize(8).save(out["P"], transparency=0)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_noted_for_every_alpha_mode(tmp_path: Path, mode: str) -> None:
+    from PIL import Image
+
+    from mimkit.data.images import scan_images
+
+    path = _alpha_files(tmp_path)[mode]
+    with Image.open(path) as im:
+        assert im.mode == mode
+    notes = scan_images([path] * 3)
+    assert len(notes) == 1 and notes[0].startswith("3 image(s) have transparency (first: ")
+    assert str(path) in notes[0] and "composited on a white background" in notes[0]
+
+
+@pytest.mark.slow
+def test_pretrain_on_rgba_images_says_transparency_once(tmp_path: Path) -> None:
+    from conftest import TINY_MODEL
+    from PIL import Image
+    import numpy as np
+
+    from mimkit.cli import main
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(8):
+        a = np.random.default_rng(i).integers(0, 256, (40, 40, 4), dtype=np.uint8)
+        Image.fromarray(a, "RGBA").save(data / f"{i}.png")
+    assert main(["pretrain", *TINY_MODEL, "--data_path", str(data), "--output_dir", str(tmp_path / "r"),
+                 "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "logging.tensorboard=false"]) == 0
+    log = (tmp_path / "r" / "log.txt").read_text()
+    assert log.count("have transparency") == 1 and "8 image(s) have transparency (first: " in log
+    assert "estimated time of the whole run: under a minute (2 iteration(s)" in log  # item 5: a 2-step run too
+
+
+def _png_12bit(path: Path, top: int = 4095) -> Path:
+    """A real 12-bit-in-16 PNG (what a 12-bit camera writes): uint16 values 0..top in a 16-bit grayscale file."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.linspace(0, top, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def test_12bit_data_in_16bit_png_uses_its_whole_range(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.data.images import read_image, scan_images
+
+    path = _png_12bit(tmp_path / "cam.png")
+    with Image.open(path) as im:
+        assert im.mode.startswith("I;16") and np.asarray(im).max() == 4095
+    gray = np.asarray(read_image(path, "L")).astype(int)
+    assert gray.max() == 255 and gray.min() == 0 and abs(gray.mean() - 127.5) < 1  # was max 16: nearly black
+    raw = np.asarray(Image.open(path)).astype(float)
+    assert np.abs(gray - raw * 255 / 4095).max() <= 0.5  # one factor, v * 255 / 4095, not a per-image stretch
+    full = _png_12bit(tmp_path / "full.png", top=65535)
+    assert np.asarray(read_image(full, "L")).max() == 255
+    notes = scan_images([path, path, full])
+    assert len(notes) == 1 and notes[0].startswith("2 16-bit image(s) use only 12 bits")
+    assert "v * 255 / 4095" in notes[0] and "1 other 16-bit image(s) by v * 255 / 65535" in notes[0]
+
+
+def test_dark_12bit_images_keep_their_relative_brightness(tmp_path: Path) -> None:
+    import numpy as np
+
+    from mimkit.data.images import read_image
+
+    dark = np.asarray(read_image(_png_12bit(tmp_path / "dark.png", top=1000), "L")).max()
+    assert dark == round(1000 * 255 / 4095)  # not stretched to 255: images of one set stay comparable

@@ -110,3 +110,14 @@ def warn_small_images(ds, size: tuple[int, int], limit: int = 1000) -> Optional[
     checked = "" if n_checked == len(ds) else f" (of {n_checked} checked)"
     return (f"warning: {n_small} image(s){checked} are smaller than the {h}x{w} input and are upscaled; a smaller "
             "--input_size keeps them sharp")
+
+
+def image_notes(ds, size: tuple[int, int], limit: int = 1000) -> list[str]:
+    """Every once-per-run note on the training images: upscaled small ones, transparency, 12-bit data."""
+    from mimkit.data.images import scan_images
+
+    notes = [n for n in [warn_small_images(ds, size, limit)] if n]
+    samples = getattr(ds, "samples", None)
+    if samples:
+        notes += [f"note: {n}" for n in scan_images([s[0] for s in samples], limit)]
+    return notes

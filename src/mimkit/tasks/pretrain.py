@@ -32,7 +32,7 @@ from mimkit.engine.precision import amp_decision
 from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
 from mimkit.errors import ConfigError, UserError
 from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
-from mimkit.tasks.preflight import warn_small_images
+from mimkit.tasks.preflight import image_notes
 
 DEMO_PRESET = "pretrain/demo.yaml"
 # Built-in sets are demo data: without --model or a config file they get a CPU-sized preset, never ViT-L at 224 px.
@@ -359,7 +359,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
     check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size)
-    small = warn_small_images(train_set, C.input_size(cfg))
+    notes = image_notes(train_set, C.input_size(cfg))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
@@ -392,8 +392,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     n_params = sum(p.numel() for p in model.parameters())
     if dist.device.type == "cpu" and n_params > 50e6:  # the official defaults are GPU recipes
         run_log.info(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU is slow; {CPU_HINT}")
-    if small:
-        run_log.info(small)
+    for note in notes:
+        run_log.info(note)
     if report is not None:
         run_log.info(report.summary())
     if resume_warning:
