@@ -200,3 +200,71 @@ def test_dark_12bit_images_keep_their_relative_brightness(tmp_path: Path) -> Non
 
     dark = np.asarray(read_image(_png_12bit(tmp_path / "dark.png", top=1000), "L")).max()
     assert dark == round(1000 * 255 / 4095)  # not stretched to 255: images of one set stay comparable
+
+
+# ---------------------------------------------------------------------------------------------- 7. visualize grid
+def _tiny_mae():
+    from mimkit.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def test_visualize_grid_labels_every_row_with_its_file_name() -> None:
+    import numpy as np
+
+    from mimkit.tasks.visualize import LINE_H, reconstruction_grid
+
+    model, imgs, noise = _tiny_mae(), torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    plain = reconstruction_grid(model, imgs, 0.75, noise)
+    labelled = reconstruction_grid(model, imgs, 0.75, noise, row_labels=["cat.png", "a_much_longer_name.tif"])
+    band = LINE_H + 2
+    assert labelled.shape[0] == plain.shape[0] + 2 * band  # one label band above each row
+    header = plain.shape[0] - 2 * 128
+    bands = [labelled[header + i * (band + 128): header + i * (band + 128) + band] for i in range(2)]
+    for b in bands:
+        assert (b < 128).any() and (b == 255).mean() > 0.5  # dark text on white
+    assert not np.array_equal(bands[0], bands[1])  # each row its own name
+    # the image rows themselves are unchanged below their bands
+    assert np.array_equal(labelled[header + band: header + band + 128], plain[header: header + 128])
+
+
+def test_visualize_title_wraps_to_fit_the_picture() -> None:
+    from PIL import Image, ImageDraw
+
+    from mimkit.tasks.visualize import _fit, _wrap, reconstruction_grid
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = ("mimkit checkpoint /home/user/runs/pretrain/2026-11-29_08-55-12/checkpoints/final.pt: "
+             "mae_vit_demo_patch8 (patch 8, 6 blocks x 192-d), 64x64 px, mask 0.75")
+    lines = _wrap(draw, title, 200)
+    assert len(lines) > 2 and all(draw.textlength(line) <= 200 for line in lines)
+    assert "".join(lines).replace(" ", "") == title.replace(" ", "")  # nothing lost
+    short = reconstruction_grid(_tiny_mae(), torch.randn(1, 3, 32, 32), 0.75, torch.rand(1, 16), title="x")
+    long = reconstruction_grid(_tiny_mae(), torch.randn(1, 3, 32, 32), 0.75, torch.rand(1, 16), title=title)
+    assert long.shape[1] == short.shape[1] and long.shape[0] > short.shape[0]  # taller header, same width
+    cut = _fit(draw, "/very/long/folder/name/with/many/parts/photo_0001.png", 80)
+    assert cut.startswith("...") and cut.endswith("0001.png") and draw.textlength(cut) <= 80
+
+
+@pytest.mark.slow
+def test_visualize_cli_names_rows_and_notes_transparency(tmp_path: Path, capsys) -> None:
+    from conftest import TINY_MODEL, write_images
+    from PIL import Image
+
+    from mimkit.cli import main
+
+    run = tmp_path / "run"
+    data = tmp_path / "imgs"
+    write_images(data, 4)
+    assert main(["pretrain", *TINY_MODEL, "--data_path", str(data), "--output_dir", str(run), "--batch_size", "4",
+                 "--num_workers", "0", "--epochs", "1", "--max_steps", "1", "logging.tensorboard=false"]) == 0
+    files = _alpha_files(tmp_path / "alpha")
+    out = tmp_path / "v.png"
+    assert main(["visualize", str(run / "checkpoints/final.pt"), str(files["RGBA"]), str(files["P"]),
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("have transparency") == 1 and "2 image(s) have transparency" in printed
+    with Image.open(out) as im:
+        assert im.height > 2 * 128 + 2 * 16  # two rows, each under its label band
