@@ -268,3 +268,25 @@ def test_visualize_cli_names_rows_and_notes_transparency(tmp_path: Path, capsys)
     assert printed.count("have transparency") == 1 and "2 image(s) have transparency" in printed
     with Image.open(out) as im:
         assert im.height > 2 * 128 + 2 * 16  # two rows, each under its label band
+
+
+# ---------------------------------------------------------------------------------------------- 9. preset names
+@pytest.mark.parametrize("preset", ["pretrain/digits.yaml", "pretrain/photos.yaml"])
+def test_pays_presets_name_their_own_architecture(preset: str) -> None:
+    from mimkit.models import create_model
+
+    cfg = _pretrain_cfg(preset)
+    assert cfg.model.type == "mae_vit_nano_patch4_dec64d2b" and dict(cfg.model.kwargs) == {}
+    with torch.device("meta"):
+        model = P.build_model(cfg, "meta")
+        # the same architecture the preset built before under mae_vit_tiny_patch16 + model.kwargs (old runs load)
+        old = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+                           decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in old.state_dict().items()}
+    assert model.patch_size == 4 and len(model.blocks) == 4 and model.embed_dim == 96
+    assert len(model.decoder_blocks) == 2 and model.decoder_embed.out_features == 64
+    # an explicit name builds exactly that architecture, whatever the preset beneath it
+    named = _pretrain_cfg(preset, "--model", "mae_vit_tiny_patch16")
+    with torch.device("meta"):
+        tiny = P.build_model(named, "meta")
+    assert tiny.patch_size == 16 and len(tiny.blocks) == 12 and tiny.embed_dim == 192

@@ -71,6 +71,15 @@ def mae_vit_nano_patch8(**kw) -> MaskedAutoencoderViT:
                      decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2), kw)
 
 
+@_preset
+def mae_vit_nano_patch4_dec64d2b(**kw) -> MaskedAutoencoderViT:
+    """The 32 px built-in sets' model (pretrain/digits.yaml, pretrain/photos.yaml, benchmarks/pretraining_pays.py):
+    the nano encoder (96-d, 4 blocks, 3 heads) at patch 4, 32 px; decoder 64-d, 2 blocks, 2 heads (the official
+    `_dec512d8b` suffix style: decoder width and depth)."""
+    return _mae(dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+                     decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2), kw)
+
+
 for _size, _patch in (("base", 16), ("large", 16), ("huge", 14)):
     # official names (facebookresearch/mae models_mae.py) and seed 000's continual names
     register_alias(f"mae_vit_{_size}_patch{_patch}_dec512d8b", f"mae_vit_{_size}_patch{_patch}")
