@@ -290,3 +290,30 @@ def test_pays_presets_name_their_own_architecture(preset: str) -> None:
     with torch.device("meta"):
         tiny = P.build_model(named, "meta")
     assert tiny.patch_size == 16 and len(tiny.blocks) == 12 and tiny.embed_dim == 192
+
+
+# ---------------------------------------------------------------------------------------------- 8. one batch
+def test_too_few_images_for_the_cpu_preset_names_the_numbers_not_the_preset(tmp_path: Path, capsys) -> None:
+    from conftest import write_images
+
+    from mimkit.cli import main
+
+    data = tmp_path / "imgs"
+    write_images(data, 10)
+    assert main(["pretrain", "pretrain/cpu_small.yaml", "--data_path", str(data), "--output_dir",
+                 str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "the dataset has 10 image(s): fewer than one batch of 16 per process (1 process(es))" in err
+    assert "use --batch_size 10 or smaller, or add at least 6 image(s)" in err
+    assert "cpu_small.yaml" not in err and not (tmp_path / "r").exists()
+
+
+def test_one_batch_check_with_several_processes() -> None:
+    from mimkit.errors import DataError
+    from mimkit.tasks.preflight import check_one_batch
+
+    check_one_batch(32, 16, 2)  # exactly one batch per process: fine
+    with pytest.raises(DataError, match=r"use --batch_size 7 or smaller, or add at least 34 image\(s\)"):
+        check_one_batch(30, 16, 4)
+    with pytest.raises(DataError, match=r"use fewer than 4 processes, or add at least 5 image\(s\)"):
+        check_one_batch(3, 2, 4)

@@ -281,7 +281,7 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     from mimkit.tasks.preflight import cap_workers, check_one_batch, note_schedule_change, image_notes
 
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
-    check_one_batch(len(train_set), opt.batch_size, dist.world_size, SLOW_HINTS[command])
+    check_one_batch(len(train_set), opt.batch_size, dist.world_size)
     for note in image_notes(train_set, C.input_size(cfg)):
         run_log.info(note)
     num_workers = cap_workers(num_workers, run_log)

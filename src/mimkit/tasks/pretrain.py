@@ -358,7 +358,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
-    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size)
+    big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
+    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
     notes = image_notes(train_set, C.input_size(cfg))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
