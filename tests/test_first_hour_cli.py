@@ -317,3 +317,24 @@ def test_one_batch_check_with_several_processes() -> None:
         check_one_batch(30, 16, 4)
     with pytest.raises(DataError, match=r"use fewer than 4 processes, or add at least 5 image\(s\)"):
         check_one_batch(3, 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------- 4. mistyped flags
+@pytest.mark.parametrize("argv, line", [
+    (["pretrain", "--epocs", "3"], "mimkit pretrain: error: unknown flag --epocs; did you mean --epochs?"),
+    (["knn", "--checkpoint", "x", "--temprature", "0.1"],  # before argparse's 'required: --data_path'
+     "mimkit knn: error: unknown flag --temprature; did you mean --temperature?"),
+    (["continual", "--epochs=3", "--freez_mode", "none"],
+     "mimkit continual: error: unknown flag --freez_mode; did you mean --freeze_mode?"),
+    (["pretrain", "--max", "3"], "mimkit pretrain: error: unknown flag --max (flags are not abbreviated: did you "
+                                 "mean --max_steps?)"),
+    (["pretrain", "--epochs", "abc"], "mimkit pretrain: error: argument --epochs: invalid int value: 'abc'"),
+])
+def test_a_mistyped_flag_is_one_line_and_a_help_hint(argv, line, capsys) -> None:
+    from mimkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert err == [line, f"(`mimkit {argv[0]} --help` lists every flag with its default)"]  # no usage block
