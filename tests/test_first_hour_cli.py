@@ -338,3 +338,32 @@ def test_a_mistyped_flag_is_one_line_and_a_help_hint(argv, line, capsys) -> None
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2
     assert err == [line, f"(`mimkit {argv[0]} --help` lists every flag with its default)"]  # no usage block
+
+
+# ---------------------------------------------------------------------------------------------- 6. help defaults
+def _helps() -> dict[str, dict[str, str]]:
+    """{command: {flag: its help as printed}} of every command."""
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: {a.option_strings[0]: sp._get_formatter()._expand_help(a)
+                   for a in sp._actions if a.option_strings and a.help and a.help != argparse.SUPPRESS}
+            for name, sp in sub.choices.items()}
+
+
+def test_every_flag_states_one_plain_default() -> None:
+    for command, flags in _helps().items():
+        for flag, text in flags.items():
+            if flag in ("-h", "--help", "--version"):
+                continue
+            m = re.findall(r"\(default: ([^)]*)\)", text)
+            assert len(m) <= 1, f"mimkit {command} {flag}: {text!r}"
+            if m:  # one value, not 'off, key = true' (two defaults that contradict each other at a glance)
+                assert "=" not in m[0] and not re.match(r"(off|on), ", m[0]), f"mimkit {command} {flag}: {text!r}"
+    pre = _helps()["pretrain"]
+    assert pre["--pin_mem"].endswith("sets data.pin_memory to true (default: true)")
+    assert pre["--no_pin_mem"].endswith("sets data.pin_memory to false (default: true)")
+    assert pre["--norm_pix_loss"].endswith("sets model.norm_pix_loss to true (default: false)")
+    assert pre["--patch_size"].endswith("sets model.kwargs.patch_size (default: the model's own)")
+    assert _helps()["finetune"]["--global_pool"].endswith("sets model.global_pool to true (default: true)")

@@ -88,7 +88,7 @@ FLAGS: list[Flag] = [
     Flag("num_workers", "data.num_workers", int),
     Flag("augment_on", "data.augment_on", str, "workers | device: where crop, flip and normalise run"),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory (GPU runs)", const=True),
-    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory (sets it false)", const=False),
+    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory", const=False),
     Flag("seed", "misc.seed", int),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("resume", "misc.resume", str, "checkpoint (file or folder) to resume"),
@@ -122,12 +122,14 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema:
     p.add_argument("--config", default=None, help="config file (same as the positional)")
     defaults = OmegaConf.structured(schema)
     for f in flags:
-        default = _show(OmegaConf.select(defaults, f.key, default=None))
+        # every flag says the key it sets and that key's default, one way: 'sets KEY [to VALUE] (default: VALUE)'
+        value = OmegaConf.select(defaults, f.key, default=None)
+        default = "the model's own" if value is None and ".kwargs." in f.key else _show(value)
         text = f.help + "; " if f.help else ""
         if "default" in f.help:
             help_text = f"{text}sets {f.key}"
         elif f.const is not None:
-            help_text = f"{text}sets {f.key} to {_show(f.const)} (default: off, {f.key} = {default})"
+            help_text = f"{text}sets {f.key} to {_show(f.const)} (default: {default})"
         else:
             help_text = f"{text}sets {f.key} (default: {default})"
         if f.const is not None:
