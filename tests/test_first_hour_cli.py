@@ -367,3 +367,10 @@ def test_every_flag_states_one_plain_default() -> None:
     assert pre["--norm_pix_loss"].endswith("sets model.norm_pix_loss to true (default: false)")
     assert pre["--patch_size"].endswith("sets model.kwargs.patch_size (default: the model's own)")
     assert _helps()["finetune"]["--global_pool"].endswith("sets model.global_pool to true (default: true)")
+
+
+def test_continual_sweep_on_builtin_domains_takes_the_sweep_recipe() -> None:
+    cfg = _continual_cfg("--sweep", "--domains", "photos", "textures")
+    assert cfg.misc.preset == "continual/sweep.yaml" and cfg.model.type == "mae_vit_nano_patch8"
+    assert list(cfg.continual.domains) == ["photos", "textures"]
+    assert "photos" not in cfg.continual.eval_domains and cfg.continual.base_data == "photos"

@@ -119,9 +119,11 @@ def config_from_args(args: argparse.Namespace) -> DictConfig:
                           "overrides before --domains")
     flags = [*FLAGS, DOMAINS_FLAG]
     # built-in domains are demo data: the demo's CPU-sized recipe unless --model or a config file says otherwise
-    cfg = P.config_from_args(args, flags, ContinualConfig, demo_preset=None, builtin_presets={"*": DEMO_PRESET})
+    sweep = getattr(args, "sweep", False)
+    cfg = P.config_from_args(args, flags, ContinualConfig, demo_preset=None,
+                             builtin_presets={"*": SWEEP_PRESET if sweep else DEMO_PRESET})
     if not cfg.continual.domains and not cfg.data.data_path:
-        preset = SWEEP_PRESET if getattr(args, "sweep", False) else DEMO_PRESET
+        preset = SWEEP_PRESET if sweep else DEMO_PRESET
         # build_config puts the preset under every layer when none sets data.data_path (true here)
         cfg = P.config_from_args(args, flags, ContinualConfig, demo_preset=preset)
     validate(cfg)

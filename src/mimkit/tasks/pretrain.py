@@ -237,9 +237,13 @@ def _named_model(user: list[tuple[str, dict]]) -> Optional[str]:
 def _preset_layer(preset: str, user: list[tuple[str, dict]]) -> dict:
     """The preset's dict; its data (path or domain list) gives way to the data the user names."""
     data = C.load_file(preset)
-    if _data_specs(user):
+    specs = _data_specs(user)
+    if specs:
         (data.get("data") or {}).pop("data_path", None)
-        (data.get("continual") or {}).pop("domains", None)
+        cont = data.get("continual") or {}
+        cont.pop("domains", None)
+        if cont.get("eval_domains"):  # a domain the user trains on is no longer a held-out one
+            cont["eval_domains"] = [d for d in cont["eval_domains"] if d not in specs]
     return data
 
 
