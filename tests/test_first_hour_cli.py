@@ -88,7 +88,7 @@ def test_every_run_gets_an_estimate(tmp_path: Path, iters: int) -> None:
     run.close()
     log = (tmp_path / "log.txt").read_text()
     assert log.count("estimated time of the whole run: under a minute") == 1
-    assert f"({iters} iteration(s) at" in log
+    assert f"({iters} iteration{'s' if iters > 1 else ''} at" in log
 
 
 def test_a_stage_estimate_speaks_for_the_stages_left(tmp_path: Path, monkeypatch) -> None:
@@ -160,7 +160,7 @@ def test_pretrain_on_rgba_images_says_transparency_once(tmp_path: Path) -> None:
                  "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "logging.tensorboard=false"]) == 0
     log = (tmp_path / "r" / "log.txt").read_text()
     assert log.count("have transparency") == 1 and "8 image(s) have transparency (first: " in log
-    assert "estimated time of the whole run: under a minute (2 iteration(s)" in log  # item 5: a 2-step run too
+    assert "estimated time of the whole run: under a minute (2 iterations" in log  # item 5: a 2-step run too
 
 
 def _png_12bit(path: Path, top: int = 4095) -> Path:
@@ -374,3 +374,10 @@ def test_continual_sweep_on_builtin_domains_takes_the_sweep_recipe() -> None:
     assert cfg.misc.preset == "continual/sweep.yaml" and cfg.model.type == "mae_vit_nano_patch8"
     assert list(cfg.continual.domains) == ["photos", "textures"]
     assert "photos" not in cfg.continual.eval_domains and cfg.continual.base_data == "photos"
+
+
+def test_examples_still_pass_flags_on_to_continual(capsys) -> None:
+    from mimkit.cli import main
+
+    assert main(["examples", "--dry_run", "2b", "--data_path", "/mine"]) == 0
+    assert "--data_path /mine" in capsys.readouterr().out

@@ -80,6 +80,8 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def _check_flags(sp: argparse.ArgumentParser, words: list[str]) -> None:
     """Exit 2 with one line on the first word that looks like a flag but is none of the command's."""
+    if any(a.nargs == argparse.REMAINDER for a in sp._actions):
+        return  # a command that passes flags on (examples -> continual): the receiving parser checks them
     options = [o for a in sp._actions for o in a.option_strings]
     for word in words:
         if word == "--":
