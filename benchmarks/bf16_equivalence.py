@@ -38,10 +38,12 @@ def main(argv=None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                usage="%(prog)s [options] [-- PRETRAIN_FLAGS ...]",
+                                epilog="Flags after `--` go to every `mimkit pretrain` run, e.g. `-- --epochs 4`.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="misc.seed values")
     p.add_argument("--precisions", nargs="+", default=["off", "bf16"], help="--amp values to compare")
-    p.add_argument("--out", default=None, help="parent folder of the runs (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="parent folder of the runs; None = a temporary folder")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     args = p.parse_args(argv)
 

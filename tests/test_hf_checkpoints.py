@@ -163,7 +163,7 @@ def test_every_checkpoint_reader_takes_a_folder(tmp_path, saved, hf_model):
     assert_same_outputs(ours, hf_model)
     enc, _ = load_encoder(str(saved))
     assert enc.embed_dim == 48
-    _, kind, mae, _ = load_for_export(str(saved))
+    _, kind, mae, _, _ = load_for_export(str(saved))
     assert kind == "encoder" and mae.depth == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="looked for model.pt, latest.pt"):

@@ -109,3 +109,35 @@ def test_fused_adamw_gives_the_unfused_update_with_the_same_groups() -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
         moved += int(not torch.equal(p, init[n]))
     assert moved > 0  # the comparison is not vacuous
+
+
+def test_feature_pass_under_bf16_is_close_to_fp32_and_returns_fp32() -> None:
+    from mimkit.data.builtin import open_dataset
+    from mimkit.data.transforms import eval_transform
+    from mimkit.tasks.features import extract_features
+
+    model = tiny_mae()
+    ds = open_dataset("digits", "val", eval_transform(32, 3, (0.5,) * 3, (0.5,) * 3))
+    ds = torch.utils.data.Subset(ds, range(16))
+    f32, y32 = extract_features(model, ds, 8, CPU, "avg", amp="off")
+    f16, y16 = extract_features(model, ds, 8, CPU, "avg", amp="bf16")
+    assert f16.dtype == torch.float32 and torch.equal(y32, y16)
+    assert not torch.equal(f32, f16)  # the bf16 pass really ran in bf16
+    cos = torch.nn.functional.cosine_similarity(f32, f16, dim=1)
+    assert cos.min() > 0.99
+
+
+def test_knn_takes_amp_and_says_which_precision(tmp_path: Path, capsys) -> None:
+    args = ["knn", "--model", "mae_vit_nano_patch8", "--random_init", "--input_size", "32", "--data_path", "digits",
+            "--k", "5", "--output_dir", str(tmp_path / "k")]
+    assert main(args + ["--amp", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "amp bf16 (--amp bf16 as asked)" in out
+    assert main(args) == 0
+    assert "amp off (--amp off as asked)" in capsys.readouterr().out  # fp32 features unless asked
+
+
+def test_an_unknown_amp_value_says_off_is_fp32(tmp_path: Path, capsys) -> None:
+    assert main(["pretrain", "--amp", "fp32", "--output_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "must be auto, bf16, fp16 or off; off is fp32" in err and len(err.strip().splitlines()) == 1

@@ -130,6 +130,9 @@ def test_layer_decay_scales_equal_mmseg(depth, rate) -> None:
         assert by_param[id(p)]["lr_scale"] == pytest.approx(scale), name
         no_decay = p.ndim == 1 or name in ("backbone.cls_token", "backbone.pos_embed")
         assert by_param[id(p)]["weight_decay"] == (0.0 if no_decay else 0.05), name
+    # the loop logs the first group's lr: the heads' (scale 1), as MMSeg logs the base lr
+    assert groups[0]["lr_scale"] == 1.0 and groups[0]["names"][0].startswith(("neck.", "decode_head."))
+    assert [g["lr_scale"] for g in groups] == sorted((g["lr_scale"] for g in groups), reverse=True)
 
 
 def test_warmup_then_poly() -> None:
@@ -294,8 +297,54 @@ def test_ade20k_preset_is_mmsegs_recipe() -> None:
     o, s, m = cfg.optimization, cfg.schedule, cfg.model
     assert (o.lr, o.adam_beta1, o.adam_beta2, o.weight_decay, o.layer_decay) == (1e-4, 0.9, 0.999, 0.05, 0.65)
     assert (s.max_iters, s.warmup_iters, s.warmup_ratio, s.power) == (160000, 1500, 1e-6, 1.0)
-    assert o.batch_size * 8 == 16 and list(m.taps) == [3, 5, 7, 11] and m.drop_path == 0.1
+    assert o.batch_size * 8 == 16 and m.taps is None and default_taps(12) == [3, 5, 7, 11] and m.drop_path == 0.1
     assert (m.channels, m.aux_channels, m.aux_weight, list(m.pool_scales)) == (768, 256, 0.4, [1, 2, 3, 6])
     assert cfg.data.input_size == 512 and cfg.data.ignore_index == 255 and cfg.data.reduce_zero_label
     assert list(cfg.data.augmentation.ratio_range) == [0.5, 2.0] and cfg.data.augmentation.cat_max_ratio == 0.75
     assert cfg.test.mode == "slide" and list(cfg.test.stride) == [341, 341]
+
+
+def test_eval_settings_come_from_the_checkpoint_unless_the_user_gives_them() -> None:
+    import argparse
+
+    from mimkit import config as C
+    from mimkit.tasks.segment_config import SEGMENT_FLAGS, SegmentConfig
+    from mimkit.tasks.segment_setup import apply_run_settings, given_keys
+
+    p = argparse.ArgumentParser()
+    from mimkit.tasks.segment import add_arguments
+
+    add_arguments(p)
+    args = p.parse_args(["--test_mode", "whole", "test.stride=[8,8]", "--eval", "--resume", "x.pt"])
+    given = given_keys(args, SEGMENT_FLAGS)
+    assert {"test.mode", "test.stride", "misc.eval", "misc.resume"} <= given["command"] and not given["file"]
+    cfg = C.build_config(SegmentConfig, [("demo", C.load_file("segment/demo.yaml")),
+                                         ("you", {"test": {"mode": "whole", "stride": [8, 8]}})])
+    saved = {"model": {"arch": {"img_size": [48, 40]}},
+             "data": {"data_path": "/ade", "reduce_zero_label": True, "mean": [0.5] * 3, "std": [0.2] * 3,
+                      "augmentation": {"scale": [192, 48]}},
+             "test": {"mode": "slide", "crop_size": [48, 40], "stride": [16, 16]}}
+    assert apply_run_settings(cfg, saved, given) == ["test.mode", "test.stride"]
+    assert cfg.test.mode == "whole" and list(cfg.test.stride) == [8, 8]  # yours
+    assert list(cfg.test.crop_size) == [48, 40] and list(cfg.data.input_size) == [48, 40]  # the checkpoint's
+    assert cfg.data.data_path == "/ade" and cfg.data.reduce_zero_label and list(cfg.data.mean) == [0.5] * 3
+    assert list(cfg.data.augmentation.scale) == [192, 48]
+
+
+def test_a_checkpoints_architecture_beats_the_presets_model_type(tmp_path) -> None:
+    from mimkit import config as C
+    from mimkit.engine.checkpoint import make_checkpoint
+    from mimkit.tasks.segment_config import SegmentConfig
+    from mimkit.tasks.segment_setup import build_encoder
+
+    kw = {**TINY, "depth": 3}
+    enc = create_model("mae_vit_tiny_patch16", img_size=32, **kw)
+    config = {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kw}, "data": {"input_size": 32}}
+    torch.save(make_checkpoint(model=enc.state_dict(), optimizer={}, epoch=0, step=0, config=config), tmp_path / "e.pt")
+    cfg = C.build_config(SegmentConfig, [("preset", C.load_file("segment/ade20k_vit_base.yaml")),
+                                         ("flags", {"model": {"finetune": str(tmp_path / "e.pt")}})])
+    assert cfg.model.type == "mae_vit_base_patch16"  # the preset's, a fallback only
+    built, desc = build_encoder(cfg, (32, 32), {"command": {"model.finetune"}, "file": {"model.type"}})
+    assert len(built.blocks) == 3 and built.embed_dim == TINY["embed_dim"] and "mae_vit_tiny_patch16" in desc
+    assert torch.equal(built.blocks[2].mlp.fc1.weight, enc.blocks[2].mlp.fc1.weight)
+    assert segmenter_arch(built, (32, 32), 4, None, 8, 8, [1], 0.1)["taps"] == default_taps(3) == [0, 1, 1, 2]

@@ -49,6 +49,7 @@ def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None
            capsys, "holds no ViT encoder", tmp_path / "o6")
     _fails([*common, "--epochs", "1"], capsys, "exactly one of --max_iters and --epochs", tmp_path / "o7")
     _fails(["--eval"], capsys, "--eval needs --resume", tmp_path / "o8")
+    _fails([*common, "--num_classes", "5"], capsys, "the built-in mosaics have 8 classes", tmp_path / "o9")
 
 
 def test_generic_layout_trains_with_a_pretrained_encoder(tmp_path) -> None:
@@ -109,8 +110,11 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
                  "logging.tensorboard=false"]) == 0
     res_eval = json.loads((ev / "results.json").read_text())
     assert res_eval["metrics"]["mIoU"] == pytest.approx(res["mIoU"]) and res_eval["eval_only"]
-    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(out)]) == 2  # keeps results
+    # into the run's own folder: its results.json and overlays/ stay, the evaluation goes beside them
+    assert main(["segment", "--eval", "--resume", str(ckpt), "--output_dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["metrics"] == res
+    assert json.loads((out / "results-2.json").read_text())["metrics"]["mIoU"] == pytest.approx(res["mIoU"])
+    assert len(list((out / "overlays-2").glob("*.png"))) == 8
 
     images = tmp_path / "photos"
     images.mkdir()
@@ -119,10 +123,10 @@ def test_tiny_run_beats_the_majority_class_then_eval_and_predict(tmp_path) -> No
         Image.fromarray(arr).save(images / f"p{i}.png")
     pr = tmp_path / "pred"
     assert main(["segment", "--predict", str(images), "--resume", str(ckpt), "--output_dir", str(pr)]) == 0
-    label = np.array(Image.open(pr / "predictions" / "p0_label.png"))
+    label = np.array(Image.open(pr / "predictions" / "p0.png_label.png"))
     assert label.shape == (30, 40) and label.max() < len(classes)
-    assert np.array(Image.open(pr / "predictions" / "p0_overlay.png")).shape == (30, 40, 3)
-    assert (pr / "predictions" / "p1_overlay.png").exists()
+    assert np.array(Image.open(pr / "predictions" / "p0.png_overlay.png")).shape == (30, 40, 3)
+    assert (pr / "predictions" / "p1.png_overlay.png").exists()
 
 
 def test_help_shows_every_default(capsys) -> None:
@@ -132,3 +136,90 @@ def test_help_shows_every_default(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "sets optimization.layer_decay (default: 0.65)" in out and "sets data.input_size (default: 512)" in out
     assert "sets schedule.max_iters (default: 160000)" in out and "sets test.mode (default: slide)" in out
+    assert "the demo preset segment/demo.yaml goes beneath your flags" in out  # which defaults apply when
+    assert "--eval / --predict use the checkpoint's own run settings" in out
+
+
+def _tiny_mae(path, depth: int):
+    """A mimkit MAE checkpoint of `depth` blocks, 16 wide, patch 8 (not the ADE20K preset's ViT-B)."""
+    from mimkit.engine.checkpoint import make_checkpoint
+    from mimkit.models import create_model
+
+    kw = dict(patch_size=8, depth=depth, embed_dim=16, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+              decoder_num_heads=2)
+    m = create_model("mae_vit_tiny_patch16", img_size=16, **kw)
+    cfg = {"model": {"type": "mae_vit_tiny_patch16", "kwargs": kw}, "data": {"input_size": 16}}
+    torch.save(make_checkpoint(model=m.state_dict(), optimizer={}, epoch=0, step=0, config=cfg), path)
+    return path
+
+
+@pytest.mark.slow
+def test_checkpoint_architecture_beats_the_ade20k_preset_and_taps_scale(tmp_path) -> None:
+    ckpt = _tiny_mae(tmp_path / "enc.pt", depth=6)
+    data = write_generic(tmp_path / "data", n=2)
+    cpu = ["--data_path", str(data), "--input_size", "16", "--max_iters", "1", "--num_workers", "0", "--amp", "off",
+           "model.channels=8", "model.aux_channels=8", "data.augmentation.scale=null", "test.crop_size=[16,16]",
+           "logging.tensorboard=false"]
+    out = tmp_path / "ade"
+    assert main(["segment", "segment/ade20k_vit_base.yaml", "--finetune", str(ckpt), *cpu, "--output_dir",
+                 str(out)]) == 0
+    arch = json.loads((out / "results.json").read_text())["config"]["model"]["arch"]
+    assert arch["depth"] == 6 and arch["embed_dim"] == 16 and arch["taps"] == [1, 2, 3, 5]
+    log = (out / "log.txt").read_text()
+    assert "taps [1, 2, 3, 5] (MMSeg's [3, 5, 7, 11] scaled to 6 blocks)" in log
+    assert "config segment/ade20k_vit_base.yaml over the schema's defaults" in log
+    out2 = tmp_path / "mine"
+    assert main(["segment", "segment/ade20k_vit_base.yaml", "--finetune", str(ckpt), *cpu, "--out_indices",
+                 "0,2,4,5", "--output_dir", str(out2)]) == 0
+    assert json.loads((out2 / "results.json").read_text())["config"]["model"]["arch"]["taps"] == [0, 2, 4, 5]
+    assert "taps [0, 2, 4, 5] (yours, of 6 blocks)" in (out2 / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_max_steps_rerun_resumes_and_a_finished_run_stays_finished(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = ["segment", *TINY, "--max_iters", "4", "--eval_interval", "4", "test.num_overlays=1", "--output_dir",
+            str(out)]
+    args.remove("--no_auto_resume")
+    assert main([*args, "--max_steps", "2"]) == 0
+    log = (out / "log.txt").read_text()
+    assert "warning: the run is 4 steps but the warmup is 30" in log  # the demo preset's warmup
+    assert main([*args, "--max_steps", "2"]) == 0  # the same command: nothing to train, no restart
+    log = (out / "log.txt").read_text()
+    assert "nothing to train: step 2 already reached misc.max_steps = 2" in log and log.count("epoch 0 [1/") == 1
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 2
+    assert main(args) == 0  # more steps: resumes at step 2
+    assert torch.load(out / "checkpoints" / "final.pt", weights_only=True)["step"] == 4
+    log = (out / "log.txt").read_text()
+    assert "resumed at epoch 0, step 2" in log and log.count("eval step 4:") == 1  # the last eval runs once
+    res = json.loads((out / "results.json").read_text())
+    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert evals[-1]["step"] == 4 and evals[-1]["mIoU"] == res["metrics"]["mIoU"]  # one unit (%) everywhere
+    assert res["units"] == "percent" and res["history"][-1]["mIoU"] == res["metrics"]["mIoU"]
+    assert len(list((out / "overlays").glob("*.png"))) == 1
+    assert main(args) == 0  # finished: results stand, nothing evaluated again
+    assert (out / "log.txt").read_text().count("eval step 4:") == 1
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_ddp_run_sums_one_confusion_matrix(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mimkit",
+           "segment", *TINY, "--max_iters", "2", "--batch_size", "4", "--device", "cpu", "test.num_overlays=0",
+           "--output_dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 2 and "effective batch 8" in (out / "log.txt").read_text()
+    assert res["metrics"]["pixels"] == 60 * 64 * 64  # both ranks' halves of the 60 val mosaics, counted once
+    ev = tmp_path / "ev"  # the same checkpoint on one process scores the same
+    assert main(["segment", "--eval", "--resume", str(out / "checkpoints" / "final.pt"), "--output_dir",
+                 str(ev)]) == 0
+    assert json.loads((ev / "results.json").read_text())["metrics"] == res["metrics"]

@@ -278,6 +278,7 @@ def test_exhausted_rollbacks_stop_with_one_line_naming_step_and_checkpoint(tmp_p
     assert "optimiser step" in err[0] and f"last good checkpoint: {out / 'checkpoints'}" in err[0]
     log = (out / "log.txt").read_text()
     assert "rollback 1/2" in log and "rollback 2/2" in log
+    assert f"error: {err[0].split('error: ', 1)[1]}" in log  # the stop's reason is in log.txt, not only on stderr
     assert (out / "checkpoints/latest.pt").exists()  # the last good checkpoint: the same command resumes
 
 

@@ -191,7 +191,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "eval.eval_every": (lambda v: v >= 0, ">= 0"),
     "freezeout.how_scale": (lambda v: v in ("linear", "squared", "cubic"), "linear, squared or cubic"),
     "freezeout.t_0": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "misc.amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off"),
+    "misc.amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off; off is fp32"),
     "misc.max_steps": (lambda v: v >= 0, ">= 0"),
 }
 

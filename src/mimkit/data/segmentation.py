@@ -132,14 +132,20 @@ def read_class_names(path: Path) -> list[str]:
 
 
 def open_segmentation(spec: Optional[str], split: str, num_classes: Optional[int] = None,
-                      reduce_zero: Optional[bool] = None) -> SegSource:
-    """The split of the set at `spec` (module docstring); DataError for any layout problem."""
+                      reduce_zero: Optional[bool] = None, names: Optional[Sequence[str]] = None) -> SegSource:
+    """The split of the set at `spec` (module docstring); DataError for any layout problem.
+
+    `names`: class names for a generic layout without classes.txt (a checkpoint's), instead of class_0, ...
+    """
     if split not in ("train", "val"):
         raise DataError(f"unknown split '{split}'; use train or val")
     if spec in (None, "mosaics"):
         from mimkit.data.mosaics import build_mosaics
 
         images, masks, classes = build_mosaics(split)
+        if num_classes not in (None, len(classes)):
+            raise DataError(f"--num_classes {num_classes}, but the built-in mosaics have {len(classes)} classes "
+                            "(--num_classes is for a generic layout without classes.txt); drop it")
         return SegSource(f"builtin:mosaics/{split}", list(classes), False, [], (images, masks))
     path = Path(spec).expanduser()
     if not path.is_dir():
@@ -158,6 +164,8 @@ def open_segmentation(spec: Optional[str], split: str, num_classes: Optional[int
         classes = read_class_names(names_file)
         if num_classes not in (None, len(classes)):
             raise DataError(f"--num_classes {num_classes}, but {names_file} names {len(classes)} classes")
+    elif names and num_classes in (None, len(names)):
+        classes = list(names)
     elif num_classes:
         classes = [f"class_{i}" for i in range(num_classes)]
     else:

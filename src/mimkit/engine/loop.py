@@ -26,7 +26,9 @@ from mimkit.engine.checkpoint import (
     CKPT_NAME, CheckpointManager, CheckpointWriteError, capture_rng, make_checkpoint, restore_rng,
 )
 from mimkit.engine.logging import RunLogger, SmoothedValue
-from mimkit.engine.precision import autocast_dtype, describe_amp, resolve_amp  # noqa: F401  (tasks import these)
+from mimkit.engine.precision import (  # noqa: F401  (tasks import these)
+    amp_decision, autocast_dtype, describe_amp, resolve_amp,
+)
 from mimkit.engine.rollback import NonFiniteLossError, RecoveryState, Rollback, handle_nonfinite  # noqa: F401
 from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader, shutdown_workers
 from mimkit.engine.signals import GracefulStop, signal_name
@@ -269,6 +271,9 @@ class Trainer:
         self._call_hooks("on_train_start")
         try:
             self._fit(start)
+        except NonFiniteLossError as e:  # the CLI prints it to stderr; the run's own record keeps it too
+            self.run.file_only(f"error: {e}")
+            raise
         finally:
             shutdown_workers(self.loader)
         return st

@@ -62,6 +62,11 @@ def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], devic
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """'AdamW (fused)' / 'AdamW (unfused)': which kernel the start-up line reports."""
+    return f"{type(optimizer).__name__} ({'fused' if optimizer.defaults.get('fused') else 'unfused'})"
+
+
 def scaled_lr(base_lr: float, batch_size: int, accum_iter: int, world_size: int) -> float:
     """The linear scaling rule: lr = blr * (batch * accum_iter * world_size) / 256."""
     return base_lr * batch_size * accum_iter * world_size / 256

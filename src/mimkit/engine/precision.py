@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# The --amp flag's help, shared by every command that takes it.
+AMP_HELP = ("auto (bf16 on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX-BF16, else fp32) | bf16 | "
+            "fp16 (GPU only: fp32 on a CPU) | off (fp32)")
+
 # Ranks for the rollback fallback: a later entry is at least as precise as an earlier one.
 PRECISION_ORDER = ("fp16", "bf16", "off")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from mimkit import config as C
+from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError, suggest
 from mimkit.tasks.pretrain import Flag
 
@@ -156,7 +157,7 @@ FLAGS: list[Flag] = [
     Flag("seed", "misc.seed", int, "seeds training and the class order"),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("no_auto_resume", "misc.auto_resume", None, "start over instead of resuming output_dir", const=False),
-    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),

@@ -8,7 +8,7 @@ from mimkit.models.registry import register_alias, register_model
 # Constructor options a user may override on any MAE preset.
 MAE_OPTIONS = (
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path",
+    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path", "layer_norm_eps",
 )
 
 
@@ -78,6 +78,14 @@ def mae_vit_nano_patch4_dec64d2b(**kw) -> MaskedAutoencoderViT:
     `_dec512d8b` suffix style: decoder width and depth)."""
     return _mae(dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
                      decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2), kw)
+
+
+@_preset
+def mae_vit(**kw) -> MaskedAutoencoderViT:
+    """Any MAE ViT, every size from its kwargs (the name of checkpoints that match no preset, e.g. a Hugging Face
+    config of another width); unset sizes are ViT-B/16's."""
+    return _mae(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kw)
 
 
 for _size, _patch in (("base", 16), ("large", 16), ("huge", 14)):

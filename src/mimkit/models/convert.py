@@ -57,7 +57,9 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
         return "timm_vit"
     shown = ", ".join(keys[:5]) or "no keys"
     raise CheckpointError(
-        f"not an MAE, Hugging Face ViTMAE or timm ViT state dict (first keys: {shown})"
+        f"not an MAE, Hugging Face ViTMAE or timm ViT state dict (first keys: {shown}): it holds no ViT encoder; "
+        "give a checkpoint of mimkit pretrain / continual / linprobe / finetune / segment, an official MAE .pth, "
+        "a timm ViT or a Hugging Face ViTMAE / ViT folder"
     )
 
 
@@ -222,10 +224,14 @@ def hf_to_mae(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def hf_config_to_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A ViTMAE ``config.json`` (dict) -> MaskedAutoencoderViT arguments (the inverse of hf_config_kwargs)."""
-    if hf_config.get("model_type", "vit_mae") != "vit_mae":
-        raise CheckpointError(f"config.json describes a '{hf_config.get('model_type')}' model, not vit_mae")
+    """A ViTMAE (or plain ViT: `mimkit export --format hf`) ``config.json`` (dict) -> MaskedAutoencoderViT
+    arguments, the LayerNorm eps included (the inverse of hf_config_kwargs). A ViT config has no decoder: the
+    decoder arguments are ViTMAE's defaults (that decoder starts fresh)."""
+    if hf_config.get("model_type", "vit_mae") not in HF_MODEL_TYPES:
+        raise CheckpointError(f"config.json describes a '{hf_config.get('model_type')}' model, not vit_mae or vit")
     c = {**_HF_CONFIG_DEFAULTS, **hf_config}
+    if hf_config.get("model_type") == "vit":
+        c["decoder_intermediate_size"] = c["intermediate_size"] * c["decoder_hidden_size"] / c["hidden_size"]
     if c["intermediate_size"] != c["decoder_intermediate_size"] * c["hidden_size"] / c["decoder_hidden_size"]:
         log.warning("config.json: the decoder's MLP ratio differs from the encoder's; using the encoder's")
     return dict(
@@ -233,15 +239,17 @@ def hf_config_to_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         embed_dim=c["hidden_size"], depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         decoder_embed_dim=c["decoder_hidden_size"], decoder_depth=c["decoder_num_hidden_layers"],
         decoder_num_heads=c["decoder_num_attention_heads"], mlp_ratio=c["intermediate_size"] / c["hidden_size"],
-        norm_pix_loss=bool(c["norm_pix_loss"]),
+        norm_pix_loss=bool(c["norm_pix_loss"]), layer_norm_eps=float(c["layer_norm_eps"]),
     )
 
 
-# transformers' ViTMAEConfig defaults, for config.json files that leave a key out.
+# config.json model types whose weights map onto the MAE encoder (ViTModel: `mimkit export --format hf`).
+HF_MODEL_TYPES = ("vit_mae", "vit")
+# transformers' ViTMAEConfig defaults, for config.json files that leave a key out (its eps is 1e-12, not 1e-6).
 _HF_CONFIG_DEFAULTS = dict(
     image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
     intermediate_size=3072, decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-    decoder_intermediate_size=2048, norm_pix_loss=False,
+    decoder_intermediate_size=2048, norm_pix_loss=False, layer_norm_eps=1e-12,
 )
 
 
@@ -300,11 +308,45 @@ def timm_vit_to_mae(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str
     return out, dropped
 
 
+# Prefixes under which other mimkit commands keep a ViT encoder: linprobe's LinearProbe (`encoder.`, MAE names)
+# and segment's MAESegmenter (`backbone.`, a timm ViT without final norm). Their heads are dropped.
+TASK_ENCODER_PREFIXES = ("encoder.", "backbone.")
+
+
+def unwrap_task_encoder(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """A linprobe / segment state dict -> (its encoder's state dict, keys dropped); other dicts unchanged.
+
+    A segment backbone was trained without the encoder's final norm: `norm` is filled at a fresh LayerNorm's
+    values (weight 1, bias 0), and the dropped list says so.
+    """
+    for prefix in TASK_ENCODER_PREFIXES:
+        inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if "patch_embed.proj.weight" not in inner or not any(k.startswith("blocks.") for k in inner):
+            continue
+        rest = [k for k in sd if not k.startswith(prefix)]
+        what = "linear-probe head" if prefix == "encoder." else "segmentation neck and heads"
+        dropped = [f"the {what} ({len(rest)} tensors)"] if rest else []
+        if prefix == "backbone." and "norm.weight" not in inner and "cls_token" in inner:
+            width = inner["cls_token"].shape[-1]
+            inner["norm.weight"], inner["norm.bias"] = torch.ones(width), torch.zeros(width)
+            dropped.append("norm (a segment backbone has no final norm: it starts as a fresh LayerNorm)")
+        return inner, dropped
+    return dict(sd), []
+
+
 def to_mae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """Any supported layout -> (MAE-layout state dict, keys dropped on the way)."""
+    """Any supported layout (a linprobe / segment checkpoint's encoder too) -> (MAE-layout state dict, keys
+    dropped on the way)."""
+    sd, task_dropped = unwrap_task_encoder(sd)
+    out, dropped = _layout_to_mae(sd)
+    return out, task_dropped + dropped
+
+
+def _layout_to_mae(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
     layout = detect_layout(sd)
-    if layout == "huggingface":
-        return hf_to_mae(sd), []
+    if layout == "huggingface":  # a transformers ViTModel's pooler (dense + tanh on the cls token) is no MAE part
+        pooler = [k for k in sd if k.startswith(("pooler.", "vit.pooler."))]
+        return hf_to_mae({k: v for k, v in sd.items() if k not in pooler}), pooler
     if layout == "timm_vit":
         return timm_vit_to_mae(sd)
     return dict(sd), []

@@ -30,7 +30,7 @@ def pooled_features(encoder: nn.Module, imgs: torch.Tensor, global_pool: bool) -
         return encoder.forward_features(imgs)[:, 0]
     (last,) = encoder.forward_features(imgs, layers=(encoder.depth - 1,))
     pooled = last[:, 1:].mean(dim=1)
-    return F.layer_norm(pooled, pooled.shape[-1:], eps=1e-6)
+    return F.layer_norm(pooled, pooled.shape[-1:], eps=encoder.blocks[0].norm1.eps)  # the encoder's eps
 
 
 class LinearProbe(nn.Module):
@@ -47,6 +47,10 @@ class LinearProbe(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
+        # The decoder takes no part in the probe: its checkpoints leave it out (a loader of encoders then finds
+        # the encoder alone), and loading one fills it from the model as built.
+        self._register_state_dict_hook(_drop_unused_encoder_keys)
+        self.register_load_state_dict_pre_hook(_keep_unused_encoder_keys)
 
     def train(self, mode: bool = True) -> "LinearProbe":
         """Only the head changes mode: the frozen encoder stays in eval (no drop path, bitwise unchanged)."""
@@ -69,6 +73,45 @@ class LinearProbe(nn.Module):
         return self.head(imgs if imgs.ndim == 2 else self.features(imgs))
 
 
+def _unused(module: LinearProbe, key: str) -> bool:
+    """Is `key` (a LinearProbe state-dict key) an encoder parameter the probe never uses (the MAE decoder)?"""
+    is_enc = getattr(module.encoder, "is_encoder_param", None)
+    return key.startswith("encoder.") and is_enc is not None and not is_enc(key[len("encoder."):])
+
+
+def _drop_unused_encoder_keys(module: LinearProbe, state: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state if k.startswith(prefix) and _unused(module, k[len(prefix):])]:
+        del state[key]
+
+
+def _keep_unused_encoder_keys(module: LinearProbe, state: dict, prefix: str, *args) -> None:
+    own = module.encoder.state_dict(prefix="encoder.")
+    for key, value in own.items():
+        if _unused(module, key) and prefix + key not in state:
+            state[prefix + key] = value
+
+
+def probe_as_vit(probe: LinearProbe) -> VisionTransformer:
+    """The probe as a plain timm VisionTransformer classifier (eval): the frozen encoder's weights, and the
+    eval-mode BatchNorm (affine=False) folded into the Linear head, so ONNX / timm / torch.export take it.
+
+    (x - mean) / sqrt(var + eps) then W x + b  ==  (W / s) x + (b - (W / s) mean), s = sqrt(var + eps).
+    """
+    enc = probe.encoder
+    bn, linear = probe.head[0], probe.head[1]
+    vit = vit_classifier_like(enc, linear.out_features, probe.global_pool)
+    sd = mae_to_timm_vit(_encoder_state_dict(enc))
+    if probe.global_pool:  # the probe pools the last block's patch tokens, then a fresh (identity) layer norm
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+        sd.update({"fc_norm.weight": torch.ones(enc.embed_dim), "fc_norm.bias": torch.zeros(enc.embed_dim)})
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    weight = linear.weight.double() * scale[None]
+    sd["head.weight"] = weight.float()
+    sd["head.bias"] = (linear.bias.double() - weight @ bn.running_mean.double()).float()
+    vit.load_state_dict(sd, strict=True)
+    return vit.eval()
+
+
 def vit_arch(encoder: nn.Module, num_classes: int, global_pool: bool = True,
              img_size: Optional[tuple[int, int]] = None) -> dict:
     """timm VisionTransformer arguments (plain values, saved in fine-tuning configs) for the encoder's shape."""
@@ -78,13 +121,22 @@ def vit_arch(encoder: nn.Module, num_classes: int, global_pool: bool = True,
         num_classes=num_classes, global_pool="avg" if global_pool else "token", embed_dim=encoder.embed_dim,
         depth=len(encoder.blocks), num_heads=blk.attn.num_heads,
         mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim,
+        **_eps_arg(getattr(blk, "norm1", None)),
     )
 
 
+def _eps_arg(norm: Optional[nn.Module]) -> dict:
+    """{'layer_norm_eps': eps} when the encoder's LayerNorms use another eps than the official 1e-6, else {}."""
+    eps = getattr(norm, "eps", 1e-6)
+    return {} if eps == 1e-6 else {"layer_norm_eps": float(eps)}
+
+
 def vit_from_arch(arch: dict, drop_path: float = 0.0) -> VisionTransformer:
-    """An untrained timm VisionTransformer (qkv bias, LayerNorm eps 1e-6: the official models_vit layout)."""
+    """An untrained timm VisionTransformer (qkv bias, LayerNorm eps 1e-6 unless arch says layer_norm_eps: the
+    official models_vit layout)."""
     arch = {**arch, "img_size": tuple(arch["img_size"])}
-    return VisionTransformer(**arch, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    eps = arch.pop("layer_norm_eps", 1e-6)
+    return VisionTransformer(**arch, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=eps),
                              drop_path_rate=drop_path)
 
 

@@ -13,13 +13,18 @@ from typing import Any, Optional
 
 import torch
 
-from mimkit.errors import CheckpointError
+from mimkit.errors import CheckpointError, UserError
 from mimkit.io import hf_config_beside, load_checkpoint_file, resolve_checkpoint
-from mimkit.models.convert import extract_state_dict, hf_config_to_kwargs, load_into_model, to_mae_state_dict
+from mimkit.models.convert import (HF_MODEL_TYPES, extract_state_dict, hf_config_to_kwargs, load_into_model,
+                                   to_mae_state_dict)
+from mimkit.models.builders import MAE_OPTIONS
 from mimkit.models.registry import create_model, list_models, same_model
 
 # Registered builder used for a Hugging Face config that matches no preset: every size comes from config.json.
-HF_FALLBACK_NAME = "mae_vit_base_patch16"
+HF_FALLBACK_NAME = "mae_vit"
+# Sizes that make a preset what it is (a config naming other values is not that preset).
+_PRESET_SIZES = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                 "decoder_num_heads", "mlp_ratio")
 
 
 def _preset_signature(name: str) -> tuple[int, int, int]:
@@ -39,6 +44,57 @@ def infer_model_name(sd: dict) -> Optional[str]:
     for name in list_models(include_aliases=False):
         if name.startswith("mae_") and _preset_signature(name) == (width, depth, patch):
             return name
+    return None
+
+
+def preset_for_kwargs(kwargs: dict) -> str:
+    """The registered MAE preset whose every size equals `kwargs` (a Hugging Face config's), else the generic
+    `mae_vit`: a checkpoint is never labelled with the name of another architecture."""
+    for name in list_models(include_aliases=False):
+        if not name.startswith("mae_vit_"):
+            continue
+        with torch.device("meta"):
+            m = create_model(name)
+        own = dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=len(m.blocks),
+                   num_heads=m.blocks[0].attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
+                   decoder_depth=len(m.decoder_blocks), decoder_num_heads=m.decoder_blocks[0].attn.num_heads,
+                   mlp_ratio=m.blocks[0].mlp.fc1.out_features / m.embed_dim)
+        if all(k in kwargs and float(kwargs[k]) == float(own[k]) for k in _PRESET_SIZES):
+            return name
+    return HF_FALLBACK_NAME
+
+
+def encoder_arch_of_config(cfg: dict) -> Optional[dict]:
+    """{type, kwargs, input_size, norm_pix_loss} of the ViT encoder a mimkit checkpoint's config describes, for
+    every command's checkpoint: pretrain / continual / localmim (model.type + model.kwargs), linprobe
+    (model.arch.probe_encoder), finetune and segment (model.arch: the timm ViT's sizes, built as `mae_vit`, or as
+    the run's --model when it named one). None when the config says nothing usable."""
+    m = cfg.get("model") or {}
+    data = cfg.get("data") or {}
+    arch = m.get("arch") or {}
+    size = data.get("input_size")
+    if arch.get("probe_encoder"):
+        enc = arch["probe_encoder"]
+        return {"type": enc["type"], "kwargs": dict(enc.get("kwargs") or {}), "input_size": size,
+                "norm_pix_loss": False}
+    if arch.get("embed_dim") is not None:  # a timm ViT classifier / segmentation backbone
+        # the run's own model.kwargs (segment keeps them: the decoder's sizes) beneath the encoder's actual sizes
+        kwargs = {k: v for k, v in (m.get("kwargs") or {}).items() if k in MAE_OPTIONS and k != "img_size"}
+        kwargs.update({k: arch[k] for k in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                            "mlp_ratio", "layer_norm_eps") if arch.get(k) is not None})
+        named = m.get("type")
+        if named:
+            try:
+                with torch.device("meta"):
+                    create_model(named, **kwargs)
+            except UserError:  # a name that takes other options (not an MAE): the generic builder
+                named = None
+        img = arch.get("img_size") or size
+        return {"type": named or HF_FALLBACK_NAME, "kwargs": kwargs, "norm_pix_loss": False,
+                "input_size": list(img) if isinstance(img, (list, tuple)) else img}
+    if m.get("type"):
+        return {"type": m["type"], "kwargs": dict(m.get("kwargs") or {}), "input_size": size,
+                "norm_pix_loss": bool(m.get("norm_pix_loss", False))}
     return None
 
 
@@ -90,22 +146,23 @@ def model_from_checkpoint(
     cfg = _mimkit_config(obj)
     hf_cfg = None if cfg else hf_config_beside(p)
     kwargs: dict[str, Any] = {}
-    if cfg:
-        mcfg = cfg.get("model", {})
-        if model_name is None or same_model(model_name, mcfg.get("type")):
+    enc = encoder_arch_of_config(cfg) if cfg else None
+    if enc:
+        if model_name is None or same_model(model_name, enc["type"]):
             # the checkpoint's kwargs belong to its own model type: another --model is built as registered
-            model_name = mcfg.get("type") or model_name
-            kwargs.update(mcfg.get("kwargs", {}) or {})
-        size = cfg.get("data", {}).get("input_size")
+            model_name = enc["type"]
+            kwargs.update(enc["kwargs"])
+        size = enc["input_size"]
         if size is not None:
             kwargs["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size
-        kwargs["norm_pix_loss"] = bool(mcfg.get("norm_pix_loss", False))
-    elif hf_cfg is not None and hf_cfg.get("model_type") == "vit_mae":
+        kwargs["norm_pix_loss"] = enc["norm_pix_loss"]
+    elif hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs.update(hf_config_to_kwargs(hf_cfg))
+        model_name = model_name or preset_for_kwargs(kwargs)
     if model_name is None:
         sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
-        model_name = infer_model_name(sd) or (HF_FALLBACK_NAME if hf_cfg else None)
+        model_name = infer_model_name(sd)
         if model_name is None:
             raise CheckpointError(f"cannot tell which model {p} holds; pass --model (see `mimkit models`)")
     if input_size is not None:
@@ -113,6 +170,7 @@ def model_from_checkpoint(
     kwargs.update(overrides)
     model = create_model(model_name, **kwargs)
     report = load_into_model(model, obj, strict=False)
+    model.load_report = report  # e.g. decoder_fresh: a command that needs the decoder can refuse
     model.normalization = checkpoint_normalization(p, obj)
     model.eval()
     generic = p.name in ("model.safetensors", "model.pt", "pytorch_model.bin")
@@ -135,12 +193,11 @@ def architecture_of(path: str | os.PathLike) -> Optional[dict]:
     norm = checkpoint_normalization(p, obj)
     data: dict[str, Any] = {"mean": norm[0], "std": norm[1]} if norm else {}
     cfg = _mimkit_config(obj)
-    if cfg and cfg.get("model", {}).get("type"):
-        m = cfg["model"]
-        arch = {"model": {"type": m["type"], "kwargs": dict(m.get("kwargs") or {}),
-                          "norm_pix_loss": bool(m.get("norm_pix_loss", False))}}
-        if cfg.get("data", {}).get("input_size") is not None:
-            data["input_size"] = cfg["data"]["input_size"]
+    enc = encoder_arch_of_config(cfg) if cfg else None
+    if enc:
+        arch = {"model": {"type": enc["type"], "kwargs": enc["kwargs"], "norm_pix_loss": enc["norm_pix_loss"]}}
+        if enc["input_size"] is not None:
+            data["input_size"] = enc["input_size"]
         return {**arch, **({"data": data} if data else {})}
     try:
         sd, _ = extract_state_dict(obj)
@@ -148,13 +205,13 @@ def architecture_of(path: str | os.PathLike) -> Optional[dict]:
     except CheckpointError:
         return None
     hf_cfg = hf_config_beside(p)
-    name = infer_model_name(sd)
-    if hf_cfg is not None and hf_cfg.get("model_type") == "vit_mae":
+    if hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs = hf_config_to_kwargs(hf_cfg)
+        name = preset_for_kwargs(kwargs)
         data["input_size"] = kwargs.pop("img_size")
         norm_pix = kwargs.pop("norm_pix_loss")
-        return {"model": {"type": name or HF_FALLBACK_NAME, "kwargs": kwargs, "norm_pix_loss": norm_pix},
-                "data": data}
+        return {"model": {"type": name, "kwargs": kwargs, "norm_pix_loss": norm_pix}, "data": data}
+    name = infer_model_name(sd)
     if name is None:
         return None
     arch: dict[str, Any] = {"model": {"type": name}}

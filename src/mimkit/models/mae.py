@@ -36,11 +36,14 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[..., nn.Module] | None = None,
         norm_pix_loss: bool = False,
         drop_path: float = 0.0,
+        layer_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        # every LayerNorm's eps: the official 1e-6, or a checkpoint's own (Hugging Face configs often say 1e-12)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=layer_norm_eps)
         self.img_size = to_2tuple(img_size)
         self.patch_size = int(patch_size)
         self.in_chans = int(in_chans)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from mimkit import config as C
+from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
 from mimkit.tasks.pretrain import TRAINING_FLAGS, Flag
 
@@ -61,7 +62,7 @@ COMMON_FLAGS: list[Flag] = [
     Flag("no_auto_resume", "misc.auto_resume", None, "do not resume from <output_dir>/checkpoints/latest.pt",
          const=False),
     Flag("eval", "misc.eval", None, "evaluation only", const=True),
-    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("max_steps", "misc.max_steps", int, "stop after N optimiser steps"),
     Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),

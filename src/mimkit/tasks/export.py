@@ -1,9 +1,12 @@
 """`mimkit export`: a checkpoint's encoder (unmasked features) or fine-tuned classifier in a deployable format.
 
-    mimkit export runs/demo/checkpoints/final.pt --format pt2              # torch.export -> <output>.pt2
-    mimkit export runs/demo --format onnx --output encoder.onnx               # a run folder: its final.pt
-    mimkit export runs/demo --format safetensors | timm | hf | torchscript
-    mimkit export output_dir/checkpoints/best.pt --format onnx             # a fine-tuned classifier: logits
+    mimkit export runs/demo/checkpoints/final.pt --format pt2   # torch.export -> runs/demo/export/final_encoder.pt2
+    mimkit export runs/demo --format onnx --output encoder.onnx    # a run folder: its final.pt
+    mimkit export runs/demo --format safetensors | timm | hf | torchscript   # export/final_encoder.torchscript.pt ...
+    mimkit export runs/linprobe/<time>/checkpoints/best.pt --format onnx    # a probe / fine-tuned classifier: logits
+
+Default outputs go to the run's export/ folder (beside checkpoints/, never among them), named for what they are:
+<checkpoint>_<encoder|classifier> + .pt2, .onnx, .safetensors, .timm.safetensors, .torchscript.pt or _hf/.
 
 onnx and hf need `pip install 'mimkit[export]'` (onnx, onnxruntime, transformers); this is checked before any
 work. pt2 (torch.export, loaded back with torch.export.load) replaces TorchScript, which PyTorch deprecates.
@@ -30,8 +33,10 @@ from mimkit.errors import CheckpointError, UserError
 from mimkit.io import resolve_checkpoint
 
 FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript")
-SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors", "timm": ".safetensors", "hf": "",
-          "pt2": ".pt2"}
+# Default file names end in what the file is, never a bare .pt that reads as a training checkpoint.
+SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "safetensors": ".safetensors",
+          "timm": ".timm.safetensors", "hf": "_hf", "pt2": ".pt2"}
+EXPORT_DIR = "export"  # default: <run folder>/export/, apart from the checkpoints
 # Optional packages each format needs (all in the `export` extra).
 REQUIRES = {"onnx": ("onnx",), "hf": ("transformers",)}
 EXTRA_HINT = "pip install 'mimkit[export]'"
@@ -56,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "save_pretrained folder), or a fine-tuned classifier")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="pt2 (torch.export), onnx, safetensors, timm, hf (transformers folder), torchscript")
-    p.add_argument("--output", default=None, help="file (folder for hf); default: beside the checkpoint")
+    p.add_argument("--output", default=None, help="file (folder for hf) (default: <run>/export/<checkpoint>_<kind> "
+                   "+ .pt2 | .onnx | .safetensors | .timm.safetensors | .torchscript.pt | _hf/, e.g. "
+                   "runs/demo/export/final_encoder.pt2)")
     p.add_argument("--model", default=None, help="model name when the checkpoint does not say")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
     p.add_argument("--batch_size", type=int, default=2, help="batch of the random parity input")
@@ -76,7 +83,8 @@ class EncoderFeatures(nn.Module):
 
 
 def load_for_export(path: str, model_name: str | None = None, input_size: int | None = None):
-    """(module to export, kind 'encoder' | 'classifier', the MAE encoder or None, description)."""
+    """(module to export, kind 'encoder' | 'classifier', the MAE encoder or None, description, reference module
+    the export must match: the module itself, or a linear probe before its BatchNorm was folded)."""
     from mimkit.models.convert import extract_state_dict, load_checkpoint_file
     from mimkit.tasks.evaluate import _resolve, load_encoder
 
@@ -84,15 +92,22 @@ def load_for_export(path: str, model_name: str | None = None, input_size: int | 
     obj = load_checkpoint_file(p)
     sd, _ = extract_state_dict(obj)
     if "head.1.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:  # a `mimkit linprobe` run
+        from mimkit.models.heads import probe_as_vit
         from mimkit.tasks.linprobe import probe_from_checkpoint
 
-        return probe_from_checkpoint(obj, sd), "classifier", None, f"linear probe from {p.name}"
+        if input_size is not None:
+            raise UserError("a linear probe exports at its own input size; drop --input_size")
+        probe = probe_from_checkpoint(obj, sd)
+        model = probe_as_vit(probe)  # a plain timm ViT: BatchNorm folded into the head (eval statistics)
+        model.saved_config = obj.get("config")  # the probe run's data.mean / data.std go into the export record
+        return model, "classifier", None, f"linear probe from {p.name} (as a timm ViT classifier)", probe
     if "head.weight" in sd and isinstance(obj, dict) and "mimkit_version" in obj:
         model, kind = _classifier(obj, sd, input_size)
         model.saved_config = obj.get("config")  # its data.mean / data.std go into the export record
-        return model, kind, None, f"fine-tuned classifier from {p.name}"
+        return model, kind, None, f"fine-tuned classifier from {p.name}", model
     mae, desc = load_encoder(str(p), model_name, input_size)
-    return EncoderFeatures(mae).eval(), "encoder", mae, desc
+    model = EncoderFeatures(mae).eval()
+    return model, "encoder", mae, desc, model
 
 
 def _classifier(obj: dict, sd: dict, input_size: int | None):
@@ -192,26 +207,69 @@ def export_timm(model: nn.Module, kind: str, mae, out: Path) -> Callable:
     if kind == "classifier":
         save_safetensors(model.state_dict(), out, metadata={"format": "pt"})
         clone = _fresh_copy(model)
-        clone.load_state_dict(load_file(str(out)))
-        return clone.eval()
+        clone.load_state_dict(load_file(str(out)), strict=True)
+        clone.eval().timm = timm_recipe(clone)
+        return clone
     save_safetensors(mae_to_timm_vit(_mae_sd(mae)), out, metadata={"format": "pt"})
     timm_vit = vit_classifier_like(mae, 0, global_pool=False)
     timm_vit.load_state_dict(load_file(str(out)), strict=True)
-    return timm_vit.eval().forward_features  # (N, 1+L, D) after norm, as ours
+    timm_vit.eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return timm_vit.forward_features(x)  # (N, 1+L, D) after norm, as ours
+
+    features.timm = timm_recipe(timm_vit)
+    return features
+
+
+# timm's ViT names by width (the heads and depth of its presets); any other size is built from explicit kwargs.
+TIMM_VIT_NAMES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge"}
+
+
+def timm_recipe(vit: nn.Module) -> dict:
+    """{'model_name', 'kwargs'}: `timm.create_model(model_name, **kwargs)` builds a model that loads the timm
+    export of `vit` (a timm VisionTransformer) with strict=True; every size is stated, so any width works."""
+    from mimkit.tasks.finetune import vit_arch_of
+
+    arch = vit_arch_of(vit)
+    base = TIMM_VIT_NAMES.get(arch["embed_dim"], "vit_base")
+    kwargs = {k: (tuple(v) if k == "img_size" else v) for k, v in arch.items() if k != "layer_norm_eps"}
+    if arch.get("layer_norm_eps") is not None:
+        kwargs["norm_layer"] = f"partial(nn.LayerNorm, eps={arch['layer_norm_eps']:g})"  # a note, not JSON-built
+    import timm
+
+    exact = f"{base}_patch{arch['patch_size']}_{arch['img_size'][0]}"
+    name = next((n for n in (exact, f"{base}_patch16_224", "vit_base_patch16_224") if timm.is_model(n)))
+    return {"model_name": name, "kwargs": kwargs}
+
+
+def hf_vit_config_kwargs(mae: nn.Module) -> dict:
+    """``transformers.ViTConfig`` arguments of the MAE encoder (its LayerNorm eps included)."""
+    from mimkit.models.convert import hf_config_kwargs
+
+    c = hf_config_kwargs(mae)
+    keep = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps")
+    return {k: c[k] for k in keep}
 
 
 def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
-    """A transformers ViTMAEModel folder (save_pretrained), run with mask_ratio 0 and the identity order."""
+    """A transformers ``ViTModel`` folder (save_pretrained, no pooler): the MAE encoder as a plain ViT.
+
+    Not ViTMAEModel: transformers' ViTMAE embeddings always shuffle the patch tokens by random noise (mask_ratio
+    0 keeps every token but in a random order, with no config switch to stop it), so its plain forward would
+    hand users permuted tokens. ViTModel runs the same weights unmasked, tokens in image order, deterministic.
+    """
     if kind != "encoder":
-        raise UserError("--format hf exports MAE encoders; export a fine-tuned classifier as timm or onnx")
+        raise UserError("--format hf exports MAE encoders; export a classifier (linear probe or fine-tuned) as "
+                        "timm, onnx or pt2, or its encoder from the checkpoint it was trained from")
     import transformers
-    from transformers import ViTMAEConfig, ViTMAEModel
+    from transformers import ViTConfig, ViTModel
 
     from mimkit.data.transforms import mean_std, normalization_of
-    from mimkit.models.convert import hf_config_kwargs, mae_to_hf
+    from mimkit.models.convert import mae_to_hf
 
-    hf_cfg = ViTMAEConfig(**hf_config_kwargs(mae), mask_ratio=0.0)
-    hf = ViTMAEModel(hf_cfg)
+    hf = ViTModel(ViTConfig(**hf_vit_config_kwargs(mae)), add_pooling_layer=False)
     sd = {k[len("vit."):]: v for k, v in mae_to_hf(_mae_sd(mae)).items() if k.startswith("vit.")}
     hf.load_state_dict(sd, strict=True)
     from transformers.utils import logging as hf_logging
@@ -226,17 +284,15 @@ def export_hf(model: nn.Module, kind: str, mae, out: Path) -> Callable:
             "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": size, "resample": 3,
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": list(mean), "image_std": list(std)}, indent=2) + "\n")
-        hf = ViTMAEModel.from_pretrained(str(out)).eval()
+        hf = ViTModel.from_pretrained(str(out), add_pooling_layer=False).eval()
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        # noise = position index: argsort keeps the patch order, so no token is shuffled (mask ratio 0)
-        noise = torch.arange(mae.num_patches, dtype=torch.float32).expand(len(x), -1)
-        return hf(pixel_values=x, noise=noise).last_hidden_state
+        return hf(pixel_values=x).last_hidden_state  # the plain forward users call: no noise, no mask
 
-    run.runtime = f"transformers {transformers.__version__}"
+    run.runtime = f"transformers {transformers.__version__} (ViTModel)"
     return run
 
 
@@ -267,18 +323,29 @@ def normalization_record(kind: str, mae, checkpoint_obj_config: dict | None, in_
     return {"mean": list(mean) if mean else None, "std": list(std) if std else None}
 
 
+def default_output(src: Path, kind: str, fmt: str) -> Path:
+    """<run>/export/<checkpoint>_<kind><suffix>: runs/demo/checkpoints/final.pt -> runs/demo/export/final_encoder.pt2
+    (torchscript: final_encoder.torchscript.pt, timm: .timm.safetensors, hf: final_encoder_hf/). A checkpoint
+    outside a run's checkpoints/ folder exports to an export/ folder beside it."""
+    stem = src.stem
+    where = src.parent
+    if src.name in ("model.pt", "model.safetensors", "pytorch_model.bin") or src.name.endswith(".index.json"):
+        stem, where = src.parent.name, src.parent.parent  # epoch-N/model.pt, an HF save_pretrained folder
+    if where.name == "checkpoints":
+        where = where.parent
+    return where / EXPORT_DIR / f"{stem}_{kind}{SUFFIX[fmt]}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
     torch.manual_seed(args.seed)
-    model, kind, mae, desc = load_for_export(args.checkpoint, args.model, args.input_size)
+    model, kind, mae, desc, reference = load_for_export(args.checkpoint, args.model, args.input_size)
     size = model.patch_embed.img_size if kind == "classifier" else mae.img_size
     in_chans = model.patch_embed.proj.in_channels if kind == "classifier" else mae.in_chans
     example = torch.randn(args.batch_size, in_chans, *size)
-    src = resolve_checkpoint(args.checkpoint)
-    out = Path(args.output) if args.output else src.with_name(
-        f"{src.stem}_{kind}{'' if args.format in ('onnx', 'safetensors', 'torchscript', 'pt2') else '_' + args.format}"
-        f"{SUFFIX[args.format]}")
+    out = Path(args.output) if args.output else default_output(resolve_checkpoint(args.checkpoint), kind, args.format)
+    replaced = out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     exporters = {
         "torchscript": lambda: export_torchscript(model, example, out),
@@ -293,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "torchscript":
         check = torch.randn(args.batch_size, in_chans, *size)  # a trace fixes no batch size, but keep it simple
     with torch.no_grad():
-        expected = model(check)
+        expected = reference(check)
         got = runner(check)
     err = float((expected - got).abs().max())
     ok = err <= args.atol
@@ -301,12 +368,19 @@ def run(args: argparse.Namespace) -> int:
               "output_shape": list(expected.shape), "max_abs_error": err, "atol": args.atol, "ok": ok,
               "model": desc, "runtime": getattr(runner, "runtime", f"torch {torch.__version__}"),
               "normalization": normalization_record(kind, mae, getattr(model, "saved_config", None), in_chans)}
+    if getattr(runner, "timm", None):  # how to build the timm model that loads this file strictly
+        record["timm"] = runner.timm
     Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json").write_text(
         json.dumps(record, indent=2) + "\n")
-    print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})")
+    print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})"
+          + ("; replaced the earlier export there" if replaced else ""))
     print(f"max abs error vs PyTorch on random input: {err:.3e} ({'ok' if ok else 'ABOVE'} atol {args.atol:g}; "
           f"run by {record['runtime']})")
     norm = record["normalization"]
     print(f"inputs: (N, {in_chans}, {size[0]}, {size[1]}) pixels in [0, 1] normalised with mean {norm['mean']} "
           f"std {norm['std']}")
+    if "timm" in record:
+        t = record["timm"]
+        print(f"timm: timm.create_model('{t['model_name']}', " + ", ".join(f"{k}={v!r}" for k, v in t["kwargs"].items())
+              + ").load_state_dict(safetensors.torch.load_file(path), strict=True)")
     return 0 if ok else 1

@@ -20,12 +20,17 @@ def pool_tokens(tokens: torch.Tensor, pool: str = "cls") -> torch.Tensor:
 @torch.no_grad()
 def extract_features(
     model, dataset, batch_size: int = 64, device: torch.device | str = "cpu", pool: str = "cls",
-    num_workers: int = 0,
+    num_workers: int = 0, amp: str = "off",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 on CPU, labels (N,)) of the unmasked encoder, in dataset order.
 
     The model must expose `forward_features(imgs) -> (N, 1+L, D)` (every mimkit MAE-family model does).
+    `amp` is a resolved precision (off | bf16 | fp16): the forward runs under that autocast; features are fp32.
     """
+    from mimkit.engine.precision import autocast_dtype
+
+    device = torch.device(device)
+    dtype = autocast_dtype(amp)
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -34,7 +39,8 @@ def extract_features(
     for batch in loader:
         if batch["images"].shape[0] == 0:
             continue
-        tokens = model.forward_features(batch["images"].to(device))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            tokens = model.forward_features(batch["images"].to(device))
         feats.append(pool_tokens(tokens, pool).float().cpu())
         labels.append(batch["labels"])
     model.train(was_training)

@@ -132,7 +132,8 @@ def vit_arch_of(model) -> dict:
     return dict(img_size=list(model.patch_embed.img_size), patch_size=model.patch_embed.patch_size[0],
                 in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes,
                 global_pool=model.global_pool, embed_dim=model.embed_dim, depth=len(model.blocks),
-                num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim)
+                num_heads=blk.attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+                **({} if blk.norm1.eps == 1e-6 else {"layer_norm_eps": float(blk.norm1.eps)}))
 
 
 def finetune(cfg) -> dict:

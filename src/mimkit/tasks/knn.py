@@ -31,6 +31,10 @@ def add_common_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--batch_size", type=int, default=128, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", default="off", choices=("auto", "bf16", "fp16", "off"),
+                   help="precision of the feature pass: off (fp32, the default: exact, comparable features) | "
+                   "auto (bf16 on a GPU with bf16 or a CPU with AVX-512 BF16 / AMX-BF16, else fp32) | bf16 | "
+                   "fp16 (GPU only: fp32 on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed (of --random_init weights)")
     p.add_argument("--output_dir", default=None, help=f"folder of results.json (kept: a rerun writes results-2.json); "
                    f"default: a new runs/{command}/<timestamp>")
@@ -41,6 +45,7 @@ def features(args: argparse.Namespace):
     import torch
 
     from mimkit.data.transforms import eval_transform, normalization_of
+    from mimkit.engine.precision import amp_decision
     from mimkit.tasks.features import extract_features
 
     torch.manual_seed(args.seed)
@@ -49,9 +54,10 @@ def features(args: argparse.Namespace):
     train, val = E.open_labelled(args.data_path, tf, tf)
     device = E.pick_device(args.device)
     model.to(device)
-    tr = extract_features(model, train, args.batch_size, device, args.pool, args.num_workers)
-    va = extract_features(model, val, args.batch_size, device, args.pool, args.num_workers)
-    return model, desc, tr, va, list(train.classes)
+    amp, why = amp_decision(args.amp, device)
+    tr = extract_features(model, train, args.batch_size, device, args.pool, args.num_workers, amp)
+    va = extract_features(model, val, args.batch_size, device, args.pool, args.num_workers, amp)
+    return model, f"{desc}; amp {amp} ({why})", tr, va, list(train.classes)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,8 +28,8 @@ from mimkit.engine import distributed as D
 from mimkit.engine.checkpoint import CheckpointManager, find_resume
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, rollback_settings
-from mimkit.engine.precision import amp_decision
-from mimkit.engine.optim import build_adamw, param_groups, scaled_lr, set_lr, warmup_cosine
+from mimkit.engine.precision import AMP_HELP, amp_decision
+from mimkit.engine.optim import build_adamw, optimizer_kind, param_groups, scaled_lr, set_lr, warmup_cosine
 from mimkit.errors import ConfigError, UserError
 from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
 from mimkit.tasks.preflight import image_notes
@@ -94,7 +94,7 @@ FLAGS: list[Flag] = [
     Flag("resume", "misc.resume", str, "checkpoint (file or folder) to resume"),
     Flag("no_auto_resume", "misc.auto_resume", None, "do not resume from <output_dir>/checkpoints/latest.pt",
          const=False),
-    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("no_tf32", "misc.tf32", None, "disable TF32 matmuls", const=False),
     Flag("compile", "misc.compile", None, "torch.compile the model", const=True),
     Flag("max_steps", "misc.max_steps", int, "stop after N optimiser steps"),
@@ -250,18 +250,21 @@ def _preset_layer(preset: str, user: list[tuple[str, dict]]) -> dict:
 def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[list, list]:
     """(input-size layer for beneath the config file, model layer for above it) of a starting checkpoint.
 
-    Empty when the checkpoint says nothing readable, or when a flag / override names another model (then the
-    user's model is built and its kwargs are its own).
+    Empty when the checkpoint says nothing readable. When a flag / override names another model, the user's
+    model is built with its own kwargs and input size, but the checkpoint's mean / std still lie beneath: the
+    weights were trained on inputs normalised so (a config file or --mean / --std still win).
     """
     from mimkit.models.loading import architecture_of
 
     arch = architecture_of(init_from)
     if not arch:
         return [], []
+    data = dict(arch.get("data") or {})
     named = next((C._get(d, "model.type") for _, d in reversed(user) if C._get(d, "model.type")), None)
     if named and not C.same_model(named, arch["model"]["type"]):
-        return [], []
-    below = [(f"input size of {init_from}", {"data": arch["data"]})] if "data" in arch else []
+        norm = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
+        return ([(f"normalisation of {init_from}", {"data": norm})] if norm else []), []
+    below = [(f"input size of {init_from}", {"data": data})] if data else []
     return below, [(C.ARCH_ORIGIN + str(init_from), {"model": arch["model"]})]
 
 
@@ -442,7 +445,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     run_log.slow_hint = CPU_HINT
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
-                 f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, amp {amp} ({amp_why})")
+                 f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, "
+                 f"amp {amp} ({amp_why}), {optimizer_kind(optimizer)}")
     recon = None
     if hasattr(model, "decoder_pred"):  # pixel reconstructions to draw (LocalMIM predicts HOG features)
         vis_images = picture_images(train_set, min(4, len(train_set)))

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mimkit.data.builtin import open_dataset
     from mimkit.data.transforms import eval_transform, normalization_of
+    from mimkit.engine.precision import amp_decision
     from mimkit.errors import DataError
     from mimkit.metrics import rankme
     from mimkit.tasks.features import extract_features
@@ -48,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if len(ds) > args.max_images:  # a fixed, evenly spread subset: the same images every run
         ds = Subset(ds, torch.linspace(0, len(ds) - 1, args.max_images).long().tolist())
     device = E.pick_device(args.device)
-    feats, _ = extract_features(model.to(device), ds, args.batch_size, device, args.pool, args.num_workers)
+    amp, why = amp_decision(args.amp, device)
+    feats, _ = extract_features(model.to(device), ds, args.batch_size, device, args.pool, args.num_workers, amp)
     value = rankme(feats)
-    print(f"mimkit rankme: {desc}; {len(feats)} images, feature dim {feats.shape[1]}")
+    print(f"mimkit rankme: {desc}; {len(feats)} images, feature dim {feats.shape[1]}; amp {amp} ({why})")
     metrics = {"rankme": value, "max_rank": min(feats.shape), "num_images": len(feats)}
     E.report(args.output_dir or C.new_run_dir("rankme"), "rankme", metrics, args.checkpoint, args.data_path,
              _config(args), {"model": desc}, keep_earlier=True)

@@ -24,25 +24,41 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mimkit import config as C
-from mimkit.errors import CheckpointError, ConfigError, DataError
+from mimkit.errors import CheckpointError, DataError
 from mimkit.tasks import segment_config as SC
 from mimkit.tasks.pretrain import add_arguments as _add_arguments
 from mimkit.tasks.pretrain import config_from_args, seed_everything
 
 
+HELP_EPILOG = (
+    "Which defaults apply: the defaults shown above are the schema's, MMSeg's ADE20K recipe (what "
+    "segment/ade20k_vit_base.yaml spells out). When no --data_path is given (and no config file names one), the demo "
+    "preset segment/demo.yaml goes beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, "
+    "20 epochs, lr 1e-3, whole-image inference. The start-up line names the preset in use. --eval / --predict use "
+    "the checkpoint's own run settings (data, crop, normalisation, test mode, window) unless you set them. "
+    "--epochs and --max_iters: give one; either replaces the preset's schedule length (both at once is an error)."
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of the family (--finetune, --data_path, --max_iters, ...), a config file and dotted overrides."""
     _add_arguments(p, SC.SEGMENT_FLAGS, SC.SegmentConfig)
+    import textwrap
+
+    p.epilog = textwrap.fill(HELP_EPILOG, 100)  # the CLI's formatter keeps the epilog's own line breaks
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI entry: config (--epochs and --max_iters replace each other), then segment."""
+    """CLI entry: config (--epochs or --max_iters replaces the preset's other), then segment."""
+    from mimkit.tasks.segment_setup import given_keys
+
+    given = given_keys(args, SC.SEGMENT_FLAGS)
     if getattr(args, "epochs", None) is not None and getattr(args, "max_iters", None) is None:
         args.items = list(args.items) + ["schedule.max_iters=null"]
     elif getattr(args, "max_iters", None) is not None and getattr(args, "epochs", None) is None:
         args.items = list(args.items) + ["schedule.epochs=null"]
     cfg = config_from_args(args, SC.SEGMENT_FLAGS, SC.SegmentConfig, demo_preset=SC.DEMO_PRESET)
-    segment(cfg)
+    segment(cfg, given)
     return 0
 
 
@@ -72,7 +88,8 @@ def param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:
                                     "weight_decay": 0.0 if no_decay else weight_decay, "group": key})
         g["params"].append(p)
         g["names"].append(name)
-    return list(groups.values())
+    # the heads' groups (scale 1) first: the loop logs the first group's lr, which is then the base lr (as MMSeg)
+    return sorted(groups.values(), key=lambda g: -g["lr_scale"])
 
 
 def warmup_poly(step: float, lr: float, min_lr: float, warmup: int, warmup_ratio: float, total: int,
@@ -108,40 +125,6 @@ def segment_step(aux_weight: float, ignore_index: int, avg_non_ignore: bool) -> 
     return step
 
 
-def check_has_encoder(path: str) -> None:
-    """CheckpointError unless the file holds ViT encoder weights (patch embedding and blocks)."""
-    from mimkit.models.convert import extract_state_dict, load_checkpoint_file, to_mae_state_dict
-    from mimkit.tasks.evaluate import _resolve
-
-    fix = "give an MAE pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune"
-    sd, _ = extract_state_dict(load_checkpoint_file(_resolve(path)))
-    try:
-        sd, _ = to_mae_state_dict(sd)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} holds no ViT encoder ({e}); {fix}") from None
-    if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
-        raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
-
-
-def build_encoder(cfg, crop: tuple[int, int]):
-    """(MAE-family encoder sized to the crop, description): --finetune weights, or random weights."""
-    from mimkit.models import create_model
-    from mimkit.tasks.evaluate import load_encoder
-
-    m = cfg.model
-    if m.finetune:
-        check_has_encoder(m.finetune)
-        return load_encoder(m.finetune, m.type, crop, m.random_init, cfg.misc.seed)
-    if not (m.random_init or cfg.data.data_path is None):
-        raise ConfigError("give --finetune CHECKPOINT (a pretrained encoder), or --model NAME --random_init")
-    if not m.type:
-        raise ConfigError("--random_init without --finetune needs --model NAME (see `mimkit models`)")
-    torch.manual_seed(cfg.misc.seed)
-    kwargs = dict(OmegaConf.to_container(m.kwargs, resolve=True))
-    encoder = create_model(m.type, img_size=crop, **kwargs)
-    return encoder, f"{m.type} (random init, seed {cfg.misc.seed})"
-
-
 def open_splits(cfg, num_classes: Optional[int]):
     """(train source, val source) with equal class lists, every mask checked when data.check_masks."""
     from mimkit.data.segmentation import check_pairs, open_segmentation
@@ -157,12 +140,13 @@ def open_splits(cfg, num_classes: Optional[int]):
     return train, val
 
 
+def pct(v: float) -> Optional[float]:
+    """A fraction as a percentage (4 decimals); None for NaN (a class absent from prediction and target)."""
+    return None if math.isnan(v) else round(100 * v, 4)
+
+
 def percent_metrics(m: dict, class_names: list[str]) -> dict:
     """results.json metrics: mIoU, aAcc (pixel accuracy), mAcc, mDice and per-class IoU / Acc / Dice, in %."""
-
-    def pct(v: float):
-        return None if math.isnan(v) else round(100 * v, 4)
-
     per_class = {n: {"IoU": pct(i), "Acc": pct(a), "Dice": pct(d)}
                  for n, i, a, d in zip(class_names, m["IoU"], m["Acc"], m["Dice"], strict=True)}
     return {"mIoU": pct(m["mIoU"]), "aAcc": pct(m["aAcc"]), "mAcc": pct(m["mAcc"]), "mDice": pct(m["mDice"]),
@@ -170,28 +154,36 @@ def percent_metrics(m: dict, class_names: list[str]) -> dict:
 
 
 class SegEvalHook:
-    """Trainer hook: evaluate every `interval` optimiser steps (0 = never during training), log mIoU."""
+    """Trainer hook: evaluate every `interval` optimiser steps (0 = never during training), log mIoU in %.
 
-    def __init__(self, evaluate: Callable[[], tuple[dict, list]], interval: int, run_log) -> None:
+    An evaluation at the last step draws the overlays and is kept, so the run's final report reuses it.
+    """
+
+    def __init__(self, evaluate: Callable[[int], tuple[dict, list]], interval: int, run_log, last_step: int,
+                 num_overlays: int) -> None:
         self.evaluate, self.interval, self.run_log = evaluate, interval, run_log
+        self.last_step, self.num_overlays = last_step, num_overlays
         self.history: list[dict] = []
+        self.last: Optional[tuple[int, dict, list]] = None  # (step, metrics, panels) of the latest evaluation
 
     def log(self, metrics: dict, panels: list, step: int) -> None:
-        """Console line, metrics.jsonl ('eval'), TensorBoard scalars and overlay images."""
-        record = {"kind": "eval", "step": step, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"],
-                  "mAcc": metrics["mAcc"], "mDice": metrics["mDice"]}
+        """Console line, metrics.jsonl ('eval'), TensorBoard scalars and overlay images; all scores in %."""
+        record = {"kind": "eval", "step": step, **{k: pct(metrics[k]) for k in ("mIoU", "aAcc", "mAcc", "mDice")}}
         self.history.append(record)
+        self.last = (step, metrics, panels)
         self.run_log.metrics(record, step, tb_prefix="eval")
         for i, panel in enumerate(panels):
             self.run_log.image(f"eval/overlay_{i}", panel, step)
-        self.run_log.info(f"eval step {step}: mIoU {100 * metrics['mIoU']:.2f}  aAcc {100 * metrics['aAcc']:.2f}  "
-                          f"mAcc {100 * metrics['mAcc']:.2f}  mDice {100 * metrics['mDice']:.2f}")
+        self.run_log.info(f"eval step {step}: " + "  ".join(
+            f"{k} {'n/a' if record[k] is None else format(record[k], '.2f') + '%'}"
+            for k in ("mIoU", "aAcc", "mAcc", "mDice")))
 
     def on_step_end(self, trainer) -> None:
         """Evaluate when the step count reaches a multiple of the interval."""
-        if self.interval and trainer.state.step % self.interval == 0:
-            metrics, panels = self.evaluate()
-            self.log(metrics, panels, trainer.state.step)
+        step = trainer.state.step
+        if self.interval and step % self.interval == 0:
+            metrics, panels = self.evaluate(self.num_overlays if step >= self.last_step else 0)
+            self.log(metrics, panels, step)
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -201,54 +193,40 @@ class SegEvalHook:
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
-def segment(cfg) -> dict:
-    """Train then evaluate (or with misc.eval only evaluate, with misc.predict only predict); returns metrics."""
+def segment(cfg, given: Optional[dict] = None) -> dict:
+    """Train then evaluate (or with misc.eval only evaluate, with misc.predict only predict); returns metrics.
+
+    `given`: the dotted keys the user set ({'command': flags and overrides, 'file': a config file}); they beat
+    a checkpoint's run settings (--eval / --predict) and, for model.type, the checkpoint's architecture.
+    """
     from mimkit.data.segmentation import SegEvalPipeline, SegmentationDataset
     from mimkit.engine import distributed as D
-    from mimkit.models.segmentation import MAESegmenter, segmenter_arch, segmenter_from_encoder
+    from mimkit.models.segmentation import segmenter_arch, segmenter_from_encoder
     from mimkit.tasks import evaluate as E
     from mimkit.tasks import segment_infer as I
+    from mimkit.tasks import segment_setup as U
 
+    given = given or {"command": set(), "file": set(), "file_name": None}
     # 1. validate config, checkpoint and data before any training
     SC.check_segment_config(cfg)
     dist = D.init_distributed(cfg.misc.device)
     seed_everything(cfg.misc.seed)
-    crop = C.input_size(cfg)
     resume = E.read_resume(cfg)
+    if cfg.misc.eval or cfg.misc.predict:
+        from mimkit.tasks.segment_eval import evaluate_checkpoint
+
+        return evaluate_checkpoint(cfg, resume, given, dist)
+    crop = C.input_size(cfg)
     saved = (resume or {}).get("config") or {}
-    OmegaConf.set_struct(cfg, False)
-    if resume is not None and (cfg.misc.eval or cfg.misc.predict):
-        if not saved.get("model", {}).get("arch"):
-            raise CheckpointError(f"{cfg.misc.resume} is not a `mimkit segment` checkpoint (no model.arch)")
-        if cfg.data.data_path is None:  # the data the model was trained on, unless given
-            cfg.data.data_path = saved.get("data", {}).get("data_path")
-        cfg.data.reduce_zero_label = saved.get("data", {}).get("reduce_zero_label", cfg.data.reduce_zero_label)
-        if cfg.data.mean is None and cfg.data.std is None:  # the statistics the model was trained with
-            cfg.data.mean, cfg.data.std = saved.get("data", {}).get("mean"), saved.get("data", {}).get("std")
-        # the checkpoint's crop and test scale beat any preset: they are what the model was trained at
-        cfg.data.input_size = saved["model"]["arch"]["img_size"]
-        cfg.data.augmentation.scale = saved.get("data", {}).get("augmentation", {}).get("scale")
-        crop = C.input_size(cfg)
-    OmegaConf.set_struct(cfg, True)
-    pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
-    if cfg.misc.eval and cfg.misc.output_dir and (Path(cfg.misc.output_dir) / "results.json").exists():
-        raise ConfigError(f"{Path(cfg.misc.output_dir) / 'results.json'} holds an earlier run's results; "
-                          "give this evaluation its own --output_dir")
-    if cfg.misc.predict:
-        C.resolve_output_dir(cfg, "segment")
-        model = MAESegmenter(saved["model"]["arch"])
-        E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
-        paths = I.predict(model.to(dist.device), I.image_paths(cfg.misc.predict), pipeline, cfg.test, crop,
-                          dist.device, Path(cfg.misc.output_dir) / "predictions")
-        print(f"wrote {len(paths)} label PNG(s) and overlay(s) to {Path(cfg.misc.output_dir) / 'predictions'}")
-        return {"predictions": [str(p) for p in paths]}
-    if resume is None and cfg.model.finetune:
-        check_has_encoder(cfg.model.finetune)  # a wrong file fails before the masks are read
+    if resume is None and cfg.model.finetune and U.read_segment_checkpoint(cfg.model.finetune) is None:
+        U.check_has_encoder(cfg.model.finetune)  # a wrong file fails before the masks are read
     train_src, val_src = open_splits(cfg, cfg.model.num_classes)
     classes = train_src.classes
     if list(val_src.classes) != list(classes):
         raise DataError("the val split's classes differ from the training split's")
     if resume is not None:
+        from mimkit.models.segmentation import MAESegmenter
+
         arch = dict(saved.get("model", {}).get("arch") or {})
         if not arch:
             raise CheckpointError(f"{cfg.misc.resume or 'latest.pt'} is not a `mimkit segment` checkpoint")
@@ -258,16 +236,16 @@ def segment(cfg) -> dict:
         if cfg.data.mean is None and cfg.data.std is None:  # keep the statistics the run started with
             OmegaConf.update(cfg, "data.mean", saved.get("data", {}).get("mean"))
             OmegaConf.update(cfg, "data.std", saved.get("data", {}).get("std"))
-            pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
     else:
-        encoder, desc = build_encoder(cfg, crop)
+        encoder, desc = U.build_encoder(cfg, crop, given)
         m = cfg.model
         arch = segmenter_arch(encoder, crop, len(classes), m.taps, m.channels, m.aux_channels, m.pool_scales,
                               m.dropout)
         model = segmenter_from_encoder(encoder, arch, m.drop_path)
         E.adopt_normalization(cfg, encoder)  # the encoder's pretraining statistics, unless data.mean/std say
-        pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
         del encoder
+    pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
+    desc += f"; {U.describe_taps(arch['taps'], arch['depth'])}"
     OmegaConf.set_struct(cfg, False)
     cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
     OmegaConf.set_struct(cfg, True)
@@ -279,16 +257,23 @@ def segment(cfg) -> dict:
         return I.evaluate(model, val_set, pipeline, cfg.test, crop, dist.device, cfg.data.ignore_index,
                           out_dir / "overlays" if dist.is_main and overlays else None, overlays)
 
-    if cfg.misc.eval:
-        if resume is None:
-            raise ConfigError("--eval needs --resume CHECKPOINT")
-        E.load_model_state(model, resume, f"checkpoint {cfg.misc.resume}")
-        metrics, _ = run_eval(cfg.test.num_overlays)
-        return report(cfg, metrics, classes, desc, dist, {"eval_only": True})
     train_set = SegmentationDataset(train_src, train_pipeline(cfg, crop))
-    state, hook = fit(cfg, model, train_set, run_eval, resume, desc, dist)
-    metrics, panels = run_eval(cfg.test.num_overlays)
-    hook.log(metrics, panels, state.step)
+    state, hook, trained = fit(cfg, model, train_set, run_eval, resume, desc, dist, given.get("file_name"))
+    results = out_dir / "results.json"
+    if not trained and results.exists():
+        import json
+
+        earlier = json.loads(results.read_text())
+        if earlier.get("steps") == state.step:  # a rerun of a finished run: its results stand
+            hook.run_log.close()
+            if dist.is_main:
+                print(f"results: {results} (unchanged: step {state.step} was evaluated already)")
+            return earlier["metrics"]
+    if hook.last is not None and hook.last[0] == state.step:  # the hook evaluated the last step already
+        _, metrics, _ = hook.last
+    else:
+        metrics, panels = run_eval(cfg.test.num_overlays)
+        hook.log(metrics, panels, state.step)
     hook.run_log.close()
     return report(cfg, metrics, classes, desc, dist, {"history": hook.history, "steps": state.step,
                                                       "final_checkpoint": str(ckpt_dir(cfg) / "final.pt")})
@@ -308,14 +293,15 @@ def ckpt_dir(cfg) -> Path:
     return Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir) / "checkpoints")
 
 
-def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc: str, dist):
-    """Set up the optimiser, schedule and THE engine loop, and train; returns (state, eval hook)."""
+def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc: str, dist,
+        config_file: Optional[str] = None):
+    """Set up the optimiser, schedule and THE engine loop, and train; returns (state, eval hook, trained?)."""
     import os
 
     from mimkit.data.datasets import collate_batch
     from mimkit.engine.checkpoint import CheckpointManager
     from mimkit.engine.logging import RunLogger
-    from mimkit.engine.loop import LoopSettings, Trainer, resolve_amp
+    from mimkit.engine.loop import LoopSettings, Trainer, amp_decision
     from mimkit.engine.optim import build_adamw, set_lr
     from mimkit.engine.sampling import EpochSampler
 
@@ -339,14 +325,15 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         step = epoch_f * ipe / o.accum_iter
         set_lr(optim, warmup_poly(step, o.lr, o.min_lr, s.warmup_iters, s.warmup_ratio, total, s.power))
 
-    hook = SegEvalHook(run_eval, cfg.test.interval, run_log)
-    amp = resolve_amp(cfg.misc.amp, dist.device)
+    stop = min(total, cfg.misc.max_steps or total)
+    hook = SegEvalHook(run_eval, cfg.test.interval, run_log, stop, cfg.test.num_overlays)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     settings = LoopSettings(
         epochs=epochs, batch_size=o.batch_size, accum_iter=o.accum_iter, gradient_clip=o.gradient_clip,
         on_nonfinite=o.on_nonfinite, amp=amp, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
-        max_steps=min(total, cfg.misc.max_steps or total), find_unused_parameters=max(model.taps) < model.depth - 1,
+        max_steps=stop, find_unused_parameters=max(model.taps) < model.depth - 1,
     )
     ckpt = CheckpointManager(ckpt_dir(cfg), cfg.checkpointing.keep_last_n, run_log.log_path,
                              cfg.checkpointing.safetensors)
@@ -358,23 +345,34 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     if resume is not None:
         trainer.load(resume)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
-    run_log.info(f"mimkit segment: {desc}; UperNet taps {model.taps}, {model.num_classes} classes; "
+    if cfg.misc.preset:
+        preset = f"preset {cfg.misc.preset} beneath your flags (no --data_path: the demo)"
+    else:
+        preset = f"config {config_file} over" if config_file else "your flags over"
+        preset += " the schema's defaults (MMSeg's ADE20K recipe)"
+    run_log.info(f"mimkit segment: {preset}; {desc}; UperNet, {model.num_classes} classes; "
                  f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
-                 f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e}, layer decay {o.layer_decay}, "
-                 f"amp {amp}, device {dist.device}")
+                 f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "
+                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {cfg.test.mode}, amp {amp} ({amp_why}), "
+                 f"device {dist.device}")
+    if s.warmup_iters > total:
+        run_log.info(f"warning: the run is {total} steps but the warmup is {s.warmup_iters} (the lr never reaches "
+                     f"{o.lr:.2e}); lower --warmup_iters")
     if trainer.state.step >= total:
         run_log.info(f"nothing to train: this run already made its {total} steps (a new --output_dir starts over)")
-        return trainer.state, hook
+        return trainer.state, hook, False
+    start = trainer.state.step
     try:
         trainer.fit()
     except BaseException:
         run_log.close()
         raise
-    return trainer.state, hook
+    return trainer.state, hook, trainer.state.step > start
 
 
-def report(cfg, metrics: dict, classes: list[str], desc: str, dist, extra: dict) -> dict:
-    """Print the per-class table and write results.json (rank 0); returns the metrics in %."""
+def report(cfg, metrics: dict, classes: list[str], desc: str, dist, extra: dict, keep_earlier: bool = False) -> dict:
+    """Print the per-class table and write results.json (rank 0; results-2.json, ... beside an earlier one
+    with keep_earlier); returns the metrics in %."""
     from mimkit.metrics.segmentation import format_class_table
     from mimkit.tasks.evaluate import write_results
 
@@ -382,7 +380,8 @@ def report(cfg, metrics: dict, classes: list[str], desc: str, dist, extra: dict)
     if dist.is_main:
         path = write_results(cfg.misc.output_dir, "segment", out, cfg.model.finetune or cfg.misc.resume,
                              str(cfg.data.data_path or "builtin:mosaics"), C.to_container(cfg),
-                             {"model": desc, "test_mode": cfg.test.mode, **extra})
+                             {"model": desc, "test_mode": cfg.test.mode, "units": "percent", **extra},
+                             keep_earlier=keep_earlier)
         print(format_class_table(metrics, classes))
         print(f"results: {path}")
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from mimkit import config as C
+from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
 from mimkit.tasks.eval_config import EvalMiscConfig
 from mimkit.tasks.pretrain import Flag
@@ -18,7 +19,7 @@ DEMO_PRESET = "segment/demo.yaml"
 
 @dataclass
 class SegModelConfig:
-    type: Optional[str] = None  # registered encoder name; None = the one the checkpoint holds
+    type: Optional[str] = None  # encoder name; a --finetune checkpoint's own architecture beats a preset's
     finetune: Optional[str] = None  # pretrained encoder: mimkit, official MAE .pth or Hugging Face
     random_init: bool = False  # random encoder weights (the checkpoint's architecture, or type + kwargs)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # encoder builder options with random_init (patch_size, depth)
@@ -118,17 +119,24 @@ class SegmentConfig:
 SEGMENT_FLAGS: list[Flag] = [
     Flag("finetune", "model.finetune", str, "pretrained encoder (mimkit / official MAE / Hugging Face)"),
     Flag("random_init", "model.random_init", None, "random encoder weights (a baseline)", const=True),
-    Flag("model", "model.type", str, "encoder name (`mimkit models`); default: the checkpoint's"),
+    Flag("model", "model.type", str, "encoder name (`mimkit models`); beats the --finetune checkpoint's "
+         "architecture; default: the checkpoint's, else the preset's"),
     Flag("patch_size", "model.kwargs.patch_size", int, "encoder patch size (with --random_init)"),
-    Flag("num_classes", "model.num_classes", int, "classes of a generic layout without classes.txt"),
+    Flag("out_indices", "model.taps", lambda t: [int(v) for v in C.float_list(t)],
+         "blocks tapped for the neck, e.g. 3,5,7,11 (MMSeg out_indices); unset = [3, 5, 7, 11] scaled evenly to "
+         "the encoder's depth"),
+    Flag("num_classes", "model.num_classes", int, "classes of a generic layout without classes.txt (refused "
+         "for ADE20K / the mosaics unless it matches)"),
     Flag("drop_path", "model.drop_path", float, "drop path rate"),
     Flag("data_path", "data.data_path", str, "ADEChallengeData2016 (or its parent) or a generic layout; "
          "unset = built-in mosaics"),
     Flag("input_size", "data.input_size", int, "training crop"),
     Flag("num_workers", "data.num_workers", int),
     Flag("output_dir", "misc.output_dir", str, "run folder"),
-    Flag("epochs", "schedule.epochs", int, "train whole epochs (instead of --max_iters)"),
-    Flag("max_iters", "schedule.max_iters", int, "optimiser steps"),
+    Flag("epochs", "schedule.epochs", int, "train whole epochs; replaces the preset's max_iters (give one of "
+         "--epochs / --max_iters)"),
+    Flag("max_iters", "schedule.max_iters", int, "optimiser steps; replaces the preset's epochs (give one of "
+         "--epochs / --max_iters)"),
     Flag("warmup_iters", "schedule.warmup_iters", int),
     Flag("batch_size", "optimization.batch_size", int, "per-device batch size"),
     Flag("accum_iter", "optimization.accum_iter", int, "gradient accumulation steps"),
@@ -143,9 +151,11 @@ SEGMENT_FLAGS: list[Flag] = [
     Flag("resume", "misc.resume", str, "checkpoint to resume, or to use with --eval / --predict"),
     Flag("no_auto_resume", "misc.auto_resume", None, "do not resume from <output_dir>/checkpoints/latest.pt",
          const=False),
-    Flag("eval", "misc.eval", None, "evaluate the --resume checkpoint on val and stop", const=True),
-    Flag("predict", "misc.predict", str, "segment this image or folder with the --resume checkpoint"),
-    Flag("amp", "misc.amp", str, "auto | bf16 | fp16 | off"),
+    Flag("eval", "misc.eval", None, "evaluate the --resume checkpoint on val (its run's data, crop and test "
+         "settings unless you give them) and stop", const=True),
+    Flag("predict", "misc.predict", str, "segment this image or folder (subfolders too) with the --resume "
+         "checkpoint"),
+    Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("max_steps", "misc.max_steps", int, "stop after N optimiser steps (the schedule keeps its length)"),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),

@@ -82,6 +82,9 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
     rank = dist.get_rank() if world > 1 else 0
     was_training = model.training
     model.eval()
+    if world > 1:  # BatchNorm statistics differ per rank without SyncBN (CPU): score rank 0's, the checkpoint's
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     k = model.num_classes
     cm = ConfusionMatrix(k, ignore_index, device)
     colours, panels = palette(k), []
@@ -112,45 +115,74 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
     return cm.compute(), panels
 
 
-def image_paths(spec: str) -> list[Path]:
-    """The images to --predict: one file, or every image directly inside a folder (sorted)."""
+def image_paths(spec: str) -> list[tuple[Path, Path]]:
+    """The images to --predict as (file, path relative to the folder): one file, or every image in a folder and
+    its subfolders (sorted)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from mimkit.errors import DataError
 
     p = Path(spec).expanduser()
     if p.is_file():
-        return [p]
+        return [(p, Path(p.name))]
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
         if files:
-            return files
-        raise DataError(f"no images found in {p}")
+            return [(f, f.relative_to(p)) for f in files]
+        raise DataError(f"no images found in {p} or its subfolders")
     raise DataError(f"--predict path not found: {spec}")
 
 
+def fresh_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... when an earlier one holds files (never written over)."""
+    out, n = parent / name, 2
+    while out.exists() and any(out.iterdir()):
+        out, n = parent / f"{name}-{n}", n + 1
+    return out
+
+
+def write_legend(out_dir: Path, class_names: Sequence[str], colours: np.ndarray) -> None:
+    """legend.csv (index, name, r, g, b) and legend.png (a colour swatch beside each class name)."""
+    from PIL import ImageDraw
+
+    rows = ["index,name,r,g,b"] + [f"{i},\"{n}\",{c[0]},{c[1]},{c[2]}"
+                                   for i, (n, c) in enumerate(zip(class_names, colours, strict=True))]
+    (out_dir / "legend.csv").write_text("\n".join(rows) + "\n")
+    line = 16
+    img = Image.new("RGB", (260, line * len(class_names) + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (n, c) in enumerate(zip(class_names, colours, strict=True)):
+        draw.rectangle([4, 2 + i * line, 4 + 28, 2 + i * line + line - 3], fill=tuple(int(v) for v in c))
+        draw.text((40, 2 + i * line), f"{i} {n}", fill="black")
+    img.save(out_dir / "legend.png")
+
+
 @torch.no_grad()
-def predict(model, paths: list[Path], pipeline, test_cfg, crop: Sequence[int], device: torch.device,
-            out_dir: Path) -> list[Path]:
-    """Write <stem>_label.png (class index per pixel) and <stem>_overlay.png per image; returns the label paths."""
+def predict(model, paths: list[tuple[Path, Path]], pipeline, test_cfg, crop: Sequence[int], device: torch.device,
+            out_dir: Path, class_names: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Per image, at its relative path under out_dir: <name.ext>_label.png (class index per pixel) and
+    <name.ext>_overlay.png, plus the colour legend; returns (label paths, one warning per unreadable file)."""
     from mimkit.data.datasets import DECODE_ERRORS
     from mimkit.data.segmentation import read_rgb
-    from mimkit.errors import DataError
 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    colours, written = palette(model.num_classes), []
-    for path in paths:
+    colours, written, skipped = palette(model.num_classes), [], []
+    write_legend(out_dir, class_names, colours)
+    for path, rel in paths:
         try:
             image = read_rgb(path)
         except DECODE_ERRORS as e:
-            raise DataError(f"cannot read image {path} ({type(e).__name__})") from None
+            skipped.append(f"skipped {path}: cannot read it as an image ({type(e).__name__})")
+            continue
         x = pipeline.image(image)[None].to(device)
         logits = infer(model, x, test_cfg.mode, list(test_cfg.crop_size or crop), list(test_cfg.stride))
         logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
         label = logits.argmax(1)[0].cpu().numpy()
+        dest = out_dir / rel.parent
+        dest.mkdir(parents=True, exist_ok=True)
         Image.fromarray(label.astype(np.uint8 if model.num_classes <= 256 else np.int32)).save(
-            out_dir / f"{path.stem}_label.png")
-        Image.fromarray(overlay(image, label, colours)).save(out_dir / f"{path.stem}_overlay.png")
-        written.append(out_dir / f"{path.stem}_label.png")
-    return written
+            dest / f"{rel.name}_label.png")
+        Image.fromarray(overlay(image, label, colours)).save(dest / f"{rel.name}_overlay.png")
+        written.append(dest / f"{rel.name}_label.png")
+    return written, skipped

@@ -216,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise UserError(f"image not found: {p}")
     model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
+    if getattr(model, "load_report", None) is not None and model.load_report.decoder_fresh:
+        raise UserError(f"{args.checkpoint} holds no MAE decoder (an encoder-only, linprobe, finetune or segment "
+                        "checkpoint): reconstructions need the pretraining checkpoint (pretrain / continual)")
     from mimkit.data.images import scan_images
 
     for note in scan_images([str(p) for p in paths]):  # transparency, 12-bit data: said once, not per image
