@@ -137,8 +137,9 @@ class RunLogger:
             return
         self._estimated = True
         total = per_iter * self._run_left
-        self.info(f"estimated time of the whole run: {_duration_or_less(total)} ({self._run_left:,} iteration{'s' if self._run_left > 1 else ''} at "
-                  f"{per_iter:.3g} s each, {how}; evaluation and checkpoints not counted)")
+        iters = f"{self._run_left:,} iteration{'s' if self._run_left > 1 else ''}"
+        self.info(f"estimated time of the whole run: {_duration_or_less(total)} ({iters} at {per_iter:.3g} s each, "
+                  f"{how}; evaluation and checkpoints not counted)")
         if self.also_estimate and self.also_estimate[0] > 1:
             n, what = self.also_estimate
             total *= n
