@@ -191,8 +191,7 @@ def test_splits_disjoint_covering_and_seeded():
     assert all(len(c) == 2 for c in tasks)
     flat = [c for cs in tasks for c in cs]
     assert sorted(flat) == list(range(10)) and len(set(flat)) == 10
-    assert IC.task_sizes(100, 1, 50, 10) == [50] + [10] * 5  # PyCIL B50-Inc10
-    assert IC.task_sizes(10, 1, 4, 4) == [4, 4, 2]  # the remainder is a smaller last task
+    assert IC.task_sizes(100, None, 50, 10) == [50] + [10] * 5  # PyCIL B50-Inc10
 
 
 def test_task_subsets_relabel_in_order():
@@ -247,6 +246,45 @@ def test_picture_written(tmp_path):
     img = np.asarray(Image.open(p).convert("RGB"))
     assert img.shape[0] > 100 and img.shape[1] > 300
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # a heatmap, a colour bar and a curve were drawn
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 2), (5, 5), (10, 10), (20, 20)])
+def test_picture_parts_do_not_overlap(shape):
+    from PIL import Image, ImageDraw, ImageFont
+
+    from mimkit.incremental import report as R
+
+    font, probe = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    L = R.layout(*shape, lambda t: int(probe.textlength(t, font=font)))
+    boxes = list(L["boxes"].items())
+    for a, (na, ba) in enumerate(boxes):
+        assert ba[2] <= L["size"][0] and ba[3] <= L["size"][1], na  # inside the picture
+        for nb, bb in boxes[a + 1:]:
+            apart = ba[2] <= bb[0] or bb[2] <= ba[0] or ba[3] <= bb[1] or bb[3] <= ba[1]
+            assert apart, (na, nb, ba, bb)
+
+
+def test_rankme_axis_ticks_are_round_and_inside():
+    from mimkit.incremental import report as R
+
+    for lo, hi in [(12.3, 47.9), (0.0, 1.0), (3.2, 3.4), (95.0, 160.0)]:
+        ticks = R.nice_ticks(lo, hi)
+        assert 3 <= len(ticks) <= 11 and all(lo - 1e-9 <= t <= hi + 1e-9 for t in ticks)
+        steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
+        assert len(steps) == 1 and float(f"{steps.pop():.1e}") in {m * 10.0 ** k for m in (1, 2, 5)
+                                                                     for k in range(-3, 3)}
+
+
+def test_csv_cells_are_rounded_and_empty_when_undefined(tmp_path):
+    from mimkit.incremental import report as R
+
+    rows = [{"task": 0, "classes": [3, 1], "acc": [0.1 + 0.2], "acc_seen": 0.1 + 0.2, "rankme": 12.345678},
+            {"task": 1, "classes": [0, 2], "acc": [33.33333, 66.666666], "acc_seen": 50.0, "rankme": float("nan")}]
+    R.write(tmp_path, rows, 3, {"config": {}})
+    assert (tmp_path / "accuracy_matrix.csv").read_text().splitlines() == [
+        "stage,task_0,task_1,task_2", "after_task_0,0.30,,", "after_task_1,33.33,66.67,"]
+    assert (tmp_path / "per_task.csv").read_text().splitlines() == [
+        "task,classes,acc_seen,rankme", "0,3 1,0.30,12.35", "1,0 2,50.00,"]
 
 
 # ---------------------------------------------------------------------------------------------- replay
@@ -306,6 +344,37 @@ def test_more_tasks_than_classes():
         IC.task_sizes(10, 3, None, None)
 
 
+def test_uneven_init_increment_splits_are_errors_naming_the_numbers():
+    assert IC.task_sizes(10, None, None, None) == [2] * 5  # default: 5 equal tasks
+    assert IC.task_sizes(10, None, 2, 4) == [2, 4, 4] and IC.task_sizes(10, 3, 2, 4) == [2, 4, 4]
+    assert IC.task_sizes(100, None, 50, 10) == [50] + [10] * 5 and IC.task_sizes(10, None, 5, None) == [5, 5]
+    with pytest.raises(ConfigError, match=r"10 classes cannot split into tasks of increment 3 after 2 initial "
+                                          r"\(8 classes left, not a multiple of 3\)"):
+        IC.task_sizes(10, None, 2, 3)  # was silently [2, 3, 3, 2]
+    with pytest.raises(ConfigError, match=r"10 classes cannot split into 4 tasks of increment 4 after 2 initial "
+                                          r"\(2 \+ 3 x 4 = 14\)"):
+        IC.task_sizes(10, 4, 2, 4)  # --tasks was silently ignored
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"ema_mode": "ema"}, "--ema_mode ema has no effect with --method ce"),
+    ({"ema_mode": "sto", "method": "er"}, "--ema_mode sto has no effect with --method er"),
+    ({"cls_only": True}, "--cls_only has no effect with --method ce"),
+    ({"cls_only": True, "method": "er"}, "--cls_only has no effect with --method er"),
+])
+def test_flags_without_effect_under_the_method_are_errors(overrides, fragment):
+    from mimkit import config as C
+
+    cfg = C.build_config(IC.IncrementalConfig, [("overrides", {"incremental": overrides})])
+    with pytest.raises(ConfigError, match=fragment):
+        IC.validate(cfg)
+    for fine in ({"method": "kd"}, {"method": "mask"}, {"method": "er,kd"}):  # the same flags where they act
+        IC.validate(C.build_config(IC.IncrementalConfig, [("overrides", {"incremental": {**overrides, **fine}})]))
+    if "ema_mode" in overrides:  # evaluating the EMA itself is an effect too
+        IC.validate(C.build_config(IC.IncrementalConfig,
+                                   [("overrides", {"incremental": {**overrides, "eval_teacher": True}})]))
+
+
 def test_parse_methods():
     assert IC.parse_methods("kd,er") == {"ce", "kd", "er"}
     assert IC.parse_methods("ce") == {"ce"}
@@ -346,7 +415,11 @@ def test_cifar_missing_files_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         ID.open_data(str(root), "cifar10", None, None)
     msg = str(e.value)
-    assert "\n" not in msg and "test_batch" in msg and "cifar-10-batches-py" in msg
+    assert "\n" not in msg and "cifar-10-batches-py" in msg
+    assert "lacks test_batch;" in msg  # the missing file is named, the present ones are not listed as missing
+    (root / "cifar-10-batches-py" / "data_batch_2").unlink()
+    with pytest.raises(DataError, match="lacks data_batch_2, test_batch;"):
+        ID.open_data(str(root), "cifar10", None, None)
 
 
 @pytest.mark.parametrize("preset,tasks,model", [("incremental/digits.yaml", 5, "slim_resnet18"),
@@ -362,3 +435,28 @@ def test_presets_load_and_flags_win(preset, tasks, model):
     cfg = config_from_args(p.parse_args([preset, "incremental.kd_weight=2", "--epochs", "7"]))
     assert cfg.incremental.tasks == tasks and cfg.model.type == model
     assert cfg.schedule.epochs == 7 and cfg.incremental.kd_weight == 2.0  # flags and overrides beat the preset
+
+
+# ---------------------------------------------------------------------------------------------- PreciseBN
+def test_precise_bn_recomputes_population_statistics_without_moving_rng():
+    from mimkit.data.datasets import collate_batch
+    from mimkit.incremental.precise_bn import PreciseBN
+
+    torch.manual_seed(0)
+    data = [(torch.randn(2, 1, 1) * 3 + 5, 0) for _ in range(12)]
+    net = nn.Sequential(nn.BatchNorm2d(2))
+    net.eval()
+    stored = torch.randn(4, 2, 1, 1) - 7  # a replay buffer's images come after the task's
+    hook = PreciseBN(lambda: [net], data, collate_batch, epochs=2, batch_size=4, num_images=8, seed=1,
+                     device=torch.device("cpu"), extra=lambda: stored)
+    hook.on_epoch_end(None, 0)  # not the last epoch: running statistics untouched
+    assert torch.equal(net[0].running_mean, torch.zeros(2)) and torch.equal(net[0].running_var, torch.ones(2))
+    before = torch.random.get_rng_state()
+    hook.on_epoch_end(None, 1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # training's random stream does not move
+    batches = [torch.stack([x for x, _ in data[:4]]), torch.stack([x for x, _ in data[4:8]]), stored]
+    # momentum None: the equal-weight mean over batches of the batch mean / unbiased variance (only 8 images used)
+    mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(net[0].running_mean, mean, atol=1e-5) and torch.allclose(net[0].running_var, var, atol=1e-4)
+    assert net[0].momentum == 0.1 and not net.training  # restored

@@ -126,7 +126,7 @@ def test_fake_cifar10_folder_runs(tmp_path):
     (["--inv_mode", "v3"], "incremental.inv_mode"),
     (["--mask_ratio", "1.0"], "incremental.mask_ratio"),
     (["--eval_teacher"], "--ema_mode"),
-    (["--dataset", "cifar10"], "not a CIFAR-10 folder"),
+    (["--dataset", "cifar10"], "not a complete CIFAR-10 folder"),
     (["--mean", "0.5,0.5", "--std", "0.2,0.2"], "data.mean has 2 value(s)"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, fragment):
@@ -183,3 +183,120 @@ def test_mae_vit_encoder_backbone(tmp_path):
     assert len(res["per_task"]) == 2 and "mae_vit_tiny_patch16" in res["model"]
     assert res["config"]["data"]["mean"] == [0.5, 0.5, 0.5]  # the encoder's own normalisation is adopted
     assert res["config"]["data"]["std"] == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.slow
+def test_short_run_eval_accuracy_matches_the_trained_weights(tmp_path):
+    """1 epoch (18 steps) on task 0: BatchNorm running averages alone read chance (50 %) in eval mode; with the
+    statistics recomputed (PreciseBN) the reported accuracy is what the trained weights give."""
+    from mimkit.data.datasets import collate_batch
+    from mimkit.incremental import data as ID
+    from mimkit.incremental.model import build_classifier
+
+    out = tmp_path / "short"
+    args = ["incremental", "--data_path", "digits", "--init_classes", "2", "--increment", "8", "--nf", "8",
+            "--input_size", "16", "--epochs", "1", "--batch_size", "16", "--device", "cpu", "--print_freq", "1000",
+            "logging.tensorboard=false"]
+    assert _run(args, out) == 0
+    reported = json.loads((out / "results.json").read_text())["per_task"][0]["acc"][0]
+    _, val_tf = ID.transforms(16, 4, False)
+    _, val, _ = ID.open_data("digits", "auto", val_tf, val_tf)
+    task0 = ID.task_subsets(val, ID.TaskSplit(ID.class_order(10, 0), [2, 8]))[0]
+    net, _ = build_classifier("slim_resnet18", 8, None, 16, 2)
+    net.load_state_dict(torch.load(out / "checkpoints" / "task-0" / "final.pt", weights_only=True)["model"])
+    batch = collate_batch([task0[i] for i in range(len(task0))])
+    with torch.no_grad():  # eval mode first: a train-mode forward moves the running statistics
+        evaluated = (net.eval()(batch["images"]).argmax(1) == batch["labels"]).float().mean().item() * 100
+        # what the weights give with the held-out images' own batch statistics
+        own = (net.train()(batch["images"]).argmax(1) == batch["labels"]).float().mean().item() * 100
+    assert reported == pytest.approx(evaluated, abs=1e-4)  # the saved statistics are the evaluated ones
+    assert own > 70 and reported > 70 and abs(reported - own) <= 10
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--epochs", "1"]
+    assert _run(args, out) == 0
+    results = (out / "results.json").read_text()
+    capsys.readouterr()
+
+    # run-defining settings changed: one line naming each (old -> new) and the ways on, before any work
+    assert _run(args + ["--batch_size", "32", "--kd_weight", "2", "--input_size", "16"], out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    for part in ("optimization.batch_size 64 → 32", "incremental.kd_weight 1.0 → 2.0", "data.input_size 8 → 16",
+                 "--output_dir", "--no_auto_resume"):
+        assert part in err, part
+    assert (out / "results.json").read_text() == results  # nothing written
+
+    # where it runs and the schedule may change (as pretrain): a log line, and results.json records it
+    assert _run(TINY + ["--epochs", "2", "--print_freq", "7"], out) == 0
+    log = (out / "log.txt").read_text()
+    assert "schedule.epochs 1 → 2" in log and "logging.print_freq 1000 → 7" in log
+    res = json.loads((out / "results.json").read_text())
+    assert {"from_task": 2, "key": "schedule.epochs", "old": 1, "new": 2} in res["resume_changes"]
+    assert res["per_task"] == json.loads(results)["per_task"]  # the finished tasks are the earlier ones
+
+    # --no_auto_resume: the earlier run's files are moved aside (nothing mixed, nothing lost), said in the log
+    assert _run(args + ["--batch_size", "32", "--no_auto_resume"], out) == 0
+    earlier = list((out / "earlier").iterdir())
+    assert len(earlier) == 1 and json.loads((earlier[0] / "results.json").read_text())["per_task"] == res["per_task"]
+    assert (earlier[0] / "checkpoints" / "task-1" / "final.pt").is_file() and (earlier[0] / "log.txt").is_file()
+    new = json.loads((out / "results.json").read_text())
+    assert new["config"]["optimization"]["batch_size"] == 32 and new["resume_changes"] == []
+    log = (out / "log.txt").read_text()
+    assert f"were moved to {earlier[0]}" in log and log.count("after task 0:") == 1
+    assert len(json.loads((out / "incremental.json").read_text())["rows"]) == 2
+
+
+def test_every_flag_shows_its_default_and_no_auto_resume_reads_plainly():
+    import argparse
+
+    from mimkit.cli import _subparser, build_parser, with_default
+
+    sp = _subparser(build_parser(), "incremental")
+    for action in sp._actions:
+        if action.option_strings and action.help is not argparse.SUPPRESS and "-h" not in action.option_strings:
+            assert "default" in with_default(action), action.option_strings  # --world_size, --log_dir too
+    helps = {a.option_strings[0]: with_default(a) for a in sp._actions if a.option_strings}
+    assert "(default: resume)" in helps["--no_auto_resume"] and "True" not in helps["--no_auto_resume"]
+    assert "runs/incremental/" in helps["--output_dir"]
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    import mimkit.cli as cli
+    from mimkit.incremental import data as ID
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ID, "open_data", interrupted)  # Ctrl-C while the data loads
+    assert _run(TINY, tmp_path / "out") == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # Ctrl-C while the command modules import
+    assert cli.main(["incremental", "--help"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "mimkit: interrupted while starting; nothing was written"
+
+
+@pytest.mark.slow
+def test_two_process_gloo_smoke(tmp_path):
+    """torchrun, 2 CPU processes (gloo), kd + er: both tasks train, rank 0 alone writes one run folder."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mimkit",
+           *TINY, "--epochs", "1", "--batch_size", "32", "--method", "kd,er", "--buffer_size", "50", "--amp", "off",
+           "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [len(row["acc"]) for row in res["per_task"]] == [1, 2]
+    assert all(0 <= a <= 100 for row in res["per_task"] for a in row["acc"])
+    assert (out / "checkpoints" / "task-1" / "final.pt").is_file()
+    assert r.stdout.count("final average accuracy") == 1  # printed once (rank 0), not per rank

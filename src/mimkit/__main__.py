@@ -2,6 +2,10 @@
 
 import sys
 
-from mimkit.cli import main
+try:
+    from mimkit.cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python imports the CLI: one line, no traceback
+    print("mimkit: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -91,7 +91,15 @@ def _check_flags(sp: argparse.ArgumentParser, words: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point; Ctrl-C while starting (imports, parsing) is one line and exit 130 too."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("mimkit: interrupted while starting; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:  # a mistyped flag is named first, before argparse misses a required one

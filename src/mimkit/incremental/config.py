@@ -29,7 +29,7 @@ class IncModelConfig:
 @dataclass
 class IncrementalSection:
     method: str = "ce"  # ce | kd | mask | er, combinable with commas (kd,er); ce is always part of the loss
-    tasks: int = 5  # number of tasks of equal class count (ignored when init_classes is set)
+    tasks: Optional[int] = None  # tasks of equal class count; None = 5, or with init_classes as many as it makes
     init_classes: Optional[int] = None  # classes of the first task (PyCIL's B); the rest in steps of increment
     increment: Optional[int] = None  # classes per later task (PyCIL's Inc); default = init_classes
     kd_weight: float = 1.0  # weight of the distillation loss (kd)
@@ -45,6 +45,8 @@ class IncrementalSection:
     buffer_size: int = 200  # er: reservoir replay buffer size (images)
     eval_batch_size: int = 256  # batch size of the per-task evaluation
     rankme_images: int = 2000  # RankMe on at most this many held-out images (fixed, all classes)
+    precise_bn_images: int = 8192  # PreciseBN after each task: BatchNorm statistics recomputed on this many
+    # training images with the final weights (mmpretrain PreciseBNHook's num_samples); 0 = keep running averages
 
 
 @dataclass
@@ -128,7 +130,8 @@ FLAGS: list[Flag] = [
     Flag("std", "data.std", C.float_list, "per-channel normalisation std"),
     Flag("num_workers", "data.num_workers", int),
     Flag("method", "incremental.method", str, "ce | kd | mask | er, or a comma list (kd,er)"),
-    Flag("tasks", "incremental.tasks", int, "number of tasks"),
+    Flag("tasks", "incremental.tasks", int, "number of tasks of equal class count (default: 5; with "
+         "--init_classes, the count init_classes + k x increment makes: give both only when they agree)"),
     Flag("init_classes", "incremental.init_classes", int, "classes of the first task (PyCIL B)"),
     Flag("increment", "incremental.increment", int, "classes per later task (PyCIL Inc)"),
     Flag("kd_weight", "incremental.kd_weight", float),
@@ -144,7 +147,10 @@ FLAGS: list[Flag] = [
          "convention): avg = (1-m)*avg + m*model; anne uses max(m, 100/(100+step))"),
     Flag("eval_teacher", "incremental.eval_teacher", None, "evaluate the EMA teacher, not the student", const=True),
     Flag("buffer_size", "incremental.buffer_size", int, "er: replay buffer size"),
-    Flag("output_dir", "misc.output_dir", str, "run folder"),
+    Flag("precise_bn_images", "incremental.precise_bn_images", int, "BatchNorm statistics recomputed on this "
+         "many training images after each task (PreciseBN); 0 = keep the running averages"),
+    Flag("output_dir", "misc.output_dir", str, "run folder; a folder holding a run resumes it (default: a new "
+         "runs/incremental/<date>_<time>)"),
     Flag("epochs", "schedule.epochs", int, "epochs per task"),
     Flag("warmup_epochs", "schedule.warmup_epochs", float),
     Flag("batch_size", "optimization.batch_size", int),
@@ -156,7 +162,8 @@ FLAGS: list[Flag] = [
     Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
     Flag("seed", "misc.seed", int, "seeds training and the class order"),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
-    Flag("no_auto_resume", "misc.auto_resume", None, "start over instead of resuming output_dir", const=False),
+    Flag("no_auto_resume", "misc.auto_resume", None, "start over in --output_dir instead of resuming the run in "
+         "it; its earlier files move to earlier/<time>/ (default: resume)", const=False),
     Flag("amp", "misc.amp", str, AMP_HELP),
     Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
@@ -202,12 +209,13 @@ def validate(cfg) -> None:
         ("incremental.temperature", i.temperature > 0, "> 0"),
         ("incremental.kd_weight", i.kd_weight >= 0, ">= 0"),
         ("incremental.mask_weight", i.mask_weight >= 0, ">= 0"),
-        ("incremental.tasks", i.tasks >= 1, ">= 1"),
+        ("incremental.tasks", i.tasks is None or i.tasks >= 1, ">= 1"),
         ("incremental.init_classes", i.init_classes is None or i.init_classes >= 1, ">= 1"),
         ("incremental.increment", i.increment is None or i.increment >= 1, ">= 1"),
         ("incremental.buffer_size", i.buffer_size >= 1, ">= 1"),
         ("incremental.eval_batch_size", i.eval_batch_size >= 1, ">= 1"),
         ("incremental.rankme_images", i.rankme_images >= 2, ">= 2"),
+        ("incremental.precise_bn_images", i.precise_bn_images >= 0, ">= 0"),
         ("optimization.lr", o.lr > 0 and math.isfinite(o.lr), "> 0"),
         ("optimization.momentum", 0 <= o.momentum < 1, "in [0, 1)"),
         ("model.nf", cfg.model.nf is None or cfg.model.nf >= 1, ">= 1"),
@@ -220,6 +228,14 @@ def validate(cfg) -> None:
         raise ConfigError("--eval_teacher evaluates the EMA teacher: also give --ema_mode ema|anne|sto")
     if i.increment is not None and i.init_classes is None:
         raise ConfigError("--increment needs --init_classes (the first task's classes)")
+    # flags that would change nothing under the chosen method: an error, as the other flag dependencies here
+    methods = parse_methods(i.method)
+    if i.ema_mode != "none" and not methods & {"kd", "mask"} and not i.eval_teacher:
+        raise ConfigError(f"--ema_mode {i.ema_mode} has no effect with --method {i.method}: the EMA teacher is the "
+                          "reference of kd / mask; add --method kd (or mask), or --eval_teacher to evaluate the EMA")
+    if i.cls_only and not methods & {"kd", "mask"}:
+        raise ConfigError(f"--cls_only has no effect with --method {i.method}: it changes the reference of kd / "
+                          "mask; add --method kd (or mask), or drop --cls_only")
 
 
 def _value(cfg, key: str):
@@ -228,9 +244,12 @@ def _value(cfg, key: str):
     return OmegaConf.select(cfg, key)
 
 
-def task_sizes(num_classes: int, tasks: int, init_classes: Optional[int], increment: Optional[int]) -> list[int]:
-    """Classes per task: `tasks` equal parts, or init_classes then steps of increment (a smaller last remainder)."""
+def task_sizes(num_classes: int, tasks: Optional[int], init_classes: Optional[int],
+               increment: Optional[int]) -> list[int]:
+    """Classes per task: `tasks` (default 5) equal parts, or init_classes then equal steps of increment (a split
+    that does not come out even is an error naming the numbers, never silently adjusted)."""
     if init_classes is None:
+        tasks = 5 if tasks is None else tasks
         if tasks > num_classes:
             raise ConfigError(f"--tasks {tasks} is more than the {num_classes} classes of the data; every task "
                               f"needs at least one class (use --tasks <= {num_classes})")
@@ -241,7 +260,15 @@ def task_sizes(num_classes: int, tasks: int, init_classes: Optional[int], increm
     if init_classes > num_classes:
         raise ConfigError(f"--init_classes {init_classes} is more than the {num_classes} classes of the data")
     inc = increment or init_classes
-    sizes = [init_classes]
-    while sum(sizes) < num_classes:
-        sizes.append(min(inc, num_classes - sum(sizes)))
-    return sizes
+    rest = num_classes - init_classes
+    n = 1 + rest // inc
+    if rest % inc:
+        raise ConfigError(f"{num_classes} classes cannot split into tasks of increment {inc} after {init_classes} "
+                          f"initial ({rest} classes left, not a multiple of {inc}); give an --increment that "
+                          f"divides {rest}, or another --init_classes")
+    if tasks is not None and tasks != n:
+        raise ConfigError(f"{num_classes} classes cannot split into {tasks} tasks of increment {inc} after "
+                          f"{init_classes} initial ({init_classes} + {tasks - 1} x {inc} = "
+                          f"{init_classes + (tasks - 1) * inc}); drop --tasks (they make {n}), or change "
+                          "--init_classes / --increment")
+    return [init_classes] + [inc] * (n - 1)

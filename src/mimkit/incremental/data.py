@@ -68,9 +68,12 @@ def open_cifar(root: str | Path, kind: str, train_tf: Callable, val_tf: Callable
     sub, train_files, test_files, meta, names_key, label_key = CIFAR_FILES[kind]
     folder = cifar_folder(root, kind)
     if folder is None:
-        need = ", ".join([*train_files, *test_files, meta])
+        need = [*train_files, *test_files, meta]
+        look = root / sub if (root / sub).is_dir() or not any((root / f).exists() for f in need) else root
+        missing = ", ".join(f for f in need if not (look / f).is_file())
         name = "CIFAR-10" if kind == "cifar10" else "CIFAR-100"
-        raise DataError(f"{root} is not a {name} folder: put the python version's files ({need}) in "
+        raise DataError(f"{root} is not a complete {name} folder: {look} lacks {missing}; put the python "
+                        f"version's files ({', '.join(need)}) in "
                         f"{root / sub}/ (extract {sub.replace('-batches-py', '').replace('-python', '')}-python.tar.gz "
                         f"from {CIFAR_URL} into {root})")
     classes = [c.decode() if isinstance(c, bytes) else str(c)
@@ -147,6 +150,17 @@ class Relabelled(Dataset):
         if item is None:  # an unreadable file: the collate function skips it
             return None
         return item[0], self.mapping[int(item[1])]
+
+
+def with_transform(ds: Dataset, transform: Callable) -> Dataset:
+    """A shallow copy of ds whose items go through `transform` (ds itself when it has no `.transform`)."""
+    import copy
+
+    if not hasattr(ds, "transform"):
+        return ds
+    twin = copy.copy(ds)
+    twin.transform = transform
+    return twin
 
 
 def task_subsets(ds: Dataset, split: TaskSplit) -> list[Relabelled]:

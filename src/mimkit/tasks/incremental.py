@@ -13,8 +13,11 @@ Trainer fit per task (THE engine; teachers, EMA and replay are its step function
 per task. After each task the model (or --eval_teacher's EMA) is evaluated on every task seen so far, and
 RankMe of its backbone features is measured on a fixed held-out set. Results: accuracy_matrix.csv,
 per_task.csv, results.json (final / average incremental accuracy, forgetting, BWT, RankMe), incremental.png,
-TensorBoard (tb/), the printed table. Checkpoints in checkpoints/task-<t>/: a killed run resumes inside its task
-(bitwise on CPU) or at the next task when restarted with the same command.
+TensorBoard (tb/), the printed table, in a new runs/incremental/<date>_<time>/ unless --output_dir. BatchNorm
+statistics are recomputed with each task's final weights before it is evaluated (PreciseBN). Checkpoints in
+checkpoints/task-<t>/: a killed run resumes inside its task (bitwise on CPU) or at the next task when restarted
+with the same command; other run-defining settings are refused in one line, and --no_auto_resume starts over,
+moving the earlier run's files to earlier/<time>/.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def fingerprint(cfg, order: list[int], sizes: list[int]) -> dict[str, Any]:
     """What a resumed run must share with the run in its folder."""
     keep = {k: OmegaConf.select(cfg, k) for k in (
         "incremental.method", "incremental.ema_mode", "incremental.cls_only", "incremental.mask_mode",
-        "data.data_path", "model.type", "model.finetune", "misc.seed", "schedule.epochs")}
+        "data.data_path", "model.type", "model.finetune", "misc.seed")}
     return {**keep, "class_order": order, "sizes": sizes}
 
 
@@ -130,8 +133,10 @@ def train_incremental(cfg) -> dict:
     from mimkit.engine.optim import set_lr, warmup_cosine
     from mimkit.incremental import data as ID
     from mimkit.incremental import report as R
+    from mimkit.incremental import resume as RS
     from mimkit.incremental.methods import _set_head_size, make_step
     from mimkit.incremental.model import build_classifier
+    from mimkit.incremental.precise_bn import PreciseBN
 
     # 1. validate config, data and the split before any training
     i, o, sched = cfg.incremental, cfg.optimization, cfg.schedule
@@ -148,17 +153,25 @@ def train_incremental(cfg) -> dict:
             OmegaConf.update(cfg, "data.std", norm[1])
     train_tf, val_tf = ID.transforms(cfg.data.input_size, cfg.data.augmentation.crop_padding, hflip,
                                      cfg.data.mean, cfg.data.std)
+    out_dir = Path(C.resolve_output_dir(cfg, "incremental"))
+    ckpt_root = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
+    changes, archived = [], None
+    if cfg.misc.auto_resume:  # a resumed run keeps the settings it started with (before any data loads)
+        started = RS.started_settings(out_dir)
+        changes = RS.compare(started, C.to_container(cfg), out_dir) if started else []
     train_set, val_set, kind = ID.open_data(cfg.data.data_path, cfg.data.dataset, train_tf, val_tf)
     sizes = IC.task_sizes(len(train_set.classes), i.tasks, i.init_classes, i.increment)
     split = ID.TaskSplit(ID.class_order(len(train_set.classes), cfg.misc.seed), sizes)
     train_tasks, val_tasks = ID.task_subsets(train_set, split), ID.task_subsets(val_set, split)
+    bn_tasks = ID.task_subsets(ID.with_transform(train_set, val_tf), split)  # PreciseBN: what evaluation sees
     for t, (tr, va) in enumerate(zip(train_tasks, val_tasks, strict=True)):
         if len(tr) < o.batch_size or len(va) == 0:
             raise DataError(f"task {t} (classes {[train_set.classes[c] for c in split.classes(t)]}) has {len(tr)} "
                             f"training / {len(va)} held-out images: fewer than one batch of {o.batch_size} or none "
                             "to evaluate; lower --batch_size or use fewer tasks")
     rank_set = ID.fixed_subset(val_set, split, i.rankme_images)
-    out_dir = Path(C.resolve_output_dir(cfg, "incremental"))
+    if not cfg.misc.auto_resume and RS.is_rank0():  # starting over: the earlier run's files move aside
+        archived = RS.archive_earlier_run(out_dir, ckpt_root)
     state = load_state(out_dir / STATE_FILE, fingerprint(cfg, split.order, sizes), cfg.misc.auto_resume)
     done = len(state["rows"])
     dist = D.init_distributed(cfg.misc.device)
@@ -169,7 +182,6 @@ def train_incremental(cfg) -> dict:
     model.to(dist.device)
     prev, ema, buffer, reference = build_hooks(model, methods, cfg)
     hooks = [h for h in (prev, ema, buffer) if h is not None]
-    ckpt_root = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     if 0 < done:  # between tasks: the last finished task's final weights and method state
         ckpt = load_training_checkpoint(ckpt_root / f"task-{done - 1}" / "final.pt")
         _set_head_size(model, split.offsets[done])
@@ -189,6 +201,14 @@ def train_incremental(cfg) -> dict:
                  f"{len(val_set)} held-out images, {len(sizes)} tasks of {sizes} classes, order {names}; "
                  f"methods {sorted(methods)}, ema {i.ema_mode}, "
                  f"evaluating the {'teacher' if i.eval_teacher else 'student'}")
+    if archived is not None:
+        run_log.info(f"--no_auto_resume: the earlier run's files in {out_dir} were moved to {archived}")
+    if changes:
+        run_log.info(RS.describe_changes(changes, done))
+        state.setdefault("resume_changes", []).extend({"from_task": done, **c} for c in changes)
+    if dist.is_main:  # the run-defining settings (as started) for the next resume to compare against
+        state["settings"] = C.to_container(cfg)
+        atomic_write_text(json.dumps(state, indent=1), out_dir / STATE_FILE)
     if done:
         run_log.info(f"resuming after task {done - 1} ({done} of {len(sizes)} tasks done)")
 
@@ -219,9 +239,14 @@ def train_incremental(cfg) -> dict:
             task_dir = ckpt_root / f"task-{k}"
             manager = CheckpointManager(task_dir, cfg.checkpointing.keep_last_n, run_log.log_path,
                                         cfg.checkpointing.safetensors)
+            # BatchNorm statistics of the final weights, before evaluation (and before the task's checkpoints)
+            precise = PreciseBN(lambda: [model] + ([ema.model] if ema is not None else []), bn_tasks[k],
+                                collate_batch, sched.epochs, o.batch_size, i.precise_bn_images,
+                                cfg.misc.seed * 1000 + k, dist.device,
+                                extra=lambda: buffer.examples[:len(buffer)] if buffer is not None else None)
             trainer = Trainer(model=model, optimizer=optimizer, dataset=train_tasks[k], collate=collate_batch,
                               step_fn=step_fn, lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log,
-                              ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=hooks)
+                              ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=[*hooks, precise])
             trainer.state.step = state["rows"][-1]["end_step"] if state["rows"] else 0  # one step axis in TB
             # a damaged latest.pt falls back to the task's newest intact checkpoint, with a warning
             resume, _, warning = find_resume(None, task_dir, cfg.misc.auto_resume)
@@ -263,6 +288,6 @@ def _write(out_dir: Path, state: dict, sizes: list[int], cfg_dict: dict, desc: s
 
     record = {"checkpoint": cfg_dict["model"]["finetune"], "data": cfg_dict["data"]["data_path"],
               "config": cfg_dict, "model": desc, "class_order": state["fingerprint"]["class_order"],
-              "classes_per_task": sizes}
+              "classes_per_task": sizes, "resume_changes": state.get("resume_changes", [])}
     return R.write(out_dir, state["rows"], len(sizes), record)
 
