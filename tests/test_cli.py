@@ -110,9 +110,9 @@ def test_finetune_help_keeps_the_examples_line_breaks(capsys) -> None:
 
 
 @pytest.mark.parametrize("argv, hint", [
-    (["pretrain", "--epocs", "3"], "did you mean '--epochs'"),
-    (["knn", "--checkpoint", "x", "--data_path", "digits", "--temprature", "0.1"], "did you mean '--temperature'"),
-    (["continual", "--freez_mode", "none"], "did you mean '--freeze_mode'"),
+    (["pretrain", "--epocs", "3"], "did you mean --epochs?"),
+    (["knn", "--checkpoint", "x", "--data_path", "digits", "--temprature", "0.1"], "did you mean --temperature?"),
+    (["continual", "--freez_mode", "none"], "did you mean --freeze_mode?"),
 ])
 def test_unknown_flag_gets_did_you_mean(argv, hint, capsys) -> None:
     with pytest.raises(SystemExit) as e:
@@ -127,9 +127,9 @@ def test_abbreviated_flags_are_refused(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "unrecognized argument" in err and "flags are not abbreviated" in err
+    assert e.value.code == 2 and "unknown flag" in err and "flags are not abbreviated" in err
     if argv[1] == "--max":
-        assert "'--max_steps'" in err
+        assert "did you mean --max_steps?" in err
 
 
 def test_nothing_imports_the_cli() -> None:

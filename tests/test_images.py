@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import struct
 import zlib
 from pathlib import Path
@@ -43,10 +42,13 @@ def test_16bit_grayscale_png_is_scaled_not_white(tmp_path):
     assert np.asarray(read_image(tmp_path / "g16.png", "L")).tolist() == [[0, 10], [128, 255]]
 
 
-def test_16bit_grayscale_written_by_hand_and_dark_values_stay_dark(tmp_path):
+def test_16bit_grayscale_written_by_hand_is_scaled_by_its_bit_depth(tmp_path):
     g = np.full((4, 4, 1), 4095, dtype=np.uint16)  # a 12-bit camera's maximum in a 16-bit file
     gray = np.asarray(read_image(_png16(tmp_path / "g.png", g), "L"))
-    assert (gray == 16).all()  # 4095 * 255 / 65535 = 15.9: the same factor for every image, never clipped
+    assert (gray == 255).all()  # 12-bit data: 4095 * 255 / 4095 (it read 16, nearly black, as v * 255 / 65535)
+    g[0, 0] = 4096  # one value above 12 bits: a 16-bit image, the 16-bit factor for every pixel
+    gray = np.asarray(read_image(_png16(tmp_path / "g16.png", g), "L"))
+    assert gray[0, 0] == 16 and gray[1, 1] == 16
 
 
 def test_16bit_rgb_png(tmp_path):
@@ -74,17 +76,15 @@ def test_32bit_int_and_float_tiff(tmp_path):
     assert np.asarray(read_image(tmp_path / "wide.tif", "L")).tolist() == [[0, 255]]
 
 
-def test_rgba_is_composited_on_white_and_said_once(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(I, "_said_alpha", False)
+def test_rgba_is_composited_on_white_and_said_once(tmp_path):
     px = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128]]], np.uint8)
     Image.fromarray(px, "RGBA").save(tmp_path / "a.png")
-    with caplog.at_level(logging.INFO, logger="mimkit.data.images"):
-        rgb = np.asarray(read_image(tmp_path / "a.png"))
-        read_image(tmp_path / "a.png")
+    rgb = np.asarray(read_image(tmp_path / "a.png"))
     assert rgb[0, 0].tolist() == [255, 0, 0]  # opaque: unchanged
     assert rgb[0, 1].tolist() == [255, 255, 255]  # fully transparent: the white background
     assert rgb[0, 2].tolist() == pytest.approx([127, 127, 255], abs=1)  # half: blended with white
-    assert sum("white background" in r.getMessage() for r in caplog.records) == 1
+    notes = I.scan_images([tmp_path / "a.png", tmp_path / "a.png"])  # a run's note: one line, with the count
+    assert len(notes) == 1 and "2 image(s) have transparency" in notes[0] and "white background" in notes[0]
 
 
 def test_la_is_composited_on_white(tmp_path):

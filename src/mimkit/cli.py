@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from mimkit.config import take_leftovers
+from mimkit.config import ArgParser, take_leftovers
 from mimkit.errors import RunInterrupted, UserError
 
 # command -> (module, one-line description); each module has add_arguments(parser) and run(args) -> int
@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command; abbreviated flags are refused everywhere."""
     from mimkit import __version__
 
-    parser = argparse.ArgumentParser(prog="mimkit", description="Masked image modeling toolkit.", allow_abbrev=False)
+    parser = ArgParser(prog="mimkit", description="Masked image modeling toolkit.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"mimkit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)
         sp = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text),
@@ -78,6 +78,18 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     return parser
 
 
+def _check_flags(sp: argparse.ArgumentParser, words: list[str]) -> None:
+    """Exit 2 with one line on the first word that looks like a flag but is none of the command's."""
+    if any(a.nargs == argparse.REMAINDER for a in sp._actions):
+        return  # a command that passes flags on (examples -> continual): the receiving parser checks them
+    options = [o for a in sp._actions for o in a.option_strings]
+    for word in words:
+        if word == "--":
+            return
+        if word.startswith("--") and word.split("=")[0] not in options:
+            sp.error(take_leftovers(argparse.Namespace(), [word], options))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; Ctrl-C while starting (imports, parsing) is one line and exit 130 too."""
     try:
@@ -89,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:  # a mistyped flag is named first, before argparse misses a required one
+        _check_flags(_subparser(parser, argv[0]), argv[1:])
     # Overrides and a config file may come after flags too: collect what argparse left over.
     args, rest = parser.parse_known_args(argv)
     if not getattr(args, "command", None):

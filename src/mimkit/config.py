@@ -11,6 +11,7 @@ names another model drops the kwargs of the layers beneath it (a preset's kwargs
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -380,21 +381,29 @@ def take_leftovers(args: Any, rest: list[str], options: list[str]) -> Optional[s
     bad = [r for r in rest if r.startswith("-")] or ([] if hasattr(args, "items") else rest)
     if bad:
         name = bad[0].split("=")[0]
+        if not name.startswith("-"):
+            return f"unrecognized argument: {bad[0]}"
         longer = sorted(o for o in options if o.startswith(name) and name.startswith("--"))
         if longer:  # an abbreviation: refused (it would silently mean another flag once one is added)
-            return (f"unrecognized argument: {bad[0]} (flags are not abbreviated: "
-                    f"{' or '.join(repr(o) for o in longer[:3])}?)")
-        return f"unrecognized argument: {bad[0]}{suggest(name, options) if name.startswith('-') else ''}"
+            return (f"unknown flag {name} (flags are not abbreviated: did you mean "
+                    f"{' or '.join(longer[:3])}?)")
+        close = suggest(name, options)
+        return f"unknown flag {name}" + (f"; did you mean {close.split(chr(39))[1]}?" if close else "")
     if rest:
         args.items = list(args.items) + rest
     return None
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'mimkit CMD: error: MSG' and a pointer to --help, exit 2 (no usage block)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag with its default)\n")
+
+
 def parse_command(module: Any, command: str, argv: list[str]) -> Any:
     """Parse `mimkit COMMAND ARGV` with the command module's own flags (for tasks that run another command)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=f"mimkit {command}", allow_abbrev=False)
+    p = ArgParser(prog=f"mimkit {command}", allow_abbrev=False)
     module.add_arguments(p)
     args, rest = p.parse_known_args(argv)
     problem = take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings])

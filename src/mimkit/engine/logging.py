@@ -55,6 +55,8 @@ class RunLogger:
         self._bar = None
         # whole-run timing: set by start_run; the estimate is printed once, after ESTIMATE_AFTER timed iterations
         self.slow_hint: str | None = None  # a task's advice, shown when the estimate runs to hours on a CPU
+        # (n, what): the run is one of n similar runs still to come (continual stages); the estimate says the total
+        self.also_estimate: tuple[int, str] | None = None
         self.device_type = "cpu"
         self._run_left = None
         self._run_seen = 0
@@ -107,6 +109,7 @@ class RunLogger:
         """The run has `iters_left` iterations to go: time the first few, print the whole run's estimate."""
         self._run_left, self.device_type = max(0, iters_left), device_type
         self._run_seen, self._run_t1, self._estimated = 0, None, False
+        self._run_t0 = time.perf_counter()
 
     def run_eta(self) -> float | None:
         """Seconds left in the whole run, from the mean iteration time since the first; None before it is known."""
@@ -121,15 +124,28 @@ class RunLogger:
         self._run_seen += 1
         if self._run_seen == 1:
             self._run_t1 = time.perf_counter()
-        if not self._estimated and self._run_seen == 1 + self.ESTIMATE_AFTER and self._run_left > self._run_seen:
-            self._estimated = True
+        if self._estimated:
+            return
+        short = self._run_left <= 1 + self.ESTIMATE_AFTER  # too short to time a few iterations first: every run
+        if short and self._run_seen == 1:  # gets an estimate, a short one from its first iteration (start-up too)
+            per_iter = time.perf_counter() - self._run_t0
+            how = "timed on the first iteration, start-up included"
+        elif not short and self._run_seen == 1 + self.ESTIMATE_AFTER:
             per_iter = (time.perf_counter() - self._run_t1) / self.ESTIMATE_AFTER
-            total = per_iter * self._run_left
-            self.info(f"estimated time of the whole run: {format_duration(total)} ({self._run_left:,} iterations at "
-                      f"{per_iter:.3g} s each, timed over iterations 2-{1 + self.ESTIMATE_AFTER}; evaluation and "
-                      "checkpoints not counted)")
-            if total > 3600 and self.device_type == "cpu" and self.slow_hint:
-                self.info(f"that is hours on a CPU: {self.slow_hint}")
+            how = f"timed over iterations 2-{1 + self.ESTIMATE_AFTER}"
+        else:
+            return
+        self._estimated = True
+        total = per_iter * self._run_left
+        iters = f"{self._run_left:,} iteration{'s' if self._run_left > 1 else ''}"
+        self.info(f"estimated time of the whole run: {_duration_or_less(total)} ({iters} at {per_iter:.3g} s each, "
+                  f"{how}; evaluation and checkpoints not counted)")
+        if self.also_estimate and self.also_estimate[0] > 1:
+            n, what = self.also_estimate
+            total *= n
+            self.info(f"estimated time of {n} {what}: {_duration_or_less(total)}")
+        if total > 3600 and self.device_type == "cpu" and self.slow_hint:
+            self.info(f"that is hours on a CPU: {self.slow_hint}")
 
     def start_epoch(self, epoch: int, total_iters: int, initial: int = 0) -> None:
         """Begin the per-epoch progress display."""
@@ -209,6 +225,11 @@ def format_duration(seconds: float) -> str:
     if s < 86400:
         return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
     return f"{int(s // 86400)} d {int(s % 86400 // 3600)} h"
+
+
+def _duration_or_less(seconds: float) -> str:
+    """format_duration, or 'under a minute' for anything shorter (a short run's estimate is rough anyway)."""
+    return "under a minute" if seconds < 60 else format_duration(seconds)
 
 
 def _fmt(v: Any) -> str:

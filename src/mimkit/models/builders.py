@@ -72,6 +72,15 @@ def mae_vit_nano_patch8(**kw) -> MaskedAutoencoderViT:
 
 
 @_preset
+def mae_vit_nano_patch4_dec64d2b(**kw) -> MaskedAutoencoderViT:
+    """The 32 px built-in sets' model (pretrain/digits.yaml, pretrain/photos.yaml, benchmarks/pretraining_pays.py):
+    the nano encoder (96-d, 4 blocks, 3 heads) at patch 4, 32 px; decoder 64-d, 2 blocks, 2 heads (the official
+    `_dec512d8b` suffix style: decoder width and depth)."""
+    return _mae(dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+                     decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2), kw)
+
+
+@_preset
 def mae_vit(**kw) -> MaskedAutoencoderViT:
     """Any MAE ViT, every size from its kwargs (the name of checkpoints that match no preset, e.g. a Hugging Face
     config of another width); unset sizes are ViT-B/16's."""

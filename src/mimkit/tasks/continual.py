@@ -42,6 +42,9 @@ from mimkit.metrics import forgetting as F
 from mimkit.tasks import pretrain as P
 from mimkit.tasks.preflight import load_weights
 
+CPU_HINT = ("continual/demo.yaml fits a CPU (mae_vit_nano_patch8 at 64 px, 3 epochs per stage): mimkit continual "
+            "continual/demo.yaml --domains DIR1 DIR2; built-in domains get it by default")
+
 DEMO_PRESET = "continual/demo.yaml"
 SWEEP_PRESET = "continual/sweep.yaml"
 STATE_FILE = "sequence.json"
@@ -115,9 +118,12 @@ def config_from_args(args: argparse.Namespace) -> DictConfig:
         raise ConfigError(f"'{bad[0]}' follows --domains, which takes every word after it; put key=value "
                           "overrides before --domains")
     flags = [*FLAGS, DOMAINS_FLAG]
-    cfg = P.config_from_args(args, flags, ContinualConfig, demo_preset=None)
+    # built-in domains are demo data: the demo's CPU-sized recipe unless --model or a config file says otherwise
+    sweep = getattr(args, "sweep", False)
+    cfg = P.config_from_args(args, flags, ContinualConfig, demo_preset=None,
+                             builtin_presets={"*": SWEEP_PRESET if sweep else DEMO_PRESET})
     if not cfg.continual.domains and not cfg.data.data_path:
-        preset = SWEEP_PRESET if getattr(args, "sweep", False) else DEMO_PRESET
+        preset = SWEEP_PRESET if sweep else DEMO_PRESET
         # build_config puts the preset under every layer when none sets data.data_path (true here)
         cfg = P.config_from_args(args, flags, ContinualConfig, demo_preset=preset)
     validate(cfg)
@@ -249,16 +255,35 @@ def evaluate(model, domains: list[EvalDomain], cfg: DictConfig) -> dict[str, dic
 class StageHook:
     """Loop hook: prints the parameter-status table when train() does not, and skips encoder autograd."""
 
-    def __init__(self, freeze_mode: str, run: RunLogger) -> None:
-        self.freeze_mode, self.run = freeze_mode, run
+    def __init__(self, freeze_mode: str, run: RunLogger, stages_left: int = 1) -> None:
+        self.freeze_mode, self.run, self.stages_left = freeze_mode, run, stages_left
 
     def on_train_start(self, trainer) -> None:
         model = trainer.model
+        # the stage's estimate also speaks for the stages still to come (each about as long) and names the demo
+        trainer.run.also_estimate = (self.stages_left, "stage(s) left in the sequence, this one included")
+        trainer.run.slow_hint = CPU_HINT
         if self.freeze_mode == "none":  # train() logs the table only for a frozen mode
             trainer.run.info(model.format_param_status())
         if self.freeze_mode == "encoder_only" and hasattr(model, "frozen_prefix"):
             # the whole encoder is frozen: run it under no_grad (no activations kept for backward)
             model.frozen_prefix = len(model.blocks)
+
+
+def startup_lines(cfg: DictConfig, model) -> list[str]:
+    """What the sequence says before any work: the architecture, the preset beneath the flags, a CPU note."""
+    from mimkit.engine import distributed as D
+    from mimkit.models.registry import describe
+
+    lines = [f"model {cfg.model.type} ({describe(model)}), "
+             f"{cfg.schedule.epochs} epoch(s) per stage, batch {cfg.optimization.batch_size}"]
+    if cfg.misc.preset:
+        lines.append(P.preset_line(cfg))
+    n_params = sum(p.numel() for p in model.parameters())
+    if D.resolve_device(cfg.misc.device).type == "cpu" and n_params > 50e6:
+        lines.append(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU is slow; {CPU_HINT}")
+    lines.append("the time estimate comes after the first iterations of stage 1 (for every stage left)")
+    return lines
 
 
 def stage_config(cfg: DictConfig, k: int, spec: str, init_from: Optional[str], out_dir: Path) -> DictConfig:
@@ -470,6 +495,8 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
         run.info(f"mimkit continual: {len(domains)} stage(s) {' -> '.join(domain_name(d) for d in domains)}; "
                  f"evaluated on {', '.join(f'{d.name} ({len(d.val)} {d.eval_split})' for d in eval_domains)}; "
                  f"freeze_mode {cfg.model.freeze_mode}, loss_mode {cfg.model.loss_mode}")
+        for line in startup_lines(cfg, model):
+            run.info(line)
         for d in eval_domains:
             if d.eval_split == "train":
                 run.info(f"warning: {d.spec} has no val/ folder: its reconstruction loss is measured on its "
@@ -483,6 +510,8 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
         state["trainable_params"], state["total_params"] = counts["trainable"], counts["trainable"] + counts["frozen"]
         if cfg.continual.eval_initial and state["initial"] is None:
             model.to(D.resolve_device(cfg.misc.device))
+            run.info(f"evaluating the starting weights on {len(eval_domains)} domain(s) "
+                     f"({sum(len(d.val) for d in eval_domains)} images) before stage 1")
             t0 = time.perf_counter()
             state["initial"] = evaluate(model, eval_domains, cfg)
             state["initial_eval_s"] = time.perf_counter() - t0
@@ -502,7 +531,8 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
             run.info(f"\n== stage {k + 1}/{len(domains)}: {domain_name(spec)} -> {scfg.misc.output_dir} "
                      f"(from {prev or 'fresh initialisation'})")
             t0, c0 = time.perf_counter(), time.process_time()
-            summary = P.train(scfg, extra_hooks=[StageHook(cfg.model.freeze_mode, run)], print_summary=False)
+            hook = StageHook(cfg.model.freeze_mode, run, stages_left=len(domains) - k)
+            summary = P.train(scfg, extra_hooks=[hook], print_summary=False)
             # CPU seconds as well as wall: on a shared machine the wall time mostly measures the neighbours
             train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             t0 = time.perf_counter()

@@ -278,13 +278,12 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
     def lr_schedule(optim: torch.optim.Optimizer, epoch_f: float) -> None:
         set_lr(optim, warmup_cosine(epoch_f, lr, opt.min_lr, sched.warmup_epochs, sched.epochs))
 
-    from mimkit.tasks.preflight import cap_workers, check_one_batch, note_schedule_change, warn_small_images
+    from mimkit.tasks.preflight import cap_workers, check_one_batch, note_schedule_change, image_notes
 
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
-    check_one_batch(len(train_set), opt.batch_size, dist.world_size, SLOW_HINTS[command])
-    small = warn_small_images(train_set, C.input_size(cfg))
-    if small:
-        run_log.info(small)
+    check_one_batch(len(train_set), opt.batch_size, dist.world_size)
+    for note in image_notes(train_set, C.input_size(cfg)):
+        run_log.info(note)
     num_workers = cap_workers(num_workers, run_log)
     run_log.slow_hint = SLOW_HINTS[command]
     hook = EvalEveryEpoch(

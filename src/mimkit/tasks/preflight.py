@@ -15,12 +15,17 @@ CPU_HINT = ("pretrain/cpu_small.yaml fits a CPU (a 3.2M-parameter model at 64 px
             "pretrain/cpu_small.yaml --data_path DIR; or no --data_path for the built-in demo")
 
 
-def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: str = CPU_HINT) -> None:
-    """DataError before any work when the data cannot fill one batch per process."""
-    if n_images // world_size < batch_size:
-        fit = max(1, n_images // world_size)
-        raise DataError(f"the dataset has {n_images} images: fewer than one batch of {batch_size} per process "
-                        f"({world_size} process(es)); lower --batch_size (e.g. --batch_size {min(fit, 16)}); {hint}")
+def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: Optional[str] = None) -> None:
+    """DataError before any work when the data cannot fill one batch per process, naming the numbers that fix it:
+    the largest --batch_size that fits and the images missing for this one (and `hint`, when a caller has one)."""
+    if n_images // world_size >= batch_size:
+        return
+    fit = n_images // world_size
+    missing = batch_size * world_size - n_images
+    fix = (f"use --batch_size {fit} or smaller" if fit else f"use fewer than {world_size} processes")
+    raise DataError(f"the dataset has {n_images} image(s): fewer than one batch of {batch_size} per process "
+                    f"({world_size} process(es)); {fix}, or add at least {missing} image(s)"
+                    + (f"; {hint}" if hint else ""))
 
 
 def cap_workers(requested: int, run_log) -> int:
@@ -110,3 +115,14 @@ def warn_small_images(ds, size: tuple[int, int], limit: int = 1000) -> Optional[
     checked = "" if n_checked == len(ds) else f" (of {n_checked} checked)"
     return (f"warning: {n_small} image(s){checked} are smaller than the {h}x{w} input and are upscaled; a smaller "
             "--input_size keeps them sharp")
+
+
+def image_notes(ds, size: tuple[int, int], limit: int = 1000) -> list[str]:
+    """Every once-per-run note on the training images: upscaled small ones, transparency, 12-bit data."""
+    from mimkit.data.images import scan_images
+
+    notes = [n for n in [warn_small_images(ds, size, limit)] if n]
+    samples = getattr(ds, "samples", None)
+    if samples:
+        notes += [f"note: {n}" for n in scan_images([s[0] for s in samples], limit)]
+    return notes

@@ -32,9 +32,11 @@ from mimkit.engine.precision import AMP_HELP, amp_decision
 from mimkit.engine.optim import build_adamw, optimizer_kind, param_groups, scaled_lr, set_lr, warmup_cosine
 from mimkit.errors import ConfigError, UserError
 from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
-from mimkit.tasks.preflight import warn_small_images
+from mimkit.tasks.preflight import image_notes
 
 DEMO_PRESET = "pretrain/demo.yaml"
+# Built-in sets are demo data: without --model or a config file they get a CPU-sized preset, never ViT-L at 224 px.
+BUILTIN_PRESETS = {"digits": "pretrain/digits.yaml", "photos": "pretrain/photos.yaml", "*": "pretrain/demo.yaml"}
 
 
 @dataclass
@@ -86,7 +88,7 @@ FLAGS: list[Flag] = [
     Flag("num_workers", "data.num_workers", int),
     Flag("augment_on", "data.augment_on", str, "workers | device: where crop, flip and normalise run"),
     Flag("pin_mem", "data.pin_memory", None, "pin host memory (GPU runs)", const=True),
-    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory (sets it false)", const=False),
+    Flag("no_pin_mem", "data.pin_memory", None, "do not pin host memory", const=False),
     Flag("seed", "misc.seed", int),
     Flag("device", "misc.device", str, "auto | cpu | cuda | cuda:N"),
     Flag("resume", "misc.resume", str, "checkpoint (file or folder) to resume"),
@@ -120,12 +122,14 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag] = FLAGS, schema:
     p.add_argument("--config", default=None, help="config file (same as the positional)")
     defaults = OmegaConf.structured(schema)
     for f in flags:
-        default = _show(OmegaConf.select(defaults, f.key, default=None))
+        # every flag says the key it sets and that key's default, one way: 'sets KEY [to VALUE] (default: VALUE)'
+        value = OmegaConf.select(defaults, f.key, default=None)
+        default = "the model's own" if value is None and ".kwargs." in f.key else _show(value)
         text = f.help + "; " if f.help else ""
         if "default" in f.help:
             help_text = f"{text}sets {f.key}"
         elif f.const is not None:
-            help_text = f"{text}sets {f.key} to {_show(f.const)} (default: off, {f.key} = {default})"
+            help_text = f"{text}sets {f.key} to {_show(f.const)} (default: {default})"
         else:
             help_text = f"{text}sets {f.key} (default: {default})"
         if f.const is not None:
@@ -151,11 +155,15 @@ def _show(value: Any) -> str:
 
 def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema: type = C.PretrainConfig,
                      demo_preset: Optional[str] = DEMO_PRESET,
-                     data_presets: Optional[dict[str, str]] = None) -> DictConfig:
+                     data_presets: Optional[dict[str, str]] = None,
+                     builtin_presets: Optional[dict[str, str]] = None) -> DictConfig:
     """Layers: preset <- config file <- flags <- dotted overrides; validated before any work.
 
     The preset underneath: `demo_preset` when no layer names any data, else `data_presets[data_path]` (CPU-sized
-    presets of the built-in sets) when no config file is given; cfg.misc.preset records which one applied. A
+    presets of the built-in sets) when no config file is given; `builtin_presets` (name -> preset, '*' for any
+    other built-in set) when every data path given is a built-in set and neither a config file nor --model is
+    given (built-in sets are demo data: the official ViT-L recipe is never built for them by default);
+    cfg.misc.preset records which one applied. A
     starting checkpoint (model.init_from) gives its architecture above presets and the config file (its input size
     beneath the file), unless a flag names another model; a classifier's --resume gives its input size and pooling.
     """
@@ -173,10 +181,12 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema
     preset = None
     if demo_preset and not any(C._get(d, "data.data_path") for _, d in file_layers + user):
         preset = demo_preset
-    elif data_presets and not files:
+    elif not files:
         data = next((C._get(d, "data.data_path") for _, d in reversed(user) if C._get(d, "data.data_path")), None)
-        preset = data_presets.get(str(data)) if data else None
-    below = [(preset, C.load_file(preset))] if preset else []
+        preset = (data_presets or {}).get(str(data)) if data else None
+        if preset is None and builtin_presets and _all_builtin(user) and not _named_model(user):
+            preset = builtin_presets.get(str(data), builtin_presets.get("*"))
+    below = [(preset, _preset_layer(preset, user))] if preset else []
     cfg = C.build_config(schema, below + file_layers + user)
     resume = OmegaConf.select(cfg, "misc.resume", default=None)
     if resume and OmegaConf.select(cfg, "model.finetune", default=_NO) is not _NO:
@@ -199,6 +209,42 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema
 
 
 _NO = object()
+
+
+def _data_specs(user: list[tuple[str, dict]]) -> list[str]:
+    """Every data path the user's layers name: data.data_path and continual.domains."""
+    specs: list[str] = []
+    for _, d in user:
+        if C._get(d, "data.data_path"):
+            specs.append(str(C._get(d, "data.data_path")))
+        specs += [str(x) for x in (C._get(d, "continual.domains") or [])]
+    return specs
+
+
+def _all_builtin(user: list[tuple[str, dict]]) -> bool:
+    """True when the user names data and every data path is a built-in set (an existing folder wins)."""
+    from mimkit.data.builtin import is_builtin
+
+    specs = _data_specs(user)
+    return bool(specs) and all(is_builtin(s) and not Path(s).expanduser().exists() for s in specs)
+
+
+def _named_model(user: list[tuple[str, dict]]) -> Optional[str]:
+    """The model a flag or override names, if any."""
+    return next((C._get(d, "model.type") for _, d in reversed(user) if C._get(d, "model.type")), None)
+
+
+def _preset_layer(preset: str, user: list[tuple[str, dict]]) -> dict:
+    """The preset's dict; its data (path or domain list) gives way to the data the user names."""
+    data = C.load_file(preset)
+    specs = _data_specs(user)
+    if specs:
+        (data.get("data") or {}).pop("data_path", None)
+        cont = data.get("continual") or {}
+        cont.pop("domains", None)
+        if cont.get("eval_domains"):  # a domain the user trains on is no longer a held-out one
+            cont["eval_domains"] = [d for d in cont["eval_domains"] if d not in specs]
+    return data
 
 
 def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[list, list]:
@@ -306,7 +352,7 @@ def device_augmentation(cfg: DictConfig, in_chans: int, device: torch.device, st
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: build the config, then train."""
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, builtin_presets=BUILTIN_PRESETS)
     train(cfg)
     return 0
 
@@ -321,8 +367,9 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     train_set = open_train_set(cfg, model.in_chans)
-    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size)
-    small = warn_small_images(train_set, C.input_size(cfg))
+    big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
+    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
+    notes = image_notes(train_set, C.input_size(cfg))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
@@ -350,13 +397,13 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     run_log.info(f"mimkit pretrain: model {cfg.model.type} ({describe(model)}); {len(train_set)} training images "
                  f"({cfg.data.data_path or 'built-in demo'}), device {dist.device}, {dist.world_size} process(es)")
     if cfg.misc.preset:
-        run_log.info(f"preset {cfg.misc.preset} beneath your flags (no data path given: the demo)")
+        run_log.info(preset_line(cfg))
     run_log.info(f"run folder {out_dir}")
     n_params = sum(p.numel() for p in model.parameters())
     if dist.device.type == "cpu" and n_params > 50e6:  # the official defaults are GPU recipes
         run_log.info(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU is slow; {CPU_HINT}")
-    if small:
-        run_log.info(small)
+    for note in notes:
+        run_log.info(note)
     if report is not None:
         run_log.info(report.summary())
     if resume_warning:
@@ -465,6 +512,15 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
             print(f"  {'final loss':<17}{summary['final_loss']:.4f}")
         print(f"  view the curves: tensorboard --logdir {out_dir / 'tb'}")
     return summary
+
+
+def preset_line(cfg: DictConfig) -> str:
+    """The start-up line naming the preset put beneath the user's flags, and why."""
+    if not cfg.data.data_path and not OmegaConf.select(cfg, "continual.domains", default=None):
+        why = "no data path given: the demo"
+    else:
+        why = "built-in data is demo data: a CPU-sized recipe; --model or a config file replaces it"
+    return f"preset {cfg.misc.preset} beneath your flags ({why})"
 
 
 def picture_images(ds, n: int = 4) -> torch.Tensor:

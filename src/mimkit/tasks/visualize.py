@@ -58,10 +58,11 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torc
 
 
 def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
-                        title: str = "", normalization=None) -> np.ndarray:
-    """A uint8 (rows*H + header, 4*W, 3) picture: one row per image, the four columns of COLUMNS.
+                        title: str = "", normalization=None, row_labels: Sequence[str] | None = None) -> np.ndarray:
+    """A uint8 (header + rows*(label + H), 4*W, 3) picture: one row per image, the four columns of COLUMNS.
 
     normalization: the (mean, std) `imgs` were normalised with; default the model's (`model.normalization`).
+    row_labels: one line above each row (the image's file name); the title wraps to the picture's width.
     """
     pred, mask, note = reconstruct(model, imgs, mask_ratio, noise)
     normalization = normalization or getattr(model, "normalization", None)
@@ -70,24 +71,74 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float = 0.75, noi
     m = mask[:, :1].permute(0, 2, 3, 1).cpu()
     masked = orig * (1 - m) + 0.5 * m
     pasted = orig * (1 - m) + rec * m
-    rows = [torch.cat([orig[i], masked[i], rec[i], pasted[i]], dim=1) for i in range(imgs.shape[0])]
-    grid = (torch.cat(rows, dim=0).numpy() * 255).round().astype(np.uint8)
     k = max(1, 128 // imgs.shape[-1])  # small images are enlarged so the columns can carry their names
-    grid = grid.repeat(k, axis=0).repeat(k, axis=1)
+    rows = []
+    for i in range(imgs.shape[0]):
+        row = (torch.cat([orig[i], masked[i], rec[i], pasted[i]], dim=1).numpy() * 255).round().astype(np.uint8)
+        row = row.repeat(k, axis=0).repeat(k, axis=1)
+        if row_labels is not None:
+            row = np.concatenate([_label_band(row.shape[1], row_labels[i]), row], axis=0)
+        rows.append(row)
+    grid = np.concatenate(rows, axis=0)
     return _with_header(grid, imgs.shape[-1] * k, [t for t in (title, note) if t])
 
 
+LINE_H = 14  # pixels per text line of Pillow's default font
+
+
+def _label_band(width: int, text: str) -> np.ndarray:
+    """A white (LINE_H + 2, width, 3) band holding `text`, cut at the left (the file name's end stays) to fit."""
+    img = Image.new("RGB", (width, LINE_H + 2), "white")
+    draw = ImageDraw.Draw(img)
+    text = _fit(draw, text, width - 4)
+    draw.text((2, 2), text, fill="black")
+    return np.asarray(img)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """`text`, or '...' and its longest ending that fits in `width` pixels."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength("..." + text) > width:
+        text = text[1:]
+    return "..." + text
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """`text` broken at spaces (or anywhere, for a long word) into lines no wider than `width` pixels."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        trial = f"{line} {word}" if line else word
+        if draw.textlength(trial) <= width:
+            line = trial
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word) > width and len(word) > 1:  # a long path: cut it into pieces that fit
+            cut = len(word)
+            while cut > 1 and draw.textlength(word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line:
+        lines.append(line)
+    return lines
+
+
 def _with_header(grid: np.ndarray, col_w: int, lines: Sequence[str]) -> np.ndarray:
-    """Add a white band with the column names and notes above the grid."""
-    line_h = 14
-    band = line_h * (1 + len(lines)) + 4
+    """Add a white band with the column names and the notes (wrapped to the picture's width) above the grid."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [w for text in lines for w in _wrap(measure, text, grid.shape[1] - 4)]
+    band = LINE_H * (1 + len(wrapped)) + 4
     img = Image.new("RGB", (grid.shape[1], grid.shape[0] + band), "white")
     img.paste(Image.fromarray(grid), (0, band))
     draw = ImageDraw.Draw(img)
     for j, name in enumerate(COLUMNS):
         draw.text((j * col_w + 2, 2), name if col_w >= 128 else name.split()[0], fill="black")
-    for k, text in enumerate(lines):
-        draw.text((2, 2 + line_h * (k + 1)), text, fill="black")
+    for k, text in enumerate(wrapped):
+        draw.text((2, 2 + LINE_H * (k + 1)), text, fill="black")
     return np.asarray(img)
 
 
@@ -168,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(model, "load_report", None) is not None and model.load_report.decoder_fresh:
         raise UserError(f"{args.checkpoint} holds no MAE decoder (an encoder-only, linprobe, finetune or segment "
                         "checkpoint): reconstructions need the pretraining checkpoint (pretrain / continual)")
+    from mimkit.data.images import scan_images
+
+    for note in scan_images([str(p) for p in paths]):  # transparency, 12-bit data: said once, not per image
+        print(f"note: {note}")
     tf = eval_transform(model.img_size, model.in_chans, *normalization_of(model))  # the checkpoint's mean/std
     imgs = []
     for p in paths:
@@ -178,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
     batch = torch.stack(imgs)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.rand(batch.shape[0], model.num_patches, generator=gen)
-    pic = reconstruction_grid(model, batch, args.mask_ratio, noise, title=f"{info} mask {args.mask_ratio:g}")
+    pic = reconstruction_grid(model, batch, args.mask_ratio, noise, title=f"{info} mask {args.mask_ratio:g}",
+                              row_labels=[p.name for p in paths])
     if args.output is None:
         from mimkit.config import new_run_dir
 
