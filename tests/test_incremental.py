@@ -381,17 +381,20 @@ def test_parse_methods():
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
-def write_fake_cifar(root: Path, kind: str = "cifar10", per_file: int = 20, classes: int = 10) -> Path:
-    """A tiny folder in the real python-version layout (pickled dicts with bytes keys, uint8 rows)."""
+def write_fake_cifar(root: Path, kind: str = "cifar10", per_file: int = 20, classes: int = 10,
+                     str_keys: bool = False) -> Path:
+    """A tiny folder in the real python-version layout (pickled dicts with bytes keys, uint8 rows); str_keys
+    writes str keys and str names, as a file re-pickled under Python 3 has."""
     rng = np.random.default_rng(0)
     sub, train, test, meta, names_key, label_key = ID.CIFAR_FILES[kind]
+    key = (lambda k: k) if str_keys else (lambda k: k.encode())
     folder = root / sub
     folder.mkdir(parents=True)
     for f in [*train, *test]:
-        d = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-             label_key: [int(v) for v in np.arange(per_file) % classes], b"filenames": [b"x.png"] * per_file}
+        d = {key("data"): rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+             key(label_key): [int(v) for v in np.arange(per_file) % classes], key("filenames"): ["x.png"] * per_file}
         (folder / f).write_bytes(pickle.dumps(d, protocol=2))
-    (folder / meta).write_bytes(pickle.dumps({names_key.encode(): [f"c{i}".encode() for i in range(classes)]},
+    (folder / meta).write_bytes(pickle.dumps({key(names_key): [key(f"c{i}") for i in range(classes)]},
                                              protocol=2))
     return root
 
@@ -407,6 +410,24 @@ def test_cifar_python_layout(tmp_path, kind, classes, n_train):
     raw = pickle.loads((root / ID.CIFAR_FILES[kind][0] / ID.CIFAR_FILES[kind][1][0]).read_bytes())[b"data"][3]
     assert np.array_equal(np.asarray(ID.open_cifar(root, kind, None, None)[0][3][0]),
                           raw.reshape(3, 32, 32).transpose(1, 2, 0))  # rows are channel-major, as the real files
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_cifar_str_keys_as_python3_repickled(tmp_path, kind):
+    classes = 10 if kind == "cifar10" else 100
+    root = write_fake_cifar(tmp_path / "data", kind, per_file=200, classes=classes, str_keys=True)
+    train, val, found = ID.open_data(str(root), "auto", None, None)
+    assert found == kind and train.classes[:2] == ["c0", "c1"] and len(val) == 200 and train[7][1] == 7
+
+
+def test_cifar_file_missing_a_key_names_file_and_key(tmp_path):
+    root = write_fake_cifar(tmp_path / "data", "cifar100", per_file=200, classes=100)
+    meta = root / "cifar-100-python" / "meta"
+    meta.write_bytes(pickle.dumps({b"coarse_label_names": [b"x"]}, protocol=2))
+    with pytest.raises(DataError) as e:
+        ID.open_data(str(root), "cifar100", None, None)
+    msg = str(e.value)
+    assert "\n" not in msg and str(meta) in msg and "'fine_label_names'" in msg
 
 
 def test_cifar_missing_files_one_line(tmp_path):

@@ -16,8 +16,8 @@ from mimkit.errors import DataError
 
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
-                "label_names", b"labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", b"fine_labels"),
+                "label_names", "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
 }
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -62,6 +62,15 @@ def _unpickle(path: Path) -> dict:
             raise DataError(f"cannot read CIFAR file {path}: {type(e).__name__}: {e}") from None
 
 
+def _field(d: dict, key: str, path: Path) -> Any:
+    """d[key] under a bytes key (the original pickles) or a str key (re-pickled under Python 3)."""
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    raise DataError(f"CIFAR file {path} has no '{key}' entry: not a CIFAR python-version pickle of this kind "
+                    f"(re-extract it from {CIFAR_URL})")
+
+
 def open_cifar(root: str | Path, kind: str, train_tf: Callable, val_tf: Callable) -> tuple[CifarDataset, CifarDataset]:
     """(train, test) of CIFAR-10/100 in the python layout; a missing file is one DataError saying what goes where."""
     root = Path(root).expanduser()
@@ -77,14 +86,15 @@ def open_cifar(root: str | Path, kind: str, train_tf: Callable, val_tf: Callable
                         f"{root / sub}/ (extract {sub.replace('-batches-py', '').replace('-python', '')}-python.tar.gz "
                         f"from {CIFAR_URL} into {root})")
     classes = [c.decode() if isinstance(c, bytes) else str(c)
-               for c in _unpickle(folder / meta)[names_key.encode()]]
+               for c in _field(_unpickle(folder / meta), names_key, folder / meta)]
 
     def load(files: list[str]) -> tuple[np.ndarray, list[int]]:
         xs, ys = [], []
         for f in files:
             d = _unpickle(folder / f)
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.extend(int(v) for v in d[label_key])
+            xs.append(np.asarray(_field(d, "data", folder / f), dtype=np.uint8)
+                      .reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.extend(int(v) for v in _field(d, label_key, folder / f))
         return np.ascontiguousarray(np.concatenate(xs)), ys
 
     (xtr, ytr), (xte, yte) = load(train_files), load(test_files)
