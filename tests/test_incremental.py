@@ -481,3 +481,22 @@ def test_precise_bn_recomputes_population_statistics_without_moving_rng():
     var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
     assert torch.allclose(net[0].running_mean, mean, atol=1e-5) and torch.allclose(net[0].running_var, var, atol=1e-4)
     assert net[0].momentum == 0.1 and not net.training  # restored
+
+
+def test_estimate_and_run_eta_cover_the_tasks_left(tmp_path, monkeypatch):
+    from mimkit.engine import logging as L
+
+    clock = iter(np.arange(0.0, 1000.0, 2.0))  # every perf_counter call advances 2 s
+    monkeypatch.setattr(L.time, "perf_counter", lambda: float(next(clock)))
+    run = L.RunLogger(tmp_path, tensorboard=False, print_freq=1)
+    run.tty = False
+    run.later_iters = 90  # the tasks after this one: 90 iterations
+    run.start_run(10, "cpu")
+    run.start_epoch(0, 10)
+    for i in range(10):
+        run.progress(i, {"loss": 1.0})
+    eta = run.run_eta()
+    run.close()
+    log = (tmp_path / "log.txt").read_text()
+    assert "estimated time of the whole run" in log and "(100 iterations at" in log
+    assert eta is not None and eta >= 90 * 2.0  # this task's end is not the run's end: 90 iterations still to go

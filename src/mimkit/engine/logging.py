@@ -57,6 +57,9 @@ class RunLogger:
         self.slow_hint: str | None = None  # a task's advice, shown when the estimate runs to hours on a CPU
         # (n, what): the run is one of n similar runs still to come (continual stages); the estimate says the total
         self.also_estimate: tuple[int, str] | None = None
+        # iterations of the fits still to come after this one in the same run (incremental's later tasks):
+        # the estimate and the run ETA count them too, at this fit's time per iteration
+        self.later_iters = 0
         self.device_type = "cpu"
         self._run_left = None
         self._run_seen = 0
@@ -116,7 +119,7 @@ class RunLogger:
         if self._run_left is None or self._run_t1 is None or self._run_seen < 2:
             return None
         per_iter = (time.perf_counter() - self._run_t1) / (self._run_seen - 1)
-        return per_iter * max(0, self._run_left - self._run_seen)
+        return per_iter * (max(0, self._run_left - self._run_seen) + self.later_iters)
 
     def _tick_run(self) -> None:
         if self._run_left is None:
@@ -136,8 +139,9 @@ class RunLogger:
         else:
             return
         self._estimated = True
-        total = per_iter * self._run_left
-        iters = f"{self._run_left:,} iteration{'s' if self._run_left > 1 else ''}"
+        n_iters = self._run_left + self.later_iters
+        total = per_iter * n_iters
+        iters = f"{n_iters:,} iteration{'s' if n_iters > 1 else ''}"
         self.info(f"estimated time of the whole run: {_duration_or_less(total)} ({iters} at {per_iter:.3g} s each, "
                   f"{how}; evaluation and checkpoints not counted)")
         if self.also_estimate and self.also_estimate[0] > 1:

@@ -248,15 +248,18 @@ def train_incremental(cfg) -> dict:
                               step_fn=step_fn, lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log,
                               ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=[*hooks, precise])
             trainer.state.step = state["rows"][-1]["end_step"] if state["rows"] else 0  # one step axis in TB
+            # the estimate and run ETA cover every task left, not just this one (later tasks timed at this one's pace)
+            run_log.later_iters = sched.epochs * sum(
+                -(-len(train_tasks[j]) // dist.world_size) // o.batch_size for j in range(k + 1, len(sizes)))
             # a damaged latest.pt falls back to the task's newest intact checkpoint, with a warning
             resume, _, warning = find_resume(None, task_dir, cfg.misc.auto_resume)
             if warning:
                 run_log.info(warning)
+            run_log.info(f"task {k}: classes {[train_set.classes[c] for c in split.classes(k)]}, "
+                         f"{len(train_tasks[k])} images, head over {model.num_classes} classes")
             if resume is not None:
                 trainer.load(resume)
                 run_log.info(f"task {k}: resumed at epoch {trainer.state.epoch}, batch {trainer.state.batch}")
-            run_log.info(f"task {k}: classes {[train_set.classes[c] for c in split.classes(k)]}, "
-                         f"{len(train_tasks[k])} images, head over {model.num_classes} classes")
             trainer.fit()
             eval_model = ema.model if i.eval_teacher else model
             row = {"task": k, "classes": split.classes(k), **evaluate_task(eval_model, val_tasks, rank_set, k, cfg,
