@@ -375,6 +375,27 @@ def test_flags_without_effect_under_the_method_are_errors(overrides, fragment):
                                    [("overrides", {"incremental": {**overrides, "eval_teacher": True}})]))
 
 
+@pytest.mark.parametrize("overrides,fragment,fine", [
+    ({"method": "kd", "mask_ratio": 0.7}, "--mask_ratio 0.7 has no effect with --method kd: only --method mask",
+     "mask"),
+    ({"method": "kd", "mask_mode": "a"}, "--mask_mode a has no effect with --method kd: only --method mask", "mask"),
+    ({"method": "kd", "inv_mode": "v2"}, "--inv_mode v2 has no effect with --method kd", "kd,mask"),
+    ({"buffer_size": 50}, "--buffer_size 50 has no effect with --method ce: only --method er", "er"),
+    ({"temperature": 3.0}, "--temperature 3.0 has no effect with --method ce: only --method kd / mask", "mask"),
+    ({"kd_weight": 2.0}, "--kd_weight 2.0 has no effect with --method ce: only --method kd", "kd,er"),
+    ({"method": "mask", "ema_ratio": 0.5}, "--ema_ratio 0.5 has no effect without an EMA teacher", None),
+])
+def test_method_specific_flags_under_another_method_are_errors(overrides, fragment, fine):
+    from mimkit import config as C
+
+    cfg = C.build_config(IC.IncrementalConfig, [("overrides", {"incremental": overrides})])
+    with pytest.raises(ConfigError, match=fragment) as e:
+        IC.validate(cfg)
+    assert "\n" not in str(e.value)
+    where = {"method": fine} if fine else {"ema_mode": "ema"}  # the same value where it acts is fine
+    IC.validate(C.build_config(IC.IncrementalConfig, [("overrides", {"incremental": {**overrides, **where}})]))
+
+
 def test_parse_methods():
     assert IC.parse_methods("kd,er") == {"ce", "kd", "er"}
     assert IC.parse_methods("ce") == {"ce"}
@@ -453,7 +474,7 @@ def test_presets_load_and_flags_win(preset, tasks, model):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    cfg = config_from_args(p.parse_args([preset, "incremental.kd_weight=2", "--epochs", "7"]))
+    cfg = config_from_args(p.parse_args([preset, "incremental.kd_weight=2", "--method", "kd", "--epochs", "7"]))
     assert cfg.incremental.tasks == tasks and cfg.model.type == model
     assert cfg.schedule.epochs == 7 and cfg.incremental.kd_weight == 2.0  # flags and overrides beat the preset
 

@@ -222,10 +222,10 @@ def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(
     capsys.readouterr()
 
     # run-defining settings changed: one line naming each (old -> new) and the ways on, before any work
-    assert _run(args + ["--batch_size", "32", "--kd_weight", "2", "--input_size", "16"], out) == 2
+    assert _run(args + ["--batch_size", "32", "--momentum", "0.5", "--input_size", "16"], out) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    for part in ("optimization.batch_size 64 → 32", "incremental.kd_weight 1.0 → 2.0", "data.input_size 8 → 16",
+    for part in ("optimization.batch_size 64 → 32", "optimization.momentum 0.9 → 0.5", "data.input_size 8 → 16",
                  "--output_dir", "--no_auto_resume"):
         assert part in err, part
     assert (out / "results.json").read_text() == results  # nothing written

@@ -190,6 +190,11 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
                           f"(must be one of {', '.join(choices)})")
 
 
+# the incremental knobs read by some methods only: name -> the methods that use it
+METHOD_FLAGS = {"mask_ratio": {"mask"}, "mask_mode": {"mask"}, "inv_mode": {"mask"}, "mask_weight": {"mask"},
+                "kd_weight": {"kd"}, "temperature": {"kd", "mask"}, "buffer_size": {"er"}}
+
+
 def validate(cfg) -> None:
     """Every incremental rule the shared validator does not know, before any data or weights load."""
     i, o = cfg.incremental, cfg.optimization
@@ -236,6 +241,18 @@ def validate(cfg) -> None:
     if i.cls_only and not methods & {"kd", "mask"}:
         raise ConfigError(f"--cls_only has no effect with --method {i.method}: it changes the reference of kd / "
                           "mask; add --method kd (or mask), or drop --cls_only")
+    # method-specific knobs set away from the schema default (by a flag, file or override) under a method that
+    # never reads them: one line naming the flag and the method(s) that use it
+    default = IncrementalSection()
+    for name, users in METHOD_FLAGS.items():
+        value = getattr(i, name)
+        if value != getattr(default, name) and not methods & users:
+            uses = " / ".join(sorted(users))
+            raise ConfigError(f"--{name} {value} has no effect with --method {i.method}: only --method {uses} uses "
+                              f"it; add --method {sorted(users)[0]}, or drop --{name}")
+    if i.ema_ratio != default.ema_ratio and i.ema_mode == "none":
+        raise ConfigError(f"--ema_ratio {i.ema_ratio} has no effect without an EMA teacher: add --ema_mode "
+                          "ema|anne|sto, or drop --ema_ratio")
 
 
 def _value(cfg, key: str):
