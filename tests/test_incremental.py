@@ -521,3 +521,20 @@ def test_estimate_and_run_eta_cover_the_tasks_left(tmp_path, monkeypatch):
     log = (tmp_path / "log.txt").read_text()
     assert "estimated time of the whole run" in log and "(100 iterations at" in log
     assert eta is not None and eta >= 90 * 2.0  # this task's end is not the run's end: 90 iterations still to go
+
+
+def test_resume_compares_effective_tasks_and_nf(tmp_path):
+    from mimkit import config as C
+    from mimkit.incremental import resume as RS
+
+    def cfg(**inc):
+        model = inc.pop("model", {"type": "slim_resnet18"})
+        return C.to_container(C.build_config(IC.IncrementalConfig, [("overrides", {"incremental": inc,
+                                                                                  "model": model})]))
+    started = cfg()  # no --tasks, no --nf: 5 tasks, slim_resnet18's width 20
+    assert RS.compare(started, cfg(tasks=5), tmp_path) == []
+    assert RS.compare(started, cfg(model={"type": "slim_resnet18", "nf": 20}), tmp_path) == []
+    with pytest.raises(ConfigError, match="incremental.tasks 5 → 4"):
+        RS.compare(started, cfg(tasks=4), tmp_path)
+    with pytest.raises(ConfigError, match="model.nf 20 → 8"):
+        RS.compare(started, cfg(model={"type": "slim_resnet18", "nf": 8}), tmp_path)

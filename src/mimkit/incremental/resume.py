@@ -63,7 +63,7 @@ def started_settings(out_dir: Path) -> Optional[dict]:
 
 def compare(started: dict, now: dict, out_dir: Path) -> list[dict[str, Any]]:
     """The allowed changes [{key, old, new}]; a ConfigError naming every run-defining one (old -> new)."""
-    old, new = flatten(started), flatten(now)
+    old, new = effective(flatten(started)), effective(flatten(now))
     changed = [k for k in new if k in old and old[k] != new[k] and not _same_number(old[k], new[k])]
     refused = [k for k in changed if not _may_change(k)]
     if refused:
@@ -72,6 +72,19 @@ def compare(started: dict, now: dict, out_dir: Path) -> list[dict[str, Any]]:
                           "with its own settings, give a new --output_dir, or pass --no_auto_resume to start over "
                           "there (the earlier run's files are moved to earlier/)")
     return [{"key": k, "old": old[k], "new": new[k]} for k in changed if k != "misc.output_dir"]
+
+
+def effective(flat: dict[str, Any]) -> dict[str, Any]:
+    """The settings as the run uses them: an unset task count is its default 5 (without --init_classes) and an
+    unset model.nf the backbone's own width, so `--tasks 5` or `--nf 20` (slim_resnet18) repeat, not change, them."""
+    from mimkit.models.resnet import BACKBONES
+
+    out = dict(flat)
+    if out.get("incremental.tasks") is None and out.get("incremental.init_classes") is None:
+        out["incremental.tasks"] = 5
+    if out.get("model.nf") is None and out.get("model.type") in BACKBONES:
+        out["model.nf"] = BACKBONES[out["model.type"]]
+    return out
 
 
 def _same_number(a: Any, b: Any) -> bool:
