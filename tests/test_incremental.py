@@ -538,3 +538,13 @@ def test_resume_compares_effective_tasks_and_nf(tmp_path):
         RS.compare(started, cfg(tasks=4), tmp_path)
     with pytest.raises(ConfigError, match="model.nf 20 → 8"):
         RS.compare(started, cfg(model={"type": "slim_resnet18", "nf": 8}), tmp_path)
+
+
+def test_schedule_change_on_a_finished_run_says_nothing_to_train():
+    from mimkit.incremental import resume as RS
+
+    change = [{"key": "schedule.epochs", "old": 1, "new": 2}]
+    assert "applies from task 3 on" in RS.describe_changes(change, 3, 5)
+    done = RS.describe_changes(change, 5, 5)
+    assert "the run is finished (all 5 tasks done): nothing to train" in done and "new --output_dir" in done
+    assert "task 5" not in done

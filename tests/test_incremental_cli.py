@@ -230,12 +230,14 @@ def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(
         assert part in err, part
     assert (out / "results.json").read_text() == results  # nothing written
 
-    # where it runs and the schedule may change (as pretrain): a log line, and results.json records it
+    # where it runs and the schedule may change (as pretrain): a log line
     assert _run(TINY + ["--epochs", "2", "--print_freq", "7"], out) == 0
     log = (out / "log.txt").read_text()
     assert "schedule.epochs 1 → 2" in log and "logging.print_freq 1000 → 7" in log
     res = json.loads((out / "results.json").read_text())
-    assert {"from_task": 2, "key": "schedule.epochs", "old": 1, "new": 2} in res["resume_changes"]
+    # the run is finished: said plainly, nothing trained, nothing recorded as applied
+    assert "the run is finished (all 2 tasks done): nothing to train" in log and "new --output_dir" in log
+    assert "from task 2" not in log and res["resume_changes"] == []
     assert res["per_task"] == json.loads(results)["per_task"]  # the finished tasks are the earlier ones
 
     # --no_auto_resume: the earlier run's files are moved aside (nothing mixed, nothing lost), said in the log

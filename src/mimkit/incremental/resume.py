@@ -94,11 +94,14 @@ def _same_number(a: Any, b: Any) -> bool:
         and float(a) == float(b)
 
 
-def describe_changes(changes: list[dict[str, Any]], task: int) -> str:
-    """One log line for the allowed changes of a resume."""
+def describe_changes(changes: list[dict[str, Any]], task: int, tasks: Optional[int] = None) -> str:
+    """One log line for the allowed changes of a resume at `task` (of `tasks`)."""
     what = ", ".join(f"{c['key']} {_show(c['old'])} → {_show(c['new'])}" for c in changes)
     note = ""
-    if any(c["key"] in SCHEDULE for c in changes):
+    if tasks is not None and task >= tasks and any(c["key"] in SCHEDULE for c in changes):
+        note = (f"; the run is finished (all {tasks} tasks done): nothing to train, the schedule change applies "
+                "to nothing; a longer schedule needs a new --output_dir")
+    elif any(c["key"] in SCHEDULE for c in changes):
         note = (f"; the schedule applies from task {task} on (finished tasks keep theirs; "
                 "results.json lists the change under resume_changes)")
     return f"resuming with changed settings that may change on resume: {what}{note}"

@@ -204,8 +204,9 @@ def train_incremental(cfg) -> dict:
     if archived is not None:
         run_log.info(f"--no_auto_resume: the earlier run's files in {out_dir} were moved to {archived}")
     if changes:
-        run_log.info(RS.describe_changes(changes, done))
-        state.setdefault("resume_changes", []).extend({"from_task": done, **c} for c in changes)
+        run_log.info(RS.describe_changes(changes, done, len(sizes)))
+        if done < len(sizes):  # a finished run trains nothing more: no change to record
+            state.setdefault("resume_changes", []).extend({"from_task": done, **c} for c in changes)
     if dist.is_main:  # the run-defining settings (as started) for the next resume to compare against
         state["settings"] = C.to_container(cfg)
         atomic_write_text(json.dumps(state, indent=1), out_dir / STATE_FILE)
