@@ -548,3 +548,12 @@ def test_schedule_change_on_a_finished_run_says_nothing_to_train():
     done = RS.describe_changes(change, 5, 5)
     assert "the run is finished (all 5 tasks done): nothing to train" in done and "new --output_dir" in done
     assert "task 5" not in done
+
+
+def test_empty_data_folder_hints_at_the_cifar_layout(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as e:
+        ID.open_data(str(tmp_path / "empty"), "auto", None, None)
+    msg = str(e.value)
+    assert "\n" not in msg and "class folders" in msg
+    assert "cifar-100-python/" in msg and "cifar-10-batches-py/" in msg and "batches.meta" in msg

@@ -112,7 +112,14 @@ def open_data(data_path: str, dataset: str, train_tf: Callable, val_tf: Callable
     if kind in CIFAR_FILES:
         train, val = open_cifar(root, kind, train_tf, val_tf)
     else:
-        train, val = open_labelled(str(data_path), train_tf, val_tf)
+        try:
+            train, val = open_labelled(str(data_path), train_tf, val_tf)
+        except DataError as e:
+            if dataset != "auto" or str(data_path) == "digits":
+                raise
+            raise DataError(f"{e}; or, for CIFAR, the extracted cifar-100-python/ (train, test, meta) or "
+                            f"cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta) folder of the python "
+                            f"version ({CIFAR_URL})") from None
     return train, val, kind
 
 
