@@ -302,3 +302,13 @@ def test_two_process_gloo_smoke(tmp_path):
     assert all(0 <= a <= 100 for row in res["per_task"] for a in row["acc"])
     assert (out / "checkpoints" / "task-1" / "final.pt").is_file()
     assert r.stdout.count("final average accuracy") == 1  # printed once (rank 0), not per rank
+
+
+@pytest.mark.parametrize("path,demo", [("runs/demo", True), ("elsewhere/run", False)])
+def test_finetune_not_found_says_where_such_a_path_comes_from(tmp_path, monkeypatch, capsys, path, demo):
+    monkeypatch.chdir(tmp_path)
+    assert _run(TINY + ["--finetune", path], tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"checkpoint not found: {path}" in err
+    assert f"mimkit pretrain --output_dir {path}" in err and ("make demo" in err) == demo
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -144,6 +144,13 @@ def train_incremental(cfg) -> dict:
     hflip = cfg.data.augmentation.hflip
     if hflip is None:
         hflip = str(cfg.data.data_path) != "digits"
+    if cfg.model.finetune and not Path(str(cfg.model.finetune)).expanduser().exists():
+        from mimkit.errors import CheckpointError
+
+        ft = cfg.model.finetune  # where such a path comes from, in the same line
+        raise CheckpointError(f"checkpoint not found: {ft} (a run folder made by `mimkit pretrain --output_dir {ft}`"
+                              f"{' or `make demo`' if Path(str(ft)).as_posix().rstrip('/') == 'runs/demo' else ''}"
+                              ", or a checkpoint file)")
     if cfg.data.mean is None and cfg.data.std is None and cfg.model.finetune:
         from mimkit.models.loading import checkpoint_normalization
 
