@@ -102,6 +102,8 @@ def test_resume_between_tasks_and_mid_task_is_bitwise(tmp_path, method):
     (task_dir / "latest.pt").unlink()
     shutil.copyfile(ckpt, task_dir / "latest.pt")
     assert _run(args, mid) == 0
+    log = (mid / "log.txt").read_text()  # the task is announced first, then where in it the run resumes
+    assert -1 < log.rfind("task 1: classes") < log.rfind("task 1: resumed at epoch")
     _same_checkpoint(final, task_dir / "final.pt")
     assert json.loads((mid / "incremental.json").read_text())["rows"] == rows
 
