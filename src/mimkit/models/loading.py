@@ -77,6 +77,10 @@ def encoder_arch_of_config(cfg: dict) -> Optional[dict]:
         enc = arch["probe_encoder"]
         return {"type": enc["type"], "kwargs": dict(enc.get("kwargs") or {}), "input_size": size,
                 "norm_pix_loss": False}
+    if (arch.get("source_encoder") or {}).get("type"):  # a fine-tuned classifier: the MAE it came from
+        src = arch["source_encoder"]
+        return {"type": src["type"], "kwargs": dict(src.get("kwargs") or {}), "norm_pix_loss": False,
+                "input_size": size}
     if arch.get("embed_dim") is not None:  # a timm ViT classifier / segmentation backbone
         # the run's own model.kwargs (segment keeps them: the decoder's sizes) beneath the encoder's actual sizes
         kwargs = {k: v for k, v in (m.get("kwargs") or {}).items() if k in MAE_OPTIONS and k != "img_size"}
