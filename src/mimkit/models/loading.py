@@ -168,7 +168,9 @@ def model_from_checkpoint(
         sd, _ = to_mae_state_dict(sd)
         model_name = infer_model_name(sd)
         if model_name is None:
-            raise CheckpointError(f"cannot tell which model {p} holds; pass --model (see `mimkit models`)")
+            raise CheckpointError(f"cannot tell which model {p} holds (its sizes match no registered model): pass "
+                                  "--model (see `mimkit models`), or give a Hugging Face folder with its "
+                                  "config.json (save_pretrained) or a mimkit checkpoint, which state their sizes")
     if input_size is not None:
         kwargs["img_size"] = input_size
     kwargs.update(overrides)
