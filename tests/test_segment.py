@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mimkit.data.segmentation import (
@@ -278,6 +279,43 @@ def test_slide_equals_whole_when_one_window_covers_the_image() -> None:
     assert tuple(out.shape) == (2, 5, 40, 56) and torch.isfinite(out).all()
 
 
+class _Ones(torch.nn.Module):
+    """A 'segmenter' giving logit 1 everywhere: slide_logits then averages to 1 where covered, NaN (0 / 0) where not."""
+
+    patch_size = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_ones((x.shape[0], 1, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("size", [(80, 400), (61, 97), (17, 129), (64, 64), (65, 63)])
+@pytest.mark.parametrize("crop", [64, 33, 512])
+def test_default_slide_window_covers_every_pixel(size, crop) -> None:
+    from mimkit import config as C
+    from mimkit.tasks.segment_config import SegmentConfig, slide_window
+
+    cfg = C.build_config(SegmentConfig, [("flags", {"data": {"input_size": crop}})])
+    window, stride = slide_window(cfg.test, C.input_size(cfg))
+    assert window == [crop, crop] and stride == [2 * crop // 3] * 2  # follows the crop (341 at 512, as MMSeg)
+    out = slide_logits(_Ones(), torch.zeros(1, 3, *size), window, stride)
+    assert torch.equal(out, torch.ones(1, 1, *size))  # every pixel in >= 1 window (an uncovered one would be NaN)
+
+
+def test_a_stride_above_the_window_is_refused() -> None:
+    from mimkit import config as C
+    from mimkit.errors import ConfigError
+    from mimkit.tasks.segment_config import SegmentConfig, check_segment_config
+
+    cfg = C.build_config(SegmentConfig, [("flags", {"data": {"input_size": 64, "data_path": "x"},
+                                                    "test": {"stride": [341, 341]}})])
+    with pytest.raises(ConfigError, match=r"test.stride \[341, 341\] is larger than the sliding window \[64, 64\]"):
+        check_segment_config(cfg)
+    with pytest.raises(ValueError):
+        slide_logits(_Ones(), torch.zeros(1, 3, 80, 400), (64, 64), (65, 65))
+    OmegaConf.update(cfg, "test.mode", "whole")  # whole-image inference has no windows: nothing to refuse
+    check_segment_config(cfg)
+
+
 def test_whole_pads_to_the_patch_and_crops_back() -> None:
     model = tiny_segmenter().eval()
     x = torch.randn(1, 3, 30, 37)
@@ -302,6 +340,15 @@ def test_ade20k_preset_is_mmsegs_recipe() -> None:
     assert cfg.data.input_size == 512 and cfg.data.ignore_index == 255 and cfg.data.reduce_zero_label
     assert list(cfg.data.augmentation.ratio_range) == [0.5, 2.0] and cfg.data.augmentation.cat_max_ratio == 0.75
     assert cfg.test.mode == "slide" and list(cfg.test.stride) == [341, 341]
+    # the schema's unset values derive from the crop to exactly what the preset spells out
+    from mimkit.data.segmentation import SegTrainPipeline
+    from mimkit.tasks.segment_config import slide_window
+
+    schema = C.build_config(SegmentConfig, [("flags", {"data": {"data_path": "/data/ADEChallengeData2016"}})])
+    assert slide_window(schema.test, C.input_size(schema)) == slide_window(cfg.test, C.input_size(cfg)) \
+        == ([512, 512], [341, 341])
+    assert SegTrainPipeline((512, 512), schema.data.augmentation.scale).scale == \
+        tuple(cfg.data.augmentation.scale) == (2048, 512)
 
 
 def test_eval_settings_come_from_the_checkpoint_unless_the_user_gives_them() -> None:

@@ -31,8 +31,9 @@ from mimkit.tasks.pretrain import config_from_args, seed_everything
 
 
 HELP_EPILOG = (
-    "Which defaults apply: the defaults shown above are the schema's, MMSeg's ADE20K recipe (what "
-    "segment/ade20k_vit_base.yaml spells out). When no --data_path is given (and no config file names one), the demo "
+    "Which defaults apply: the defaults shown above are the schema's, MMSeg's ADE20K recipe; the ones shown as None "
+    "follow the crop (--input_size): augmentation scale [4 x crop, crop], test window = the crop, test stride = 2/3 of "
+    "the window, so at crop 512 they are what segment/ade20k_vit_base.yaml spells out. When no --data_path is given (and no config file names one), the demo "
     "preset segment/demo.yaml goes beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, "
     "20 epochs, lr 1e-3, whole-image inference. The start-up line names the preset in use. --eval / --predict use "
     "the checkpoint's own run settings (data, crop, normalisation, test mode, window) unless you set them. "
@@ -350,10 +351,14 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     else:
         preset = f"config {config_file} over" if config_file else "your flags over"
         preset += " the schema's defaults (MMSeg's ADE20K recipe)"
+    test_desc = cfg.test.mode
+    if cfg.test.mode == "slide":
+        window, stride = SC.slide_window(cfg.test, C.input_size(cfg))
+        test_desc += f" (window {window}, stride {stride})"
     run_log.info(f"mimkit segment: {preset}; {desc}; UperNet, {model.num_classes} classes; "
                  f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
                  f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "
-                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {cfg.test.mode}, amp {amp} ({amp_why}), "
+                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {test_desc}, amp {amp} ({amp_why}), "
                  f"device {dist.device}")
     if s.warmup_iters > total:
         run_log.info(f"warning: the run is {total} steps but the warmup is {s.warmup_iters} (the lr never reaches "

@@ -61,7 +61,7 @@ def apply_run_settings(cfg, saved: dict, given: dict[str, Any]) -> list[str]:
         if key == "data.input_size":  # the crop the model was built at
             value = saved["model"]["arch"]["img_size"]
         if value is not None or key in ("data.data_path", "data.mean", "data.std", "data.augmentation.scale",
-                                        "test.crop_size"):
+                                        "test.crop_size", "test.stride"):
             OmegaConf.update(cfg, key, value, merge=False)
     OmegaConf.set_struct(cfg, True)
     return yours
