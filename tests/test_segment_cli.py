@@ -192,6 +192,9 @@ def test_max_steps_rerun_resumes_and_a_finished_run_stays_finished(tmp_path) -> 
     assert torch.load(out / "checkpoints" / "final.pt", weights_only=True)["step"] == 4
     log = (out / "log.txt").read_text()
     assert "resumed at epoch 0, step 2" in log and log.count("eval step 4:") == 1  # the last eval runs once
+    # --max_iters is the schedule: it ends there as done, not as a max_steps stop with a rest to resume
+    assert "misc.max_steps = 4" not in log and "epoch 0 stopped after iteration 4" not in log
+    assert "epoch 0 done (4 of 30 iterations: the schedule ends here)" in log
     res = json.loads((out / "results.json").read_text())
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert evals[-1]["step"] == 4 and evals[-1]["mIoU"] == res["metrics"]["mIoU"]  # one unit (%) everywhere

@@ -327,6 +327,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         set_lr(optim, warmup_poly(step, o.lr, o.min_lr, s.warmup_iters, s.warmup_ratio, total, s.power))
 
     stop = min(total, cfg.misc.max_steps or total)
+    # --max_iters IS the schedule: the loop ends there (no misc.max_steps stop); --max_steps cuts a run short
+    max_steps = stop if stop < total else 0
     hook = SegEvalHook(run_eval, cfg.test.interval, run_log, stop, cfg.test.num_overlays)
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     settings = LoopSettings(
@@ -334,7 +336,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         on_nonfinite=o.on_nonfinite, amp=amp, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
-        max_steps=stop, find_unused_parameters=max(model.taps) < model.depth - 1,
+        max_steps=max_steps, total_iters=total * o.accum_iter if s.max_iters else 0,
+        find_unused_parameters=max(model.taps) < model.depth - 1,
     )
     ckpt = CheckpointManager(ckpt_dir(cfg), cfg.checkpointing.keep_last_n, run_log.log_path,
                              cfg.checkpointing.safetensors)
@@ -351,12 +354,15 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     else:
         preset = f"config {config_file} over" if config_file else "your flags over"
         preset += " the schema's defaults (MMSeg's ADE20K recipe)"
+    short = epochs * ipe - total * o.accum_iter if s.max_iters else 0  # iterations the last epoch leaves out
+    epoch_desc = f"{epochs} epoch{'s' if epochs > 1 else ''} of {ipe} iterations" + (
+        f", the last one {ipe - short} long: the schedule ends there" if short else "")
     test_desc = cfg.test.mode
     if cfg.test.mode == "slide":
         window, stride = SC.slide_window(cfg.test, C.input_size(cfg))
         test_desc += f" (window {window}, stride {stride})"
     run_log.info(f"mimkit segment: {preset}; {desc}; UperNet, {model.num_classes} classes; "
-                 f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
+                 f"{len(train_set)} train images, {total} steps ({epoch_desc}), effective batch "
                  f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "
                  f"{o.layer_decay} below), warmup {s.warmup_iters}, test {test_desc}, amp {amp} ({amp_why}), "
                  f"device {dist.device}")
