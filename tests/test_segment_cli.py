@@ -47,6 +47,10 @@ def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None
     torch.save({"model": {"head.weight": torch.zeros(3, 4)}}, tmp_path / "noenc.pt")
     _fails(["--finetune", str(tmp_path / "noenc.pt"), "--max_iters", "2", "--data_path", str(lonely.parent / "sized")],
            capsys, "holds no ViT encoder", tmp_path / "o6")
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "flat.pt")  # a flat dict of no known layout: the line names it
+    _fails(["--finetune", str(tmp_path / "flat.pt"), "--max_iters", "2"], capsys,
+           f"{tmp_path / 'flat.pt'}: not an MAE, Hugging Face ViTMAE or timm ViT state dict (first keys: foo)",
+           tmp_path / "o6b")
     _fails([*common, "--epochs", "1"], capsys, "exactly one of --max_iters and --epochs", tmp_path / "o7")
     _fails(["--eval"], capsys, "--eval needs --resume", tmp_path / "o8")
     _fails([*common, "--num_classes", "5"], capsys, "the built-in mosaics have 8 classes", tmp_path / "o9")

@@ -105,11 +105,13 @@ def check_has_encoder(path: str) -> None:
     from mimkit.tasks.evaluate import _resolve
 
     fix = "give an MAE pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune"
-    sd, _ = extract_state_dict(load_checkpoint_file(_resolve(path)))
+    obj = load_checkpoint_file(_resolve(path))
     try:
+        sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} holds no ViT encoder ({e}); {fix}") from None
+    except CheckpointError as e:  # convert.py describes the state dict; name the file (its fix when it has one)
+        raise CheckpointError(f"{path}: {e}" if "; give " in str(e) else f"{path} holds no ViT encoder ({e}); {fix}"
+                              ) from None
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
 
