@@ -189,6 +189,20 @@ def write_ade(root, n_train=3, n_val=2, size=(40, 30), label_max=150, seed=0):
     return root
 
 
+def test_ade20k_unpaired_files_are_named(tmp_path) -> None:
+    root = write_ade(tmp_path / "ADEChallengeData2016")
+    ann = root / "annotations" / "validation" / "ADE_validation_00000001.png"
+    ann.unlink()
+    with pytest.raises(DataError, match=r"image .*ADE_validation_00000001.jpg has no annotation \(expected .*"
+                                        r"ADE_validation_00000001.png\)$"):
+        open_segmentation(str(root), "val")
+    (root / "images" / "validation" / "ADE_validation_00000001.jpg").unlink()
+    (root / "annotations" / "training" / "ADE_training_00000009.png").write_bytes(ann.parent.joinpath(
+        "ADE_validation_00000000.png").read_bytes())
+    with pytest.raises(DataError, match=r"annotation .*ADE_training_00000009.png has no image in .*training$"):
+        open_segmentation(str(root), "train")
+
+
 def test_ade20k_layout_from_its_folder_or_parent(tmp_path) -> None:
     root = write_ade(tmp_path / "ADEChallengeData2016")
     for spec in (root, tmp_path):

@@ -39,7 +39,8 @@ def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None
     labels = write_generic(tmp_path / "labels", label_max=9)
     _fails([*common, "--data_path", str(labels)], capsys, "but there are 3 classes", tmp_path / "o3")
     ade = write_ade(tmp_path / "ade" / "ADEChallengeData2016", label_max=151)
-    _fails([*common, "--data_path", str(tmp_path / "ade")], capsys, "has label 151 but there are 150", tmp_path / "o4")
+    _fails([*common, "--data_path", str(tmp_path / "ade")], capsys,
+           "has label 151 but there are 150 classes: the values allowed in a mask file are 0-150", tmp_path / "o4")
     empty = write_generic(tmp_path / "empty")
     for f in (empty / "val" / "images").iterdir():
         f.unlink()
@@ -54,6 +55,8 @@ def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None
     _fails([*common, "--epochs", "1"], capsys, "exactly one of --max_iters and --epochs", tmp_path / "o7")
     _fails(["--eval"], capsys, "--eval needs --resume", tmp_path / "o8")
     _fails([*common, "--num_classes", "5"], capsys, "the built-in mosaics have 8 classes", tmp_path / "o9")
+    _fails([*common, "--out_indices", "0,1,1,5"], capsys, "bad value for --out_indices (model.taps): [0, 1, 1, 5]",
+           tmp_path / "o10")
 
 
 def test_generic_layout_trains_with_a_pretrained_encoder(tmp_path) -> None:

@@ -230,7 +230,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
 
         arch = dict(saved.get("model", {}).get("arch") or {})
         if not arch:
-            raise CheckpointError(f"{cfg.misc.resume or 'latest.pt'} is not a `mimkit segment` checkpoint")
+            raise U.not_a_segment_checkpoint(cfg.misc.resume or "latest.pt", resume)
         if arch["num_classes"] != len(classes):
             raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(classes)}")
         model, desc = MAESegmenter(arch, cfg.model.drop_path), f"UperNet from {cfg.misc.resume or 'latest.pt'}"

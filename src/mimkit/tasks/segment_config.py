@@ -208,6 +208,9 @@ def check_segment_config(cfg) -> None:
         raise ConfigError(f"bad value for 'data.augmentation.ratio_range': {list(a.ratio_range)}")
     if not 0 < a.cat_max_ratio <= 1:
         raise ConfigError(f"bad value for 'data.augmentation.cat_max_ratio': {a.cat_max_ratio} (in (0, 1])")
+    if cfg.misc.eval and cfg.misc.predict:
+        raise ConfigError("--eval and --predict are two runs: give one (--eval scores the val split, --predict "
+                          "segments your images), then the other")
     if cfg.misc.predict and not cfg.misc.resume:
         raise ConfigError("--predict needs --resume CHECKPOINT (a trained `mimkit segment` checkpoint)")
     if cfg.misc.eval and not cfg.misc.resume:

@@ -27,7 +27,9 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     saved = (resume or {}).get("config") or {}
     arch = (saved.get("model") or {}).get("arch")
     if resume is None or not arch:
-        raise CheckpointError(f"{what} is not a `mimkit segment` checkpoint (no model.arch in its config)")
+        from mimkit.tasks.segment_setup import not_a_segment_checkpoint
+
+        raise not_a_segment_checkpoint(what, resume)
     yours = apply_run_settings(cfg, saved, given)
     crop = C.input_size(cfg)
     window, stride = SC.slide_window(cfg.test, crop)  # a stride above the window is refused before any work

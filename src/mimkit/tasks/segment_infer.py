@@ -169,14 +169,15 @@ def write_legend(out_dir: Path, class_names: Sequence[str], colours: np.ndarray)
 def predict(model, paths: list[tuple[Path, Path]], pipeline, test_cfg, crop: Sequence[int], device: torch.device,
             out_dir: Path, class_names: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Per image, at its relative path under out_dir: <name.ext>_label.png (class index per pixel) and
-    <name.ext>_overlay.png, plus the colour legend; returns (label paths, one warning per unreadable file)."""
+    <name.ext>_overlay.png, plus the colour legend; returns (label paths, one warning per unreadable file).
+
+    DataError when no file can be read (out_dir is then not created)."""
     from mimkit.data.datasets import DECODE_ERRORS
     from mimkit.data.segmentation import read_rgb
+    from mimkit.errors import DataError
 
     model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
     colours, written, skipped = palette(model.num_classes), [], []
-    write_legend(out_dir, class_names, colours)
     for path, rel in paths:
         try:
             image = read_rgb(path)
@@ -187,10 +188,14 @@ def predict(model, paths: list[tuple[Path, Path]], pipeline, test_cfg, crop: Seq
         logits = infer(model, x, test_cfg, crop)
         logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
         label = logits.argmax(1)[0].cpu().numpy()
-        dest = out_dir / rel.parent
+        dest = out_dir / rel.parent  # made on the first readable image: no empty folder when none is
         dest.mkdir(parents=True, exist_ok=True)
         Image.fromarray(label.astype(np.uint8 if model.num_classes <= 256 else np.int32)).save(
             dest / f"{rel.name}_label.png")
         Image.fromarray(overlay(image, label, colours)).save(dest / f"{rel.name}_overlay.png")
         written.append(dest / f"{rel.name}_label.png")
+    if not written:
+        raise DataError(f"none of the {len(paths)} file(s) given to --predict could be read as an image (e.g. "
+                        f"{paths[0][0]}); nothing written")
+    write_legend(out_dir, class_names, colours)
     return written, skipped

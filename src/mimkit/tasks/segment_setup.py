@@ -67,6 +67,19 @@ def apply_run_settings(cfg, saved: dict, given: dict[str, Any]) -> list[str]:
     return yours
 
 
+def not_a_segment_checkpoint(what: str, resume: Optional[dict]) -> CheckpointError:
+    """The error for a --resume file without model.arch; an encoder checkpoint (pretrain, linprobe, ...) is told
+    to go to --finetune."""
+    sd = (resume or {}).get("model")
+    keys = [str(k) for k in sd] if isinstance(sd, dict) else []
+    if any(k.startswith(("decoder_", "mask_token")) for k in keys):
+        return CheckpointError(f"{what} is a pretraining checkpoint, not a `mimkit segment` one: pass it to "
+                               f"--finetune to train a segmenter on its encoder")
+    if "patch_embed.proj.weight" in keys or any(k.startswith("encoder.patch_embed") for k in keys):
+        return CheckpointError(f"{what} holds an encoder but no segmenter: pass it to --finetune to train one")
+    return CheckpointError(f"{what} is not a `mimkit segment` checkpoint (no model.arch in its config)")
+
+
 # ---------------------------------------------------------------------------------------------- encoders
 def read_segment_checkpoint(path: str) -> Optional[dict]:
     """A `mimkit segment` checkpoint (config.model.arch and backbone.* weights) as loaded, else None."""
