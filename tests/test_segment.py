@@ -162,6 +162,10 @@ def test_metrics_from_a_hand_computed_confusion_matrix() -> None:
     assert m["aAcc"] == pytest.approx(4 / 6)
     assert m["mAcc"] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3)
     assert m["mDice"] == pytest.approx((2 / 4 + 4 / 5 + 2 / 3) / 3)
+    from mimkit.metrics.segmentation import format_class_table
+
+    table = format_class_table(m, [f"c{i}" for i in range(len(m["IoU"]))])
+    assert "n/a" in table and "nan" not in table  # the absent class has no score
 
 
 def test_confusion_matrix_rejects_out_of_range_targets() -> None:

@@ -7,7 +7,7 @@
     mimkit segment --eval --resume runs/segment_demo/checkpoints/final.pt
     mimkit segment --predict photos/ --resume runs/segment_demo/checkpoints/final.pt
 
-Taps [3, 5, 7, 11] of the encoder -> Feature2Pyramid -> UPerHead + auxiliary FCNHead (0.4); AdamW with
+Taps [3, 5, 7, 11] of the encoder (ViT-B's 12 blocks; scaled to the encoder's depth) -> Feature2Pyramid -> UPerHead + auxiliary FCNHead (0.4); AdamW with
 layer-wise lr decay (MMSeg layer ids), linear warmup then poly; cross-entropy ignoring 255; whole or
 sliding-window inference; mIoU / aAcc / mAcc / mDice from one confusion matrix into results.json.
 """
@@ -348,7 +348,6 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
                       config=C.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True), hooks=[hook])
     if resume is not None:
         trainer.load(resume)
-        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
     if cfg.misc.preset:
         preset = f"preset {cfg.misc.preset} beneath your flags (no --data_path: the demo)"
     else:
@@ -366,6 +365,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
                  f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "
                  f"{o.layer_decay} below), warmup {s.warmup_iters}, test {test_desc}, amp {amp} ({amp_why}), "
                  f"device {dist.device}")
+    if resume is not None:  # after the start-up line, which says what runs
+        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
     if s.warmup_iters > total:
         run_log.info(f"warning: the run is {total} steps but the warmup is {s.warmup_iters} (the lr never reaches "
                      f"{o.lr:.2e}); lower --warmup_iters")

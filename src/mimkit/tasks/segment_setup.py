@@ -150,7 +150,10 @@ def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
         check_has_encoder(m.finetune)
         # the checkpoint's own architecture beats a preset's / config file's model.type; --model beats both
         name = m.type if ("model.type" in given["command"] or architecture_of(_resolve(m.finetune)) is None) else None
-        return load_encoder(m.finetune, name, crop, m.random_init, cfg.misc.seed)
+        encoder, desc = load_encoder(m.finetune, name, crop, m.random_init, cfg.misc.seed)
+        # the loader's line describes the whole MAE (decoder too); a segmenter keeps only the encoder
+        reinit = f", weights re-initialised (random init, seed {cfg.misc.seed})" if m.random_init else ""
+        return encoder, f"{desc.split(' ')[0]} encoder from {m.finetune} [{describe_encoder(encoder)}]{reinit}"
     if not (m.random_init or cfg.data.data_path is None):
         raise ConfigError("give --finetune CHECKPOINT (a pretrained encoder), or --model NAME --random_init")
     if not m.type:
@@ -158,7 +161,15 @@ def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
     torch.manual_seed(cfg.misc.seed)
     kwargs = dict(OmegaConf.to_container(m.kwargs, resolve=True))
     encoder = create_model(m.type, img_size=crop, **kwargs)
-    return encoder, f"{m.type} (random init, seed {cfg.misc.seed})"
+    return encoder, f"{m.type} (random init, seed {cfg.misc.seed}) [{describe_encoder(encoder)}]"
+
+
+def describe_encoder(encoder) -> str:
+    """'patch 8, 6 blocks x 192-d (3 heads), 64x64 px': the encoder built (no pretraining decoder)."""
+    heads = getattr(getattr(encoder.blocks[0], "attn", None), "num_heads", None) if len(encoder.blocks) else None
+    size = encoder.patch_embed.img_size if hasattr(encoder, "patch_embed") else None
+    return (f"patch {encoder.patch_size}, {len(encoder.blocks)} blocks x {encoder.embed_dim}-d"
+            + (f" ({heads} heads)" if heads else "") + (f", {size[0]}x{size[1]} px" if size else ""))
 
 
 def describe_taps(taps: list[int], depth: int) -> str:
