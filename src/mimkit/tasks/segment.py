@@ -35,7 +35,7 @@ HELP_EPILOG = (
     "follow the crop (--input_size): augmentation scale [4 x crop, crop], test window = the crop, test stride = 2/3 of "
     "the window, so at crop 512 they are what segment/ade20k_vit_base.yaml spells out. When no --data_path is given (and no config file names one), the demo "
     "preset segment/demo.yaml goes beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, "
-    "20 epochs, lr 1e-3, whole-image inference. The start-up line names the preset in use. --eval / --predict use "
+    "6 epochs (90 steps), lr 1e-3, whole-image inference. The start-up line names the preset in use. --eval / --predict use "
     "the checkpoint's own run settings (data, crop, normalisation, test mode, window) unless you set them. "
     "--epochs and --max_iters: give one; either replaces the preset's schedule length (both at once is an error)."
 )
