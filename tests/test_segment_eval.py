@@ -133,7 +133,8 @@ def test_eval_with_predict_and_a_pretraining_checkpoint_are_refused_in_user_term
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--eval and --predict are two runs: give one" in err, err
     pre = tmp_path / "pretrain.pt"  # what `mimkit pretrain` writes: an MAE with its decoder, no model.arch
-    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(8, 3, 8, 8), "decoder_embed.weight": torch.zeros(4, 8)},
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(8, 3, 8, 8),
+                          "decoder_embed.weight": torch.zeros(4, 8)},
                 "optimizer": {}, "config": {"model": {"type": "mae_vit_tiny_patch16"}}, "epoch": 1, "step": 3}, pre)
     assert main(["segment", "--eval", "--resume", str(pre), "--output_dir", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip()

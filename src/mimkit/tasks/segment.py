@@ -7,9 +7,9 @@
     mimkit segment --eval --resume runs/segment_demo/checkpoints/final.pt
     mimkit segment --predict photos/ --resume runs/segment_demo/checkpoints/final.pt
 
-Taps [3, 5, 7, 11] of the encoder (ViT-B's 12 blocks; scaled to the encoder's depth) -> Feature2Pyramid -> UPerHead + auxiliary FCNHead (0.4); AdamW with
-layer-wise lr decay (MMSeg layer ids), linear warmup then poly; cross-entropy ignoring 255; whole or
-sliding-window inference; mIoU / aAcc / mAcc / mDice from one confusion matrix into results.json.
+Taps [3, 5, 7, 11] of the encoder (ViT-B's 12 blocks; scaled to the encoder's depth) -> Feature2Pyramid ->
+UPerHead + auxiliary FCNHead (0.4); AdamW with layer-wise lr decay (MMSeg layer ids), linear warmup then poly;
+cross-entropy ignoring 255; whole or sliding-window inference; mIoU / aAcc / mAcc / mDice from one confusion matrix into results.json.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from mimkit.tasks.pretrain import config_from_args, seed_everything
 
 HELP_EPILOG = (
     "Which defaults apply: the defaults shown above are the schema's, MMSeg's ADE20K recipe; the ones shown as None "
-    "follow the crop (--input_size): augmentation scale [4 x crop, crop], test window = the crop, test stride = 2/3 of "
-    "the window, so at crop 512 they are what segment/ade20k_vit_base.yaml spells out. When no --data_path is given (and no config file names one), the demo "
-    "preset segment/demo.yaml goes beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, "
-    "6 epochs (90 steps), lr 1e-3, whole-image inference. The start-up line names the preset in use. --eval / --predict use "
+    "follow the crop (--input_size): augmentation scale [4 x crop, crop], test window = the crop, test stride = 2/3 "
+    "of the window, so at crop 512 they are MMSeg's ADE20K values (segment/ade20k_vit_base.yaml leaves them unset "
+    "too). When no --data_path is given (and no config file names one), the demo preset segment/demo.yaml goes "
+    "beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, 6 epochs (90 steps), lr 1e-3, "
+    "whole-image inference. The start-up line names the preset in use. --eval / --predict use "
     "the checkpoint's own run settings (data, crop, normalisation, test mode, window) unless you set them. "
     "--epochs and --max_iters: give one; either replaces the preset's schedule length (both at once is an error)."
 )

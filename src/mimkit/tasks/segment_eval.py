@@ -36,7 +36,8 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     names = list(saved["model"].get("class_names") or []) or [f"class_{i}" for i in range(arch["num_classes"])]
     scale = cfg.data.augmentation.scale or f"[{4 * max(crop)}, {min(crop)}] (4 x crop, crop)"
     settings = (f"test {cfg.test.mode}" + (f" (window {window}, stride {stride})" if cfg.test.mode == "slide" else "")
-                + f", crop {list(crop)}, scale {scale}; the checkpoint run's settings" + (f" except yours: {', '.join(yours)}" if yours else ""))
+                + f", crop {list(crop)}, scale {scale}; the checkpoint run's settings"
+                + (f" except yours: {', '.join(yours)}" if yours else ""))
     desc = f"UperNet from {what} ({arch['depth']} blocks, taps {arch['taps']}, {arch['num_classes']} classes)"
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
     model = MAESegmenter(arch)
