@@ -45,4 +45,8 @@ def test_pretrain_preset_runs_from_the_cli(data, tmp_path) -> None:
     assert main(argv) == 0
     assert (out / "checkpoints" / "final.pt").is_file()
     cfg = (out / "config.yaml").read_text()
-    assert f"data_path: {data}" in cfg and "patch_size: 4" in cfg and "input_size: 32" in cfg
+    assert f"data_path: {data}" in cfg and "type: mae_vit_nano_patch4_dec64d2b" in cfg and "input_size: 32" in cfg
+    import torch
+
+    ckpt = torch.load(out / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
+    assert tuple(ckpt["model"]["patch_embed.proj.weight"].shape) == (96, 3, 4, 4)  # patch 4, 96-d, as named
