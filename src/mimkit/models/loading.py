@@ -136,7 +136,23 @@ def describe_architecture(model) -> str:
             f"{h}x{w} input, {model.in_chans} channel{'s' if model.in_chans != 1 else ''}")
 
 
+def name_the_file(path: str | os.PathLike, e: CheckpointError) -> CheckpointError:
+    """The same error with the checkpoint's path in front (convert.py's messages describe a state dict, not a file)."""
+    text = str(e)
+    return e if str(path) in text else type(e)(f"{path}: {text}")
+
+
 def model_from_checkpoint(
+    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
+):
+    """(model with the checkpoint's weights, one-line description); any CheckpointError names the file."""
+    try:
+        return _model_from_checkpoint(path, model_name, input_size, **overrides)
+    except CheckpointError as e:
+        raise name_the_file(path, e) from None
+
+
+def _model_from_checkpoint(
     path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
 ):
     """(model with the checkpoint's weights, one-line description) for any mimkit / official / HF MAE checkpoint.
