@@ -175,3 +175,16 @@ def test_a_checkpoint_without_vit_encoder_is_one_line_naming_what_to_give(tmp_pa
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "holds no ViT encoder" in err and "linprobe / finetune / segment" in err
     assert not (tmp_path / "e.pt2").exists()
+
+
+@pytest.mark.slow
+def test_a_finetune_checkpoint_rebuilds_the_mae_it_came_from(runs) -> None:
+    """Not the generic `mae_vit` with a default 8 x 512 decoder: the pretraining model's own type and decoder."""
+    from mimkit.models.loading import model_from_checkpoint
+
+    paths, _ = runs
+    source, _ = model_from_checkpoint(paths["pretrain"])
+    model, _ = model_from_checkpoint(paths["finetune"])
+    assert model.model_name == source.model_name
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in source.state_dict().items()}  # decoder included

@@ -163,7 +163,11 @@ def test_ade20k_layout_pairs_and_labels(tmp_path: Path) -> None:
 
 def test_ade20k_unpaired_and_missing(tmp_path: Path) -> None:
     _ade(tmp_path, "training", ["a", "b", "c"], masks=["a", "b", "z"])
-    with pytest.raises(DataError, match="do not pair up.*1 image.*c.*1 mask.*z"):
+    with pytest.raises(DataError, match=r"image .*c\.\w+ has no annotation \(expected .*training.c\.png\)$"):
+        ade20k_folder(tmp_path, "train")  # the image named first; then, once it has one, the mask without an image
+    (tmp_path / "annotations" / "training" / "c.png").write_bytes(
+        (tmp_path / "annotations" / "training" / "a.png").read_bytes())
+    with pytest.raises(DataError, match=r"annotation .*z\.png has no image in .*training$"):
         ade20k_folder(tmp_path, "train")
     with pytest.raises(DataError, match="validation does not exist"):
         ade20k_folder(tmp_path, "val")

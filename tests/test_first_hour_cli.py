@@ -381,3 +381,12 @@ def test_examples_still_pass_flags_on_to_continual(capsys) -> None:
 
     assert main(["examples", "--dry_run", "2b", "--data_path", "/mine"]) == 0
     assert "--data_path /mine" in capsys.readouterr().out
+
+
+def test_space_separated_channel_values_say_comma_separated(tmp_path, capsys) -> None:
+    from mimkit.cli import main
+
+    rc = main(["pretrain", "--mean", "0.5", "0.4", "0.3", "--output_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "comma-separated" in err[0] and "0.4, 0.3" in err[0]
+    assert not (tmp_path / "r").exists()

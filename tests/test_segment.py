@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mimkit.data.segmentation import (
@@ -161,6 +162,10 @@ def test_metrics_from_a_hand_computed_confusion_matrix() -> None:
     assert m["aAcc"] == pytest.approx(4 / 6)
     assert m["mAcc"] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3)
     assert m["mDice"] == pytest.approx((2 / 4 + 4 / 5 + 2 / 3) / 3)
+    from mimkit.metrics.segmentation import format_class_table
+
+    table = format_class_table(m, [f"c{i}" for i in range(len(m["IoU"]))])
+    assert "n/a" in table and "nan" not in table  # the absent class has no score
 
 
 def test_confusion_matrix_rejects_out_of_range_targets() -> None:
@@ -186,6 +191,20 @@ def write_ade(root, n_train=3, n_val=2, size=(40, 30), label_max=150, seed=0):
             Image.fromarray(img).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
             Image.fromarray(mask).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
     return root
+
+
+def test_ade20k_unpaired_files_are_named(tmp_path) -> None:
+    root = write_ade(tmp_path / "ADEChallengeData2016")
+    ann = root / "annotations" / "validation" / "ADE_validation_00000001.png"
+    ann.unlink()
+    with pytest.raises(DataError, match=r"image .*ADE_validation_00000001.jpg has no annotation \(expected .*"
+                                        r"ADE_validation_00000001.png\)$"):
+        open_segmentation(str(root), "val")
+    (root / "images" / "validation" / "ADE_validation_00000001.jpg").unlink()
+    (root / "annotations" / "training" / "ADE_training_00000009.png").write_bytes(ann.parent.joinpath(
+        "ADE_validation_00000000.png").read_bytes())
+    with pytest.raises(DataError, match=r"annotation .*ADE_training_00000009.png has no image in .*training$"):
+        open_segmentation(str(root), "train")
 
 
 def test_ade20k_layout_from_its_folder_or_parent(tmp_path) -> None:
@@ -225,7 +244,8 @@ def test_generic_layout_and_its_checks(tmp_path) -> None:
     check_pairs(src)
     with pytest.raises(DataError, match="is 20x24 but its image .* is 32x24"):
         check_pairs(open_segmentation(str(write_generic(tmp_path / "size", sizes={("val", 1): (20, 24)})), "val"))
-    with pytest.raises(DataError, match=r"has label [3-7] but there are 3 classes \(labels 0-2, 255 = ignore\)"):
+    with pytest.raises(DataError, match=r"has label [3-7] but there are 3 classes: the values allowed in a mask "
+                                        r"file are 0-2 and 255"):
         check_pairs(open_segmentation(str(write_generic(tmp_path / "range", label_max=7)), "train"))
     nonames = write_generic(tmp_path / "nonames", with_names=False)
     with pytest.raises(DataError, match="no classes.txt"):
@@ -278,6 +298,43 @@ def test_slide_equals_whole_when_one_window_covers_the_image() -> None:
     assert tuple(out.shape) == (2, 5, 40, 56) and torch.isfinite(out).all()
 
 
+class _Ones(torch.nn.Module):
+    """A 'segmenter' giving logit 1 everywhere: slide_logits then averages to 1 where covered, NaN (0 / 0) where not."""
+
+    patch_size = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_ones((x.shape[0], 1, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("size", [(80, 400), (61, 97), (17, 129), (64, 64), (65, 63)])
+@pytest.mark.parametrize("crop", [64, 33, 512])
+def test_default_slide_window_covers_every_pixel(size, crop) -> None:
+    from mimkit import config as C
+    from mimkit.tasks.segment_config import SegmentConfig, slide_window
+
+    cfg = C.build_config(SegmentConfig, [("flags", {"data": {"input_size": crop}})])
+    window, stride = slide_window(cfg.test, C.input_size(cfg))
+    assert window == [crop, crop] and stride == [2 * crop // 3] * 2  # follows the crop (341 at 512, as MMSeg)
+    out = slide_logits(_Ones(), torch.zeros(1, 3, *size), window, stride)
+    assert torch.equal(out, torch.ones(1, 1, *size))  # every pixel in >= 1 window (an uncovered one would be NaN)
+
+
+def test_a_stride_above_the_window_is_refused() -> None:
+    from mimkit import config as C
+    from mimkit.errors import ConfigError
+    from mimkit.tasks.segment_config import SegmentConfig, check_segment_config
+
+    cfg = C.build_config(SegmentConfig, [("flags", {"data": {"input_size": 64, "data_path": "x"},
+                                                    "test": {"stride": [341, 341]}})])
+    with pytest.raises(ConfigError, match=r"test.stride \[341, 341\] is larger than the sliding window \[64, 64\]"):
+        check_segment_config(cfg)
+    with pytest.raises(ValueError):
+        slide_logits(_Ones(), torch.zeros(1, 3, 80, 400), (64, 64), (65, 65))
+    OmegaConf.update(cfg, "test.mode", "whole")  # whole-image inference has no windows: nothing to refuse
+    check_segment_config(cfg)
+
+
 def test_whole_pads_to_the_patch_and_crops_back() -> None:
     model = tiny_segmenter().eval()
     x = torch.randn(1, 3, 30, 37)
@@ -301,7 +358,16 @@ def test_ade20k_preset_is_mmsegs_recipe() -> None:
     assert (m.channels, m.aux_channels, m.aux_weight, list(m.pool_scales)) == (768, 256, 0.4, [1, 2, 3, 6])
     assert cfg.data.input_size == 512 and cfg.data.ignore_index == 255 and cfg.data.reduce_zero_label
     assert list(cfg.data.augmentation.ratio_range) == [0.5, 2.0] and cfg.data.augmentation.cat_max_ratio == 0.75
-    assert cfg.test.mode == "slide" and list(cfg.test.stride) == [341, 341]
+    assert cfg.test.mode == "slide"
+    # the preset leaves scale, window and stride to follow the crop, as the schema: MMSeg's values at 512
+    from mimkit.data.segmentation import SegTrainPipeline
+    from mimkit.tasks.segment_config import slide_window
+
+    schema = C.build_config(SegmentConfig, [("flags", {"data": {"data_path": "/data/ADEChallengeData2016"}})])
+    assert slide_window(schema.test, C.input_size(schema)) == slide_window(cfg.test, C.input_size(cfg)) \
+        == ([512, 512], [341, 341])
+    assert SegTrainPipeline((512, 512), schema.data.augmentation.scale).scale == \
+        SegTrainPipeline((512, 512), cfg.data.augmentation.scale).scale == (2048, 512)
 
 
 def test_eval_settings_come_from_the_checkpoint_unless_the_user_gives_them() -> None:

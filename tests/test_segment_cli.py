@@ -39,7 +39,8 @@ def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None
     labels = write_generic(tmp_path / "labels", label_max=9)
     _fails([*common, "--data_path", str(labels)], capsys, "but there are 3 classes", tmp_path / "o3")
     ade = write_ade(tmp_path / "ade" / "ADEChallengeData2016", label_max=151)
-    _fails([*common, "--data_path", str(tmp_path / "ade")], capsys, "has label 151 but there are 150", tmp_path / "o4")
+    _fails([*common, "--data_path", str(tmp_path / "ade")], capsys,
+           "has label 151 but there are 150 classes: the values allowed in a mask file are 0-150", tmp_path / "o4")
     empty = write_generic(tmp_path / "empty")
     for f in (empty / "val" / "images").iterdir():
         f.unlink()
@@ -47,9 +48,15 @@ def test_bad_inputs_fail_with_one_line_before_training(tmp_path, capsys) -> None
     torch.save({"model": {"head.weight": torch.zeros(3, 4)}}, tmp_path / "noenc.pt")
     _fails(["--finetune", str(tmp_path / "noenc.pt"), "--max_iters", "2", "--data_path", str(lonely.parent / "sized")],
            capsys, "holds no ViT encoder", tmp_path / "o6")
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "flat.pt")  # a flat dict of no known layout: the line names it
+    _fails(["--finetune", str(tmp_path / "flat.pt"), "--max_iters", "2"], capsys,
+           f"{tmp_path / 'flat.pt'}: not an MAE, Hugging Face ViTMAE or timm ViT state dict (first keys: foo)",
+           tmp_path / "o6b")
     _fails([*common, "--epochs", "1"], capsys, "exactly one of --max_iters and --epochs", tmp_path / "o7")
     _fails(["--eval"], capsys, "--eval needs --resume", tmp_path / "o8")
     _fails([*common, "--num_classes", "5"], capsys, "the built-in mosaics have 8 classes", tmp_path / "o9")
+    _fails([*common, "--out_indices", "0,1,1,5"], capsys, "bad value for --out_indices (model.taps): [0, 1, 1, 5]",
+           tmp_path / "o10")
 
 
 def test_generic_layout_trains_with_a_pretrained_encoder(tmp_path) -> None:
@@ -66,6 +73,8 @@ def test_generic_layout_trains_with_a_pretrained_encoder(tmp_path) -> None:
     assert set(res["metrics"]["per_class"]) == {"sky", "road", "car"}
     assert res["config"]["model"]["arch"]["img_size"] == [16, 16] and res["test_mode"] == "slide"
     assert 0 <= res["metrics"]["mIoU"] <= 100 and res["metrics"]["pixels"] == 4 * 24 * 32
+    first = (out / "log.txt").read_text().splitlines()[0]  # the encoder once, without the pretraining decoder
+    assert f"encoder from {ckpt} [patch " in first and "decoder" not in first and first.count("patch ") == 1, first
 
 
 @pytest.mark.slow
@@ -136,6 +145,7 @@ def test_help_shows_every_default(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "sets optimization.layer_decay (default: 0.65)" in out and "sets data.input_size (default: 512)" in out
     assert "sets schedule.max_iters (default: 160000)" in out and "sets test.mode (default: slide)" in out
+    assert "Taps [3, 5, 7, 11] of the encoder (ViT-B's 12 blocks; scaled to the encoder's depth)" in out
     assert "the demo preset segment/demo.yaml goes beneath your flags" in out  # which defaults apply when
     assert "--eval / --predict use the checkpoint's own run settings" in out
 
@@ -183,7 +193,7 @@ def test_max_steps_rerun_resumes_and_a_finished_run_stays_finished(tmp_path) -> 
     args.remove("--no_auto_resume")
     assert main([*args, "--max_steps", "2"]) == 0
     log = (out / "log.txt").read_text()
-    assert "warning: the run is 4 steps but the warmup is 30" in log  # the demo preset's warmup
+    assert "warning: the run is 4 steps but the warmup is 15" in log  # the demo preset's warmup
     assert main([*args, "--max_steps", "2"]) == 0  # the same command: nothing to train, no restart
     log = (out / "log.txt").read_text()
     assert "nothing to train: step 2 already reached misc.max_steps = 2" in log and log.count("epoch 0 [1/") == 1
@@ -192,6 +202,12 @@ def test_max_steps_rerun_resumes_and_a_finished_run_stays_finished(tmp_path) -> 
     assert torch.load(out / "checkpoints" / "final.pt", weights_only=True)["step"] == 4
     log = (out / "log.txt").read_text()
     assert "resumed at epoch 0, step 2" in log and log.count("eval step 4:") == 1  # the last eval runs once
+    assert log.rindex("resumed at epoch 0, step 2") > log.rindex("mimkit segment: ")  # after the start-up line
+    # the start-up line shows the encoder --random_init built from --patch_size and model.kwargs
+    assert "mae_vit_tiny_patch16 (random init, seed 0) [patch 8, 2 blocks x 32-d (2 heads), 32x32 px]" in log
+    # --max_iters is the schedule: it ends there as done, not as a max_steps stop with a rest to resume
+    assert "misc.max_steps = 4" not in log and "epoch 0 stopped after iteration 4" not in log
+    assert "epoch 0 done (4 of 30 iterations: the schedule ends here)" in log
     res = json.loads((out / "results.json").read_text())
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert evals[-1]["step"] == 4 and evals[-1]["mIoU"] == res["metrics"]["mIoU"]  # one unit (%) everywhere

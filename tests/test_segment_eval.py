@@ -109,3 +109,33 @@ def test_eval_says_when_the_checkpoints_data_is_gone(tmp_path, capsys) -> None:
     assert err.count("\n") == 0 and f"trained on {data}, which is not here; give --data_path" in err
     assert main(["segment", "--eval", "--resume", str(out / "checkpoints" / "final.pt"), "--data_path",
                  str(tmp_path / "moved"), "--output_dir", str(tmp_path / "ev")]) == 0
+
+
+def test_predict_with_nothing_readable_exits_2_and_leaves_no_folder(trained, tmp_path, capsys) -> None:
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (junk / name).write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    capsys.readouterr()
+    assert main(["segment", "--predict", str(junk), "--resume", str(trained / "checkpoints" / "final.pt"),
+                 "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none of the 2 file(s) given to --predict could be read" in err, err
+    assert not (out / "predictions").exists()
+
+
+def test_eval_with_predict_and_a_pretraining_checkpoint_are_refused_in_user_terms(trained, tmp_path, capsys) -> None:
+    ckpt = str(trained / "checkpoints" / "final.pt")
+    capsys.readouterr()
+    assert main(["segment", "--eval", "--predict", str(tmp_path), "--resume", ckpt,
+                 "--output_dir", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--eval and --predict are two runs: give one" in err, err
+    pre = tmp_path / "pretrain.pt"  # what `mimkit pretrain` writes: an MAE with its decoder, no model.arch
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(8, 3, 8, 8),
+                          "decoder_embed.weight": torch.zeros(4, 8)},
+                "optimizer": {}, "config": {"model": {"type": "mae_vit_tiny_patch16"}}, "epoch": 1, "step": 3}, pre)
+    assert main(["segment", "--eval", "--resume", str(pre), "--output_dir", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a pretraining checkpoint" in err and "pass it to --finetune" in err, err

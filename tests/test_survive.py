@@ -232,6 +232,18 @@ def tiny_trainer(tmp: Path, poison: set, **settings) -> Trainer:
     return t
 
 
+def test_a_schedule_sized_in_iterations_ends_inside_an_epoch_as_done(tmp_path: Path) -> None:
+    t = tiny_trainer(tmp_path / "ti", poison=set(), total_iters=6)  # 3 epochs of 4 iterations, the schedule 6
+    st = t.fit()
+    t.run.close()
+    log = (tmp_path / "ti/log.txt").read_text()
+    assert st.step == 6 and st.epoch == 2 and st.batch == 0  # epoch 1 is the last, 2 iterations long
+    assert "epoch 1 done (2 of 4 iterations: the schedule ends here)" in log
+    assert "max_steps" not in log and "rest runs on resume" not in log and "epoch 2" not in log
+    assert "epoch 1 [2/2]" in log  # the progress counts the epoch's own length
+    assert torch.load(tmp_path / "ti/checkpoints/final.pt", weights_only=True)["step"] == 6
+
+
 def test_rollback_reloads_the_last_checkpoint_and_skips_the_position(tmp_path: Path) -> None:
     t = tiny_trainer(tmp_path / "rb", poison={(1, 2)})
     st = t.fit()

@@ -210,12 +210,13 @@ class ADE20KFolder(Dataset):
         if not images:
             raise DataError(f"no images found in {img_dir}")
         unpaired_i, unpaired_m = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
-        if unpaired_i or unpaired_m:
-            raise DataError(
-                f"images and annotations do not pair up under {self.root}: "
-                f"{len(unpaired_i)} image(s) without a mask (e.g. {', '.join(unpaired_i[:3]) or '-'}), "
-                f"{len(unpaired_m)} mask(s) without an image (e.g. {', '.join(unpaired_m[:3]) or '-'})"
-            )
+        if unpaired_i:
+            raise DataError(f"image {images[unpaired_i[0]]} has no annotation (expected "
+                            f"{ann_dir / (unpaired_i[0] + '.png')})"
+                            + (f"; {len(unpaired_i) - 1} more image(s) without one" if len(unpaired_i) > 1 else ""))
+        if unpaired_m:
+            raise DataError(f"annotation {masks[unpaired_m[0]]} has no image in {img_dir}"
+                            + (f"; {len(unpaired_m) - 1} more without one" if len(unpaired_m) > 1 else ""))
         self.samples = [(images[k], masks[k]) for k in sorted(images)]
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label

@@ -188,9 +188,10 @@ def _check_pair(pair: tuple[str, str], num_classes: int, reduce_zero: bool) -> O
     bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= num_classes))]
     if bad.size:
         raw = int(bad[0]) + (1 if reduce_zero else 0)
-        return (f"mask {mask_path} has label {raw} but there are {num_classes} classes "
-                f"(labels 0-{num_classes - 1}{' after reduce_zero_label' if reduce_zero else ''}, "
-                f"{IGNORE_INDEX} = ignore)")
+        allowed = (f"0-{num_classes} (0 = unlabelled, 1-{num_classes} the classes: reduce_zero_label)" if reduce_zero
+                   else f"0-{num_classes - 1}")
+        return (f"mask {mask_path} has label {raw} but there are {num_classes} classes: the values allowed in a mask "
+                f"file are {allowed} and {IGNORE_INDEX} (ignored)")
     return None
 
 

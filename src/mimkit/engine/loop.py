@@ -66,6 +66,9 @@ class LoopSettings:
     save_freq_epochs: int = 0
     save_freq_steps: int = 0
     max_steps: int = 0
+    # the schedule's length in iterations when it ends inside an epoch (a run sized in iterations, e.g. segment
+    # --max_iters): the last epoch is that much shorter by design; 0 = epochs x iterations per epoch
+    total_iters: int = 0
     find_unused_parameters: bool = False
 
 
@@ -263,7 +266,7 @@ class Trainer:
             self.run.info(f"nothing to train: step {st.step} already reached misc.max_steps = {s.max_steps} "
                           "(raise --max_steps to continue)")
             return st
-        left = max(0, s.epochs * self.iters_per_epoch - (st.epoch * self.iters_per_epoch + st.batch))
+        left = max(0, self.run_iters() - (st.epoch * self.iters_per_epoch + st.batch))
         if s.max_steps:
             left = min(left, max(0, s.max_steps - st.step) * s.accum_iter)
         self.run.start_run(left, self.device.type)  # the whole run's estimate and ETA
@@ -278,6 +281,15 @@ class Trainer:
             shutdown_workers(self.loader)
         return st
 
+    def run_iters(self) -> int:
+        """Iterations of the whole schedule: epochs x iterations per epoch, or settings.total_iters when it is less."""
+        full = self.s.epochs * self.iters_per_epoch
+        return min(full, self.s.total_iters) if self.s.total_iters else full
+
+    def epoch_iters(self, epoch: int) -> int:
+        """Iterations of `epoch`: a full epoch, except the last of a schedule that ends inside it."""
+        return max(0, min(self.iters_per_epoch, self.run_iters() - epoch * self.iters_per_epoch))
+
     def _fit(self, start: tuple[int, int, int]) -> None:
         s, st = self.s, self.state
         with GracefulStop() as stopper:
@@ -285,7 +297,7 @@ class Trainer:
             if s.on_nonfinite == "rollback":
                 self._save("step", st.step)  # the restore point a rollback before the first save returns to
             ending = "epoch"
-            while st.epoch < s.epochs and ending in ("epoch", "rollback"):
+            while st.epoch < s.epochs and self.epoch_iters(st.epoch) > 0 and ending in ("epoch", "rollback"):
                 try:
                     ending = self._run_epoch()
                 except Rollback:
@@ -315,14 +327,15 @@ class Trainer:
         self.sampler.set_start(start_batch * s.batch_size)
         self.wrapped.train(True)
         self.optimizer.zero_grad(set_to_none=True)
-        self.run.start_epoch(epoch, self.iters_per_epoch, initial=start_batch)
+        n_iters = self.epoch_iters(epoch)
+        self.run.start_epoch(epoch, n_iters, initial=start_batch)
         smooth = SmoothedValue()
         ep_loss, ep_n, t_epoch, t_last = 0.0, 0, time.perf_counter(), time.perf_counter()
         ending = "epoch"
         batches = iter(self.loader)
         try:
             for i, batch in enumerate(batches, start=start_batch):
-                if i >= self.iters_per_epoch:
+                if i >= n_iters:
                     break
                 if i % s.accum_iter == 0:
                     self._set_lr(epoch + i / self.iters_per_epoch)
@@ -362,7 +375,7 @@ class Trainer:
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 self.run.progress(i, record)
-                if i % self.run.print_freq == 0 or i == self.iters_per_epoch - 1:
+                if i % self.run.print_freq == 0 or i == n_iters - 1:
                     self.run.metrics({"kind": "step", "epoch": epoch, "iter": i, "step": st.step, **record}, st.step)
                 if ending != "epoch":
                     break
@@ -372,8 +385,8 @@ class Trainer:
         finally:
             self.run.end_epoch()
         # resumed exactly at the end of this epoch: its summary was logged by the earlier run
-        if not (ep_n == 0 and start_batch >= self.iters_per_epoch):
-            self._epoch_summary(epoch, ep_loss, ep_n, time.perf_counter() - t_epoch)
+        if not (ep_n == 0 and start_batch >= n_iters):
+            self._epoch_summary(epoch, ep_loss, ep_n, time.perf_counter() - t_epoch, n_iters)
         if ending != "epoch":
             return ending
         st.epoch, st.batch = epoch + 1, 0
@@ -434,11 +447,11 @@ class Trainer:
                          st.step)
         raise RunInterrupted(msg)
 
-    def _epoch_summary(self, epoch: int, ep_loss: float, ep_n: int, epoch_time: float) -> None:
-        """Log the epoch's mean loss (over ranks), time and skip counters."""
+    def _epoch_summary(self, epoch: int, ep_loss: float, ep_n: int, epoch_time: float, n_iters: int) -> None:
+        """Log the epoch's mean loss (over ranks), time and skip counters; n_iters: the epoch's own length."""
         st = self.state
         mean_loss = D.all_reduce_mean(ep_loss / max(ep_n, 1), self.device)
-        partial = 0 < st.batch < self.iters_per_epoch  # a stop inside the epoch (max_steps, signal)
+        partial = 0 < st.batch < n_iters  # a stop inside the epoch (max_steps, signal)
         summary = {"kind": "epoch", "epoch": epoch, "step": st.step, "loss": mean_loss,
                    "lr": self.current_lr(), "epoch_time_s": epoch_time, "partial": partial,
                    "skipped_images": st.skipped_images, "skipped_nonfinite": st.skipped_nonfinite,
@@ -446,8 +459,10 @@ class Trainer:
         st.history.append(summary)
         self.run.metrics(summary, st.step, tb_prefix="epoch")
         self.run.info(
-            (f"epoch {epoch} stopped after iteration {st.batch}/{self.iters_per_epoch} (the rest runs on resume):"
-             if partial else f"epoch {epoch} done:")
+            (f"epoch {epoch} stopped after iteration {st.batch}/{n_iters} (the rest runs on resume):"
+             if partial else f"epoch {epoch} done" + (f" ({n_iters} of {self.iters_per_epoch} iterations: the "
+                                                        f"schedule ends here)" if n_iters < self.iters_per_epoch
+                                                        else "") + ":")
             + f" loss {mean_loss:.4f}  time {epoch_time:.1f}s"
             + (f"  skipped images {summary['skipped_images_epoch']} this epoch, {st.skipped_images} in all"
                if st.skipped_images else "")

@@ -80,7 +80,7 @@ def format_class_table(metrics: dict, class_names: list[str]) -> str:
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}  {'Dice':>6}", "-" * (width + 26)]
 
     def pct(v: float) -> str:
-        return "   nan" if math.isnan(v) else f"{100 * v:6.2f}"
+        return "   n/a" if math.isnan(v) else f"{100 * v:6.2f}"  # a class absent from prediction and target
 
     for name, i, a, d in zip(class_names, metrics["IoU"], metrics["Acc"], metrics["Dice"], strict=True):
         lines.append(f"{name:<{width}}  {pct(i)}  {pct(a)}  {pct(d)}")

@@ -135,6 +135,7 @@ def vit_from_arch(arch: dict, drop_path: float = 0.0) -> VisionTransformer:
     """An untrained timm VisionTransformer (qkv bias, LayerNorm eps 1e-6 unless arch says layer_norm_eps: the
     official models_vit layout)."""
     arch = {**arch, "img_size": tuple(arch["img_size"])}
+    arch.pop("source_encoder", None)  # the MAE the encoder came from: a record, not a timm argument
     eps = arch.pop("layer_norm_eps", 1e-6)
     return VisionTransformer(**arch, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=eps),
                              drop_path_rate=drop_path)

@@ -77,6 +77,10 @@ def encoder_arch_of_config(cfg: dict) -> Optional[dict]:
         enc = arch["probe_encoder"]
         return {"type": enc["type"], "kwargs": dict(enc.get("kwargs") or {}), "input_size": size,
                 "norm_pix_loss": False}
+    if (arch.get("source_encoder") or {}).get("type"):  # a fine-tuned classifier: the MAE it came from
+        src = arch["source_encoder"]
+        return {"type": src["type"], "kwargs": dict(src.get("kwargs") or {}), "norm_pix_loss": False,
+                "input_size": size}
     if arch.get("embed_dim") is not None:  # a timm ViT classifier / segmentation backbone
         # the run's own model.kwargs (segment keeps them: the decoder's sizes) beneath the encoder's actual sizes
         kwargs = {k: v for k, v in (m.get("kwargs") or {}).items() if k in MAE_OPTIONS and k != "img_size"}
@@ -132,7 +136,23 @@ def describe_architecture(model) -> str:
             f"{h}x{w} input, {model.in_chans} channel{'s' if model.in_chans != 1 else ''}")
 
 
+def name_the_file(path: str | os.PathLike, e: CheckpointError) -> CheckpointError:
+    """The same error with the checkpoint's path in front (convert.py's messages describe a state dict, not a file)."""
+    text = str(e)
+    return e if str(path) in text else type(e)(f"{path}: {text}")
+
+
 def model_from_checkpoint(
+    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
+):
+    """(model with the checkpoint's weights, one-line description); any CheckpointError names the file."""
+    try:
+        return _model_from_checkpoint(path, model_name, input_size, **overrides)
+    except CheckpointError as e:
+        raise name_the_file(path, e) from None
+
+
+def _model_from_checkpoint(
     path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
 ):
     """(model with the checkpoint's weights, one-line description) for any mimkit / official / HF MAE checkpoint.
@@ -164,7 +184,9 @@ def model_from_checkpoint(
         sd, _ = to_mae_state_dict(sd)
         model_name = infer_model_name(sd)
         if model_name is None:
-            raise CheckpointError(f"cannot tell which model {p} holds; pass --model (see `mimkit models`)")
+            raise CheckpointError(f"cannot tell which model {p} holds (its sizes match no registered model): pass "
+                                  "--model (see `mimkit models`), or give a Hugging Face folder with its "
+                                  "config.json (save_pretrained) or a mimkit checkpoint, which state their sizes")
     if input_size is not None:
         kwargs["img_size"] = input_size
     kwargs.update(overrides)

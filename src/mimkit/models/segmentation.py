@@ -190,7 +190,8 @@ def segmenter_arch(encoder: nn.Module, img_size: Sequence[int], num_classes: int
     if any(not 0 <= t < depth for t in taps) or len(taps) != 4:
         from mimkit.errors import ConfigError
 
-        raise ConfigError(f"bad value for 'model.taps': {taps} (4 block indices in [0, {depth - 1}])")
+        raise ConfigError(f"bad value for --out_indices (model.taps): {taps}; give 4 block indices in "
+                          f"[0, {depth - 1}] (the encoder has {depth} blocks)")
     blk = encoder.blocks[0]
     return dict(img_size=[int(s) for s in img_size], patch_size=int(encoder.patch_size),
                 in_chans=int(encoder.in_chans), embed_dim=int(encoder.embed_dim), depth=depth,

@@ -136,6 +136,19 @@ def vit_arch_of(model) -> dict:
                 **({} if blk.norm1.eps == 1e-6 else {"layer_norm_eps": float(blk.norm1.eps)}))
 
 
+def source_encoder_arch(cfg, resume: Optional[dict]) -> Optional[dict]:
+    """{type, kwargs} of the MAE model the classifier's encoder was taken from (None for a random init)."""
+    if resume is not None:  # a resumed or evaluated run keeps what its first run recorded
+        return ((resume.get("config") or {}).get("model", {}).get("arch") or {}).get("source_encoder")
+    if not cfg.model.finetune or cfg.model.random_init:
+        return None
+    from mimkit.models.loading import architecture_of
+
+    arch = architecture_of(cfg.model.finetune)
+    m = (arch or {}).get("model") or {}
+    return {"type": m["type"], "kwargs": dict(m.get("kwargs") or {})} if m.get("type") else None
+
+
 def finetune(cfg) -> dict:
     """Fine-tune (or with misc.eval only evaluate) as cfg says; returns the results' metrics."""
     from mimkit.data.transforms import eval_transform, finetune_transform
@@ -166,6 +179,9 @@ def finetune(cfg) -> dict:
     OmegaConf.set_struct(cfg, False)
     cfg.model.nb_classes = nb_classes  # written into the saved config: export and --eval rebuild from it
     cfg.model.arch = vit_arch_of(model)
+    source = source_encoder_arch(cfg, resume)
+    if source:  # the MAE the encoder came from: later commands rebuild that model, decoder included
+        cfg.model.arch["source_encoder"] = source
     lr = cfg.optimization.lr or scaled_lr(cfg.optimization.base_lr, cfg.optimization.batch_size,
                                           cfg.optimization.accum_iter, dist.world_size)
     cfg.optimization.lr = lr

@@ -169,6 +169,10 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema
     """
     files = [i for i in args.items if "=" not in i] + ([args.config] if args.config else [])
     overrides = [i for i in args.items if "=" in i]
+    numbers = [f for f in files if _is_number(f)]
+    if numbers:  # `--mean 0.5 0.4 0.3`: the values after the first land here
+        raise ConfigError(f"stray value(s) {', '.join(numbers)}: a per-channel flag takes one comma-separated "
+                          f"value, e.g. --mean 0.5,0.4,0.3 --std 0.2,0.2,0.2")
     if len(files) > 1:
         raise ConfigError(f"give at most one config file, got {', '.join(files)}")
     file_layers = [(files[0], C.load_file(files[0]))] if files else []
@@ -209,6 +213,14 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag] = FLAGS, schema
 
 
 _NO = object()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _data_specs(user: list[tuple[str, dict]]) -> list[str]:

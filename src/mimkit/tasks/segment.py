@@ -7,9 +7,9 @@
     mimkit segment --eval --resume runs/segment_demo/checkpoints/final.pt
     mimkit segment --predict photos/ --resume runs/segment_demo/checkpoints/final.pt
 
-Taps [3, 5, 7, 11] of the encoder -> Feature2Pyramid -> UPerHead + auxiliary FCNHead (0.4); AdamW with
-layer-wise lr decay (MMSeg layer ids), linear warmup then poly; cross-entropy ignoring 255; whole or
-sliding-window inference; mIoU / aAcc / mAcc / mDice from one confusion matrix into results.json.
+Taps [3, 5, 7, 11] of the encoder (ViT-B's 12 blocks; scaled to the encoder's depth) -> Feature2Pyramid ->
+UPerHead + auxiliary FCNHead (0.4); AdamW with layer-wise lr decay (MMSeg layer ids), linear warmup then poly;
+cross-entropy ignoring 255; whole or sliding-window inference; mIoU / aAcc / mAcc / mDice from one confusion matrix into results.json.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from mimkit.tasks.pretrain import config_from_args, seed_everything
 
 
 HELP_EPILOG = (
-    "Which defaults apply: the defaults shown above are the schema's, MMSeg's ADE20K recipe (what "
-    "segment/ade20k_vit_base.yaml spells out). When no --data_path is given (and no config file names one), the demo "
-    "preset segment/demo.yaml goes beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, "
-    "20 epochs, lr 1e-3, whole-image inference. The start-up line names the preset in use. --eval / --predict use "
+    "Which defaults apply: the defaults shown above are the schema's, MMSeg's ADE20K recipe; the ones shown as None "
+    "follow the crop (--input_size): augmentation scale [4 x crop, crop], test window = the crop, test stride = 2/3 "
+    "of the window, so at crop 512 they are MMSeg's ADE20K values (segment/ade20k_vit_base.yaml leaves them unset "
+    "too). When no --data_path is given (and no config file names one), the demo preset segment/demo.yaml goes "
+    "beneath your flags instead: built-in mosaics, mae_vit_demo_patch8, 64 px crops, 6 epochs (90 steps), lr 1e-3, "
+    "whole-image inference. The start-up line names the preset in use. --eval / --predict use "
     "the checkpoint's own run settings (data, crop, normalisation, test mode, window) unless you set them. "
     "--epochs and --max_iters: give one; either replaces the preset's schedule length (both at once is an error)."
 )
@@ -229,7 +231,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
 
         arch = dict(saved.get("model", {}).get("arch") or {})
         if not arch:
-            raise CheckpointError(f"{cfg.misc.resume or 'latest.pt'} is not a `mimkit segment` checkpoint")
+            raise U.not_a_segment_checkpoint(cfg.misc.resume or "latest.pt", resume)
         if arch["num_classes"] != len(classes):
             raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(classes)}")
         model, desc = MAESegmenter(arch, cfg.model.drop_path), f"UperNet from {cfg.misc.resume or 'latest.pt'}"
@@ -326,6 +328,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         set_lr(optim, warmup_poly(step, o.lr, o.min_lr, s.warmup_iters, s.warmup_ratio, total, s.power))
 
     stop = min(total, cfg.misc.max_steps or total)
+    # --max_iters IS the schedule: the loop ends there (no misc.max_steps stop); --max_steps cuts a run short
+    max_steps = stop if stop < total else 0
     hook = SegEvalHook(run_eval, cfg.test.interval, run_log, stop, cfg.test.num_overlays)
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     settings = LoopSettings(
@@ -333,7 +337,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         on_nonfinite=o.on_nonfinite, amp=amp, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
-        max_steps=stop, find_unused_parameters=max(model.taps) < model.depth - 1,
+        max_steps=max_steps, total_iters=total * o.accum_iter if s.max_iters else 0,
+        find_unused_parameters=max(model.taps) < model.depth - 1,
     )
     ckpt = CheckpointManager(ckpt_dir(cfg), cfg.checkpointing.keep_last_n, run_log.log_path,
                              cfg.checkpointing.safetensors)
@@ -344,17 +349,25 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
                       config=C.to_container(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True), hooks=[hook])
     if resume is not None:
         trainer.load(resume)
-        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
     if cfg.misc.preset:
         preset = f"preset {cfg.misc.preset} beneath your flags (no --data_path: the demo)"
     else:
         preset = f"config {config_file} over" if config_file else "your flags over"
         preset += " the schema's defaults (MMSeg's ADE20K recipe)"
+    short = epochs * ipe - total * o.accum_iter if s.max_iters else 0  # iterations the last epoch leaves out
+    epoch_desc = f"{epochs} epoch{'s' if epochs > 1 else ''} of {ipe} iterations" + (
+        f", the last one {ipe - short} long: the schedule ends there" if short else "")
+    test_desc = cfg.test.mode
+    if cfg.test.mode == "slide":
+        window, stride = SC.slide_window(cfg.test, C.input_size(cfg))
+        test_desc += f" (window {window}, stride {stride})"
     run_log.info(f"mimkit segment: {preset}; {desc}; UperNet, {model.num_classes} classes; "
-                 f"{len(train_set)} train images, {total} steps ({epochs} epochs of {ipe}), effective batch "
+                 f"{len(train_set)} train images, {total} steps ({epoch_desc}), effective batch "
                  f"{o.batch_size * o.accum_iter * dist.world_size}, lr {o.lr:.2e} (heads; layer decay "
-                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {cfg.test.mode}, amp {amp} ({amp_why}), "
+                 f"{o.layer_decay} below), warmup {s.warmup_iters}, test {test_desc}, amp {amp} ({amp_why}), "
                  f"device {dist.device}")
+    if resume is not None:  # after the start-up line, which says what runs
+        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
     if s.warmup_iters > total:
         run_log.info(f"warning: the run is {total} steps but the warmup is {s.warmup_iters} (the lr never reaches "
                      f"{o.lr:.2e}); lower --warmup_iters")

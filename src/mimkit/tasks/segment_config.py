@@ -86,8 +86,8 @@ class SegDataConfig:
 @dataclass
 class SegTestConfig:
     mode: str = "slide"  # whole | slide
-    crop_size: Optional[List[int]] = None  # slide window; None = the training crop
-    stride: List[int] = field(default_factory=lambda: [341, 341])  # slide stride
+    crop_size: Optional[List[int]] = None  # slide window [H, W]; None = the training crop (512 -> [512, 512])
+    stride: Optional[List[int]] = None  # slide stride [H, W]; None = 2/3 of the window, floored (512 -> 341, MMSeg)
     interval: int = 0  # evaluate every N optimiser steps during training; 0 = only at the end
     num_overlays: int = 4  # val images drawn as image | ground truth | prediction
 
@@ -163,6 +163,19 @@ SEGMENT_FLAGS: list[Flag] = [
 ]
 
 
+def slide_window(test_cfg, crop) -> tuple[list[int], list[int]]:
+    """(window [H, W], stride [H, W]) of sliding-window inference: test.crop_size else the training crop; test.stride
+    else 2/3 of the window, floored (MMSeg's ADE20K ratio, 341 at 512). A stride above the window would leave
+    pixels no window covers: refused when test.mode is slide."""
+    window = [int(v) for v in (test_cfg.crop_size or crop)]
+    stride = [int(v) for v in test_cfg.stride] if test_cfg.stride else [max(1, 2 * w // 3) for w in window]
+    if test_cfg.mode == "slide" and any(s > w for s, w in zip(stride, window, strict=True)):
+        raise ConfigError(f"test.stride {stride} is larger than the sliding window {window}: pixels between windows "
+                          f"would get no prediction; give test.stride=[{2 * window[0] // 3},{2 * window[1] // 3}] "
+                          f"(2/3 of the window, the default when unset) or any stride <= the window")
+    return window, stride
+
+
 def check_segment_config(cfg) -> None:
     """Rules C.validate does not know, checked before any weights or data load."""
     m, o, s, t = cfg.model, cfg.optimization, cfg.schedule, cfg.test
@@ -184,13 +197,20 @@ def check_segment_config(cfg) -> None:
         raise ConfigError(f"bad value for 'model.num_classes': {m.num_classes} (must be >= 2)")
     if t.mode not in ("whole", "slide"):
         raise ConfigError(f"bad value for 'test.mode': {t.mode!r} (whole or slide)")
-    if len(t.stride) != 2 or min(t.stride) < 1:
+    if t.stride is not None and (len(t.stride) != 2 or min(t.stride) < 1):
         raise ConfigError(f"bad value for 'test.stride': {list(t.stride)} ([H, W], positive)")
+    if t.crop_size is not None and (len(t.crop_size) != 2 or min(t.crop_size) < 1):
+        raise ConfigError(f"bad value for 'test.crop_size': {list(t.crop_size)} ([H, W], positive)")
+    if not (cfg.misc.eval or cfg.misc.predict):  # those take the window from the checkpoint's run: checked there
+        slide_window(t, C.input_size(cfg))
     a = cfg.data.augmentation
     if len(a.ratio_range) != 2 or not 0 < a.ratio_range[0] <= a.ratio_range[1]:
         raise ConfigError(f"bad value for 'data.augmentation.ratio_range': {list(a.ratio_range)}")
     if not 0 < a.cat_max_ratio <= 1:
         raise ConfigError(f"bad value for 'data.augmentation.cat_max_ratio': {a.cat_max_ratio} (in (0, 1])")
+    if cfg.misc.eval and cfg.misc.predict:
+        raise ConfigError("--eval and --predict are two runs: give one (--eval scores the val split, --predict "
+                          "segments your images), then the other")
     if cfg.misc.predict and not cfg.misc.resume:
         raise ConfigError("--predict needs --resume CHECKPOINT (a trained `mimkit segment` checkpoint)")
     if cfg.misc.eval and not cfg.misc.resume:

@@ -19,6 +19,7 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     from mimkit.models.segmentation import MAESegmenter
     from mimkit.tasks import evaluate as E
     from mimkit.tasks import segment_infer as I
+    from mimkit.tasks import segment_config as SC
     from mimkit.tasks.segment import report
     from mimkit.tasks.segment_setup import apply_run_settings
 
@@ -26,13 +27,17 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     saved = (resume or {}).get("config") or {}
     arch = (saved.get("model") or {}).get("arch")
     if resume is None or not arch:
-        raise CheckpointError(f"{what} is not a `mimkit segment` checkpoint (no model.arch in its config)")
+        from mimkit.tasks.segment_setup import not_a_segment_checkpoint
+
+        raise not_a_segment_checkpoint(what, resume)
     yours = apply_run_settings(cfg, saved, given)
     crop = C.input_size(cfg)
+    window, stride = SC.slide_window(cfg.test, crop)  # a stride above the window is refused before any work
     names = list(saved["model"].get("class_names") or []) or [f"class_{i}" for i in range(arch["num_classes"])]
-    settings = (f"test {cfg.test.mode} (window {list(cfg.test.crop_size or crop)}, stride {list(cfg.test.stride)}), "
-                f"crop {list(crop)}, scale {cfg.data.augmentation.scale or 'from the crop'}; the checkpoint run's "
-                f"settings" + (f" except yours: {', '.join(yours)}" if yours else ""))
+    scale = cfg.data.augmentation.scale or f"[{4 * max(crop)}, {min(crop)}] (4 x crop, crop)"
+    settings = (f"test {cfg.test.mode}" + (f" (window {window}, stride {stride})" if cfg.test.mode == "slide" else "")
+                + f", crop {list(crop)}, scale {scale}; the checkpoint run's settings"
+                + (f" except yours: {', '.join(yours)}" if yours else ""))
     desc = f"UperNet from {what} ({arch['depth']} blocks, taps {arch['taps']}, {arch['num_classes']} classes)"
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
     model = MAESegmenter(arch)

@@ -32,8 +32,13 @@ def whole_logits(model, img: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def slide_logits(model, img: torch.Tensor, crop: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
-    """img (N, 3, H, W) -> logits (N, K, H, W) averaged over windows of `crop` every `stride` (MMSeg 'slide')."""
+    """img (N, 3, H, W) -> logits (N, K, H, W) averaged over windows of `crop` every `stride` (MMSeg 'slide').
+
+    Windows start at 0, stride, 2 * stride, ... and the last is moved back to end at the far edge; with
+    stride <= crop every pixel lies in at least one window."""
     (ch, cw), (sh, sw) = crop, stride
+    if sh > ch or sw > cw:
+        raise ValueError(f"stride {list(stride)} larger than the window {list(crop)} leaves pixels uncovered")
     n, _, h, w = img.shape
     rows = max(h - ch + sh - 1, 0) // sh + 1
     cols = max(w - cw + sw - 1, 0) // sw + 1
@@ -50,9 +55,13 @@ def slide_logits(model, img: torch.Tensor, crop: Sequence[int], stride: Sequence
     return out / count
 
 
-def infer(model, img: torch.Tensor, mode: str, crop: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
-    """Logits (N, K, H, W) of `img` by the configured test mode."""
-    return whole_logits(model, img) if mode == "whole" else slide_logits(model, img, crop, stride)
+def infer(model, img: torch.Tensor, test_cfg, crop: Sequence[int]) -> torch.Tensor:
+    """Logits (N, K, H, W) of `img` by the configured test mode (window / stride from segment_config.slide_window)."""
+    from mimkit.tasks.segment_config import slide_window
+
+    if test_cfg.mode == "whole":
+        return whole_logits(model, img)
+    return slide_logits(model, img, *slide_window(test_cfg, crop))
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -88,16 +97,15 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
     k = model.num_classes
     cm = ConfusionMatrix(k, ignore_index, device)
     colours, panels = palette(k), []
-    crop_size = list(test_cfg.crop_size or crop)
     mine = list(range(rank, len(dataset), world))
     for start in range(0, len(mine), EVAL_BATCH):
         items = [(i, *dataset.raw(i)) for i in mine[start:start + EVAL_BATCH]]
         xs = [pipeline.image(image) for _, image, _ in items]
         if all(x.shape == xs[0].shape for x in xs):  # same size (built-in mosaics): one batched pass
-            batched = infer(model, torch.stack(xs).to(device), test_cfg.mode, crop_size, list(test_cfg.stride))
+            batched = infer(model, torch.stack(xs).to(device), test_cfg, crop)
             logits_list = list(batched.split(1))
         else:
-            logits_list = [infer(model, x[None].to(device), test_cfg.mode, crop_size, list(test_cfg.stride))
+            logits_list = [infer(model, x[None].to(device), test_cfg, crop)
                            for x in xs]
         for (i, image, mask), logits in zip(items, logits_list, strict=True):
             logits = F.interpolate(logits.float(), size=mask.shape, mode="bilinear", align_corners=False)
@@ -161,14 +169,15 @@ def write_legend(out_dir: Path, class_names: Sequence[str], colours: np.ndarray)
 def predict(model, paths: list[tuple[Path, Path]], pipeline, test_cfg, crop: Sequence[int], device: torch.device,
             out_dir: Path, class_names: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Per image, at its relative path under out_dir: <name.ext>_label.png (class index per pixel) and
-    <name.ext>_overlay.png, plus the colour legend; returns (label paths, one warning per unreadable file)."""
+    <name.ext>_overlay.png, plus the colour legend; returns (label paths, one warning per unreadable file).
+
+    DataError when no file can be read (out_dir is then not created)."""
     from mimkit.data.datasets import DECODE_ERRORS
     from mimkit.data.segmentation import read_rgb
+    from mimkit.errors import DataError
 
     model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
     colours, written, skipped = palette(model.num_classes), [], []
-    write_legend(out_dir, class_names, colours)
     for path, rel in paths:
         try:
             image = read_rgb(path)
@@ -176,13 +185,17 @@ def predict(model, paths: list[tuple[Path, Path]], pipeline, test_cfg, crop: Seq
             skipped.append(f"skipped {path}: cannot read it as an image ({type(e).__name__})")
             continue
         x = pipeline.image(image)[None].to(device)
-        logits = infer(model, x, test_cfg.mode, list(test_cfg.crop_size or crop), list(test_cfg.stride))
+        logits = infer(model, x, test_cfg, crop)
         logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
         label = logits.argmax(1)[0].cpu().numpy()
-        dest = out_dir / rel.parent
+        dest = out_dir / rel.parent  # made on the first readable image: no empty folder when none is
         dest.mkdir(parents=True, exist_ok=True)
         Image.fromarray(label.astype(np.uint8 if model.num_classes <= 256 else np.int32)).save(
             dest / f"{rel.name}_label.png")
         Image.fromarray(overlay(image, label, colours)).save(dest / f"{rel.name}_overlay.png")
         written.append(dest / f"{rel.name}_label.png")
+    if not written:
+        raise DataError(f"none of the {len(paths)} file(s) given to --predict could be read as an image (e.g. "
+                        f"{paths[0][0]}); nothing written")
+    write_legend(out_dir, class_names, colours)
     return written, skipped

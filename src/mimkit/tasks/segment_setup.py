@@ -61,10 +61,23 @@ def apply_run_settings(cfg, saved: dict, given: dict[str, Any]) -> list[str]:
         if key == "data.input_size":  # the crop the model was built at
             value = saved["model"]["arch"]["img_size"]
         if value is not None or key in ("data.data_path", "data.mean", "data.std", "data.augmentation.scale",
-                                        "test.crop_size"):
+                                        "test.crop_size", "test.stride"):
             OmegaConf.update(cfg, key, value, merge=False)
     OmegaConf.set_struct(cfg, True)
     return yours
+
+
+def not_a_segment_checkpoint(what: str, resume: Optional[dict]) -> CheckpointError:
+    """The error for a --resume file without model.arch; an encoder checkpoint (pretrain, linprobe, ...) is told
+    to go to --finetune."""
+    sd = (resume or {}).get("model")
+    keys = [str(k) for k in sd] if isinstance(sd, dict) else []
+    if any(k.startswith(("decoder_", "mask_token")) for k in keys):
+        return CheckpointError(f"{what} is a pretraining checkpoint, not a `mimkit segment` one: pass it to "
+                               f"--finetune to train a segmenter on its encoder")
+    if "patch_embed.proj.weight" in keys or any(k.startswith("encoder.patch_embed") for k in keys):
+        return CheckpointError(f"{what} holds an encoder but no segmenter: pass it to --finetune to train one")
+    return CheckpointError(f"{what} is not a `mimkit segment` checkpoint (no model.arch in its config)")
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -105,11 +118,13 @@ def check_has_encoder(path: str) -> None:
     from mimkit.tasks.evaluate import _resolve
 
     fix = "give an MAE pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune"
-    sd, _ = extract_state_dict(load_checkpoint_file(_resolve(path)))
+    obj = load_checkpoint_file(_resolve(path))
     try:
+        sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} holds no ViT encoder ({e}); {fix}") from None
+    except CheckpointError as e:  # convert.py describes the state dict; name the file (its fix when it has one)
+        raise CheckpointError(f"{path}: {e}" if "; give " in str(e) else f"{path} holds no ViT encoder ({e}); {fix}"
+                              ) from None
     if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
 
@@ -135,7 +150,10 @@ def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
         check_has_encoder(m.finetune)
         # the checkpoint's own architecture beats a preset's / config file's model.type; --model beats both
         name = m.type if ("model.type" in given["command"] or architecture_of(_resolve(m.finetune)) is None) else None
-        return load_encoder(m.finetune, name, crop, m.random_init, cfg.misc.seed)
+        encoder, desc = load_encoder(m.finetune, name, crop, m.random_init, cfg.misc.seed)
+        # the loader's line describes the whole MAE (decoder too); a segmenter keeps only the encoder
+        reinit = f", weights re-initialised (random init, seed {cfg.misc.seed})" if m.random_init else ""
+        return encoder, f"{desc.split(' ')[0]} encoder from {m.finetune} [{describe_encoder(encoder)}]{reinit}"
     if not (m.random_init or cfg.data.data_path is None):
         raise ConfigError("give --finetune CHECKPOINT (a pretrained encoder), or --model NAME --random_init")
     if not m.type:
@@ -143,7 +161,15 @@ def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
     torch.manual_seed(cfg.misc.seed)
     kwargs = dict(OmegaConf.to_container(m.kwargs, resolve=True))
     encoder = create_model(m.type, img_size=crop, **kwargs)
-    return encoder, f"{m.type} (random init, seed {cfg.misc.seed})"
+    return encoder, f"{m.type} (random init, seed {cfg.misc.seed}) [{describe_encoder(encoder)}]"
+
+
+def describe_encoder(encoder) -> str:
+    """'patch 8, 6 blocks x 192-d (3 heads), 64x64 px': the encoder built (no pretraining decoder)."""
+    heads = getattr(getattr(encoder.blocks[0], "attn", None), "num_heads", None) if len(encoder.blocks) else None
+    size = encoder.patch_embed.img_size if hasattr(encoder, "patch_embed") else None
+    return (f"patch {encoder.patch_size}, {len(encoder.blocks)} blocks x {encoder.embed_dim}-d"
+            + (f" ({heads} heads)" if heads else "") + (f", {size[0]}x{size[1]} px" if size else ""))
 
 
 def describe_taps(taps: list[int], depth: int) -> str:
