@@ -28,6 +28,7 @@ from mimkit.engine.signals import GracefulStop
 from mimkit.errors import RunInterrupted
 from mimkit.models import create_model
 from mimkit.tasks.pretrain import pretrain_step
+from test_pretrain import assert_bitwise_equal, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("signal_worker.py")
@@ -40,16 +41,6 @@ TRAIN = [*TINY_MODEL, "--batch_size", "4", "--num_workers", "0", "--blr", "1e-2"
 
 def pretrain(out: Path, data: Path, *extra: str) -> int:
     return main(["pretrain", *TRAIN, "--data_path", str(data), "--output_dir", str(out), *extra])
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def step_of(path: Path) -> int:
