@@ -153,27 +153,30 @@ def train_loss_curve(out: Path) -> dict:
 MIN_TRAIN = 256
 
 
-def labelled(data: str, labels: str, root: Path, seed: int, min_train: int = MIN_TRAIN) -> str:
-    """The labelled set for `labels` (all | <n>pc | <p>pct), drawn by `seed` under `root`, repeated up to
-    `min_train` files; 'all' is `data` itself."""
+def labelled(data: str, labels: str, root: Path, seed: int, min_train: int = MIN_TRAIN, draw: int = 0) -> str:
+    """The labelled set for `labels` (all | <n>pc | <p>pct), drawn by (`seed`, `draw`) under `root`, repeated up
+    to `min_train` files; 'all' is `data` itself. Draw 0 is the seed's first draw (the subset a single-draw run
+    used); each further draw is another subset of the same size."""
     if labels == "all":
         return data
-    where = Path(root) / f"{data}_{labels}_seed{seed}"
+    where = Path(root) / (f"{data}_{labels}_seed{seed}" + (f"_draw{draw}" if draw else ""))
+    rng_seed: Any = seed if draw == 0 else [seed, draw]
     if labels.endswith("pct"):
-        return labelled_subset(data, where, fraction=int(labels[:-3]) / 100, seed=seed, min_train=min_train)
+        return labelled_subset(data, where, fraction=int(labels[:-3]) / 100, seed=rng_seed, min_train=min_train)
     if labels.endswith("pc"):
-        return labelled_subset(data, where, per_class=int(labels[:-2]), seed=seed, min_train=min_train)
+        return labelled_subset(data, where, per_class=int(labels[:-2]), seed=rng_seed, min_train=min_train)
     raise ValueError(f"label set {labels!r}: use all, <n>pc (n per class) or <p>pct (p % of each class)")
 
 
 def labelled_subset(data: str, out: Path, per_class: Optional[int] = None, fraction: Optional[float] = None,
-                    seed: int = 0, min_train: int = 0) -> str:
+                    seed: Any = 0, min_train: int = 0) -> str:
     """Write a class-folder copy of `data` whose train/ keeps `per_class` images per class (or `fraction` of
     each class), val/ whole; returns the folder. The labelled subset is drawn by `seed`.
 
     With `min_train`, each kept image is written ceil(min_train / kept) times (distinct file names, so each copy
     gets its own random crop): an "epoch" then holds enough steps, and the per-epoch evaluation on val/ is paid
     once per ~min_train training images rather than once per handful. The labelled images are the same.
+    `seed`: an int or a list of ints (numpy's SeedSequence entropy).
     """
     from mimkit.data.builtin import open_dataset
 

@@ -121,18 +121,22 @@ def _run_seed(rows: list[dict], data: str, seed: int, out: Path, evals: list[str
                 checkpoint, data, rnd, seed, ks=(20,), pool="avg", amp=amp))):
             rows.append({"eval": "knn", "labels": "all", "init": init, "value": m["knn_k20"]})
         for labels in label_sets:
-            d = L.labelled(data, labels, out / "subsets", seed)
-            if "probe" in evals and (m := maybe(run / f"probe_{labels}_{init}.json", lambda: L.linprobe(
-                    f"linprobe/{data}.yaml", checkpoint, d, run / f"probe_{labels}_{init}", rnd, seed,
-                    **extra.get("probe", {})))):
-                rows.append({"eval": "probe", "labels": labels, "init": init, "value": m["acc1"],
-                             "cpu_s": m["cpu_s"]})
-            if "finetune" in evals and (m := maybe(run / f"finetune_{labels}_{init}.json", lambda: L.finetune(
-                    f"finetune/{data}.yaml", checkpoint, d, run / f"finetune_{labels}_{init}", rnd, seed,
-                    **extra.get("finetune", {})))):
-                rows.append({"eval": "finetune", "labels": labels, "init": init, "value": m["acc1"],
-                             "cpu_s": m["cpu_s"], "train_loss_first": m.get("train_loss_first"),
-                             "train_loss_last": m.get("train_loss_last")})
+            # few-label rows: several labelled subsets per seed (draw 0 is the seed's first), averaged per seed
+            n_probe, n_ft = (1, 1) if labels == "all" else (extra["draws"], extra["finetune_draws"])
+            for draw in range(max(n_probe, n_ft)):
+                d = L.labelled(data, labels, out / "subsets", seed, draw=draw)
+                name = labels + (f"_draw{draw}" if draw else "")
+                if "probe" in evals and draw < n_probe and (m := maybe(run / f"probe_{name}_{init}.json", lambda: L.linprobe(
+                        f"linprobe/{data}.yaml", checkpoint, d, run / f"probe_{name}_{init}", rnd, seed,
+                        **extra.get("probe", {})))):
+                    rows.append({"eval": "probe", "labels": labels, "draw": draw, "init": init, "value": m["acc1"],
+                                 "cpu_s": m["cpu_s"]})
+                if "finetune" in evals and draw < n_ft and (m := maybe(run / f"finetune_{name}_{init}.json", lambda: L.finetune(
+                        f"finetune/{data}.yaml", checkpoint, d, run / f"finetune_{name}_{init}", rnd, seed,
+                        **extra.get("finetune", {})))):
+                    rows.append({"eval": "finetune", "labels": labels, "draw": draw, "init": init, "value": m["acc1"],
+                                 "cpu_s": m["cpu_s"], "train_loss_first": m.get("train_loss_first"),
+                                 "train_loss_last": m.get("train_loss_last")})
 
 
 def _one_thread() -> None:
@@ -157,8 +161,15 @@ def summarise(rows: list[dict]) -> list[dict]:
     keys = sorted({(r["data"], r["eval"], r["labels"]) for r in rows if r["eval"] != "pretraining"},
                   key=lambda k: (k[0], list(EVALS).index(k[1]), list(LABEL_SETS + ("none",)).index(k[2])))
     for data, ev, labels in keys:
-        by = {init: {r["seed"]: r["value"] for r in rows if (r["data"], r["eval"], r["labels"], r["init"])
-                     == (data, ev, labels, init)} for init in ("pretrained", "random")}
+        by: dict[str, dict[int, float]] = {}
+        draws: dict[str, dict[int, list[float]]] = {}
+        for init in ("pretrained", "random"):
+            per_seed: dict[int, list[float]] = {}
+            for r in rows:
+                if (r["data"], r["eval"], r["labels"], r["init"]) == (data, ev, labels, init):
+                    per_seed.setdefault(r["seed"], []).append(r["value"])
+            draws[init] = per_seed
+            by[init] = {s: float(np.mean(v)) for s, v in per_seed.items()}  # a seed's value: mean over its draws
         seeds = sorted(set(by["pretrained"]) & set(by["random"]))
         if not seeds:
             continue
@@ -167,7 +178,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         diff = pre - rnd
         sd = (lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0)
         better = (diff < 0) if ev == "recon" else (diff > 0)
-        out.append({"data": data, "eval": ev, "labels": labels, "seeds": seeds,
+        n_draws = sorted({len(draws[i][s]) for i in draws for s in seeds})
+        out.append({"data": data, "eval": ev, "labels": labels, "seeds": seeds, "draws": n_draws,
                     "pretrained": pre.tolist(), "random": rnd.tolist(),
                     "pretrained_mean": float(pre.mean()), "pretrained_std": sd(pre),
                     "random_mean": float(rnd.mean()), "random_std": sd(rnd),
@@ -185,10 +197,20 @@ def _pm(values: np.ndarray, fmt: str, sign: bool = False) -> str:
     return f"{'+' if sign and mean >= 0 else ''}{fmt.format(mean)} ± {fmt.format(sd)}"
 
 
+def per_seed(rows: list[dict]) -> list[dict]:
+    """Rows with a few-label evaluation's draws collapsed: one row per (set, eval, labels, init, seed), their mean."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["eval"], r["labels"], r["init"], r["seed"]), []).append(r)
+    return [{**g[0], "value": float(np.mean([r["value"] for r in g])), "draws": len(g)} for g in groups.values()]
+
+
 def versus_fp32(rows: list[dict], fp32_rows: list[dict]) -> str:
     """Markdown: each (set, eval, labels, init) of `rows` beside the fp32 runs of the same seeds, paired."""
     def key(r: dict) -> tuple:
         return r["data"], r["eval"], r["labels"], r["init"]
+
+    rows, fp32_rows = per_seed(rows), per_seed(fp32_rows)
 
     fp = {(*key(r), r["seed"]): r["value"] for r in fp32_rows}
     lines = ["| set | evaluation | labels | init | fp32 | this precision | difference (paired) | seeds |",
@@ -217,7 +239,10 @@ def markdown(summary: list[dict]) -> str:
     for s in summary:
         fmt = "{:.3f}" if s["eval"] == "recon" else "{:.1f}"
         pm = lambda m, d: f"{fmt.format(m)} ± {fmt.format(d)}"  # noqa: E731
-        lines.append(f"| {s['data']} | {EVAL_NAMES[s['eval']]} | {LABEL_NAMES[s['labels']]} | "
+        n = s.get("draws", [1])
+        labels = LABEL_NAMES[s["labels"]] + (f" (mean of {n[0]} draws)" if n != [1] and len(n) == 1 else
+                                             f" (draws {'/'.join(map(str, n))})" if n != [1] else "")
+        lines.append(f"| {s['data']} | {EVAL_NAMES[s['eval']]} | {labels} | "
                      f"{pm(s['random_mean'], s['random_std'])} | {pm(s['pretrained_mean'], s['pretrained_std'])} | "
                      f"{'+' if s['diff_mean'] >= 0 else ''}{pm(s['diff_mean'], s['diff_std'])} | "
                      f"{s['pretrained_better']}/{len(s['seeds'])} |")
@@ -234,6 +259,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    % ", ".join(EVALS))
     p.add_argument("--label_sets", default=",".join(LABEL_SETS),
                    help="comma list of all, <p>pct, <n>pc (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=5, help="labelled subsets drawn per seed for each few-label probe; "
+                   "a seed's value is the mean over its draws, so the spread over seeds is not one subset's luck "
+                   "(default: %(default)s)")
+    p.add_argument("--finetune_draws", type=int, default=1, help="the same for each few-label fine-tune (each draw "
+                   "is a whole fine-tuning run) (default: %(default)s)")
     p.add_argument("--checkpoint", default=None, help="evaluate this encoder instead of pretraining one per seed "
                    "(default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded processes, one per core "
@@ -255,6 +285,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     label_sets = [x for x in a.label_sets.split(",") if x]
     extra: dict[str, Any] = {stage: {**(TINY[stage] if a.tiny else {}), "misc.amp": a.amp} for stage in TINY}
     extra["amp"] = a.amp
+    if a.draws < 1 or a.finetune_draws < 1:
+        p.error("--draws and --finetune_draws must be at least 1")
+    extra["draws"], extra["finetune_draws"] = a.draws, a.finetune_draws
     global COLLECT_ONLY
     COLLECT_ONLY = a.collect
     t0, c0 = time.time(), time.process_time()

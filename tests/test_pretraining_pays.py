@@ -55,6 +55,27 @@ def test_labelled_names_the_label_sets(tmp_path):
         L.labelled("digits", "half", tmp_path, seed=0)
 
 
+def test_further_draws_are_other_subsets_of_the_same_size(tmp_path):
+    first = Path(L.labelled("digits", "5pc", tmp_path, seed=3, min_train=0))
+    second = Path(L.labelled("digits", "5pc", tmp_path, seed=3, min_train=0, draw=1))
+    assert second == tmp_path / "digits_5pc_seed3_draw1"
+    picked = [{p.name for p in (root / "train").rglob("*.png")} for root in (first, second)]
+    assert len(picked[0]) == len(picked[1]) == 50 and picked[0] != picked[1]
+    again = Path(L.labelled("digits", "5pc", tmp_path / "again", seed=3, min_train=0, draw=1))
+    assert {p.name for p in (again / "train").rglob("*.png")} == picked[1]  # a draw is reproducible
+
+
+def test_a_seeds_value_is_the_mean_of_its_draws():
+    rows = [{"data": "d", "eval": "probe", "labels": "5pc", "init": init, "seed": seed, "draw": draw, "value": v}
+            for init, base in (("pretrained", 60.0), ("random", 50.0)) for seed in (0, 1, 2)
+            for draw, v in enumerate((base + seed, base + seed + 10.0))]
+    (s,) = study.summarise(rows)
+    assert s["draws"] == [2]
+    assert s["pretrained"] == [65.0, 66.0, 67.0] and s["random"] == [55.0, 56.0, 57.0]
+    assert s["diff_mean"] == pytest.approx(10.0) and s["diff_std"] == pytest.approx(0.0)
+    assert "| 5 per class (mean of 2 draws) |" in study.markdown([s])
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 3-epoch pretraining of the photos preset (480 crops, 32 px): checkpoint and trained model."""
