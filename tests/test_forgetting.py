@@ -9,6 +9,7 @@ from mimkit.metrics.forgetting import (
     average_forgetting,
     backward_transfer,
     forgetting,
+    json_safe,
     summarize,
     write_matrix_csv,
     write_matrix_json,
@@ -73,3 +74,11 @@ def test_summary_and_writers(tmp_path) -> None:
     j = write_matrix_json(tmp_path / "m.json", summarize([[float("nan"), 0.1]], ["A", "B"]))
     loaded = json.loads(j.read_text())  # NaN must come out as null, not as invalid JSON
     assert loaded["matrix"] == [[None, 0.1]]
+
+
+def test_json_safe_nulls_every_non_finite_float_at_any_depth() -> None:
+    nan, inf = float("nan"), float("inf")
+    x = {"a": nan, "b": [1.5, -inf, {"c": inf, "d": "text", "e": 2}], "f": None}
+    assert json_safe(x) == {"a": None, "b": [1.5, None, {"c": None, "d": "text", "e": 2}], "f": None}
+    assert json.loads(json.dumps(json_safe(x), allow_nan=False))["b"][0] == 1.5  # valid strict JSON
+    assert x["a"] != x["a"]  # the input is left as it was

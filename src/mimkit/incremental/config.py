@@ -10,7 +10,7 @@ from typing import List, Optional
 from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError, suggest
-from mimkit.tasks.pretrain import Flag
+from mimkit.tasks.pretrain_config import Flag
 
 METHODS = ("ce", "kd", "mask", "er")
 EMA_MODES = ("none", "ema", "anne", "sto")

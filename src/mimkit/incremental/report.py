@@ -76,8 +76,8 @@ def write(out_dir: Path, rows: list[dict], num_tasks: int, record: dict) -> dict
             w.writerow([i, " ".join(str(c) for c in r["classes"]), cell(r["acc_seen"]), cell(r["rankme"])])
     paths = {"matrix_csv": matrix_csv, "per_task_csv": per_task}
     summary = F.summarize(R, names, metric="top-1 accuracy (%)", stages=stages)
-    extra = {**record, "accuracy_matrix": _clean(summary), "per_task": rows}
-    paths["results"] = write_results(out_dir, "incremental", _clean(metrics(rows, num_tasks)),
+    extra = {**record, "accuracy_matrix": F.json_safe(summary), "per_task": rows}
+    paths["results"] = write_results(out_dir, "incremental", F.json_safe(metrics(rows, num_tasks)),
                                      record.get("checkpoint"), record.get("data"), record.get("config", {}), extra)
     paths["png"] = picture(out_dir / "incremental.png", R, [r["rankme"] for r in rows])
     return paths
@@ -88,16 +88,6 @@ def cell(v: Any, digits: int = CSV_DIGITS) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     return f"{float(v):.{digits}f}"
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
 
 
 def _colour(t: float) -> tuple[int, int, int]:

@@ -124,19 +124,20 @@ def write_matrix_csv(
     return path
 
 
+def json_safe(x: Any) -> Any:
+    """`x` with every NaN / inf float (in nested dicts and lists) replaced by None, so JSON writes it as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def write_matrix_json(path: str | Path, summary: dict[str, Any]) -> Path:
     """Write `summarize(...)`'s dict as JSON (NaN written as null so the file stays valid JSON)."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(summary), indent=2) + "\n")
+    path.write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     return path

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
-from mimkit.tasks.pretrain import TRAINING_FLAGS, Flag
+from mimkit.tasks.pretrain_config import TRAINING_FLAGS, Flag
 
 
 # ---------------------------------------------------------------------------------------------- shared

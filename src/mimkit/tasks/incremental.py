@@ -33,19 +33,20 @@ from omegaconf import OmegaConf
 from mimkit import config as C
 from mimkit.errors import ConfigError, DataError
 from mimkit.incremental import config as IC
-from mimkit.tasks import pretrain as P
+from mimkit.tasks import pretrain_config as PC
+from mimkit.tasks.pretrain_setup import seed_everything
 
 STATE_FILE = "incremental.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags (seed 004's names), a config file (e.g. incremental/cifar100_10tasks.yaml) and key=value overrides."""
-    P.add_arguments(p, IC.FLAGS, IC.IncrementalConfig)
+    PC.add_arguments(p, IC.FLAGS, IC.IncrementalConfig)
 
 
 def config_from_args(args: argparse.Namespace):
     """Schema <- file <- flags <- overrides, then the incremental rules; all before any data or weights load."""
-    cfg = P.config_from_args(args, IC.FLAGS, IC.IncrementalConfig, demo_preset=None)
+    cfg = PC.config_from_args(args, IC.FLAGS, IC.IncrementalConfig, demo_preset=None)
     IC.validate(cfg)
     return cfg
 
@@ -182,7 +183,7 @@ def train_incremental(cfg) -> dict:
     state = load_state(out_dir / STATE_FILE, fingerprint(cfg, split.order, sizes), cfg.misc.auto_resume)
     done = len(state["rows"])
     dist = D.init_distributed(cfg.misc.device)
-    P.seed_everything(cfg.misc.seed)
+    seed_everything(cfg.misc.seed)
     masker = (i.mask_ratio, i.mask_mode) if "mask" in methods else None
     model, desc = build_classifier(cfg.model.type, cfg.model.nf, cfg.model.finetune, cfg.data.input_size,
                                    sizes[0], masker)
@@ -225,7 +226,7 @@ def train_incremental(cfg) -> dict:
     step_fn = make_step(model, methods, reference, buffer, cfg)
     try:
         for k in range(done, len(sizes)):
-            P.seed_everything(cfg.misc.seed * 1000 + k)  # a task starts from the same RNG state straight or resumed
+            seed_everything(cfg.misc.seed * 1000 + k)  # a task starts from the same RNG state straight or resumed
             if k > 0:
                 if prev is not None:
                     prev.begin_task()  # swap and freeze, before the head grows

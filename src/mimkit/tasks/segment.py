@@ -26,8 +26,9 @@ from omegaconf import OmegaConf
 from mimkit import config as C
 from mimkit.errors import CheckpointError, DataError
 from mimkit.tasks import segment_config as SC
-from mimkit.tasks.pretrain import add_arguments as _add_arguments
-from mimkit.tasks.pretrain import config_from_args, seed_everything
+from mimkit.tasks.pretrain_config import add_arguments as _add_arguments
+from mimkit.tasks.pretrain_config import config_from_args
+from mimkit.tasks.pretrain_setup import seed_everything
 
 
 HELP_EPILOG = (

@@ -12,7 +12,7 @@ from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
 from mimkit.tasks.eval_config import EvalMiscConfig
-from mimkit.tasks.pretrain import Flag
+from mimkit.tasks.pretrain_config import Flag
 
 DEMO_PRESET = "segment/demo.yaml"
 
