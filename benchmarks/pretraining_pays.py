@@ -259,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    % ", ".join(EVALS))
     p.add_argument("--label_sets", default=",".join(LABEL_SETS),
                    help="comma list of all, <p>pct, <n>pc (default: %(default)s)")
-    p.add_argument("--draws", type=int, default=5, help="labelled subsets drawn per seed for each few-label probe; "
+    p.add_argument("--draws", type=int, default=8, help="labelled subsets drawn per seed for each few-label probe; "
                    "a seed's value is the mean over its draws, so the spread over seeds is not one subset's luck "
                    "(default: %(default)s)")
     p.add_argument("--finetune_draws", type=int, default=1, help="the same for each few-label fine-tune (each draw "
