@@ -3,6 +3,9 @@ random-init twin on a labelled set, append one JSON line to a results file. docs
 
     python benchmarks/pays_factors.py --tag digits_p4 --data digits \
         --pre model.kwargs.patch_size=4 schedule.epochs=40 --ft schedule.epochs=10
+    python benchmarks/pays_factors.py --tag probe_cls_s0 --data photos --seed 0 --evals probe --few 10pct,5pc \
+        --draws 4 --checkpoint <study>/photos/seed0/pretrain/checkpoints/final.pt \
+        --probe_preset linprobe/photos.yaml --probe model.global_pool=false optimization.weight_decay=0
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main() -> int:
     p.add_argument("--ft", nargs="*", default=[], help="fine-tuning overrides")
     p.add_argument("--evals", default="knn,probe,ft", help="comma list of knn, probe, ft, recon")
     p.add_argument("--few", default="", help="comma list of few-label settings for probe/ft: 5pc,10pct")
+    p.add_argument("--draws", type=int, default=1, help="labelled subsets per few-label setting (draw 0 is the "
+                   "study's; as pretraining_pays.py --draws)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_random", action="store_true", help="skip the random-init twin")
     p.add_argument("--amp", default="off", help="misc.amp of every training run (off = fp32, as the study)")
@@ -68,8 +73,9 @@ def run(a: argparse.Namespace) -> int:
     rec["checkpoint"] = ckpt
     inits = [("pre", False)] + ([] if a.no_random else [("rand", True)])
     # the study's labelled subsets (same draw, same repetition), so a factor run's rows compare with its table
-    sets = [(f, L.labelled(a.data, f, Path(a.out) / "subsets", a.seed))
-            for f in ["all", *filter(None, a.few.split(","))]]
+    sets = [("all", a.data)] + [
+        (f + (f"_draw{d}" if d else ""), L.labelled(a.data, f, Path(a.out) / "subsets", a.seed, draw=d))
+        for f in filter(None, a.few.split(",")) for d in range(a.draws)]
     for name, rnd in inits:
         if "knn" in evals:
             for pool in ("cls", "avg"):

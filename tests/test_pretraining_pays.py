@@ -119,21 +119,26 @@ def test_labelled_subset_keeps_n_per_class_repeated_and_val_whole(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_study_script_runs_end_to_end_and_writes_its_table(tmp_path):
-    rc = study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--jobs", "1",
-                     "--out", str(tmp_path)])
-    assert rc == 0
+    argv = ["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--draws", "2", "--jobs", "1",
+            "--out", str(tmp_path)]
+    assert study.main(argv) == 0
     table = (tmp_path / "pretraining_pays.md").read_text()
     res = json.loads((tmp_path / "pretraining_pays.json").read_text())
     evals = {(s["eval"], s["labels"]) for s in res["summary"]}
     assert evals == {("recon", "none"), ("knn", "all"), ("probe", "5pc"), ("finetune", "5pc")}
     for s in res["summary"]:
         assert s["seeds"] == [0]
-        assert f"| photos | {study.EVAL_NAMES[s['eval']]} | {study.LABEL_NAMES[s['labels']]} |" in table
+        assert f"| photos | {study.EVAL_NAMES[s['eval']]} | {study.LABEL_NAMES[s['labels']]}" in table
+    # the few-label probe ran on 2 labelled subsets per init, the fine-tune on 1 (--finetune_draws 1)
+    draws = {(r["eval"], r["init"]): sorted(x["draw"] for x in res["runs"] if (x["eval"], x["init"]) ==
+                                            (r["eval"], r["init"])) for r in res["runs"] if "draw" in r}
+    assert draws == {("probe", "pretrained"): [0, 1], ("probe", "random"): [0, 1],
+                     ("finetune", "pretrained"): [0], ("finetune", "random"): [0]}
+    assert "| 5 per class (mean of 2 draws) |" in table
     recon = next(s for s in res["summary"] if s["eval"] == "recon")
     assert recon["pretrained_mean"] < recon["random_mean"]
     # a rerun reuses every finished run
-    assert study.main(["--tiny", "--sets", "photos", "--seeds", "0", "--label_sets", "5pc", "--jobs", "1",
-                       "--out", str(tmp_path)]) == 0
+    assert study.main(argv) == 0
     assert json.loads((tmp_path / "pretraining_pays.json").read_text())["summary"] == res["summary"]
 
 
