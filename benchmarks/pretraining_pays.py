@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -232,13 +233,28 @@ EVAL_NAMES = {"recon": "held-out reconstruction loss (lower is better)", "knn": 
               "probe": "linear probe top-1 %", "finetune": "fine-tuning top-1 %"}
 
 
+def caption(checkpoint: Optional[str], n_seeds: int) -> str:
+    """What the table's columns mean, printed under it."""
+    spread = "mean ± std over the seeds" if n_seeds > 1 else "one seed, so no spread"
+    lines = [f"Val top-1 % (k-NN, probe, fine-tuning) and masked reconstruction loss on val images; {spread}; "
+             "'pretrained - random' is the paired difference, seed by seed; 'pretrained better': seeds where "
+             "pretrained beats random init. A '(mean of N draws)' row is, per seed, the mean over N labelled "
+             "subsets of that size (--draws)."]
+    if checkpoint is not None:
+        lines.append(f"'pretrained' is the encoder of --checkpoint {checkpoint} (the same for every seed; 'random' "
+                     "is its architecture with random weights); no reconstruction row: it compares a pretraining "
+                     "run with its random twin.")
+    return "\n".join(lines)
+
+
 def markdown(summary: list[dict]) -> str:
     """The study's table."""
     lines = ["| set | evaluation | labels | random init | pretrained | pretrained - random | pretrained better |",
              "|---|---|---|---|---|---|---|"]
     for s in summary:
         fmt = "{:.3f}" if s["eval"] == "recon" else "{:.1f}"
-        pm = lambda m, d: f"{fmt.format(m)} ± {fmt.format(d)}"  # noqa: E731
+        one = len(s["seeds"]) == 1  # one seed: a value, no spread to show
+        pm = lambda m, d: fmt.format(m) if one else f"{fmt.format(m)} ± {fmt.format(d)}"  # noqa: E731
         n = s.get("draws", [1])
         labels = LABEL_NAMES[s["labels"]] + (f" (mean of {n[0]} draws)" if n != [1] and len(n) == 1 else
                                              f" (draws {'/'.join(map(str, n))})" if n != [1] else "")
@@ -247,6 +263,33 @@ def markdown(summary: list[dict]) -> str:
                      f"{'+' if s['diff_mean'] >= 0 else ''}{pm(s['diff_mean'], s['diff_std'])} | "
                      f"{s['pretrained_better']}/{len(s['seeds'])} |")
     return "\n".join(lines)
+
+
+SETS = ("digits", "photos")  # the built-in labelled sets with study presets (configs/{pretrain,linprobe,finetune})
+
+
+def check_arguments(a: argparse.Namespace, label_sets: list[str]) -> Optional[str]:
+    """One line naming the first bad argument (set, label set, checkpoint, jobs), or None: checked before any work."""
+    from mimkit.errors import UserError, suggest
+    from mimkit.io import resolve_checkpoint
+
+    for name in a.sets:
+        if name not in SETS:
+            hint = " (--sets takes names separated by spaces)" if "," in name else suggest(name, SETS)
+            return f"unknown set '{name}'{hint}; the study's sets: {', '.join(SETS)}"
+    for labels in label_sets:
+        if not (labels == "all" or (labels.endswith("pct") and labels[:-3].isdigit() and 0 < int(labels[:-3]) <= 100)
+                or (labels.endswith("pc") and labels[:-2].isdigit() and int(labels[:-2]) > 0)):
+            return (f"label set '{labels}': use all, <n>pc (n labels per class, e.g. 5pc) or <p>pct (p % of each "
+                    f"class, e.g. 10pct)")
+    if a.jobs < 1:
+        return "--jobs must be at least 1 (1 = in this process)"
+    if a.checkpoint is not None:
+        try:
+            resolve_checkpoint(a.checkpoint)
+        except UserError as e:
+            return str(e)
+    return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -283,6 +326,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         p.error(f"unknown evals {sorted(unknown)}; choose from {', '.join(EVALS)}")
     label_sets = [x for x in a.label_sets.split(",") if x]
+    problem = check_arguments(a, label_sets)
+    if problem:
+        p.error(problem)
     extra: dict[str, Any] = {stage: {**(TINY[stage] if a.tiny else {}), "misc.amp": a.amp} for stage in TINY}
     extra["amp"] = a.amp
     if a.draws < 1 or a.finetune_draws < 1:
@@ -306,14 +352,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rows += r
     summary = summarise(rows)
     cpu = sum(r.get("cpu_s") or 0.0 for r in rows)
-    table = markdown(summary)
+    table = markdown(summary) + "\n\n" + caption(a.checkpoint, len(a.seeds))
     name = "pretraining_pays" if a.amp == "off" else f"pretraining_pays_amp-{a.amp}"
     if a.amp != "off":  # the same runs in fp32, where this --out has them: the precision's effect, seed by seed
         COLLECT_ONLY = True
         fp32 = [r for job in jobs for r in run_seed(*job[:-1], {**extra, "amp": "off"})]
         table += ("\n\nThe same runs, fp32 (`--amp off`, finished in this --out) vs " + a.amp + ":\n\n"
                   + versus_fp32(rows, fp32))
-    cmd = "python benchmarks/pretraining_pays.py" + ("" if argv is None else " " + " ".join(argv))
+    cmd = "python benchmarks/pretraining_pays.py" + "".join(
+        " " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     precision = "fp32" if a.amp == "off" else a.amp
     header = (f"Command: `{cmd}`  \nMachine: {machine()}; precision: {precision}  \n"
               f"CPU time of the training runs: {cpu:.0f} s "

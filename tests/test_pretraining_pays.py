@@ -135,6 +135,7 @@ def test_study_script_runs_end_to_end_and_writes_its_table(tmp_path):
     assert draws == {("probe", "pretrained"): [0, 1], ("probe", "random"): [0, 1],
                      ("finetune", "pretrained"): [0], ("finetune", "random"): [0]}
     assert "| 5 per class (mean of 2 draws) |" in table
+    assert res["command"] == "python benchmarks/pretraining_pays.py " + " ".join(argv)  # the flags as given
     recon = next(s for s in res["summary"] if s["eval"] == "recon")
     assert recon["pretrained_mean"] < recon["random_mean"]
     # a rerun reuses every finished run
@@ -162,3 +163,30 @@ def test_study_amp_bf16_runs_apart_from_fp32_and_compares_with_it(tmp_path):
     row = next(x for x in table.splitlines() if x.startswith("| photos | held-out") and "| pretrained |" in x)
     assert f"{fp32['pretrained_mean']:.3f} ± 0.000 | {bf16['pretrained_mean']:.3f} ± 0.000" in row
     assert row.endswith("| 1 |")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sets", "digit"], "unknown set 'digit' (did you mean 'digits'?)"),
+    (["--sets", "digits,photos"], "--sets takes names separated by spaces"),
+    (["--label_sets", "5pcs"], "label set '5pcs': use all, <n>pc"),
+    (["--label_sets", "all,0pc"], "label set '0pc'"),
+    (["--checkpoint", "no/such/run"], "checkpoint not found: no/such/run"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        study.main([*argv, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_the_table_names_the_command_and_says_what_one_seed_means(tmp_path):
+    rows = [{"data": "digits", "eval": "knn", "labels": "all", "init": i, "seed": 0, "value": v}
+            for i, v in (("pretrained", 90.0), ("random", 70.0))]
+    table = study.markdown(study.summarise(rows))
+    assert "| digits | k-NN top-1 %, k = 20 | all labels | 70.0 | 90.0 | +20.0 | 1/1 |" in table  # no "± 0.0"
+    assert "one seed, so no spread" in study.caption(None, 1)
+    assert "mean ± std over the seeds" in study.caption(None, 3)
+    assert "--checkpoint runs/mine" in study.caption("runs/mine", 1)
