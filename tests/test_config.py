@@ -114,3 +114,11 @@ def test_missing_data_path_fails_before_any_work(tmp_path: Path) -> None:
                         "--output_dir", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
     assert not out.exists()
+
+
+def test_a_misspelt_preset_gets_a_did_you_mean() -> None:
+    from mimkit import config as C
+    from mimkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config file not found: linprobe/digit.yaml \(did you mean 'linprobe/digits.yaml'\?\)"):
+        C.load_file("linprobe/digit.yaml")

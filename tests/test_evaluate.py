@@ -112,3 +112,14 @@ def test_bad_inputs_one_clear_line(command, tiny, tmp_path, capsys) -> None:
                   "--output_dir", str(tmp_path / "o")], capsys)
     assert "does not fit" in msg and "shape" in msg
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_a_random_init_summary_says_so(tmp_path, capsys) -> None:
+    from mimkit.tasks.evaluate import report
+
+    for rnd in (False, True):
+        report(tmp_path / str(rnd), "linprobe", {"acc1": 50.0}, "runs/pre", "digits",
+               {"model": {"random_init": rnd}})
+    out = capsys.readouterr().out
+    assert "mimkit linprobe: runs/pre on digits" in out
+    assert "mimkit linprobe: random weights, architecture of runs/pre on digits" in out

@@ -225,7 +225,8 @@ def load_file(path: str | Path) -> dict:
         if preset.is_file():
             p = preset
         else:
-            raise ConfigError(f"config file not found: {path}")
+            shipped = [str(f.relative_to(PRESET_DIR)) for f in PRESET_DIR.rglob("*") if f.suffix in (".yaml", ".json")]
+            raise ConfigError(f"config file not found: {path}{suggest(str(path), shipped)}")
     try:
         text = p.read_text()
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)

@@ -142,7 +142,11 @@ def report(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoin
            config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
     """Print the summary table and write results.json (see write_results); returns its path."""
     path = write_results(out_dir, command, metrics, checkpoint, data, config, extra, keep_earlier)
-    print(format_table(metrics, f"mimkit {command}: {checkpoint or 'random init'} on {data}"))
+    random_init = bool((config.get("model") or {}).get("random_init") or config.get("random_init"))
+    # a --random_init baseline is told apart from the pretrained run of the same checkpoint
+    source = (f"random weights, architecture of {checkpoint}" if random_init and checkpoint
+              else checkpoint or "random init")
+    print(format_table(metrics, f"mimkit {command}: {source} on {data}"))
     print(f"results: {path}")
     return path
 
