@@ -120,6 +120,9 @@ def test_a_random_init_summary_says_so(tmp_path, capsys) -> None:
     for rnd in (False, True):
         report(tmp_path / str(rnd), "linprobe", {"acc1": 50.0}, "runs/pre", "digits",
                {"model": {"random_init": rnd}})
+    report(tmp_path / "knn", "knn", {"knn_top1_k20": 50.0}, "runs/pre", "digits",
+           {"model": "mae_vit_base_patch16", "random_init": True})  # knn's config: a model name, flat flags
     out = capsys.readouterr().out
+    assert "mimkit knn: random weights, architecture of runs/pre on digits" in out
     assert "mimkit linprobe: runs/pre on digits" in out
     assert "mimkit linprobe: random weights, architecture of runs/pre on digits" in out

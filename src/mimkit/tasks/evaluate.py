@@ -142,7 +142,8 @@ def report(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoin
            config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
     """Print the summary table and write results.json (see write_results); returns its path."""
     path = write_results(out_dir, command, metrics, checkpoint, data, config, extra, keep_earlier)
-    random_init = bool((config.get("model") or {}).get("random_init") or config.get("random_init"))
+    model = config.get("model")  # a config section for training commands, a model name for knn / rankme
+    random_init = bool((model.get("random_init") if isinstance(model, dict) else False) or config.get("random_init"))
     # a --random_init baseline is told apart from the pretrained run of the same checkpoint
     source = (f"random weights, architecture of {checkpoint}" if random_init and checkpoint
               else checkpoint or "random init")
