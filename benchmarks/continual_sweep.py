@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=str(ROOT / "docs" / "continual.md"), help="page to (re)write the table into")
     p.add_argument("extra", nargs="*", help="more arguments for `mimkit continual --sweep` (after --)")
     args = p.parse_args(argv)
-    from mimkit.cli import main as mimkit
+    from mimkit.api import run_command
 
     cli = ["continual", "--sweep", "--output_dir", args.out, *args.extra]
     t0 = time.perf_counter()
-    rc = mimkit(cli)
+    rc = run_command(cli[0], cli[1:]).exit_code
     if rc:
         return rc
     wall = time.perf_counter() - t0

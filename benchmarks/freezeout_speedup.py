@@ -145,20 +145,15 @@ def is_localmim(model: str) -> bool:
 
 
 def build_cfg(argv: list[str]):
+    from mimkit.commands import RaisingArgParser, command_parser, parse_command_args
     from mimkit.tasks import pretrain
 
-    p = argparse.ArgumentParser()
-    pretrain.add_arguments(p)
-    args, rest = p.parse_known_args(argv)  # as mimkit.cli: dotted overrides may follow the flags
-    if any(r.startswith("-") for r in rest):
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.items = list(args.items) + rest
-    return pretrain.config_from_args(args)
+    return pretrain.config_from_args(parse_command_args(command_parser("pretrain", RaisingArgParser), argv))
 
 
 def write_subset(data: str, n: int, folder: Path) -> str:
     """The first n training images of a built-in set or folder, as PNGs in `folder` (a flat image folder)."""
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
 
     ds = open_dataset(data, "train", None)
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,11 +272,13 @@ def child_main(conn, argv: list[str], threads: int, knn_argv: list[str] | None) 
         return
     knn = None
     if knn_argv is not None:
-        from mimkit.cli import main as mimkit_main
+        from mimkit.api import run_command
+        from mimkit.errors import UserError
 
-        out = Path(knn_argv[knn_argv.index("--output_dir") + 1])
-        rc = mimkit_main(["knn", "--checkpoint", summary_path(argv), *knn_argv])
-        knn = json.loads((out / "results.json").read_text())["metrics"] if rc == 0 else {"error": rc}
+        try:
+            knn = run_command("knn", ["--checkpoint", summary_path(argv), *knn_argv]).results["metrics"]
+        except UserError as e:
+            knn = {"error": str(e)}
     conn.send(("knn", knn))
 
 

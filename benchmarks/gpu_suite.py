@@ -150,9 +150,9 @@ def step_section(args, device: torch.device) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- 2. end to end
 def e2e_section(args, device: torch.device) -> dict:
     """The training loop on synthetic tensors, and on JPEGs / shards with worker or device augmentation."""
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.device_augment import DeviceAugment, DeviceSamples, collate_device, device_step
-    from mimkit.data.shards import write_shards
+    from mimkit.data.packing import write_shards
     from mimkit.data.transforms import mean_std, pretrain_transform
 
     amp = "bf16" if device.type == "cuda" else "off"

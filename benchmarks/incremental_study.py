@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from mimkit.cli import main as cli_main
+    from mimkit.api import run_command
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             slug = "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
             run_dir = out / f"{slug}-seed{seed}"
             t0 = time.perf_counter()
-            rc = cli_main(["incremental", *COMMON, *METHODS[label], "--seed", str(seed),
-                           "--output_dir", str(run_dir), *args.extra])
-            if rc:
-                return rc
-            res = json.loads((run_dir / "results.json").read_text())
+            run = run_command("incremental", [*COMMON, *METHODS[label], "--seed", str(seed),
+                                              "--output_dir", str(run_dir), *args.extra])
+            if run.exit_code:
+                return run.exit_code
+            res = run.results
             runs.append({"method": label, "seed": seed, "wall_s": time.perf_counter() - t0, **res["metrics"],
                          "rankme_per_task": [r["rankme"] for r in res["per_task"]],
                          "acc_seen_per_task": [r["acc_seen"] for r in res["per_task"]]})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mimkit import config as C
-from mimkit.tasks import eval_config as EC
+from mimkit.tasks.evaluation import config as EC
 
 
 def _quiet():
@@ -65,7 +65,7 @@ def pretrain(preset: str, data: str, out: Path, seed: int, **overrides: Any) -> 
 
 def random_twin(checkpoint: str, seed: int):
     """The checkpoint's architecture with fresh random weights (what `--random_init` evaluates)."""
-    from mimkit.tasks.evaluate import load_encoder
+    from mimkit.tasks.evaluation.common import load_encoder
 
     return load_encoder(checkpoint, random_init=True, seed=seed)[0]
 
@@ -75,7 +75,7 @@ def heldout_loss(model, data: str, seed: int = 0, mask_ratio: Optional[float] = 
     """Masked reconstruction loss of `model` on `data`'s val split (eval transform, masks fixed by `seed`)."""
     from torch.utils.data import DataLoader
 
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.datasets import collate_batch
     from mimkit.data.transforms import eval_transform, normalization_of
 
@@ -178,7 +178,7 @@ def labelled_subset(data: str, out: Path, per_class: Optional[int] = None, fract
     once per ~min_train training images rather than once per handful. The labelled images are the same.
     `seed`: an int or a list of ints (numpy's SeedSequence entropy).
     """
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
 
     out = Path(out)
     if (out / ".done").exists():

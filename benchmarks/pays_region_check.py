@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="photos", help="built-in set (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: %(default)s)")
     a = p.parse_args(argv)
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import eval_transform, normalization_of
-    from mimkit.tasks.evaluate import load_encoder
+    from mimkit.tasks.evaluation.common import load_encoder
 
     for seed in a.seeds:
         ckpt = Path(a.study) / a.data / f"seed{seed}" / "pretrain" / "checkpoints" / "final.pt"

@@ -408,7 +408,7 @@ def time_bare(args, device: torch.device) -> list[float]:
 def write_jpegs(folder: Path, n: int, px: int) -> None:
     from PIL import Image
 
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
 
     demo = open_dataset("demo", "train")
     for i in range(n):
@@ -453,7 +453,7 @@ def time_loop(args, device: torch.device, dataset, num_workers: int, run_dir: Pa
 
 
 def loop_mode(args, device: torch.device) -> dict:
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import pretrain_transform
 
     n = args.batch_size * (max(1, args.warmup) + args.steps)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mimkit.cli import build_parser
-from mimkit.data.builtin import open_dataset
+from mimkit.data.sources import open_dataset
 from mimkit.data.datasets import collate_batch
 from mimkit.engine import distributed as D
 from mimkit.engine.sampling import EpochSampler, SeededSamples, build_loader

@@ -1,126 +1,152 @@
-"""One model name is one architecture; a checkpoint's architecture beats presets (issue 10, item 2)."""
+"""The package's layers: no import runs back up, no import circles (issue 20). See docs/architecture.md."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-from conftest import TINY_MODEL, write_images
+import ast
+import shutil
+from pathlib import Path
 
-from mimkit.cli import build_parser, main
-from mimkit.models import create_model
-from mimkit.models.registry import describe, list_models
-from mimkit.tasks import pretrain as P
-from mimkit.tasks.continual import config_from_args as continual_config
+import mimkit
 
-
-def _pretrain_cfg(argv: list[str]):
-    return P.config_from_args(build_parser().parse_args(["pretrain", *argv]))
-
-
-def test_demo_models_have_names_of_their_own(capsys) -> None:
-    assert {"mae_vit_demo_patch8", "mae_vit_nano_patch8"} <= set(list_models())
-    demo = create_model("mae_vit_demo_patch8")
-    assert (demo.patch_size, demo.depth, demo.embed_dim, len(demo.decoder_blocks)) == (8, 6, 192, 2)
-    old = create_model("mae_vit_tiny_patch16", img_size=64, patch_size=8, depth=6, decoder_depth=2)  # the old demo
-    assert {k: v.shape for k, v in demo.state_dict().items()} == {k: v.shape for k, v in old.state_dict().items()}
-    assert "patch 8, 6 blocks x 192-d (3 heads), decoder 2 blocks x 128-d, 64x64 px" in describe(demo)
-    assert main(["models"]) == 0
-    assert "mae_vit_demo_patch8" in capsys.readouterr().out
+# Lowest first. A module may import its own group and the layers below it, never a layer above, and never a
+# sibling group of its own layer (data, models and metrics know nothing of each other).
+LAYERS: list[tuple[str, ...]] = [
+    ("mimkit", "mimkit.errors"),            # the root (its __version__) and the error types
+    ("mimkit.io",),                         # safe file reading, checkpoint resolution
+    ("mimkit.data", "mimkit.models", "mimkit.metrics"),
+    ("mimkit.engine",),                     # THE loop and what it needs; no model, no task
+    ("mimkit.config",),                     # schemas, layers, the Flag tables' builder
+    ("mimkit.tasks",),                      # one recipe per command; tasks may build on tasks
+    ("mimkit.commands",),                   # the command table and parsing
+    ("mimkit.api",),                        # the Python API: the one path every command runs through
+    ("mimkit.cli",),                        # the console entry; nothing imports it
+    ("mimkit.__main__",),                   # `python -m mimkit`, `torchrun -m mimkit`
+]
+# The root package's lazy facade (`mimkit.pretrain(...)` imported on first use) is the one sanctioned edge upward.
+FACADE = {("mimkit", "mimkit.api")}
 
 
-def test_explicit_model_never_takes_the_demo_presets_kwargs() -> None:
-    cfg = _pretrain_cfg(["--model", "mae_vit_tiny_patch16", "--input_size", "32"])
-    assert cfg.misc.preset == "pretrain/demo.yaml" and dict(cfg.model.kwargs) == {}
-    model = P.build_model(cfg, "meta")
-    assert (model.patch_size, model.depth, model.embed_dim) == (16, 12, 192)  # the real ViT-Ti/16
-    # kwargs given beside the user's own --model still apply
-    cfg = _pretrain_cfg(["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "model.kwargs.depth=2"])
-    assert dict(cfg.model.kwargs) == {"patch_size": 8, "depth": 2}
+def module_name(root: Path, f: Path) -> str:
+    """src/mimkit/tasks/knn.py -> mimkit.tasks.knn; a package's __init__ -> the package."""
+    parts = list(f.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_a_config_file_kwargs_belong_to_its_model(tmp_path) -> None:
-    f = tmp_path / "c.yaml"
-    f.write_text("model: {type: mae_vit_tiny_patch16, kwargs: {depth: 3}}\ndata: {data_path: /d}\n")
-    assert dict(_pretrain_cfg([str(f)]).model.kwargs) == {"depth": 3}
-    assert dict(_pretrain_cfg([str(f), "--model", "mae_vit_small_patch16"]).model.kwargs) == {}
-    # an alias names the same model: its kwargs stay
-    assert dict(_pretrain_cfg([str(f), "--model", "mae_vit_tiny_patch16"]).model.kwargs) == {"depth": 3}
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in the file (a lazy import is still an edge)."""
+    files = {module_name(root, f): f for f in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, f in files.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names]
+            else:
+                continue
+            edges |= {n for n in names if n in files and n != mod}
+        graph[mod] = edges - {b for a, b in FACADE if a == mod}
+    return graph
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A finished tiny pretraining run: type mae_vit_tiny_patch16 with kwargs (the old demo's shape of config)."""
-    tmp = tmp_path_factory.mktemp("arch")
-    data = tmp / "imgs"
-    write_images(data, 8)
-    run = tmp / "run"
-    assert main(["pretrain", *TINY_MODEL, "--data_path", str(data), "--output_dir", str(run), "--batch_size", "4",
-                 "--num_workers", "0", "--epochs", "1", "--max_steps", "1"]) == 0
-    return run / "checkpoints" / "final.pt", data
+def group_of(module: str) -> tuple[int, str]:
+    """(layer index, group) of a module: the longest group name it falls under."""
+    best = None
+    for i, groups in enumerate(LAYERS):
+        for g in groups:
+            if (module == g or module.startswith(g + ".")) and (best is None or len(g) > len(best[1])):
+                best = (i, g)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and docs/architecture.md)"
+    return best
 
 
-@pytest.mark.parametrize("extra", [[], ["--model", "mae_vit_tiny_patch16"]])
-def test_continual_builds_the_checkpoints_architecture_over_the_demo_preset(tiny_run, extra) -> None:
-    from mimkit.models.convert import load_into_model
-
-    ckpt, _ = tiny_run
-    args = build_parser().parse_args(["continual", "--continual_checkpoint", str(ckpt), *extra])
-    cfg = continual_config(args)
-    assert cfg.misc.preset == "continual/demo.yaml" and list(cfg.continual.domains)  # the demo sequence
-    assert cfg.model.type == "mae_vit_tiny_patch16"
-    assert dict(cfg.model.kwargs) == {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                                      "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
-    assert cfg.data.input_size == 32  # the checkpoint's size beats the demo preset's 64
-    model = P.build_model(cfg, "cpu")
-    report = load_into_model(model, str(ckpt))
-    assert not report.missing and not report.unexpected
+def back_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge that runs up the layers or across sibling groups, as 'a -> b'."""
+    bad = []
+    for a, targets in graph.items():
+        la, ga = group_of(a)
+        for b in targets:
+            lb, gb = group_of(b)
+            if lb > la or (lb == la and ga != gb):
+                bad.append(f"{a} -> {b}")
+    return sorted(bad)
 
 
-def test_checkpoint_architecture_beats_a_preset_file_but_not_a_flag(tiny_run) -> None:
-    ckpt, data = tiny_run
-    cfg = continual_config(build_parser().parse_args(
-        ["continual", "continual/demo.yaml", "--continual_checkpoint", str(ckpt), "--domains", "photos"]))
-    assert cfg.model.type == "mae_vit_tiny_patch16" and cfg.model.kwargs.depth == 2
-    cfg = continual_config(build_parser().parse_args(
-        ["continual", "--continual_checkpoint", str(ckpt), "--data_path", str(data),
-         "--model", "mae_vit_base_patch16"]))
-    assert cfg.model.type == "mae_vit_base_patch16" and dict(cfg.model.kwargs) == {}
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected sets of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
 
 
-@pytest.mark.parametrize("model_flag", [[], ["--model", "mae_vit_tiny_patch16"]])
-def test_eval_commands_take_the_checkpoints_kwargs(tiny_run, model_flag) -> None:
-    from mimkit.models.loading import model_from_checkpoint
-
-    ckpt, _ = tiny_run
-    model, _ = model_from_checkpoint(ckpt, *(model_flag[1:] or [None]))
-    assert (model.patch_size, model.depth, model.embed_dim) == (8, 2, 32)
+ROOT = Path(mimkit.__file__).parent
 
 
-def test_eval_command_with_another_model_builds_that_model(tiny_run) -> None:
-    from mimkit.errors import CheckpointError
-    from mimkit.models.loading import model_from_checkpoint
-
-    ckpt, _ = tiny_run
-    with pytest.raises(CheckpointError):  # a ViT-S/16 is built as registered, so the tiny weights do not fit
-        model_from_checkpoint(ckpt, "mae_vit_small_patch16")
+def test_no_import_runs_back_up() -> None:
+    assert back_imports(import_graph(ROOT)) == []
 
 
-def test_startup_line_states_the_architecture(tmp_path) -> None:
-    data = tmp_path / "imgs"
-    write_images(data, 8)
-    assert main(["pretrain", *TINY_MODEL, "--data_path", str(data), "--output_dir", str(tmp_path / "r"),
-                 "--batch_size", "4", "--num_workers", "0", "--epochs", "1", "--max_steps", "1"]) == 0
-    first = (tmp_path / "r/log.txt").read_text().splitlines()[0]
-    assert "mae_vit_tiny_patch16 (patch 8, 2 blocks x 32-d (2 heads), decoder 1 blocks x 32-d, 32x32 px" in first
-    assert torch.load(tmp_path / "r/checkpoints/final.pt", weights_only=True)["config"]["model"]["kwargs"]["depth"] == 2
+def test_no_import_circles() -> None:
+    assert circles(import_graph(ROOT)) == []
 
 
-def test_another_model_than_the_checkpoints_is_told_which_it_holds(tmp_path) -> None:
-    from mimkit.errors import CheckpointError
-    from mimkit.tasks.preflight import load_weights
+def test_the_checks_catch_a_planted_back_import_and_circle(tmp_path) -> None:
+    tree = tmp_path / "mimkit"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns("__pycache__", "configs"))
+    assert back_imports(import_graph(tree)) == [] and circles(import_graph(tree)) == []
+    # a data module reaching up into a task, as incremental/ once reached into tasks/
+    (tree / "data" / "planted.py").write_text("def f():\n    from mimkit.tasks.knn import run\n    return run\n")
+    assert back_imports(import_graph(tree)) == ["mimkit.data.planted -> mimkit.tasks.knn"]
+    # two modules importing each other, as segment.py and segment_eval.py once did
+    (tree / "tasks" / "ping.py").write_text("from mimkit.tasks import pong\n")
+    (tree / "tasks" / "pong.py").write_text("def f():\n    from mimkit.tasks.ping import x\n")
+    assert ["mimkit.tasks.ping", "mimkit.tasks.pong"] in circles(import_graph(tree))
+    # a sibling group of the same layer: models knowing a dataset
+    (tree / "models" / "planted.py").write_text("import mimkit.data.images\n")
+    assert "mimkit.models.planted -> mimkit.data.images" in back_imports(import_graph(tree))
 
-    ckpt = tmp_path / "demo.pt"
-    torch.save({"model": create_model("mae_vit_nano_patch8").state_dict(), "mimkit_version": "0",
-                "config": {"model": {"type": "mae_vit_nano_patch8", "kwargs": {}}, "data": {"input_size": 64}}}, ckpt)
-    with pytest.raises(CheckpointError, match="the checkpoint holds mae_vit_nano_patch8: drop --model"):
-        load_weights(create_model("mae_vit_tiny_patch16", img_size=64), str(ckpt))
+
+def test_every_module_sits_in_a_layer() -> None:
+    for module in import_graph(ROOT):
+        group_of(module)
+
+
+def test_no_task_file_is_a_package_in_disguise() -> None:
+    """No tasks/<command>_<part>.py (a package of its own instead) and no task module over ~400 lines."""
+    from mimkit.commands import COMMANDS
+
+    flat = [f.name for f in (ROOT / "tasks").glob("*.py")]
+    assert not [n for n in flat for c in COMMANDS if n.startswith(c + "_")]
+    long = {str(f.relative_to(ROOT)): n for f in (ROOT / "tasks").rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > 420}
+    assert long == {}

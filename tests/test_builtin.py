@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mimkit.data import builtin
-from mimkit.data.builtin import builtin_dataset, is_builtin, list_builtin, make_crops, open_dataset
+from mimkit.data.builtin import builtin_dataset, is_builtin, list_builtin, make_crops
+from mimkit.data.sources import open_dataset
 from mimkit.data.transforms import eval_transform, pretrain_transform
 from mimkit.errors import DataError
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.transforms import functional as F
 
 from conftest import TINY_MODEL
-from mimkit.data.builtin import open_dataset
+from mimkit.data.sources import open_dataset
 from mimkit.data.device_augment import DeviceAugment, DeviceSamples, collate_device, resize_weights
 from mimkit.data.transforms import mean_std, pretrain_transform
 from mimkit.engine.sampling import SeededSamples
@@ -120,7 +120,7 @@ def test_shards_hand_jpeg_bytes_to_the_device_path(tmp_path: Path) -> None:
     """Over WebDataset shards the device path reads members' bytes: the same boxes and images as the folder."""
     import json
 
-    from mimkit.data.shards import write_shards
+    from mimkit.data.packing import write_shards
 
     folder = _photo_folder(tmp_path / "imgs")
     write_shards(str(folder), tmp_path / "s", shard_size=5)

@@ -70,11 +70,11 @@ def test_knn_cli_writes_results(tiny, tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_rankme_cli_matches_metric(tiny, tmp_path) -> None:
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import eval_transform
     from mimkit.metrics import rankme
     from mimkit.models.loading import model_from_checkpoint
-    from mimkit.tasks.features import extract_features
+    from mimkit.tasks.evaluation.features import extract_features
 
     ckpt, data = tiny
     assert main(["rankme", "--checkpoint", str(ckpt), "--data_path", str(data), "--output_dir", str(tmp_path),
@@ -115,7 +115,7 @@ def test_bad_inputs_one_clear_line(command, tiny, tmp_path, capsys) -> None:
 
 
 def test_a_random_init_summary_says_so(tmp_path, capsys) -> None:
-    from mimkit.tasks.evaluate import report
+    from mimkit.tasks.evaluation.common import report
 
     for rnd in (False, True):
         report(tmp_path / str(rnd), "linprobe", {"acc1": 50.0}, "runs/pre", "digits",

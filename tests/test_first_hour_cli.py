@@ -20,7 +20,7 @@ def _continual_cfg(*argv: str):
 
 
 def _pretrain_cfg(*argv: str):
-    return P.config_from_args(build_parser().parse_args(["pretrain", *argv]), builtin_presets=P.BUILTIN_PRESETS)
+    return P.config_from_args(build_parser().parse_args(["pretrain", *argv]))
 
 
 # ---------------------------------------------------------------------------------------------- 1. built-in data

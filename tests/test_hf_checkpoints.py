@@ -155,7 +155,7 @@ def test_every_checkpoint_reader_takes_a_folder(tmp_path, saved, hf_model):
     """load_into_model (continual / init_from), load_encoder (knn, rankme, linprobe, finetune), the export loader
     and the training-checkpoint reader (resume) all go through the resolver."""
     from mimkit.engine.checkpoint import load_training_checkpoint
-    from mimkit.tasks.evaluate import load_encoder
+    from mimkit.tasks.evaluation.common import load_encoder
     from mimkit.tasks.export import load_for_export
 
     ours = create_model("mae_vit_base_patch16", **OUR_ARCH).eval()

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from mimkit.errors import ConfigError, DataError
-from mimkit.incremental import config as IC
-from mimkit.incremental import data as ID
-from mimkit.incremental.methods import EMATeacher, PreviousModel, ReservoirBuffer, kd_loss, masked_distillation
-from mimkit.incremental.model import FeatureMasker, IncrementalClassifier
+from mimkit.tasks.incremental import config as IC
+from mimkit.tasks.incremental import data as ID
+from mimkit.tasks.incremental.methods import EMATeacher, PreviousModel, ReservoirBuffer, kd_loss, masked_distillation
+from mimkit.tasks.incremental.model import FeatureMasker, IncrementalClassifier
 from mimkit.metrics import forgetting as Fg
 from mimkit.models.resnet import resnet18_cifar
 
@@ -225,7 +225,7 @@ def test_metrics_on_hand_matrix():
 
 
 def test_report_metrics_and_table():
-    from mimkit.incremental import report as R
+    from mimkit.tasks.incremental import report as R
 
     rows = [{"acc": [90.0], "acc_seen": 90.0, "rankme": 5.0, "classes": [1]},
             {"acc": [40.0, 80.0], "acc_seen": 60.0, "rankme": 4.0, "classes": [0]}]
@@ -240,7 +240,7 @@ def test_report_metrics_and_table():
 def test_picture_written(tmp_path):
     from PIL import Image
 
-    from mimkit.incremental import report as R
+    from mimkit.tasks.incremental import report as R
 
     p = R.picture(tmp_path / "x.png", np.array([[90.0, np.nan], [10.0, 80.0]]), [5.0, 3.0])
     img = np.asarray(Image.open(p).convert("RGB"))
@@ -252,7 +252,7 @@ def test_picture_written(tmp_path):
 def test_picture_parts_do_not_overlap(shape):
     from PIL import Image, ImageDraw, ImageFont
 
-    from mimkit.incremental import report as R
+    from mimkit.tasks.incremental import report as R
 
     font, probe = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
     L = R.layout(*shape, lambda t: int(probe.textlength(t, font=font)))
@@ -265,7 +265,7 @@ def test_picture_parts_do_not_overlap(shape):
 
 
 def test_rankme_axis_ticks_are_round_and_inside():
-    from mimkit.incremental import report as R
+    from mimkit.tasks.incremental import report as R
 
     for lo, hi in [(12.3, 47.9), (0.0, 1.0), (3.2, 3.4), (95.0, 160.0)]:
         ticks = R.nice_ticks(lo, hi)
@@ -276,7 +276,7 @@ def test_rankme_axis_ticks_are_round_and_inside():
 
 
 def test_csv_cells_are_rounded_and_empty_when_undefined(tmp_path):
-    from mimkit.incremental import report as R
+    from mimkit.tasks.incremental import report as R
 
     rows = [{"task": 0, "classes": [3, 1], "acc": [0.1 + 0.2], "acc_seen": 0.1 + 0.2, "rankme": 12.345678},
             {"task": 1, "classes": [0, 2], "acc": [33.33333, 66.666666], "acc_seen": 50.0, "rankme": float("nan")}]
@@ -482,7 +482,7 @@ def test_presets_load_and_flags_win(preset, tasks, model):
 # ---------------------------------------------------------------------------------------------- PreciseBN
 def test_precise_bn_recomputes_population_statistics_without_moving_rng():
     from mimkit.data.datasets import collate_batch
-    from mimkit.incremental.precise_bn import PreciseBN
+    from mimkit.tasks.incremental.precise_bn import PreciseBN
 
     torch.manual_seed(0)
     data = [(torch.randn(2, 1, 1) * 3 + 5, 0) for _ in range(12)]
@@ -525,7 +525,7 @@ def test_estimate_and_run_eta_cover_the_tasks_left(tmp_path, monkeypatch):
 
 def test_resume_compares_effective_tasks_and_nf(tmp_path):
     from mimkit import config as C
-    from mimkit.incremental import resume as RS
+    from mimkit.tasks.incremental import resume as RS
 
     def cfg(**inc):
         model = inc.pop("model", {"type": "slim_resnet18"})
@@ -541,7 +541,7 @@ def test_resume_compares_effective_tasks_and_nf(tmp_path):
 
 
 def test_schedule_change_on_a_finished_run_says_nothing_to_train():
-    from mimkit.incremental import resume as RS
+    from mimkit.tasks.incremental import resume as RS
 
     change = [{"key": "schedule.epochs", "old": 1, "new": 2}]
     assert "applies from task 3 on" in RS.describe_changes(change, 3, 5)

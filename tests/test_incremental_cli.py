@@ -168,7 +168,7 @@ def write_tiny_mae(path: Path) -> Path:
 
 @pytest.mark.slow
 def test_mae_vit_encoder_backbone(tmp_path):
-    from mimkit.incremental.model import build_classifier
+    from mimkit.tasks.incremental.model import build_classifier
 
     ckpt = write_tiny_mae(tmp_path / "mae.pt")
     net, desc = build_classifier("slim_resnet18", None, str(ckpt), 32, 2)
@@ -192,8 +192,8 @@ def test_short_run_eval_accuracy_matches_the_trained_weights(tmp_path):
     """1 epoch (18 steps) on task 0: BatchNorm running averages alone read chance (50 %) in eval mode; with the
     statistics recomputed (PreciseBN) the reported accuracy is what the trained weights give."""
     from mimkit.data.datasets import collate_batch
-    from mimkit.incremental import data as ID
-    from mimkit.incremental.model import build_classifier
+    from mimkit.tasks.incremental import data as ID
+    from mimkit.tasks.incremental.model import build_classifier
 
     out = tmp_path / "short"
     args = ["incremental", "--data_path", "digits", "--init_classes", "2", "--increment", "8", "--nf", "8",
@@ -257,7 +257,8 @@ def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(
 def test_every_flag_shows_its_default_and_no_auto_resume_reads_plainly():
     import argparse
 
-    from mimkit.cli import _subparser, build_parser, with_default
+    from mimkit.commands import build_parser, with_default
+    from mimkit.commands import subparser as _subparser
 
     sp = _subparser(build_parser(), "incremental")
     for action in sp._actions:
@@ -270,7 +271,7 @@ def test_every_flag_shows_its_default_and_no_auto_resume_reads_plainly():
 
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
     import mimkit.cli as cli
-    from mimkit.incremental import data as ID
+    from mimkit.tasks.incremental import data as ID
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

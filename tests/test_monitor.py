@@ -27,7 +27,7 @@ class _Log:
 
 
 def test_hook_schedule_values_and_rng(tmp_path) -> None:
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import eval_transform
 
     data = write_colour_set(tmp_path / "data")

@@ -103,8 +103,8 @@ def test_knn_uses_the_checkpoint_statistics(run_dir, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_classifier_runs_adopt_them_and_export_records_them(run_dir, tmp_path):
-    from mimkit.tasks.eval_config import LinprobeConfig
-    from mimkit.tasks.evaluate import adopt_normalization, load_encoder
+    from mimkit.tasks.evaluation.config import LinprobeConfig
+    from mimkit.tasks.evaluation.common import adopt_normalization, load_encoder
 
     cfg = C.build_config(LinprobeConfig, [])
     encoder, _ = load_encoder(str(run_dir))

@@ -112,9 +112,9 @@ def test_fused_adamw_gives_the_unfused_update_with_the_same_groups() -> None:
 
 
 def test_feature_pass_under_bf16_is_close_to_fp32_and_returns_fp32() -> None:
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import eval_transform
-    from mimkit.tasks.features import extract_features
+    from mimkit.tasks.evaluation.features import extract_features
 
     model = tiny_mae()
     ds = open_dataset("digits", "val", eval_transform(32, 3, (0.5,) * 3, (0.5,) * 3))

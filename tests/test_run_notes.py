@@ -72,8 +72,8 @@ def test_cpu_small_preset_builds_the_demo_model() -> None:
 @pytest.mark.parametrize("command", ["linprobe", "finetune"])
 def test_builtin_digits_take_their_cpu_preset_unless_a_file_is_given(command: str) -> None:
     from mimkit.cli import build_parser
-    from mimkit.tasks import eval_config as EC
-    from mimkit.tasks.pretrain import config_from_args
+    from mimkit.config import config_from_args
+    from mimkit.tasks.evaluation import config as EC
 
     flags, schema, presets = {"linprobe": (EC.LINPROBE_FLAGS, EC.LinprobeConfig, EC.LINPROBE_PRESETS),
                               "finetune": (EC.FINETUNE_FLAGS, EC.FinetuneConfig, EC.FINETUNE_PRESETS)}[command]

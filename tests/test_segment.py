@@ -18,7 +18,7 @@ from mimkit.metrics.segmentation import ConfusionMatrix, metrics_from_confusion
 from mimkit.models import create_model
 from mimkit.models.segmentation import default_taps, segmenter_arch, segmenter_from_encoder
 from mimkit.tasks.segment import param_groups, warmup_poly
-from mimkit.tasks.segment_infer import slide_logits, whole_logits
+from mimkit.tasks.segment.infer import slide_logits, whole_logits
 
 TINY = dict(patch_size=8, depth=2, embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2)
@@ -311,7 +311,7 @@ class _Ones(torch.nn.Module):
 @pytest.mark.parametrize("crop", [64, 33, 512])
 def test_default_slide_window_covers_every_pixel(size, crop) -> None:
     from mimkit import config as C
-    from mimkit.tasks.segment_config import SegmentConfig, slide_window
+    from mimkit.tasks.segment.config import SegmentConfig, slide_window
 
     cfg = C.build_config(SegmentConfig, [("flags", {"data": {"input_size": crop}})])
     window, stride = slide_window(cfg.test, C.input_size(cfg))
@@ -323,7 +323,7 @@ def test_default_slide_window_covers_every_pixel(size, crop) -> None:
 def test_a_stride_above_the_window_is_refused() -> None:
     from mimkit import config as C
     from mimkit.errors import ConfigError
-    from mimkit.tasks.segment_config import SegmentConfig, check_segment_config
+    from mimkit.tasks.segment.config import SegmentConfig, check_segment_config
 
     cfg = C.build_config(SegmentConfig, [("flags", {"data": {"input_size": 64, "data_path": "x"},
                                                     "test": {"stride": [341, 341]}})])
@@ -346,7 +346,7 @@ def test_whole_pads_to_the_patch_and_crops_back() -> None:
 
 def test_ade20k_preset_is_mmsegs_recipe() -> None:
     from mimkit import config as C
-    from mimkit.tasks.segment_config import SegmentConfig, check_segment_config
+    from mimkit.tasks.segment.config import SegmentConfig, check_segment_config
 
     cfg = C.build_config(SegmentConfig, [("preset", C.load_file("segment/ade20k_vit_base.yaml")),
                                          ("flags", {"data": {"data_path": "/data/ADEChallengeData2016"}})])
@@ -361,7 +361,7 @@ def test_ade20k_preset_is_mmsegs_recipe() -> None:
     assert cfg.test.mode == "slide"
     # the preset leaves scale, window and stride to follow the crop, as the schema: MMSeg's values at 512
     from mimkit.data.segmentation import SegTrainPipeline
-    from mimkit.tasks.segment_config import slide_window
+    from mimkit.tasks.segment.config import slide_window
 
     schema = C.build_config(SegmentConfig, [("flags", {"data": {"data_path": "/data/ADEChallengeData2016"}})])
     assert slide_window(schema.test, C.input_size(schema)) == slide_window(cfg.test, C.input_size(cfg)) \
@@ -374,8 +374,8 @@ def test_eval_settings_come_from_the_checkpoint_unless_the_user_gives_them() -> 
     import argparse
 
     from mimkit import config as C
-    from mimkit.tasks.segment_config import SEGMENT_FLAGS, SegmentConfig
-    from mimkit.tasks.segment_setup import apply_run_settings, given_keys
+    from mimkit.tasks.segment.config import SEGMENT_FLAGS, SegmentConfig
+    from mimkit.tasks.segment.setup import apply_run_settings, given_keys
 
     p = argparse.ArgumentParser()
     from mimkit.tasks.segment import add_arguments
@@ -400,8 +400,8 @@ def test_eval_settings_come_from_the_checkpoint_unless_the_user_gives_them() -> 
 def test_a_checkpoints_architecture_beats_the_presets_model_type(tmp_path) -> None:
     from mimkit import config as C
     from mimkit.engine.checkpoint import make_checkpoint
-    from mimkit.tasks.segment_config import SegmentConfig
-    from mimkit.tasks.segment_setup import build_encoder
+    from mimkit.tasks.segment.config import SegmentConfig
+    from mimkit.tasks.segment.setup import build_encoder
 
     kw = {**TINY, "depth": 3}
     enc = create_model("mae_vit_tiny_patch16", img_size=32, **kw)

@@ -18,10 +18,11 @@ from PIL import Image
 
 from conftest import TINY_MODEL, write_images
 from mimkit.cli import main
-from mimkit.data.builtin import open_dataset
+from mimkit.data.sources import open_dataset
 from mimkit.data.datasets import collate_batch
 from mimkit.data.transforms import eval_transform
-from mimkit.data.shards import has_shard_split, open_shards, write_shards
+from mimkit.data.shards import has_shard_split, open_shards
+from mimkit.data.packing import write_shards
 from mimkit.errors import DataError
 
 

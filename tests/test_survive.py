@@ -397,8 +397,9 @@ def test_write_error_during_save_is_one_line_and_keeps_the_previous_checkpoint(
 def test_every_training_command_takes_the_rollback_keys(schema: str) -> None:
     from mimkit import config as C
     from mimkit.errors import ConfigError
-    from mimkit.incremental.config import IncrementalConfig
-    from mimkit.tasks import continual, eval_config
+    from mimkit.tasks.incremental.config import IncrementalConfig
+    from mimkit.tasks import continual
+    from mimkit.tasks.evaluation import config as eval_config
 
     cls = {"pretrain": C.PretrainConfig, "continual": continual.ContinualConfig,
            "linprobe": eval_config.LinprobeConfig, "finetune": eval_config.FinetuneConfig,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mimkit.models.mae import MaskedAutoencoderViT
-from mimkit.models.registry import register_alias, register_model
+from mimkit.models.register import register_alias, register_model
 
 # Constructor options a user may override on any MAE preset.
 MAE_OPTIONS = (

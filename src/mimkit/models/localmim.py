@@ -21,7 +21,7 @@ from timm.layers import LayerNorm2d
 from mimkit.models import vit
 from mimkit.models.hog import HOGLayer, check_nbins
 from mimkit.models.mae import FIXED_PARAMS, LOSS_MODES, MaskedAutoencoderViT
-from mimkit.models.registry import register_alias, register_model
+from mimkit.models.register import register_alias, register_model
 
 SCALES = (4.0, 2.0, 1.0, 0.5)
 # The MAE pixel decoder the parent constructor builds; LocalMIM replaces it with one decoder per tap.

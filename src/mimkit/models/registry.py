@@ -1,39 +1,27 @@
-"""Model registry: the builder function's name is the model name; aliases map the seeds' names."""
+"""Model registry: the builder function's name is the model name; aliases map the seeds' names.
+
+Every builder module is imported here, so every registered model is known once this module is.
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from typing import Optional
 
 import torch.nn as nn
 
 from mimkit.errors import UserError, suggest
-
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register `fn` under its own name."""
-    _BUILDERS[fn.__name__] = fn
-    return fn
-
-
-def register_alias(alias: str, target: str) -> None:
-    """Register another name for an existing model (e.g. the official or a seed's name)."""
-    _ALIASES[alias] = target
-
+from mimkit.models import builders, localmim  # noqa: F401  (importing them fills the table)
+from mimkit.models.register import _ALIASES, _BUILDERS, register_alias, register_model  # noqa: F401
 
 def list_models(include_aliases: bool = True) -> list[str]:
     """Every registered model name (sorted), aliases included unless asked otherwise."""
-    _import_builders()
     names = set(_BUILDERS) | (set(_ALIASES) if include_aliases else set())
     return sorted(names)
 
 
 def resolve_name(name: str) -> str:
     """Alias -> canonical model name; unknown names raise UserError with the closest match."""
-    _import_builders()
     if name in _BUILDERS:
         return name
     if name in _ALIASES:
@@ -95,9 +83,3 @@ def create_model(name: str, **overrides) -> nn.Module:
         raise UserError(f"cannot build model '{name}': {e}") from None
     model.model_name = canonical
     return model
-
-
-def _import_builders() -> None:
-    # Importing the builder modules fills the registry; done lazily so registry.py has no cycles.
-    from mimkit.models import builders  # noqa: F401
-    from mimkit.models import localmim  # noqa: F401

@@ -4,7 +4,7 @@
     resnet18_cifar(nf=20)   # the slim ResNet-18 of GEM (Lopez-Paz & Ranzato 2017) and Avalanche's SlimResNet18
 
 The backbone ends at global average pooling: `forward(imgs (N, C, H, W)) -> features (N, 8 * nf)`; the
-classifier over the classes seen so far lives outside (mimkit.incremental.model.IncrementalClassifier).
+classifier over the classes seen so far lives outside (mimkit.tasks.incremental.model.IncrementalClassifier).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from mimkit.config import note_output
 from mimkit.errors import CheckpointError, UserError
 from mimkit.io import resolve_checkpoint
 
@@ -86,7 +87,7 @@ def load_for_export(path: str, model_name: str | None = None, input_size: int | 
     """(module to export, kind 'encoder' | 'classifier', the MAE encoder or None, description, reference module
     the export must match: the module itself, or a linear probe before its BatchNorm was folded)."""
     from mimkit.models.convert import extract_state_dict, load_checkpoint_file
-    from mimkit.tasks.evaluate import _resolve, load_encoder
+    from mimkit.tasks.evaluation.common import _resolve, load_encoder
 
     p = _resolve(path)
     obj = load_checkpoint_file(p)
@@ -347,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else default_output(resolve_checkpoint(args.checkpoint), kind, args.format)
     replaced = out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
+    note_output(out)
     exporters = {
         "torchscript": lambda: export_torchscript(model, example, out),
         "pt2": lambda: export_pt2(model, example, out),
@@ -370,8 +372,9 @@ def run(args: argparse.Namespace) -> int:
               "normalization": normalization_record(kind, mae, getattr(model, "saved_config", None), in_chans)}
     if getattr(runner, "timm", None):  # how to build the timm model that loads this file strictly
         record["timm"] = runner.timm
-    Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json").write_text(
-        json.dumps(record, indent=2) + "\n")
+    record_path = Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json")
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    note_output(record_path)
     print(f"mimkit export: {desc} -> {out} ({args.format}, {kind}, output {tuple(expected.shape)})"
           + ("; replaced the earlier export there" if replaced else ""))
     print(f"max abs error vs PyTorch on random input: {err:.3e} ({'ok' if ok else 'ABOVE'} atol {args.atol:g}; "

@@ -22,11 +22,11 @@ import torch
 from omegaconf import OmegaConf
 
 from mimkit import config as C
-from mimkit.tasks import eval_config as EC
-from mimkit.tasks import evaluate as E
-from mimkit.tasks.pretrain_config import add_arguments as _add_arguments
-from mimkit.tasks.pretrain_config import config_from_args
-from mimkit.tasks.pretrain_setup import seed_everything
+from mimkit.tasks.evaluation import config as EC
+from mimkit.tasks.evaluation import common as E
+from mimkit.config import add_arguments as _add_arguments
+from mimkit.config import config_from_args
+from mimkit.tasks.pretrain.setup import seed_everything
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

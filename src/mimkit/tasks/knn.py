@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mimkit import config as C
-from mimkit.tasks import evaluate as E
+from mimkit.tasks.evaluation import common as E
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def features(args: argparse.Namespace):
 
     from mimkit.data.transforms import eval_transform, normalization_of
     from mimkit.engine.precision import amp_decision
-    from mimkit.tasks.features import extract_features
+    from mimkit.tasks.evaluation.features import extract_features
 
     torch.manual_seed(args.seed)
     model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)

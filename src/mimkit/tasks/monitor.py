@@ -34,7 +34,7 @@ class MonitorHook:
     def from_config(cls, cfg: DictConfig, run_log: RunLogger) -> "MonitorHook":
         """Open the labelled set of cfg.eval (its problems raise DataError before training starts)."""
         from mimkit.data.transforms import eval_transform
-        from mimkit.tasks.evaluate import open_labelled
+        from mimkit.tasks.evaluation.common import open_labelled
 
         in_chans = int(cfg.model.kwargs.get("in_chans", 3))
         tf = eval_transform(C.input_size(cfg), in_chans, cfg.data.mean, cfg.data.std)
@@ -62,7 +62,7 @@ class MonitorHook:
         """{'knn_top1_k<k>': % for each k, 'rankme_train': ..., 'rankme_val': ...} of model's unmasked encoder."""
         from mimkit.metrics import rankme
         from mimkit.metrics.knn import knn_accuracy
-        from mimkit.tasks.features import extract_features
+        from mimkit.tasks.evaluation.features import extract_features
 
         # The DataLoader draws a base seed from the global torch RNG even without workers: fork every RNG
         # so that a run with monitoring continues bitwise as one without (and resumes bitwise).

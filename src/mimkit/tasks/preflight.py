@@ -59,7 +59,6 @@ def note_schedule_change(run_log, saved: dict, cfg: DictConfig, lr: float, epoch
 
 def load_weights(model, path: str):
     """load_into_model without its own log line: the run logs the report once, in its log.txt too."""
-    import logging
 
     from mimkit.models.convert import load_into_model
 

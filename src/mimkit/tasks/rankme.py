@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from mimkit.tasks import evaluate as E
+from mimkit.tasks.evaluation import common as E
 from mimkit import config as C
 from mimkit.tasks.knn import _config, add_common_arguments
 
@@ -33,12 +33,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import eval_transform, normalization_of
     from mimkit.engine.precision import amp_decision
     from mimkit.errors import DataError
     from mimkit.metrics import rankme
-    from mimkit.tasks.features import extract_features
+    from mimkit.tasks.evaluation.features import extract_features
 
     torch.manual_seed(args.seed)
     model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)

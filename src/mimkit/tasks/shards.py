@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the shards and say how to use them."""
-    from mimkit.data.shards import write_shards
+    from mimkit.data.packing import write_shards
 
     result = write_shards(args.src, args.out_dir, args.shard_size, args.seed)
     for split, r in result.items():

@@ -68,7 +68,7 @@ def channel_stats(dataset, max_images: int = 0) -> tuple[list[float], list[float
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print the statistics, with the flags and config keys that use them."""
-    from mimkit.data.builtin import open_dataset
+    from mimkit.data.sources import open_dataset
 
     if args.max_images < 0:
         raise UserError(f"--max_images must be >= 0, got {args.max_images}")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mimkit.config import note_output
 from mimkit.errors import UserError
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
@@ -243,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.output).exists():
             print(f"replacing {args.output} (you named it with --output)")
         out = save_png(pic, args.output)
+    note_output(out)
     print(f"wrote {out}")
     return 0
 

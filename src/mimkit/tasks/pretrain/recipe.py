@@ -1,0 +1,196 @@
+r"""`mimkit pretrain`: MAE-family pretraining (also LocalMIM, FreezeOut), one recipe read top to bottom.
+
+    mimkit pretrain                                   # the embedded demo (mae_vit_demo_patch8, bundled photos, CPU)
+    mimkit pretrain pretrain/cpu_small.yaml --data_path /my/images          # your images on a CPU
+    mimkit pretrain --data_path /imagenet --model mae_vit_base_patch16 --norm_pix_loss --batch_size 64   # GPUs
+    mimkit pretrain configs/pretrain/mae_vit_base.yaml data.data_path=/imagenet                          # GPUs
+    torchrun --nproc_per_node 8 -m mimkit pretrain configs/pretrain/mae_vit_base.yaml --data_path /imagenet \
+        --output_dir runs/vitb
+
+Results go to --output_dir (resumed when it holds a run), else a new runs/pretrain/<timestamp>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mimkit import config as C
+from mimkit.engine import distributed as D
+from mimkit.engine.checkpoint import CheckpointManager, find_resume
+from mimkit.engine.logging import RunLogger
+from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_settings
+from mimkit.engine.optim import optimizer_kind, scaled_lr
+from mimkit.engine.precision import amp_decision
+from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
+from mimkit.tasks.preflight import image_notes
+# The flags, config builder and run pieces live in their own modules; these names stay importable from here.
+from mimkit.tasks.pretrain.config import BUILTIN_PRESETS, DEMO_PRESET, FLAGS, add_arguments, config_from_args  # noqa: F401
+from mimkit.tasks.pretrain.setup import (  # noqa: F401
+    build_model, build_optimizer, device_augmentation, open_train_set, picture_images, preset_line, pretrain_step,
+    reconstruction_hook, seed_everything,
+)
+
+if TYPE_CHECKING:
+    from mimkit.tasks.visualize import ReconstructionHook
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI entry: build the config, then train."""
+    cfg = config_from_args(args)
+    train(cfg)
+    return 0
+
+
+def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -> dict:
+    """Pretrain as `cfg` says; returns a summary (run folder, paths, final loss, the trained `model`)."""
+    from mimkit.data.datasets import collate_batch
+
+    # 1. validate everything that can be checked before any work
+    dist = D.init_distributed(cfg.misc.device)
+    seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
+    model = build_model(cfg, "cpu")
+    train_set = open_train_set(cfg, model.in_chans)
+    big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
+    check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
+    notes = image_notes(train_set, C.input_size(cfg))
+    out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
+    ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
+    # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
+    resume_ckpt, resume_path, resume_warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
+    if cfg.model.init_from and resume_ckpt is None:
+        report = load_weights(model, cfg.model.init_from)
+    else:
+        report = None
+    eff_batch = cfg.optimization.batch_size * cfg.optimization.accum_iter * dist.world_size
+    lr = cfg.optimization.lr or scaled_lr(cfg.optimization.base_lr, cfg.optimization.batch_size,
+                                          cfg.optimization.accum_iter, dist.world_size)
+    OmegaConf.set_struct(cfg, False)
+    cfg.optimization.lr = lr  # the derived value is written into the saved config
+    OmegaConf.set_struct(cfg, True)
+
+    # 2. set up: run folder, logging, seeds, model on device, optimiser
+    run_log = RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                        print_freq=cfg.logging.print_freq)
+    seed_everything(cfg.misc.seed + dist.rank)  # masks and drop-path differ across ranks
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if dist.is_main:
+        C.save_config(cfg, out_dir / "config.yaml")
+    from mimkit.models.registry import describe
+
+    run_log.info(f"mimkit pretrain: model {cfg.model.type} ({describe(model)}); {len(train_set)} training images "
+                 f"({cfg.data.data_path or 'built-in demo'}), device {dist.device}, {dist.world_size} process(es)")
+    if cfg.misc.preset:
+        run_log.info(preset_line(cfg))
+    run_log.info(f"run folder {out_dir}")
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist.device.type == "cpu" and n_params > 50e6:  # the official defaults are GPU recipes
+        run_log.info(f"note: a {n_params / 1e6:.0f}M-parameter model on a CPU is slow; {CPU_HINT}")
+    for note in notes:
+        run_log.info(note)
+    if report is not None:
+        run_log.info(report.summary())
+    if resume_warning:
+        run_log.info(resume_warning)
+    model.apply_freeze_mode(cfg.model.freeze_mode)
+    if cfg.model.freeze_mode != "none":
+        run_log.info(model.format_param_status())
+        if not cfg.model.init_from and resume_ckpt is None:
+            run_log.info(f"warning: freeze_mode {cfg.model.freeze_mode} on a randomly initialised model (no "
+                         "--init_from / --continual_checkpoint): the frozen weights stay random, so little can be "
+                         "learned; start from a pretrained checkpoint")
+    if dist.device.type == "cuda" and cfg.misc.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(dist.device)
+    if cfg.misc.compile:
+        model.compile()
+    sched = cfg.schedule
+    hooks = list(extra_hooks)
+    optimizer, lr_schedule, freezeout = build_optimizer(cfg, model, lr, dist.device, run_log)
+    if freezeout is not None:
+        hooks.append(freezeout)
+
+    if sched.warmup_epochs >= sched.epochs:
+        run_log.info(f"warning: schedule.warmup_epochs ({sched.warmup_epochs:g}) >= schedule.epochs ({sched.epochs}): "
+                     "the lr never leaves its linear warmup; lower --warmup_epochs")
+    num_workers = cap_workers(cfg.data.num_workers, run_log)
+    run_log.slow_hint = CPU_HINT
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
+    run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
+                 f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, "
+                 f"amp {amp} ({amp_why}), {optimizer_kind(optimizer)}")
+    recon = reconstruction_hook(cfg, model, train_set, out_dir, run_log, dist.is_main)
+    if recon is not None:
+        hooks.append(recon)
+    if cfg.eval.eval_data_path and cfg.eval.eval_every:
+        from mimkit.tasks.monitor import MonitorHook
+
+        hooks.append(MonitorHook.from_config(cfg, run_log))
+    settings = LoopSettings(
+        epochs=sched.epochs, batch_size=cfg.optimization.batch_size, accum_iter=cfg.optimization.accum_iter,
+        gradient_clip=cfg.optimization.gradient_clip, **rollback_settings(cfg.optimization), amp=amp,
+        num_workers=num_workers, pin_memory=cfg.data.pin_memory,
+        persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
+        save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
+        max_steps=cfg.misc.max_steps,
+    )
+    ckpt = CheckpointManager(ckpt_dir, cfg.checkpointing.keep_last_n, run_log.log_path, cfg.checkpointing.safetensors)
+    data, collate, step_fn = train_set, collate_batch, pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode)
+    if cfg.data.augment_on == "device":
+        data, collate, step_fn = device_augmentation(cfg, model.in_chans, dist.device, step_fn)
+        run_log.info(f"augmentation on {dist.device}: workers only read"
+                     + (" JPEG bytes (nvJPEG decodes them)" if dist.device.type == "cuda" else " and decode"))
+    trainer = Trainer(model=model, optimizer=optimizer, dataset=data, collate=collate, step_fn=step_fn,
+                      lr_schedule=lr_schedule,
+                      settings=settings, dist=dist, run=run_log, ckpt=ckpt, config=C.to_container(cfg),
+                      config_yaml=cfg_yaml, hooks=hooks)
+    if resume_ckpt is not None:
+        trainer.load(resume_ckpt)
+        run_log.info(f"resumed from {resume_path} at epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
+                     f"step {trainer.state.step}")
+        note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
+                             trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
+        if trainer.state.epoch >= sched.epochs:
+            run_log.info(f"nothing to train: this run already finished its {sched.epochs} epochs "
+                         "(raise --epochs to continue, or --no_auto_resume / a new --output_dir to start over)")
+    elif sched.start_epoch:
+        trainer.state.epoch = sched.start_epoch
+
+    # 3. train, 4. report
+    try:
+        state = trainer.fit()
+    finally:
+        run_log.close()
+    summary = run_summary(out_dir, ckpt_dir, state, recon, model)
+    if print_summary and dist.is_main:
+        print_done(summary, out_dir)
+    return summary
+
+
+def run_summary(out_dir: Path, ckpt_dir: Path, state: TrainState, recon: Optional[ReconstructionHook],
+                model: torch.nn.Module) -> dict:
+    """What train() returns: the run's files, final loss, steps, skipped images and the trained model."""
+    return {
+        "output_dir": str(out_dir), "checkpoints": str(ckpt_dir), "final_checkpoint": str(ckpt_dir / "final.pt"),
+        "log": str(out_dir / "log.txt"), "metrics": str(out_dir / "metrics.jsonl"),
+        "tensorboard": str(out_dir / "tb"),
+        "reconstruction": str(recon.last_path) if recon and recon.last_path else None,
+        "final_loss": state.history[-1]["loss"] if state.history else None, "steps": state.step,
+        "skipped_images": state.skipped_images, "model": model,
+    }
+
+
+def print_done(summary: dict, out_dir: Path) -> None:
+    """The closing lines on the console: where every file is, the final loss, how to view the curves."""
+    print("\nDone. Everything is in " + str(out_dir) + ":")
+    for k in ("final_checkpoint", "log", "metrics", "tensorboard", "reconstruction"):
+        if summary[k]:
+            print(f"  {k:<17}{summary[k]}")
+    if summary["final_loss"] is not None:
+        print(f"  {'final loss':<17}{summary['final_loss']:.4f}")
+    print(f"  view the curves: tensorboard --logdir {out_dir / 'tb'}")

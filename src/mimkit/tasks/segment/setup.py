@@ -1,0 +1,185 @@
+"""Set-up pieces of `mimkit segment`: what the user gave, the encoder to start from, a checkpoint's run settings.
+
+Precedence (DESIGN.md): a checkpoint's own architecture beats `model.type` from a preset or config file (the
+ADE20K preset's ViT-B is a fallback for files that do not say), a `--model` flag or `model.type=` override beats
+the checkpoint. `--eval` / `--predict` reuse the data, crop, normalisation and inference settings the checkpoint's
+run used, each unless the user sets it (flag, override or config file).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from mimkit import config as C
+from mimkit.errors import CheckpointError, ConfigError
+
+# What --eval / --predict take from the checkpoint's run unless the user sets it
+RUN_SETTINGS = ("data.data_path", "data.reduce_zero_label", "data.mean", "data.std", "data.ignore_index",
+                "data.input_size", "data.augmentation.scale", "test.mode", "test.crop_size", "test.stride")
+
+
+def _flatten(d: Any, prefix: str = "") -> set[str]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]} if prefix else set()
+    out: set[str] = set()
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return out
+
+
+def given_keys(args: argparse.Namespace, flags: list) -> dict[str, Any]:
+    """{'command': dotted keys set by flags or overrides, 'file': dotted keys set by a config file,
+    'file_name': that file}."""
+    files = [i for i in args.items if "=" not in i] + ([args.config] if getattr(args, "config", None) else [])
+    overrides = [i for i in args.items if "=" in i]
+    command = {f.key for f in flags if getattr(args, f.name, None) is not None}
+    command |= _flatten(C.parse_dotlist(overrides)) if overrides else set()
+    file = _flatten(C.load_file(files[0])) if files else set()
+    if getattr(args, "config_dict", None) is not None:  # the Python API's config dict stands where a file does
+        files, file = ["config dict"], _flatten(args.config_dict)
+    return {"command": command, "file": file, "file_name": files[0] if files else None}
+
+
+def _covers(given: set[str], key: str) -> bool:
+    """True when `key` or a section above it was set."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in given for i in range(1, len(parts) + 1))
+
+
+def apply_run_settings(cfg, saved: dict, given: dict[str, Any]) -> list[str]:
+    """Put the checkpoint run's RUN_SETTINGS into cfg where the user set none; returns the keys the user set."""
+    mine = given["command"] | given["file"]
+    yours = []
+    OmegaConf.set_struct(cfg, False)
+    for key in RUN_SETTINGS:
+        if _covers(mine, key):
+            yours.append(key)
+            continue
+        value = C._get(saved, key)
+        if key == "data.input_size":  # the crop the model was built at
+            value = saved["model"]["arch"]["img_size"]
+        if value is not None or key in ("data.data_path", "data.mean", "data.std", "data.augmentation.scale",
+                                        "test.crop_size", "test.stride"):
+            OmegaConf.update(cfg, key, value, merge=False)
+    OmegaConf.set_struct(cfg, True)
+    return yours
+
+
+def not_a_segment_checkpoint(what: str, resume: Optional[dict]) -> CheckpointError:
+    """The error for a --resume file without model.arch; an encoder checkpoint (pretrain, linprobe, ...) is told
+    to go to --finetune."""
+    sd = (resume or {}).get("model")
+    keys = [str(k) for k in sd] if isinstance(sd, dict) else []
+    if any(k.startswith(("decoder_", "mask_token")) for k in keys):
+        return CheckpointError(f"{what} is a pretraining checkpoint, not a `mimkit segment` one: pass it to "
+                               f"--finetune to train a segmenter on its encoder")
+    if "patch_embed.proj.weight" in keys or any(k.startswith("encoder.patch_embed") for k in keys):
+        return CheckpointError(f"{what} holds an encoder but no segmenter: pass it to --finetune to train one")
+    return CheckpointError(f"{what} is not a `mimkit segment` checkpoint (no model.arch in its config)")
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+def read_segment_checkpoint(path: str) -> Optional[dict]:
+    """A `mimkit segment` checkpoint (config.model.arch and backbone.* weights) as loaded, else None."""
+    from mimkit.io import load_checkpoint_file, resolve_checkpoint
+
+    obj = load_checkpoint_file(resolve_checkpoint(path))
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        return None
+    arch = ((obj.get("config") or {}).get("model") or {}).get("arch")
+    if arch and any(str(k).startswith("backbone.") for k in obj["model"]):
+        return obj
+    return None
+
+
+def backbone_of(seg_ckpt: dict):
+    """The encoder (timm ViT) held under backbone.* of a segment checkpoint, dressed as an MAE encoder for
+    segmenter_arch / segmenter_from_encoder (patch_size, in_chans, grid_size, normalization)."""
+    from mimkit.models.segmentation import build_backbone
+
+    arch = seg_ckpt["config"]["model"]["arch"]
+    bb = build_backbone(arch)
+    sd = {k[len("backbone."):]: v for k, v in seg_ckpt["model"].items() if k.startswith("backbone.")}
+    try:
+        bb.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the segment checkpoint's backbone does not fit its own architecture ({e})") from None
+    bb.patch_size, bb.in_chans, bb.grid_size = int(arch["patch_size"]), int(arch["in_chans"]), bb.patch_embed.grid_size
+    data = seg_ckpt["config"].get("data") or {}
+    bb.normalization = (data["mean"], data["std"]) if data.get("mean") and data.get("std") else None
+    return bb
+
+
+def check_has_encoder(path: str) -> None:
+    """CheckpointError unless the file holds ViT encoder weights (patch embedding and blocks)."""
+    from mimkit.models.convert import extract_state_dict, load_checkpoint_file, to_mae_state_dict
+    from mimkit.tasks.evaluation.common import _resolve
+
+    fix = "give an MAE pretraining checkpoint (mimkit, official .pth or Hugging Face) to --finetune"
+    obj = load_checkpoint_file(_resolve(path))
+    try:
+        sd, _ = extract_state_dict(obj)
+        sd, _ = to_mae_state_dict(sd)
+    except CheckpointError as e:  # convert.py describes the state dict; name the file (its fix when it has one)
+        raise CheckpointError(f"{path}: {e}" if "; give " in str(e) else f"{path} holds no ViT encoder ({e}); {fix}"
+                              ) from None
+    if "patch_embed.proj.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise CheckpointError(f"{path} holds no ViT encoder (no patch_embed / blocks weights); {fix}")
+
+
+def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
+    """(MAE-family encoder sized to the crop, description): --finetune weights (a segment checkpoint's backbone
+    too), or random weights of --model."""
+    from mimkit.models import create_model
+    from mimkit.models.loading import architecture_of
+    from mimkit.tasks.evaluation.common import _resolve, load_encoder
+
+    m = cfg.model
+    if m.finetune:
+        seg = read_segment_checkpoint(m.finetune)
+        if seg is not None:
+            if m.random_init:
+                raise ConfigError("--random_init with a segment checkpoint: use --model NAME --random_init (or an "
+                                  "MAE checkpoint) for a random encoder")
+            bb = backbone_of(seg)
+            arch = seg["config"]["model"]["arch"]
+            return bb, (f"backbone of segment checkpoint {m.finetune} (ViT {arch['depth']} blocks, width "
+                        f"{arch['embed_dim']}, patch {arch['patch_size']})")
+        check_has_encoder(m.finetune)
+        # the checkpoint's own architecture beats a preset's / config file's model.type; --model beats both
+        name = m.type if ("model.type" in given["command"] or architecture_of(_resolve(m.finetune)) is None) else None
+        encoder, desc = load_encoder(m.finetune, name, crop, m.random_init, cfg.misc.seed)
+        # the loader's line describes the whole MAE (decoder too); a segmenter keeps only the encoder
+        reinit = f", weights re-initialised (random init, seed {cfg.misc.seed})" if m.random_init else ""
+        return encoder, f"{desc.split(' ')[0]} encoder from {m.finetune} [{describe_encoder(encoder)}]{reinit}"
+    if not (m.random_init or cfg.data.data_path is None):
+        raise ConfigError("give --finetune CHECKPOINT (a pretrained encoder), or --model NAME --random_init")
+    if not m.type:
+        raise ConfigError("--random_init without --finetune needs --model NAME (see `mimkit models`)")
+    torch.manual_seed(cfg.misc.seed)
+    kwargs = dict(OmegaConf.to_container(m.kwargs, resolve=True))
+    encoder = create_model(m.type, img_size=crop, **kwargs)
+    return encoder, f"{m.type} (random init, seed {cfg.misc.seed}) [{describe_encoder(encoder)}]"
+
+
+def describe_encoder(encoder) -> str:
+    """'patch 8, 6 blocks x 192-d (3 heads), 64x64 px': the encoder built (no pretraining decoder)."""
+    heads = getattr(getattr(encoder.blocks[0], "attn", None), "num_heads", None) if len(encoder.blocks) else None
+    size = encoder.patch_embed.img_size if hasattr(encoder, "patch_embed") else None
+    return (f"patch {encoder.patch_size}, {len(encoder.blocks)} blocks x {encoder.embed_dim}-d"
+            + (f" ({heads} heads)" if heads else "") + (f", {size[0]}x{size[1]} px" if size else ""))
+
+
+def describe_taps(taps: list[int], depth: int) -> str:
+    """'taps [1, 2, 3, 5] (MMSeg's [3, 5, 7, 11] scaled to 6 blocks)' for the start-up line."""
+    from mimkit.models.segmentation import default_taps
+
+    if list(taps) != default_taps(depth):
+        return f"taps {list(taps)} (yours, of {depth} blocks)"
+    if depth == 12:
+        return f"taps {list(taps)} (MMSeg's out_indices for 12 blocks)"
+    return f"taps {list(taps)} (MMSeg's [3, 5, 7, 11] scaled to {depth} blocks)"
