@@ -14,6 +14,7 @@ from mimkit.tasks.export import default_output
 @pytest.mark.parametrize("src, kind, fmt, want", [
     ("runs/demo/checkpoints/final.pt", "encoder", "torchscript", "runs/demo/export/final_encoder.torchscript.pt"),
     ("runs/demo/checkpoints/final.pt", "encoder", "pt2", "runs/demo/export/final_encoder.pt2"),
+    ("runs/demo/checkpoints/final.pt", "encoder", "aoti", "runs/demo/export/final_encoder.aoti.pt2"),
     ("runs/lp/checkpoints/best.pt", "classifier", "timm", "runs/lp/export/best_classifier.timm.safetensors"),
     ("runs/demo/checkpoints/epoch-3/model.pt", "encoder", "onnx", "runs/demo/export/epoch-3_encoder.onnx"),
     ("hub/vit-mae/model.safetensors", "encoder", "hf", "hub/export/vit-mae_encoder_hf"),

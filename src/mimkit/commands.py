@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "incremental": ("mimkit.tasks.incremental.recipe", "class-incremental learning against forgetting (CE, KD, EMA, "
                     "masked features, replay)"),
     "shards": ("mimkit.tasks.shards", "pack an image folder into WebDataset tar shards (+ index) for --data_path"),
-    "export": ("mimkit.tasks.export", "export an encoder or classifier: pt2, onnx, safetensors, timm, hf, torchscript"),
+    "export": ("mimkit.tasks.export", "export an encoder or classifier: pt2, onnx, safetensors, timm, hf, torchscript, "
+               "aoti"),
     "stats": ("mimkit.tasks.stats", "per-channel mean / std of an image folder, for --mean / --std"),
 }
 

@@ -4,9 +4,11 @@
     mimkit export runs/demo --format onnx --output encoder.onnx    # a run folder: its final.pt
     mimkit export runs/demo --format safetensors | timm | hf | torchscript   # export/final_encoder.torchscript.pt ...
     mimkit export runs/linprobe/<time>/checkpoints/best.pt --format onnx    # a probe / fine-tuned classifier: logits
+    mimkit export runs/demo --format aoti    # AOTInductor package for C++ (examples/cpp/): export/final_encoder.aoti.pt2
 
 Default outputs go to the run's export/ folder (beside checkpoints/, never among them), named for what they are:
-<checkpoint>_<encoder|classifier> + .pt2, .onnx, .safetensors, .timm.safetensors, .torchscript.pt or _hf/.
+<checkpoint>_<encoder|classifier> + .pt2, .onnx, .safetensors, .timm.safetensors, .torchscript.pt, _hf/ or
+.aoti.pt2 (mimkit.tasks.aoti: needs a C++ compiler, checked before any work).
 
 onnx and hf need `pip install 'mimkit[export]'` (onnx, onnxruntime, transformers); this is checked before any
 work. pt2 (torch.export, loaded back with torch.export.load) replaces TorchScript, which PyTorch deprecates.
@@ -32,11 +34,12 @@ import torch.nn as nn
 from mimkit.config import note_output
 from mimkit.errors import CheckpointError, UserError
 from mimkit.io import resolve_checkpoint
+from mimkit.tasks import aoti
 
-FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript")
+FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript", "aoti")
 # Default file names end in what the file is, never a bare .pt that reads as a training checkpoint.
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "safetensors": ".safetensors",
-          "timm": ".timm.safetensors", "hf": "_hf", "pt2": ".pt2"}
+          "timm": ".timm.safetensors", "hf": "_hf", "pt2": ".pt2", "aoti": ".aoti.pt2"}
 EXPORT_DIR = "export"  # default: <run folder>/export/, apart from the checkpoints
 # Optional packages each format needs (all in the `export` extra).
 REQUIRES = {"onnx": ("onnx",), "hf": ("transformers",)}
@@ -61,15 +64,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="mimkit / official MAE / Hugging Face checkpoint (file or run / checkpoint / "
                    "save_pretrained folder), or a fine-tuned classifier")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="pt2 (torch.export), onnx, safetensors, timm, hf (transformers folder), torchscript")
+                   help="pt2 (torch.export), onnx, safetensors, timm, hf (transformers folder), torchscript, "
+                   "aoti (AOTInductor package for C++: examples/cpp/)")
     p.add_argument("--output", default=None, help="file (folder for hf) (default: <run>/export/<checkpoint>_<kind> "
-                   "+ .pt2 | .onnx | .safetensors | .timm.safetensors | .torchscript.pt | _hf/, e.g. "
+                   "+ .pt2 | .onnx | .safetensors | .timm.safetensors | .torchscript.pt | _hf/ | .aoti.pt2, e.g. "
                    "runs/demo/export/final_encoder.pt2)")
     p.add_argument("--model", default=None, help="model name when the checkpoint does not say")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: the checkpoint's)")
     p.add_argument("--batch_size", type=int, default=2, help="batch of the random parity input")
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference accepted")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity input")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device the aoti package is compiled "
+                   "for and runs on (cuda: export on a machine with a GPU)")
 
 
 class EncoderFeatures(nn.Module):
@@ -340,6 +346,7 @@ def default_output(src: Path, kind: str, fmt: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
+    aoti.check(args.format, args.device)  # likewise a missing C++ compiler (aoti), or --device cuda without a GPU
     torch.manual_seed(args.seed)
     model, kind, mae, desc, reference = load_for_export(args.checkpoint, args.model, args.input_size)
     size = model.patch_embed.img_size if kind == "classifier" else mae.img_size
@@ -356,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         "safetensors": lambda: export_safetensors(model, kind, mae, out),
         "timm": lambda: export_timm(model, kind, mae, out),
         "hf": lambda: export_hf(model, kind, mae, out),
+        "aoti": lambda: aoti.export_aoti(model, example, out, args.device),
     }
     runner = exporters[args.format]()
     check = torch.randn(args.batch_size + 1, in_chans, *size)  # another batch size than the traced one
@@ -369,7 +377,9 @@ def run(args: argparse.Namespace) -> int:
     record = {"checkpoint": str(args.checkpoint), "format": args.format, "kind": kind, "output": str(out),
               "output_shape": list(expected.shape), "max_abs_error": err, "atol": args.atol, "ok": ok,
               "model": desc, "runtime": getattr(runner, "runtime", f"torch {torch.__version__}"),
-              "normalization": normalization_record(kind, mae, getattr(model, "saved_config", None), in_chans)}
+              "normalization": normalization_record(kind, mae, getattr(model, "saved_config", None), in_chans),
+              "input": aoti.input_record(size, in_chans), "output_layout": aoti.output_layout(kind),
+              "torch": torch.__version__, **getattr(runner, "record", {})}
     if getattr(runner, "timm", None):  # how to build the timm model that loads this file strictly
         record["timm"] = runner.timm
     record_path = Path(str(out) + ".export.json" if args.format != "hf" else out / "export.json")
