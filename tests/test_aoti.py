@@ -205,3 +205,17 @@ def test_cpp_program_bad_inputs_are_one_line(program, exports, tmp_path) -> None
     done = _run(program, alone, tmp_path / "photo.ppm", "--size", "32", "--resize", "36", "--mean", "0.485,0.456,0.406",
                 "--std", "0.229,0.224,0.225", "--repeat", "1", "--threads", "1")
     assert done.returncode == 0 and "cls embedding" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_grey_pgm_feeds_an_rgb_encoder_like_python(program, exports, tmp_path) -> None:
+    model_file, ckpt = exports["encoder", "aoti"]
+    grey = tmp_path / "grey.pgm"
+    Image.open(write_photo(tmp_path / "photo.ppm")).convert("L").save(grey)  # Pillow writes binary P5
+    done = _run(program, model_file, grey, "--save", tmp_path / "out.txt", "--threads", "1", "--repeat", "1")
+    assert done.returncode == 0, done.stderr
+    img = torch.from_numpy(np.array(Image.open(grey)))[None]  # (1, H, W)
+    x = A.preprocess(img, (32, 32), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # grey repeated to 3 channels
+    *_, reference = load_for_export(str(ckpt))
+    with torch.no_grad():
+        assert (_saved(tmp_path / "out.txt") - reference(x)).abs().max() <= 1e-4
