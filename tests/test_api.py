@@ -114,7 +114,7 @@ def test_segment_incremental_continual_and_export(tmp_path, tiny) -> None:
 def test_mistakes_raise_user_error_and_never_exit(tmp_path) -> None:
     with pytest.raises(UserError, match="unknown flag 'epocs'.*did you mean 'epochs'"):
         mimkit.pretrain(epocs=1)
-    with pytest.raises(UserError, match="--epochs: invalid int value"):
+    with pytest.raises(UserError, match="epochs: invalid int value"):
         mimkit.pretrain(epochs="many")
     with pytest.raises(ConfigError, match="unknown config key 'schedule.epocs'"):
         mimkit.pretrain({"schedule": {"epocs": 1}}, output_dir=str(tmp_path / "x"))
@@ -135,3 +135,30 @@ def test_the_cli_runs_through_the_api(monkeypatch, tmp_path) -> None:
     real = api.run_args
     monkeypatch.setattr(cli, "run_args", lambda args: seen.append(args.command) or real(args))
     assert cli.main(["models"]) == 0 and seen == ["models"]
+
+
+def test_python_wording_for_python_mistakes(tmp_path) -> None:
+    """Errors name keywords, not command-line flags (new-user trial)."""
+    with pytest.raises(UserError, match=r"mimkit.pretrain\(\): epochs: invalid int value"):
+        mimkit.pretrain(epochs="two")
+    with pytest.raises(UserError, match=r"epochs=\[1, 2\]\): --epochs takes one value"):
+        mimkit.pretrain(epochs=[1, 2])
+    with pytest.raises(UserError, match=r"mimkit.export\(\): missing required argument\(s\): format"):
+        mimkit.export(tmp_path / "x.pt")
+    with pytest.raises(UserError, match=r"help\(mimkit.pretrain\)"):
+        mimkit.pretrain(help=True)
+    with pytest.raises(UserError, match=r"unknown config key 'epochs' \(did you mean 'schedule.epochs'\?\)"):
+        mimkit.pretrain({"epochs": 1})
+
+
+def test_summaries_come_back_where_no_results_file_is_written(tmp_path) -> None:
+    write_images(tmp_path / "imgs", 6)
+    st = mimkit.stats(data_path=str(tmp_path / "imgs"))
+    assert st.results["images"] == 6 and len(st.results["mean"]) == 3 and all(s > 0 for s in st.results["std"])
+    sh = mimkit.shards(tmp_path / "imgs", tmp_path / "sh", shard_size=4)
+    assert sh.output_dir == tmp_path / "sh" and sh.results["train"]["count"] == 6
+    run = mimkit.pretrain(data_path=str(tmp_path / "imgs"), batch_size=3, num_workers=0, epochs=1,
+                          max_steps=1, amp="off", model="mae_vit_tiny_patch16", input_size=32, patch_size=8,
+                          output_dir=str(tmp_path / "p"))
+    assert run.results["steps"] == 1 and run.results["final_loss"] == run.metrics[-1]["loss"]
+    assert run.checkpoint == tmp_path / "p" / "checkpoints" / "final.pt"

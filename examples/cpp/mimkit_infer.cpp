@@ -269,6 +269,12 @@ int run(int argc, char** argv) {
   }
   const std::string model_path = pos[0], image_path = pos[1];
   if (!std::ifstream(model_path)) fail(2, "cannot open model " + model_path);
+  for (const char* ext : {".ppm", ".pgm", ".png", ".jpg", ".jpeg"}) {  // swapped arguments: say the order
+    const std::string e(ext);
+    if (model_path.size() > e.size() && model_path.compare(model_path.size() - e.size(), e.size(), e) == 0)
+      fail(2, model_path + " looks like an image: the order is MODEL IMAGE (the exported .aoti.pt2 or "
+              ".torchscript.pt first)");
+  }
 
   // The export record beside the model, unless --record names another; the flags override its values.
   const std::string record_path = opt.count("record") ? opt["record"] : model_path + ".export.json";
@@ -287,7 +293,10 @@ int run(int argc, char** argv) {
   };
   Recipe r;
   auto size = value("size", "size");
-  if (!size) fail(2, "no input size: " + record_path + " not found; pass --size (and --mean, --std)");
+  if (!size)
+    fail(2, "no export record beside " + model_path + " (" + record_path + " not found): this program runs what "
+            "`mimkit export CKPT --format aoti|torchscript` writes (a training checkpoint such as final.pt must be "
+            "exported first); for a file exported elsewhere pass --size (and --mean, --std)");
   for (double v : numbers(*size)) r.size.push_back(static_cast<long>(v));
   if (r.size.size() == 1) r.size.push_back(r.size[0]);
   if (r.size.size() != 2 || r.size[0] <= 0 || r.size[1] <= 0) fail(2, "bad --size '" + *size + "'");
@@ -318,6 +327,10 @@ int run(int argc, char** argv) {
   try {
     model = load(model_path, format, recorded_torch);
   } catch (const c10::Error& e) {  // a package or file this libtorch cannot load: say so in one line
+    if (record.empty())  // no record: most likely not an export of this kind at all
+      fail(2, "cannot load " + model_path + " as " + format + " (" + first_line(e.what_without_backtrace()) +
+              "); is it a training checkpoint or another format? export it with `mimkit export CKPT --format " +
+              format + "`, or give --format");
     fail(3, "cannot load " + model_path + " (" + format + ") with this libtorch " + TORCH_VERSION +
             (at::hasCUDA() ? " (CUDA available)" : " (no CUDA)") + ": " + first_line(e.what_without_backtrace()));
   }
@@ -345,6 +358,7 @@ int run(int argc, char** argv) {
   std::printf("image: %s (%ldx%ld, %ld channel%s) -> input (1, %ld, %ld, %ld)\n", image_path.c_str(),
               static_cast<long>(img.size(2)), static_cast<long>(img.size(1)), static_cast<long>(img.size(0)),
               img.size(0) > 1 ? "s" : "", r.channels, r.size[0], r.size[1]);
+  if (img.size(0) == 1 && r.channels == 3) std::printf("note: a grey image: its one channel is copied to 3\n");
   at::Tensor shown;
   if (out.dim() == 3) {  // tokens (N, 1 + L, D): the cls token is the first
     shown = out[0][0];

@@ -7,7 +7,7 @@ Every command is also a function: `mimkit.pretrain(epochs=1, output_dir="runs/x"
 __version__ = "0.1.0"
 
 _API = ("pretrain", "continual", "segment", "incremental", "knn", "rankme", "linprobe", "finetune", "export",
-        "visualize", "call", "run_command", "RunResult")
+        "visualize", "stats", "shards", "call", "run_command", "RunResult")
 
 
 def __getattr__(name: str):

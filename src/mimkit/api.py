@@ -31,17 +31,16 @@ class RunResult:
     """What a command left: its folder (or written file), its results and its exit code."""
 
     command: str
-    output_dir: Optional[Path]  # the run folder (export / visualize / stats: the file or folder written)
-    results: dict = field(default_factory=dict)  # the results.json (or results-N.json) this run wrote; {} if none
+    output_dir: Optional[Path]  # the run folder (export, visualize: the file written)
+    results: dict = field(default_factory=dict)  # the results.json this run wrote, or the command's summary
     exit_code: int = 0
 
     @property
     def checkpoint(self) -> Optional[Path]:
-        """checkpoints/final.pt of a training run, when it exists."""
-        if self.output_dir is None:
-            return None
-        final = self.output_dir / "checkpoints" / "final.pt"
-        return final if final.is_file() else None
+        """The final checkpoint of a training run (checkpoints/final.pt, or where the config put it)."""
+        named = self.results.get("final_checkpoint")
+        final = Path(named) if named else (self.output_dir / "checkpoints" / "final.pt" if self.output_dir else None)
+        return final if final is not None and final.is_file() else None
 
     @property
     def metrics(self) -> list[dict]:
@@ -59,8 +58,9 @@ def run_args(args: argparse.Namespace) -> RunResult:
     return RunResult(args.command, _run_folder(written), _results(written), code)
 
 
-def _run_folder(written: list[Path]) -> Optional[Path]:
+def _run_folder(written: list) -> Optional[Path]:
     """The run folder (the first folder noted, or the one holding results.json), else the first file written."""
+    written = [p for p in written if isinstance(p, Path)]
     folders = [p for p in written if p.is_dir()]
     if folders:
         return folders[0]
@@ -68,14 +68,17 @@ def _run_folder(written: list[Path]) -> Optional[Path]:
     return results[0].parent if results else (written[0] if written else None)
 
 
-def _results(written: list[Path]) -> dict:
+def _results(written: list) -> dict:
     """The results file this run wrote last (results.json, results-2.json beside an earlier one, an export's
-    record); else the
-    other JSON results it noted by name (continual: {'recon_loss': ..., 'knn_top1': ...}); else {}."""
-    files = [p for p in written if p.suffix == ".json" and p.is_file()]
+    record); else a summary the command handed over (pretrain, stats, shards); else the other JSON results it
+    noted by name (continual: {'recon_loss': ..., 'knn_top1': ...}); else {}."""
+    handed = [d for d in written if isinstance(d, dict)]
+    files = [p for p in written if isinstance(p, Path) and p.suffix == ".json" and p.is_file()]
     main = [p for p in files if p.name.startswith("results") or p.name.endswith("export.json")]
     if main:
         return json.loads(main[-1].read_text())
+    if handed:
+        return handed[-1]
     return {p.stem: json.loads(p.read_text()) for p in files}
 
 
@@ -109,6 +112,11 @@ def to_words(command: str, positional: tuple, flags: dict[str, Any]) -> tuple[li
         if value is None:
             continue
         option = action.option_strings[0]
+        if action.dest == "help":
+            raise ConfigError(f"for help: help(mimkit.{command}) or `mimkit {command} --help` (every flag, its "
+                              "config key and default)")
+        if isinstance(value, (list, tuple)) and action.nargs in (None, "?"):
+            raise ConfigError(f"mimkit.{command}({name}={value!r}): {option} takes one value, not a list")
         if action.nargs == 0:  # a switch: True gives it, as typing it does; False leaves it out
             if value is True:
                 words.append(option)
@@ -176,14 +184,24 @@ def finetune(config: ConfigLike = None, /, **flags: Any) -> RunResult:
     return call("finetune", config, **flags)
 
 
-def knn(**flags: Any) -> RunResult:
-    """`mimkit knn`: k-NN accuracy of a frozen encoder; e.g. knn(checkpoint=ckpt, data_path='digits')."""
-    return call("knn", **flags)
+def knn(checkpoint: Union[str, Path, None] = None, /, **flags: Any) -> RunResult:
+    """`mimkit knn`: k-NN accuracy of a frozen encoder; e.g. knn(ckpt, data_path='digits')."""
+    return call("knn", **({"checkpoint": checkpoint} if checkpoint is not None else {}), **flags)
 
 
-def rankme(**flags: Any) -> RunResult:
-    """`mimkit rankme`: effective rank of a frozen encoder's features."""
-    return call("rankme", **flags)
+def rankme(checkpoint: Union[str, Path, None] = None, /, **flags: Any) -> RunResult:
+    """`mimkit rankme`: effective rank of a frozen encoder's features; e.g. rankme(ckpt, data_path='photos')."""
+    return call("rankme", **({"checkpoint": checkpoint} if checkpoint is not None else {}), **flags)
+
+
+def stats(**flags: Any) -> RunResult:
+    """`mimkit stats`: per-channel mean / std of a data set; results hold them, e.g. stats(data_path='photos')."""
+    return call("stats", **flags)
+
+
+def shards(src: Union[str, Path], out_dir: Union[str, Path], /, **flags: Any) -> RunResult:
+    """`mimkit shards SRC OUT_DIR`: pack a data set into WebDataset shards; results hold each split's files."""
+    return call("shards", src, out_dir, **flags)
 
 
 def export(checkpoint: Union[str, Path], /, **flags: Any) -> RunResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 from typing import Sequence
 
 from mimkit.config import ArgParser, take_leftovers
@@ -63,7 +64,11 @@ class RaisingArgParser(ArgParser):
     """For the Python API: a parsing problem raises ConfigError (a UserError) instead of exiting the interpreter."""
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
-        raise ConfigError(message)
+        # argparse speaks of command-line flags; a Python caller typed keywords
+        message = re.sub(r"^argument --(\w+)(/--[\w-]+)?:", r"\1:", message)
+        message = re.sub(r"^the following arguments are required: (.*)$",
+                         lambda m: "missing required argument(s): " + m.group(1).replace("--", ""), message)
+        raise ConfigError(f"{self.prog.replace('mimkit ', 'mimkit.')}(): {message}")
 
     def exit(self, status: int = 0, message: str | None = None):  # noqa: D102 - argparse's hook
         raise ConfigError((message or f"exit {status}").strip())

@@ -15,7 +15,8 @@ flags.py   the Flag table type, argparse registration, the layered builder every
 
 from mimkit.config.layers import (  # noqa: F401
     ARCH_ORIGIN, PRESET_DIR, RUNS_DIR, _get, build_config, float_list, input_size, load_file, new_run_dir,
-    note_output, parse_dotlist, recording_outputs, resolve_output_dir, same_model, save_config, to_container, validate,
+    note_output, note_results, parse_dotlist, recording_outputs, resolve_output_dir, same_model, save_config,
+    to_container, validate,
 )
 from mimkit.config.schema import *  # noqa: F401,F403
 from mimkit.config.schema import CONSTRAINTS  # noqa: F401

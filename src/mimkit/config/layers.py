@@ -47,7 +47,12 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        return ConfigError(f"{origin}: unknown config key '{key}'{suggest(str(key), _all_keys(schema))}")
+        keys = _all_keys(schema)
+        hint = suggest(str(key), keys)
+        leaf = [k for k in keys if k.rsplit(".", 1)[-1] == str(key).rsplit(".", 1)[-1] and k != str(key)]
+        if not hint and leaf:  # the right name in the wrong section (a flat dict): name the section it lives in
+            hint = f" (did you mean '{leaf[0]}'?)"
+        return ConfigError(f"{origin}: unknown config key '{key}'{hint}")
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
         return ConfigError(f"{origin}: bad value for '{key}': {msg}")
@@ -240,6 +245,13 @@ def note_output(path: str | Path) -> None:
     seen = _OUTPUTS.get()
     if seen is not None:
         seen.append(Path(path))
+
+
+def note_results(results: dict) -> None:
+    """Hand the running command's results to the Python API when it writes no results file (pretrain, stats)."""
+    seen = _OUTPUTS.get()
+    if seen is not None:
+        seen.append(dict(results))
 
 
 @contextmanager

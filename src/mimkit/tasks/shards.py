@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimkit.config import note_output, note_results
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `mimkit shards`."""
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from mimkit.data.packing import write_shards
 
     result = write_shards(args.src, args.out_dir, args.shard_size, args.seed)
+    note_output(args.out_dir)
+    note_results(result)  # the Python API's RunResult.results
     for split, r in result.items():
         bad = f", {r['skipped']} undecodable image(s) skipped" if r.get("skipped") else ""
         print(f"mimkit shards: {split}: {r['count']} images in {r['shards']} shard(s){bad}, index {r['index']}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mimkit.config import note_results
 from mimkit.errors import DataError, UserError
 
 
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"mimkit stats: {args.data_path} ({args.split}): {n} images" + (f", {skipped} unreadable" if skipped else ""))
     print(f"mean {m}\nstd  {s}")
     print(f"use:  --mean {m} --std {s}    (or data.mean=[{m}] data.std=[{s}])")
+    record = {"data_path": str(args.data_path), "split": args.split, "images": n, "mean": mean, "std": std}
     if args.output:
-        Path(args.output).write_text(json.dumps({"data_path": str(args.data_path), "split": args.split,
-                                                 "images": n, "mean": mean, "std": std}, indent=2) + "\n")
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    note_results(record)  # the Python API's RunResult.results
     return 0

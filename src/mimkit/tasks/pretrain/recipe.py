@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: build the config, then train."""
     cfg = config_from_args(args)
-    train(cfg)
+    summary = train(cfg)
+    C.note_results({k: v for k, v in summary.items() if k != "model"})  # the Python API's RunResult.results
     return 0
 
 
