@@ -53,8 +53,14 @@ class RunResult:
 
 def run_args(args: argparse.Namespace) -> RunResult:
     """Run parsed args (`args.command`, `args._module`) and collect what the run wrote: the CLI's path too."""
-    with C.recording_outputs() as written:
-        code = importlib.import_module(args._module).run(args) or 0
+    from mimkit.engine import runfolder
+
+    before = runfolder.held()
+    try:
+        with C.recording_outputs() as written:
+            code = importlib.import_module(args._module).run(args) or 0
+    finally:  # the run folders this run claimed are free again (the process may go on: a notebook, a test)
+        runfolder.release(runfolder.held() - before)
     return RunResult(args.command, _run_folder(written), _results(written), code)
 
 

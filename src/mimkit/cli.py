@@ -9,6 +9,7 @@ from typing import Sequence
 from mimkit.api import run_args
 from mimkit.commands import COMMANDS, build_parser, check_flags, options_of, subparser
 from mimkit.config import take_leftovers
+from mimkit.config.flags import empty_value
 from mimkit.errors import RunInterrupted, UserError
 
 
@@ -34,7 +35,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     sp = subparser(parser, args.command)
-    problem = take_leftovers(args, rest, options_of(sp))
+    problem = take_leftovers(args, rest, options_of(sp)) or empty_value(sp, args)
     if problem:
         sp.error(problem)
     try:
@@ -46,9 +47,20 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"mimkit {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C (or one outside training): quit without a new checkpoint
-        print(f"mimkit {args.command}: interrupted; the same command resumes from the last checkpoint "
-              "(auto_resume)", file=sys.stderr)
+        print(f"mimkit {args.command}: interrupted; {_resume_hint()}", file=sys.stderr)
         return 130
+
+
+def _resume_hint() -> str:
+    """'the same command resumes ...' only when a run folder this process claimed holds a checkpoint."""
+    from mimkit.engine.runfolder import claimed
+
+    saved = [f for f in claimed() if any(f.glob("**/latest.pt"))]
+    if saved:
+        return f"the same command resumes from the last checkpoint in {saved[-1]} (auto_resume)"
+    folders = claimed()
+    where = f" (run folder {folders[-1]})" if folders else ""
+    return f"no checkpoint was written{where}, so a rerun starts over"
 
 
 if __name__ == "__main__":

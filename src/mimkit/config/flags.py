@@ -149,6 +149,11 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
         OmegaConf.set_struct(cfg, False)
         cfg.misc.preset = preset
         OmegaConf.set_struct(cfg, True)
+    out = OmegaConf.select(cfg, "misc.output_dir", default=None)
+    if getattr(args, "command", None) and out is not None:  # before any work: the folder is usable by this command
+        from mimkit.engine.runfolder import check_run_dir
+
+        check_run_dir(out, args.command)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "world_size", None) not in (None, world):
         raise ConfigError(f"--world_size {args.world_size} but {world} process(es) were launched")
@@ -262,6 +267,16 @@ def take_leftovers(args: Any, rest: list[str], options: list[str]) -> Optional[s
     return None
 
 
+def empty_value(p: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """The first flag or positional given as an empty string (an unset shell variable), as one error line."""
+    for a in p._actions:
+        v = getattr(args, a.dest, None)
+        if v == "" or (isinstance(v, list) and "" in v):
+            name = a.option_strings[0] if a.option_strings else a.dest.upper()
+            return f"{name} is empty (an unset shell variable?): give a value or leave it out"
+    return None
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse with one-line errors: 'mimkit CMD: error: MSG' and a pointer to --help, exit 2 (no usage block)."""
 
@@ -274,7 +289,7 @@ def parse_command(module: Any, command: str, argv: list[str]) -> Any:
     p = ArgParser(prog=f"mimkit {command}", allow_abbrev=False)
     module.add_arguments(p)
     args, rest = p.parse_known_args(argv)
-    problem = take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings])
+    problem = take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings]) or empty_value(p, args)
     if problem:
         p.error(problem)
     args.command = command

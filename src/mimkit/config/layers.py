@@ -74,8 +74,8 @@ def load_file(path: str | Path) -> dict:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
+    if data is None:  # a zero-byte file (or one of comments): likely a failed copy, never silently the defaults
+        raise ConfigError(f"config file {p} is empty: give its settings, or leave the file out")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return _strip_seed001_extras(data)
@@ -199,18 +199,27 @@ def new_run_dir(command: str, root: str | Path = RUNS_DIR) -> Path:
 def resolve_output_dir(cfg: DictConfig, command: str) -> str:
     """cfg.misc.output_dir, first set to a new runs/<command>/<timestamp> when unset (the one default scheme).
 
+    The folder is claimed for this run of `command` (engine/runfolder.py): another command's folder, or one a live
+    process holds, is refused in one line; the lock is held until the run ends.
+
     An explicit folder is kept as it is (training commands resume from it); a default one is always new, so no
     run ever writes over an earlier one. Under torchrun rank 0 picks the folder and the other ranks receive it.
     """
+    import torch.distributed as tdist
+
+    from mimkit.engine import runfolder
+
+    main = int(os.environ.get("RANK", "0")) == 0
     if cfg.misc.output_dir:
+        if main:  # under torchrun only rank 0 holds the folder's lock
+            runfolder.claim(cfg.misc.output_dir, command)
         note_output(cfg.misc.output_dir)
         return cfg.misc.output_dir
-    import torch.distributed as tdist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (tdist.is_available() and tdist.is_initialized()):
         raise ConfigError(f"give --output_dir when launching mimkit {command} with torchrun: every process must "
                           "write to the same folder")
-    path = [str(new_run_dir(command)) if int(os.environ.get("RANK", "0")) == 0 else None]
+    path = [str(runfolder.claim(new_run_dir(command), command)) if main else None]
     if tdist.is_available() and tdist.is_initialized():
         tdist.broadcast_object_list(path, src=0)
     OmegaConf.set_struct(cfg, False)

@@ -30,6 +30,17 @@ CKPT_NAME = "model.pt"
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (permissions, full disk); the previous one is intact."""
 _KIND_RE = re.compile(r"^(epoch|step)-(\d+)$")
+_TEMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")  # what save / atomic_save / _link write before the rename
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def capture_rng() -> dict:
@@ -119,6 +130,23 @@ class CheckpointManager:
         self.log_file = log_file
         self.safetensors = safetensors
 
+    def remove_stale_temps(self) -> list[str]:
+        """Delete the temporary folders / files (.step-N.tmp-PID, .latest.pt.tmp-PID, ...) that processes which
+        are no longer running left behind (a kill -9 mid-write); returns their names."""
+        removed: list[str] = []
+        if not self.dir.is_dir():
+            return removed
+        for p in self.dir.iterdir():
+            m = _TEMP_RE.match(p.name)
+            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return sorted(removed)
+
     def check_writable(self) -> None:
         """Create the folder and write a probe file; a read-only or missing location is one clear line now."""
         probe = self.dir / f".write-test-{os.getpid()}"
@@ -142,6 +170,9 @@ class CheckpointManager:
         tmp = self.dir / f".{kind}-{index}.tmp-{os.getpid()}"
         try:
             return self._save(ckpt, kind, index, config_yaml, tmp)
+        except KeyboardInterrupt:  # a second Ctrl-C mid-write: leave no half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             prev = self.latest()
@@ -172,11 +203,18 @@ class CheckpointManager:
         self.prune(kind)
         return final
 
-    def save_final(self, ckpt: dict) -> Path:
-        """Write final.pt (and final.safetensors when asked); an OS error is a CheckpointWriteError."""
+    def save_final(self, ckpt: dict, same_as: Optional[Path] = None) -> Path:
+        """Write final.pt (and final.safetensors when asked); an OS error is a CheckpointWriteError.
+
+        `same_as`: a checkpoint file already holding this very state (the save at the run's last position):
+        final.pt becomes a hard link to it, so it costs no second copy on disk (a copy where links fail).
+        """
         path = self.dir / "final.pt"
         try:
-            atomic_save(ckpt, path)
+            if same_as is not None and Path(same_as).is_file():
+                self._link(Path(same_as), path)
+            else:
+                atomic_save(ckpt, path)
             if self.safetensors:
                 save_weights_safetensors(ckpt["model"], self.dir / "final.safetensors")
         except OSError as e:

@@ -170,6 +170,10 @@ class Trainer:
         if self.dist.is_main:
             try:
                 self.ckpt.check_writable()
+                removed = self.ckpt.remove_stale_temps()
+                if removed:
+                    self.run.info(f"removed temporary checkpoint files left by stopped processes in "
+                                  f"{self.ckpt.dir}: {', '.join(removed)}")
             except CheckpointWriteError as e:
                 err = e
         if not D.all_true(err is None, self.device):
@@ -312,7 +316,8 @@ class Trainer:
             err = None
             if self.dist.is_main:
                 try:
-                    self.ckpt.save_final(self.checkpoint())
+                    same = self._restore_point if self._saved_at == st.position() else None
+                    self.ckpt.save_final(self.checkpoint(), same_as=same)
                 except CheckpointWriteError as e:
                     err = e
             if not D.all_true(err is None, self.device):
