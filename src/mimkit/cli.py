@@ -9,7 +9,7 @@ from typing import Sequence
 from mimkit.api import run_args
 from mimkit.commands import COMMANDS, build_parser, check_flags, options_of, subparser
 from mimkit.config import take_leftovers
-from mimkit.config.flags import empty_value
+from mimkit.config.flags import check_arg_values, empty_value
 from mimkit.errors import RunInterrupted, UserError
 
 
@@ -35,7 +35,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     sp = subparser(parser, args.command)
-    problem = take_leftovers(args, rest, options_of(sp)) or empty_value(sp, args)
+    problem = take_leftovers(args, rest, options_of(sp)) or empty_value(sp, args) or check_arg_values(sp, args)
     if problem:
         sp.error(problem)
     try:

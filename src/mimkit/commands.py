@@ -12,7 +12,7 @@ import re
 from typing import Sequence
 
 from mimkit.config import ArgParser, take_leftovers
-from mimkit.config.flags import empty_value
+from mimkit.config.flags import check_arg_values, empty_value
 from mimkit.errors import ConfigError
 
 # command -> (module, one-line description); each module has add_arguments(parser) and run(args) -> int
@@ -131,7 +131,7 @@ def parse_command_args(sp: argparse.ArgumentParser, words: Sequence[str]) -> arg
     """One command's words -> its args: unknown flags refused first, config files / overrides collected after."""
     check_flags(sp, words)
     args, rest = sp.parse_known_args(list(words))
-    problem = take_leftovers(args, rest, options_of(sp)) or empty_value(sp, args)
+    problem = take_leftovers(args, rest, options_of(sp)) or empty_value(sp, args) or check_arg_values(sp, args)
     if problem:
         sp.error(problem)
     return args

@@ -120,9 +120,13 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
             raise ConfigError(f"the config must be a path or a dict, got {type(config_dict).__name__}")
         files, file_layers = ["config dict"], [("config dict", config_dict)]
     from_flags: dict = {}
+    given: dict[str, tuple[str, Any]] = {}  # key -> (the flag that set it, value): two flags at odds are refused
     for f in flags:
         v = getattr(args, f.name, None)
         if v is not None:
+            if f.key in given and given[f.key][1] != v:
+                raise ConfigError(f"--{given[f.key][0]} and --{f.name} conflict (both set {f.key}); give one")
+            given[f.key] = (f.name, v)
             _set_dotted(from_flags, f.key, v)
     user = [("command-line flags", from_flags)] + ([("overrides", C.parse_dotlist(overrides))] if overrides else [])
     preset = None
@@ -277,6 +281,21 @@ def empty_value(p: argparse.ArgumentParser, args: argparse.Namespace) -> Optiona
     return None
 
 
+def check_arg_values(p: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """The first flag whose value breaks schema.ARG_CONSTRAINTS (sizes, counts, ratios), as one error line."""
+    from mimkit.config.schema import ARG_CONSTRAINTS
+
+    for a in p._actions:
+        rule = ARG_CONSTRAINTS.get(a.dest)
+        v = getattr(args, a.dest, None)
+        if rule is None or v is None or not a.option_strings or isinstance(v, (bool, str, list)):
+            continue
+        ok, valid = rule
+        if not ok(v):
+            return f"bad value for {a.option_strings[0]}: {v!r} (must be {valid})"
+    return None
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse with one-line errors: 'mimkit CMD: error: MSG' and a pointer to --help, exit 2 (no usage block)."""
 
@@ -289,7 +308,8 @@ def parse_command(module: Any, command: str, argv: list[str]) -> Any:
     p = ArgParser(prog=f"mimkit {command}", allow_abbrev=False)
     module.add_arguments(p)
     args, rest = p.parse_known_args(argv)
-    problem = take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings]) or empty_value(p, args)
+    problem = (take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings])
+               or empty_value(p, args) or check_arg_values(p, args))
     if problem:
         p.error(problem)
     args.command = command

@@ -162,6 +162,12 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             raise ConfigError(f"bad value for '{key}': {value!r} (must be {valid})")
+    model = cfg.get("model") if "model" in cfg else None
+    if isinstance(model, DictConfig) and "mask_ratio" in model and "loss_mode" in model:
+        if model.mask_ratio == 0 and model.loss_mode == "masked_only":  # nothing masked: the loss is identically 0
+            raise ConfigError("bad value for 'model.mask_ratio': 0 with model.loss_mode masked_only leaves no "
+                              "patch to reconstruct (the loss is always 0); raise --mask_ratio or give "
+                              "--loss_mode all_pixels")
     if "data" in cfg:
         size = input_size(cfg)
         if any(s < 1 for s in size):

@@ -172,4 +172,26 @@ CONSTRAINTS: dict[str, tuple] = {
     "freezeout.t_0": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "misc.amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off; off is fp32"),
     "misc.max_steps": (lambda v: v >= 0, ">= 0"),
+    # images are read as grayscale or RGB (data/images.py), so a model takes 1 or 3 channels
+    "model.kwargs.in_chans": (lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB): images are read as one or the other"),
+    "data.augmentation.mixup": (lambda v: 0 <= v and math.isfinite(v), ">= 0 (0 = off)"),
+    "data.augmentation.cutmix": (lambda v: 0 <= v and math.isfinite(v), ">= 0 (0 = off)"),
+    "data.augmentation.mixup_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "data.augmentation.mixup_switch_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+# Flags of commands without a config schema (knn, rankme, export, stats, visualize, ...): checked by name where
+# the words are parsed (config.flags.check_arg_values), so no command has its own gap.
+ARG_CONSTRAINTS: dict[str, tuple] = {
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+    "atol": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "input_size": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v >= 0, ">= 0"),
+    "mask_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "mixup": (lambda v: 0 <= v and math.isfinite(v), ">= 0 (0 = off)"),
+    "cutmix": (lambda v: 0 <= v and math.isfinite(v), ">= 0 (0 = off)"),
+    "smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "in_chans": (lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB)"),
 }

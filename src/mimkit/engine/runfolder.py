@@ -160,14 +160,23 @@ def check_results_dir(path: Optional[str | Path], flag: str = "--output_dir") ->
         check_place(Path(path), flag, want_dir=True)
 
 
+# Suffixes that say what a file holds: an --output ending in one of these that its command does not write is refused.
+KNOWN_SUFFIXES = (".pt", ".pt2", ".pth", ".onnx", ".safetensors", ".torchscript", ".json", ".png", ".jpg",
+                  ".jpeg", ".yaml", ".bin", ".ckpt", ".txt", ".csv")
+
+
 def check_output_file(path: Optional[str | Path], flag: str = "--output",
-                      suffixes: Iterable[str] = (), what: str = "") -> None:
-    """A file to write: not a folder, its folder exists and is writable, its suffix one of `suffixes`."""
+                      suffixes: Iterable[str] = (), what: str = "", strict: bool = False) -> None:
+    """A file to write: not a folder, its folder exists and is writable, and its suffix one of `suffixes` (when
+    `strict`; otherwise a name without a known suffix is accepted, a known suffix of another format refused)."""
     if path is None:
         return
     check_place(Path(path), flag, want_dir=False)
     ok = tuple(suffixes)
-    if ok and not str(path).lower().endswith(ok):
+    name = str(path).lower()
+    if not ok or name.endswith(ok):
+        return
+    if strict or Path(name).suffix in KNOWN_SUFFIXES:
         raise ConfigError(f"{flag} {path}: {what or 'the file'} is written as {' or '.join(ok)}; name it so")
 
 

@@ -26,7 +26,7 @@ import inspect
 import json
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -343,10 +343,25 @@ def default_output(src: Path, kind: str, fmt: str) -> Path:
     return where / EXPORT_DIR / f"{stem}_{kind}{SUFFIX[fmt]}"
 
 
+def check_output(output: Optional[str], fmt: str) -> None:
+    """--output fits the format (its suffix; hf writes a folder) and can be written: one line before any work."""
+    from mimkit.engine.runfolder import check_output_file, check_place
+
+    if output is None:
+        return
+    if fmt == "hf":  # save_pretrained writes a folder
+        check_place(Path(output), "--output", want_dir=True)
+        return
+    suffix = {"torchscript": (".pt", ".torchscript"), "pt2": (".pt2",), "onnx": (".onnx",),
+              "safetensors": (".safetensors",), "timm": (".safetensors",), "aoti": (".pt2",)}[fmt]
+    check_output_file(output, "--output", suffix, f"--format {fmt}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
     aoti.check(args.format, args.device)  # likewise a missing C++ compiler (aoti), or --device cuda without a GPU
+    check_output(args.output, args.format)
     torch.manual_seed(args.seed)
     model, kind, mae, desc, reference = load_for_export(args.checkpoint, args.model, args.input_size)
     size = model.patch_embed.img_size if kind == "classifier" else mae.img_size

@@ -62,11 +62,13 @@ def features(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Extract features, classify val by k-NN for every k, report."""
+    from mimkit.engine.runfolder import check_results_dir
     from mimkit.errors import UserError
     from mimkit.metrics.knn import knn_accuracy
 
     if min(args.k) < 1 or args.temperature <= 0:
         raise UserError("--k must be >= 1 and --temperature > 0")
+    check_results_dir(args.output_dir)  # before the feature pass: a file or read-only folder is refused now
     _, desc, (xtr, ytr), (xva, yva), classes = features(args)
     print(f"mimkit knn: {desc}; {len(xtr)} train / {len(xva)} val images, {len(classes)} classes")
     acc = knn_accuracy(xtr, ytr, xva, yva, ks=args.k, temperature=args.temperature, num_classes=len(classes))

@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from mimkit.metrics import rankme
     from mimkit.tasks.evaluation.features import extract_features
 
+    from mimkit.engine.runfolder import check_results_dir
+
+    check_results_dir(args.output_dir)  # before the feature pass: a file or read-only folder is refused now
+    if args.max_images < 2:
+        raise DataError(f"bad value for --max_images: {args.max_images} (RankMe needs at least 2 images)")
     torch.manual_seed(args.seed)
     model, desc = E.load_encoder(args.checkpoint, args.model, args.input_size, args.random_init, args.seed)
     ds = open_dataset(args.data_path, args.split, eval_transform(model.img_size, model.in_chans,

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_images < 0:
         raise UserError(f"--max_images must be >= 0, got {args.max_images}")
+    from mimkit.engine.runfolder import check_output_file
+
+    check_output_file(args.output, "--output", (".json",), "the statistics")  # before measuring, not after
     ds = open_dataset(args.data_path, args.split, _ToArray("L" if args.in_chans == 1 else "RGB"))
     mean, std, n, skipped = channel_stats(ds, args.max_images)
     if any(s == 0 for s in std):

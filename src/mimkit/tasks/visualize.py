@@ -212,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    from mimkit.engine.runfolder import check_output_file
+
+    check_output_file(args.output, "--output", (".png",), "the picture", strict=True)  # before the model loads
     paths = [Path(p) for p in args.images]
     for p in paths:
         if not p.is_file():
