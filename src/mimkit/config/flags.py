@@ -303,9 +303,20 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every flag with its default)\n")
 
 
-def parse_command(module: Any, command: str, argv: list[str]) -> Any:
-    """Parse `mimkit COMMAND ARGV` with the command module's own flags (for tasks that run another command)."""
-    p = ArgParser(prog=f"mimkit {command}", allow_abbrev=False)
+class _RaisingParser(ArgParser):
+    """A parsing problem is a ConfigError (one line, exit 2 from the CLI), never an exit of the interpreter."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise ConfigError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None):  # noqa: D102 - argparse's hook
+        raise ConfigError((message or f"{self.prog}: exit {status}").strip())
+
+
+def parse_command(module: Any, command: str, argv: list[str], raising: bool = False) -> Any:
+    """Parse `mimkit COMMAND ARGV` with the command module's own flags (for tasks that run another command);
+    `raising`: a bad word raises ConfigError instead of exiting."""
+    p = (_RaisingParser if raising else ArgParser)(prog=f"mimkit {command}", allow_abbrev=False)
     module.add_arguments(p)
     args, rest = p.parse_known_args(argv)
     problem = (take_leftovers(args, rest, [o for a in p._actions for o in a.option_strings])

@@ -46,8 +46,82 @@ def _image_files(directory: str | Path) -> list[str]:
     )
 
 
+def _is_loop(path: str | Path) -> bool:
+    """True when the folder `path` is a link back to itself or to a folder above it (walking it never ends)."""
+    real, parent = os.path.realpath(path), os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return parent == real or parent.startswith(real + os.sep)
+
+
 def _subdirs(directory: str | Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _is_hidden(e.name))
+    """Sub-folders (class folders), hidden ones and links looping back above `directory` left out."""
+    return sorted(e.name for e in os.scandir(directory)
+                  if e.is_dir() and not _is_hidden(e.name) and not (e.is_symlink() and _is_loop(e.path)))
+
+
+def looping_links(directory: str | Path) -> list[str]:
+    """Symlinked sub-folders of `directory` that point back to it or above (left out of every walk)."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_symlink() and e.is_dir() and _is_loop(e.path))
+
+
+class Walk:
+    """A folder walk that ends: a symlinked folder is followed once (a loop, or a second link to a folder already
+    walked, is skipped and counted), and a file reached by several paths counts once (by its real path)."""
+
+    def __init__(self) -> None:
+        self.seen_dirs: set[str] = set()
+        self.seen_files: set[str] = set()
+        self.skipped_links = 0  # symlinked folders not followed (a loop or a folder already walked)
+        self.duplicates = 0  # image files reached a second time through a link
+        self.loop: str = ""  # the first loop found, "link -> target", for the message
+        self.reserved: set[str] = set()  # class folders (real paths) that only their own class walks
+
+    def images(self, directory: str | Path, recursive: bool = False) -> list[str]:
+        """Image files under `directory` (its sub-folders too when `recursive`), sorted, each real file once."""
+        found: list[str] = []
+        self._walk(str(directory), recursive, found)
+        return sorted(found)
+
+    def _walk(self, directory: str, recursive: bool, found: list[str]) -> None:
+        real = os.path.realpath(directory)
+        if real in self.seen_dirs or (real in self.reserved and real != getattr(self, "_root", real)):
+            self.skipped_links += 1
+            if not self.loop and _is_loop(directory):
+                self.loop = f"{directory} -> {real}"
+            return
+        self.seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            if _is_hidden(e.name):
+                continue
+            if e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS):
+                rp = os.path.realpath(e.path)
+                if rp in self.seen_files:
+                    self.duplicates += 1
+                    continue
+                self.seen_files.add(rp)
+                found.append(e.path)
+            elif recursive and e.is_dir():
+                self._walk(e.path, recursive, found)
+
+    def walk_class(self, directory: str | Path) -> list[str]:
+        """One class folder's images, recursively; a link into another class folder is not followed."""
+        found: list[str] = []
+        self._root = os.path.realpath(directory)
+        self._walk(str(directory), True, found)
+        return sorted(found)
+
+    def note(self) -> str:
+        """The start-up line's part about links, '' when there were none to skip."""
+        parts = []
+        if self.skipped_links:
+            parts.append(f"{self.skipped_links} symlinked folder(s) not followed again"
+                         + (f" (a loop: {self.loop})" if self.loop else ""))
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate image(s) reached through links counted once")
+        return "; ".join(parts)
 
 
 class FolderDataset(ImageFolder):
@@ -69,9 +143,12 @@ class FolderDataset(ImageFolder):
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """(path, label) pairs; a flat folder's images all get label 0."""
+        self.walk = Walk()
         if self.flat:
-            return [(p, 0) for p in _image_files(directory)]
-        return super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
+            return [(p, 0) for p in self.walk.images(directory)]
+        self.walk.reserved = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+        return [(p, class_to_idx[c]) for c in sorted(class_to_idx)
+                for p in self.walk.walk_class(os.path.join(directory, c))]
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         """(transform(image), label), or None when the file cannot be decoded."""
@@ -123,6 +200,12 @@ def image_folder(
             f"{root} has no class folders; a labelled set needs one sub-folder of images per class"
         )
     ds = FolderDataset(root, transform=transform, flat=flat)
+    loops = looping_links(root)
+    ds.link_note = "; ".join(x for x in (  # for the start-up line (tasks/preflight.image_notes)
+        f"{len(loops)} symlinked folder(s) looping back skipped ({', '.join(loops)})" if loops else "",
+        ds.walk.note()) if x)
+    if ds.link_note:
+        logger.warning("%s: %s", root, ds.link_note)
     if not ds.samples:
         raise DataError(f"no images found in {root} (looked for {', '.join(IMG_EXTENSIONS)})")
     if not flat:

@@ -63,6 +63,7 @@ def command(key: str, extra: list[str] = ()) -> list[str]:
 def run_example(key: str, extra: list[str] = (), dry_run: bool = False) -> int:
     """Print the command, then run it in this process (same exit codes as `mimkit continual`)."""
     argv = command(key, list(extra))
+    check_words(argv)  # before anything runs (a dry run too): a misspelt flag is named, with the closest one
     own = any(w.split("=")[0] in OWN_CHOICE for w in extra)
     if key in FREEZING and not own:
         ckpt = Path(DEMO_RUN) / "checkpoints" / "final.pt"
@@ -80,6 +81,14 @@ def run_example(key: str, extra: list[str] = (), dry_run: bool = False) -> int:
     if dry_run:
         return 0
     return run_command(argv)
+
+
+def check_words(argv: list[str]) -> None:
+    """Parse `mimkit ARGV`'s words with the receiving command's own flags; a bad one is a ConfigError."""
+    from mimkit.config import parse_command
+
+    module = importlib.import_module(f"mimkit.tasks.{argv[0]}")
+    parse_command(module, argv[0], argv[1:], raising=True)
 
 
 def run_command(argv: list[str]) -> int:

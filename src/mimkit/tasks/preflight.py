@@ -121,6 +121,9 @@ def image_notes(ds, size: tuple[int, int], limit: int = 1000) -> list[str]:
     from mimkit.data.images import scan_images
 
     notes = [n for n in [warn_small_images(ds, size, limit)] if n]
+    inner = getattr(ds, "dataset", ds)  # a Subset / wrapper: the folder underneath says what its walk skipped
+    if getattr(inner, "link_note", ""):
+        notes.append(f"note: {inner.link_note}")
     samples = getattr(ds, "samples", None)
     if samples:
         notes += [f"note: {n}" for n in scan_images([s[0] for s in samples], limit)]

@@ -44,11 +44,14 @@ class PreciseBN:
         as the training pipeline made them)."""
         n = min(len(self.dataset), self.num_images)
         subset = torch.utils.data.Subset(self.dataset, range(n))
+        # a last batch of one image is dropped: BatchNorm in training mode cannot take it (no variance over one
+        # value per channel), and it would add nothing to the statistics
         for b in DataLoader(subset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate):
-            yield b["images"]
+            if len(b["images"]) > 1:
+                yield b["images"]
         stored = self.extra() if self.extra is not None else None
         if stored is not None and len(stored):
-            yield from torch.split(stored, self.batch_size)
+            yield from (chunk for chunk in torch.split(stored, self.batch_size) if len(chunk) > 1)
 
     @torch.no_grad()
     def recompute(self) -> None:
