@@ -183,3 +183,29 @@ def describe_taps(taps: list[int], depth: int) -> str:
     if depth == 12:
         return f"taps {list(taps)} (MMSeg's out_indices for 12 blocks)"
     return f"taps {list(taps)} (MMSeg's [3, 5, 7, 11] scaled to {depth} blocks)"
+
+
+def check_memory(cfg, model, arch: dict, crop: tuple[int, int], device) -> str:
+    """The estimated peak memory of a training step (engine/footprint.py) as a start-up note; a run that cannot
+    fit the machine is refused now, in one line naming what fits (the kernel would kill it without a word)."""
+    from mimkit.engine.footprint import footprint, upernet_activations, vit_activations
+
+    patch = int(arch["patch_size"])
+    tokens = (crop[0] // patch) * (crop[1] // patch) + 1
+    bs = int(cfg.optimization.batch_size)
+    act = vit_activations(bs, tokens, int(arch["embed_dim"]), int(arch["depth"]), int(arch["num_heads"]),
+                          float(arch.get("mlp_ratio", 4.0)))
+    act += upernet_activations(bs, crop, int(arch["channels"]))
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fp = footprint(params, trainable, act, str(device))
+    if fp.fits:
+        cpu_note = ("; on a CPU the ADE20K recipe is slow: segment/demo.yaml fits a CPU (mimkit segment "
+                    "segment/demo.yaml --data_path DIR)" if not str(device).startswith("cuda") and not OmegaConf.select(
+                        cfg, "misc.preset", default=None) and crop[0] * crop[1] > 128 * 128 else "")
+        return fp.line() + cpu_note
+    where = "the GPU" if str(device).startswith("cuda") else "this machine"
+    fix = (" use the CPU preset: mimkit segment segment/demo.yaml --data_path DIR [--finetune CKPT]; or"
+           if not str(device).startswith("cuda") else "")
+    raise ConfigError(f"segment at batch {bs}, crop {crop[0]}x{crop[1]}: {fp.line()}, more than {where} "
+                      f"has;{fix} lower --batch_size / --input_size")
