@@ -68,10 +68,11 @@ def _cases(v: str, root: str) -> list[tuple[list[str], str]]:
         (["pretrain", "--output_dir", ""], "--output_dir is empty"),
         (["pretrain", f"{root}/empty.yaml", "--output_dir", v], "is empty"),
         (["examples", "--dry_run", "2b", "--epocs", "1"], "did you mean --epochs"),
+        (["pretrain", f"{root}/model5.yaml", "--output_dir", v], "'model' must be a section"),
     ]
 
 
-_N_CASES = 24
+_N_CASES = 25
 
 
 def _run(argv: list[str]) -> int:
@@ -86,6 +87,7 @@ def _run(argv: list[str]) -> int:
 def test_fault_is_one_line_exit_2_and_the_run_folder_untouched(i, victim, capsys) -> None:
     root = victim.parent
     (root / "empty.yaml").write_text("")
+    (root / "model5.yaml").write_text("model: 5\n")
     if not (root / "img.png").exists():
         write_images(root / "imgs", 1)
         (root / "img.png").write_bytes((root / "imgs" / "img000.jpg").read_bytes())

@@ -112,6 +112,10 @@ def build_config(
         layers = [(demo_preset, load_file(demo_preset))] + layers
     cfg = schema_cfg
     for origin, data in layers:
+        for k, v in data.items():  # `model: 5` in a file: name the section, not '?'
+            if k in schema_cfg and isinstance(schema_cfg._get_node(k), DictConfig) and not isinstance(v, dict):
+                raise ConfigError(f"{origin}: '{k}' must be a section (a mapping of keys such as {k}.KEY), "
+                                  f"got {v!r}")
         try:
             if _replaces_kwargs(cfg, data, origin):
                 cfg.model.kwargs = {}
