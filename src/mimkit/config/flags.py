@@ -30,7 +30,8 @@ class Flag:
     type: Any = str
     help: str = ""
     const: Any = None  # for store_const flags (value set when the flag is present)
-
+    nargs: Optional[str] = None  # '?': the value is optional; given bare, the flag sets only `enables`
+    enables: Optional[str] = None  # a boolean key the flag also sets to true whenever it is given
 
 
 # Run folder, schedule and optimiser flags every training command shares (official names).
@@ -46,6 +47,35 @@ TRAINING_FLAGS: list[Flag] = [
     Flag("lr", "optimization.lr", float, "absolute lr (overrides --blr)"),
     Flag("min_lr", "optimization.min_lr", float, "floor of the cosine schedule"),
     Flag("weight_decay", "optimization.weight_decay", float),
+]
+
+
+def str_list(text: str) -> list[str]:
+    """'a,b,c' -> ['a', 'b', 'c']: the type of list-valued word flags (--wandb_tags)."""
+    return [v.strip() for v in str(text).strip("[]").split(",") if v.strip()]
+
+
+# Experiment trackers beside TensorBoard, for every training command (seed 003's wandb names; engine/trackers.py).
+TRACKING_FLAGS: list[Flag] = [
+    Flag("log_wandb", "logging.wandb.enabled", None, "log to Weights & Biases (offline without a login)",
+         const=True),
+    Flag("wandb_project", "logging.wandb.project", str, "wandb project"),
+    Flag("experiment_name", "logging.wandb.project", str, "wandb project (seed 003's name); same as --wandb_project"),
+    Flag("wandb_run_name", "logging.wandb.run_name", str, "the run's name in wandb (and MLflow unless "
+         "--mlflow_run_name); unset = the run folder's name"),
+    Flag("wandb_entity", "logging.wandb.entity", str, "wandb team or user"),
+    Flag("wandb_tags", "logging.wandb.tags", str_list, "comma-separated tags, e.g. mae,vit_base"),
+    Flag("wandb_mode", "logging.wandb.mode", str, "online | offline | disabled; unset = $WANDB_MODE, else online "
+         "with a login, offline without"),
+    Flag("wandb_log_checkpoints", "logging.wandb.log_checkpoints", None, "upload checkpoints as wandb artifacts",
+         const=True),
+    Flag("log_mlflow", "logging.mlflow.tracking_uri", str, "log to MLflow; optional TRACKING_URI (any URI MLflow "
+         "accepts); bare = $MLFLOW_TRACKING_URI or a sqlite store <output_dir>/mlflow.db", const="",
+         nargs="?", enables="logging.mlflow.enabled"),
+    Flag("mlflow_experiment_name", "logging.mlflow.experiment_name", str, "MLflow experiment; unset = "
+         "--wandb_project / --experiment_name, else mimkit"),
+    Flag("mlflow_run_name", "logging.mlflow.run_name", str, "the run's name in MLflow; unset = --wandb_run_name, "
+         "else the run folder's name"),
 ]
 
 
@@ -67,7 +97,12 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag], schema: type) -
             help_text = f"{text}sets {f.key} to {_show(f.const)} (default: {default})"
         else:
             help_text = f"{text}sets {f.key} (default: {default})"
-        if f.const is not None:
+        if f.nargs is not None:
+            help_text = f"{text}sets {f.enables} to true, and {f.key} to the value when one is given " \
+                        f"(default: {default})"
+            p.add_argument(f"--{f.name}", dest=f.name, nargs=f.nargs, const=f.const, type=f.type, default=None,
+                           metavar=f.key.split(".")[-1].upper(), help=help_text)
+        elif f.const is not None:
             p.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=f.const, default=None,
                            help=help_text)
         else:
@@ -127,7 +162,10 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
             if f.key in given and given[f.key][1] != v:
                 raise ConfigError(f"--{given[f.key][0]} and --{f.name} conflict (both set {f.key}); give one")
             given[f.key] = (f.name, v)
-            _set_dotted(from_flags, f.key, v)
+            if f.enables:
+                _set_dotted(from_flags, f.enables, True)
+            if not (f.nargs == "?" and v == f.const):  # a bare optional-value flag sets only what it enables
+                _set_dotted(from_flags, f.key, v)
     user = [("command-line flags", from_flags)] + ([("overrides", C.parse_dotlist(overrides))] if overrides else [])
     preset = None
     if demo_preset and not any(C._get(d, "data.data_path") for _, d in file_layers + user):
@@ -153,6 +191,10 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
         OmegaConf.set_struct(cfg, False)
         cfg.misc.preset = preset
         OmegaConf.set_struct(cfg, True)
+    if "logging" in cfg:  # a tracker asked for without its package: one line naming the extra, before any work
+        from mimkit.engine.trackers import require_packages
+
+        require_packages(cfg.logging)
     out = OmegaConf.select(cfg, "misc.output_dir", default=None)
     if getattr(args, "command", None) and out is not None:  # before any work: the folder is usable by this command
         from mimkit.engine.runfolder import check_run_dir

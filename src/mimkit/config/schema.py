@@ -83,11 +83,32 @@ class CheckpointingConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False  # log to Weights & Biases (pip install 'mimkit[wandb]')
+    project: Optional[str] = None  # wandb project (seed 003's --experiment_name); None = $WANDB_PROJECT or mimkit
+    run_name: Optional[str] = None  # the run's display name; None = the run folder's name
+    entity: Optional[str] = None  # team or user; None = your default entity
+    tags: List[str] = field(default_factory=list)  # tags on the run
+    mode: Optional[str] = None  # online | offline | disabled; None = $WANDB_MODE, else online with a login
+    log_checkpoints: bool = False  # upload checkpoints as wandb artifacts (off: artifacts fill cluster storage)
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = False  # log to MLflow (pip install 'mimkit[mlflow]')
+    tracking_uri: Optional[str] = None  # None = $MLFLOW_TRACKING_URI, else a sqlite store <output_dir>/mlflow.db
+    experiment_name: Optional[str] = None  # None = logging.wandb.project, else $MLFLOW_EXPERIMENT_NAME or mimkit
+    run_name: Optional[str] = None  # None = logging.wandb.run_name, else the run folder's name
+
+
+@dataclass
 class LoggingConfig:
     print_freq: int = 100  # log a line every N iterations when not on a terminal
     console_clear_freq: int = 100  # kept for seed 001 configs; the progress bar redraws in place
     tensorboard: bool = True  # write TensorBoard scalars and images to <output_dir>/tb
     vis_freq_epochs: int = 1  # reconstruction PNG every N epochs; 0 = only at the end
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (offline without a login)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # MLflow
 
 
 @dataclass
@@ -167,6 +188,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "checkpointing.save_freq_steps": (lambda v: v >= 0, ">= 0"),
     "checkpointing.keep_last_n": (lambda v: v >= 0, ">= 0"),
     "logging.print_freq": (lambda v: v >= 1, ">= 1"),
+    "logging.wandb.mode": (lambda v: v in (None, "online", "offline", "disabled"), "online, offline or disabled"),
     "eval.eval_every": (lambda v: v >= 0, ">= 0"),
     "freezeout.how_scale": (lambda v: v in ("linear", "squared", "cubic"), "linear, squared or cubic"),
     "freezeout.t_0": (lambda v: 0 < v <= 1, "in (0, 1]"),

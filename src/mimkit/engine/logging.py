@@ -1,4 +1,5 @@
-"""Run logging: console progress (tqdm on a terminal, sparse lines otherwise), log.txt, metrics.jsonl, TensorBoard."""
+"""Run logging: console progress (tqdm on a terminal, sparse lines otherwise), log.txt, metrics.jsonl, and the
+experiment trackers of engine/trackers.py (TensorBoard, wandb, MLflow), which every record fans out to."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -42,14 +43,17 @@ class SmoothedValue:
 class RunLogger:
     """Everything a run reports goes through here; only rank 0 writes files."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, print_freq: int = 100) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, print_freq: int = 100,
+                 tracking: Optional[Mapping] = None, config: Optional[dict] = None) -> None:
+        """`tracking`: the config's logging section (tensorboard, wandb, mlflow); `config`: the resolved config the
+        trackers record as parameters. Without `tracking`, TensorBoard alone as `tensorboard` says."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.print_freq = max(1, print_freq)
         self.log = get_logger()
         self.tty = sys.stdout.isatty()
         self.metrics_file = None
-        self.tb = None
+        self.trackers: list = []
         self.log_path = self.run_dir / "log.txt"
         self._file_handler = None
         self._bar = None
@@ -84,10 +88,27 @@ class RunLogger:
         self.file_log.setLevel(logging.INFO)
         self.file_log.propagate = False
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        from mimkit.engine import trackers as T
 
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        tracking = tracking if tracking is not None else {"tensorboard": tensorboard}
+        self.trackers = T.open_trackers(self.run_dir, tracking, config, self.info)
+        if config is not None:
+            self._each("log_config", config)
+
+    def _each(self, method: str, *args: Any) -> None:
+        """Call one method on every tracker; a tracker that fails is reported once and dropped (the run goes on)."""
+        for t in list(self.trackers):
+            try:
+                getattr(t, method)(*args)
+            except Exception as e:  # a full disk, a store gone away: metrics.jsonl still has the record
+                self.trackers.remove(t)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                self.info(f"{t.name}: stopped logging ({first}); metrics.jsonl keeps every record")
+
+    @property
+    def tb(self):
+        """The TensorBoard writer, if TensorBoard is on (for callers that add their own summaries)."""
+        return next((t.writer for t in self.trackers if t.name == "tensorboard"), None)
 
     # -------------------------------------------------------------- text
     def info(self, msg: str) -> None:
@@ -189,28 +210,44 @@ class RunLogger:
 
     # -------------------------------------------------------------- machine-readable
     def metrics(self, record: dict[str, Any], step: int, tb_prefix: str = "train") -> None:
-        """One JSON line in metrics.jsonl and the numeric fields as TensorBoard scalars."""
+        """One JSON line in metrics.jsonl; the numeric fields as '<tb_prefix>/<key>' scalars in every tracker."""
         if not self.enabled:
             return
         self.metrics_file.write(json.dumps(_jsonable(record)) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(f"{tb_prefix}/{k}", v, step)
+        scalars = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items() if k not in ("epoch", "step")}
+        scalars = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars and self.trackers:
+            self._each("log_scalars", tb_prefix, scalars, step)
 
     def image(self, tag: str, img_hwc: np.ndarray, step: int) -> None:
-        """A uint8 (H, W, 3) image into TensorBoard."""
-        if self.enabled and self.tb is not None:
-            self.tb.add_image(tag, img_hwc, step, dataformats="HWC")
+        """A uint8 (H, W, 3) image into every tracker."""
+        if self.enabled and self.trackers:
+            self._each("log_image", tag, img_hwc, step)
 
-    def close(self) -> None:
-        """Flush and close files."""
+    def table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A table (column names, rows of values) into every tracker: a wandb Table, an MLflow JSON artifact, a
+        Markdown table in TensorBoard's Text tab."""
+        if self.enabled and self.trackers:
+            self._each("log_table", tag, list(columns), [list(r) for r in rows], step)
+
+    def checkpoint_saved(self, path: Path, name: str) -> None:
+        """A checkpoint was written (wandb uploads it as an artifact only with logging.wandb.log_checkpoints)."""
+        if self.enabled and self.trackers:
+            self._each("log_checkpoint", Path(path), name)
+
+    def close(self, status: str = "finished") -> None:
+        """Flush and close files and trackers (`status`: finished, or interrupted / failed for a run that stops)."""
         self.end_epoch()
         if not self.enabled:
             return
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+        for t in self.trackers:
+            try:
+                line = t.close(status)
+            except Exception as e:  # closing must never lose the files written so far
+                line = f"{t.name}: could not finish cleanly ({str(e).strip()[:200]})"
+            if line:
+                self.info(line)
+        self.trackers = []
         if self.metrics_file:
             self.metrics_file.close()
         if self._file_handler:

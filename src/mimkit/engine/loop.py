@@ -245,6 +245,7 @@ class Trainer:
             try:
                 self.ckpt.save(self.checkpoint(rng_per_rank=rngs), kind, index, self.config_yaml)
                 self.run.file_only(f"saved checkpoint {folder}")
+                self.run.checkpoint_saved(folder, f"{kind}-{index}")
             except CheckpointWriteError as e:
                 err = e
         if not D.all_true(err is None, self.device):
@@ -317,7 +318,8 @@ class Trainer:
             if self.dist.is_main:
                 try:
                     same = self._restore_point if self._saved_at == st.position() else None
-                    self.ckpt.save_final(self.checkpoint(), same_as=same)
+                    final = self.ckpt.save_final(self.checkpoint(), same_as=same)
+                    self.run.checkpoint_saved(final, "final")
                 except CheckpointWriteError as e:
                     err = e
             if not D.all_true(err is None, self.device):

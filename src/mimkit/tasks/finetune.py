@@ -194,8 +194,8 @@ def finetune(cfg) -> dict:
         return E.evaluate_only(cfg, "finetune", model, val_set, resume, dist, desc)
 
     # 2. set up: run folder, seeds, layer-decay AdamW, mixup and the loss
-    run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                        print_freq=cfg.logging.print_freq)
+    run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
+                        tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, f"{cfg.misc.output_dir}/config.yaml")
     seed_everything(cfg.misc.seed + dist.rank)  # augmentation, mixup and drop path differ across ranks

@@ -144,8 +144,8 @@ def probe(cfg) -> dict:
         return E.evaluate_only(cfg, "linprobe", model, val_set, resume, dist, desc)
 
     # 2. set up: run folder, seeds, the cache when there is no augmentation, the head's optimiser
-    run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                        print_freq=cfg.logging.print_freq)
+    run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
+                        tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, f"{cfg.misc.output_dir}/config.yaml")
     seed_everything(cfg.misc.seed + dist.rank)

@@ -87,7 +87,8 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
         report = None
     is_main = int(os.environ.get("RANK", "0")) == 0
 
-    run = RunLogger(out_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, print_freq=cfg.logging.print_freq)
+    run = RunLogger(out_dir, enabled=is_main, print_freq=cfg.logging.print_freq,
+                    tracking=cfg.logging, config=C.to_container(cfg))
     try:
         run.info(f"mimkit continual: {len(domains)} stage(s) {' -> '.join(domain_name(d) for d in domains)}; "
                  f"evaluated on {', '.join(f'{d.name} ({len(d.val)} {d.eval_split})' for d in eval_domains)}; "

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
-from mimkit.config import TRAINING_FLAGS, Flag
+from mimkit.config import TRACKING_FLAGS, TRAINING_FLAGS, Flag
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -130,6 +130,7 @@ class LinprobeConfig:
 LINPROBE_FLAGS: list[Flag] = COMMON_FLAGS + [
     Flag("opt", "optimization.opt", str, "lars | sgd"),
     Flag("no_aug", "data.augmentation.enabled", None, "centre crops only; features cached once", const=False),
+    *TRACKING_FLAGS,
 ]
 
 
@@ -197,6 +198,7 @@ FINETUNE_FLAGS: list[Flag] = COMMON_FLAGS + [
     Flag("mixup_prob", "data.augmentation.mixup_prob", float),
     Flag("mixup_switch_prob", "data.augmentation.mixup_switch_prob", float),
     Flag("mixup_mode", "data.augmentation.mixup_mode", str, "batch | pair | elem"),
+    *TRACKING_FLAGS,
 ]
 
 

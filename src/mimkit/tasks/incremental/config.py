@@ -10,7 +10,7 @@ from typing import List, Optional
 from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError, suggest
-from mimkit.config import Flag
+from mimkit.config import TRACKING_FLAGS, Flag
 
 METHODS = ("ce", "kd", "mask", "er")
 EMA_MODES = ("none", "ema", "anne", "sto")
@@ -169,6 +169,7 @@ FLAGS: list[Flag] = [
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),
     Flag("print_freq", "logging.print_freq", int),
+    *TRACKING_FLAGS,
 ]
 
 

@@ -200,8 +200,8 @@ def train_incremental(cfg) -> dict:
             h.load_state_dict(ckpt["extra"][type(h).__name__])
 
     # 2. set up the run folder and logging
-    run_log = RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                        print_freq=cfg.logging.print_freq)
+    run_log = RunLogger(out_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
+                        tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, out_dir / "config.yaml")
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)

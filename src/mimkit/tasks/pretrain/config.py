@@ -7,7 +7,7 @@ import argparse
 from omegaconf import DictConfig
 
 from mimkit import config as C
-from mimkit.config import TRAINING_FLAGS, Flag
+from mimkit.config import TRACKING_FLAGS, TRAINING_FLAGS, Flag
 from mimkit.engine.precision import AMP_HELP
 
 DEMO_PRESET = "pretrain/demo.yaml"
@@ -60,6 +60,7 @@ FLAGS: list[Flag] = [
          "FreezeOut: block i freezes at scale(t_0 + (1 - t_0) i / depth), t_0 in (0, 1]"),
     Flag("no_scale_lr", "freezeout.scale_lr", None, "FreezeOut: keep every block's base lr", const=False),
     Flag("freeze_heads", "freezeout.freeze_heads", None, "FreezeOut: freeze a tap's head with its block", const=True),
+    *TRACKING_FLAGS,
 ]
 
 

@@ -75,8 +75,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
     OmegaConf.set_struct(cfg, True)
 
     # 2. set up: run folder, logging, seeds, model on device, optimiser
-    run_log = RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                        print_freq=cfg.logging.print_freq)
+    run_log = RunLogger(out_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
+                        tracking=cfg.logging, config=C.to_container(cfg))
     seed_everything(cfg.misc.seed + dist.rank)  # masks and drop-path differ across ranks
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist.is_main:

@@ -12,7 +12,7 @@ from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
 from mimkit.errors import ConfigError
 from mimkit.tasks.evaluation.config import EvalMiscConfig
-from mimkit.config import Flag
+from mimkit.config import TRACKING_FLAGS, Flag
 
 DEMO_PRESET = "segment/demo.yaml"
 
@@ -160,6 +160,7 @@ SEGMENT_FLAGS: list[Flag] = [
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),
     Flag("print_freq", "logging.print_freq", int),
+    *TRACKING_FLAGS,
 ]
 
 

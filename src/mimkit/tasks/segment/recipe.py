@@ -297,8 +297,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     o, s = cfg.optimization, cfg.schedule
     if dist.enabled and dist.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all GPUs
-    run_log = RunLogger(Path(cfg.misc.output_dir), enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
-                        print_freq=cfg.logging.print_freq)
+    run_log = RunLogger(Path(cfg.misc.output_dir), enabled=dist.is_main, print_freq=cfg.logging.print_freq,
+                        tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, Path(cfg.misc.output_dir) / "config.yaml")
     seed_everything(cfg.misc.seed + dist.rank)  # augmentation and drop path differ across ranks
