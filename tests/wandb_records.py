@@ -46,6 +46,22 @@ def records(path: str | Path) -> list:
     return out
 
 
+def finished(path: str | Path, timeout: float = 60.0) -> Path:
+    """Wait until the run's exit record is on disk (wandb-core writes the file asynchronously, after finish())."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+                return Path(path)
+        except (AssertionError, OSError, struct.error):
+            pass  # not written yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -53,7 +69,7 @@ def _key(item) -> str:
 def read_run(path: str | Path) -> dict:
     """{'run': RunRecord, 'history': [{key: value}], 'config': {key: value}, 'summary': {key: value}} of a file."""
     run, history, config, summary = None, [], {}, {}
-    for rec in records(path):
+    for rec in records(finished(path)):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run = rec.run

@@ -44,10 +44,14 @@ class RunLogger:
     """Everything a run reports goes through here; only rank 0 writes files."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, print_freq: int = 100,
-                 tracking: Optional[Mapping] = None, config: Optional[dict] = None) -> None:
+                 tracking: Optional[Mapping] = None, config: Optional[dict] = None,
+                 parent: Optional["RunLogger"] = None, parent_prefix: str = "") -> None:
         """`tracking`: the config's logging section (tensorboard, wandb, mlflow); `config`: the resolved config the
-        trackers record as parameters. Without `tracking`, TensorBoard alone as `tensorboard` says."""
+        trackers record as parameters. Without `tracking`, TensorBoard alone as `tensorboard` says. `parent`: a
+        run this one is part of (a continual stage): every record also goes to the parent's trackers, its names
+        under `parent_prefix`, so one wandb / MLflow run holds the whole sequence."""
         self.run_dir = Path(run_dir)
+        self.parent, self.parent_prefix = parent, parent_prefix
         self.enabled = enabled
         self.print_freq = max(1, print_freq)
         self.log = get_logger()
@@ -97,6 +101,11 @@ class RunLogger:
 
     def _each(self, method: str, *args: Any) -> None:
         """Call one method on every tracker; a tracker that fails is reported once and dropped (the run goes on)."""
+        if self.parent is not None and method != "log_config":
+            # the parent's own trackers only (not TensorBoard: this stage has its own tb/), names under the prefix
+            name = f"{self.parent_prefix}/{args[0]}" if method in ("log_scalars", "log_image", "log_table") \
+                else args[0]
+            self.parent._each_shared(method, name, *args[1:])
         for t in list(self.trackers):
             try:
                 getattr(t, method)(*args)
@@ -104,6 +113,15 @@ class RunLogger:
                 self.trackers.remove(t)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 self.info(f"{t.name}: stopped logging ({first}); metrics.jsonl keeps every record")
+
+    def _each_shared(self, method: str, *args: Any) -> None:
+        """A child run's record into this run's trackers other than TensorBoard (the child writes its own tb/)."""
+        tb = [t for t in self.trackers if t.name == "tensorboard"]
+        self.trackers = [t for t in self.trackers if t.name != "tensorboard"]
+        try:
+            self._each(method, *args)
+        finally:
+            self.trackers = tb + self.trackers
 
     @property
     def tb(self):
@@ -216,23 +234,23 @@ class RunLogger:
         self.metrics_file.write(json.dumps(_jsonable(record)) + "\n")
         scalars = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items() if k not in ("epoch", "step")}
         scalars = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if scalars and self.trackers:
+        if scalars:
             self._each("log_scalars", tb_prefix, scalars, step)
 
     def image(self, tag: str, img_hwc: np.ndarray, step: int) -> None:
         """A uint8 (H, W, 3) image into every tracker."""
-        if self.enabled and self.trackers:
+        if self.enabled:
             self._each("log_image", tag, img_hwc, step)
 
     def table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         """A table (column names, rows of values) into every tracker: a wandb Table, an MLflow JSON artifact, a
         Markdown table in TensorBoard's Text tab."""
-        if self.enabled and self.trackers:
+        if self.enabled:
             self._each("log_table", tag, list(columns), [list(r) for r in rows], step)
 
     def checkpoint_saved(self, path: Path, name: str) -> None:
         """A checkpoint was written (wandb uploads it as an artifact only with logging.wandb.log_checkpoints)."""
-        if self.enabled and self.trackers:
+        if self.enabled:
             self._each("log_checkpoint", Path(path), name)
 
     def close(self, status: str = "finished") -> None:

@@ -43,7 +43,7 @@ from mimkit.tasks.continual.config import (  # noqa: F401
 )
 from mimkit.tasks.continual.eval import EvalDomain, evaluate, log_eval, open_domains  # noqa: F401
 from mimkit.tasks.continual.report import (  # noqa: F401
-    DIGITS, METRICS, format_summary, heatmap, matrices, sweep_table, write_results,
+    DIGITS, METRICS, format_summary, heatmap, matrices, sweep_table, track, write_results,
 )
 from mimkit.tasks.continual.stages import STATE_FILE, StageHook, load_state, save_state, stage_config  # noqa: F401
 
@@ -130,7 +130,8 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
                      f"(from {prev or 'fresh initialisation'})")
             t0, c0 = time.perf_counter(), time.process_time()
             hook = StageHook(cfg.model.freeze_mode, run, stages_left=len(domains) - k)
-            summary = P.train(scfg, extra_hooks=[hook], print_summary=False)
+            summary = P.train(scfg, extra_hooks=[hook], print_summary=False, parent_log=run,
+                              parent_prefix=f"stage{k + 1}")
             # CPU seconds as well as wall: on a shared machine the wall time mostly measures the neighbours
             train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             t0 = time.perf_counter()
@@ -144,7 +145,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
             log_eval(run, f"after stage {k + 1} ({domain_name(spec)})", row, k + 1)
             if is_main:
                 save_state(state_path, state)
-                write_results(out_dir, state, names, len(domains))
+                track(run, out_dir, write_results(out_dir, state, names, len(domains)), k + 1)
             del summary
 
         # 3. report

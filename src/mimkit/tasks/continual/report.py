@@ -63,6 +63,24 @@ def write_results(out_dir: Path, state: dict, names: list[str], n_trained: int) 
     return summaries
 
 
+def track(run: Any, out_dir: Path, summaries: dict[str, dict], step: int) -> None:
+    """Into the run's trackers after a stage: average forgetting, BWT and final average per metric as scalars, each
+    metric's matrix (after stage x on domain) as a table, and matrix.png."""
+    scalars = {f"{key}/{name}": s[name] for key, s in summaries.items()
+               for name in ("average_forgetting", "backward_transfer", "final_average")
+               if s.get(name) is not None and not math.isnan(s[name])}
+    run.metrics({"kind": "summary", "step": step, **scalars}, step, tb_prefix="continual")
+    for key, s in summaries.items():
+        rows = [[stage, *(None if v is None or math.isnan(v) else v for v in row)]
+                for stage, row in zip(s["stages"], s["matrix"], strict=True)]
+        run.table(f"continual/{key}_matrix", ["after", *s["domains"]], rows, step)
+    png = out_dir / "matrix.png"
+    if png.exists():
+        from PIL import Image
+
+        run.image("continual/matrix", np.asarray(Image.open(png).convert("RGB")), step)
+
+
 def _nanmean(v: np.ndarray) -> Optional[float]:
     v = v[~np.isnan(v)]
     return float(v.mean()) if v.size else None

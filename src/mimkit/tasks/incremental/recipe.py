@@ -285,7 +285,8 @@ def train_incremental(cfg) -> dict:
             run_log.info(f"after task {k}: accuracy on tasks 0-{k} {[round(a, 2) for a in row['acc']]}, "
                          f"all seen {row['acc_seen']:.2f}%, RankMe {row['rankme']:.2f}")
             if dist.is_main:
-                _write(out_dir, state, sizes, cfg_dict, desc)
+                paths = _write(out_dir, state, sizes, cfg_dict, desc)
+                R.track(run_log, state["rows"], len(sizes), k, paths["png"])
         table = R.format_table(state["rows"], len(sizes), sizes)
         run_log.file_only("\n" + table)
     finally:

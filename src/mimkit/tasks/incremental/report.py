@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -81,6 +81,24 @@ def write(out_dir: Path, rows: list[dict], num_tasks: int, record: dict) -> dict
                                      record.get("checkpoint"), record.get("data"), record.get("config", {}), extra)
     paths["png"] = picture(out_dir / "incremental.png", R, [r["rankme"] for r in rows])
     return paths
+
+
+def track(run_log: Any, rows: list[dict], num_tasks: int, step: int, png: Optional[Path] = None) -> None:
+    """Into the run's trackers after a task: the metrics so far (forgetting, BWT, ...) as scalars, the accuracy
+    matrix and the per-task rows as tables, and the heatmap picture."""
+    R = matrix(rows, num_tasks)
+    summary = {k: v for k, v in metrics(rows, num_tasks).items() if v is not None}
+    run_log.metrics({"kind": "summary", **summary}, step, tb_prefix="incremental")
+    run_log.table("incremental/accuracy_matrix", ["after_task", *[f"task_{j}" for j in range(num_tasks)]],
+                  [[i, *(None if math.isnan(v) else round(v, CSV_DIGITS) for v in R[i])] for i in range(len(rows))],
+                  step)
+    run_log.table("incremental/per_task", ["task", "classes", "acc_seen", "rankme"],
+                  [[i, " ".join(str(c) for c in r["classes"]), r["acc_seen"], r["rankme"]]
+                   for i, r in enumerate(rows)], step)
+    if png is not None and Path(png).exists():
+        from PIL import Image
+
+        run_log.image("incremental/accuracy_matrix_picture", np.asarray(Image.open(png).convert("RGB")), step)
 
 
 def cell(v: Any, digits: int = CSV_DIGITS) -> str:

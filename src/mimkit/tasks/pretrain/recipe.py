@@ -47,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -> dict:
-    """Pretrain as `cfg` says; returns a summary (run folder, paths, final loss, the trained `model`)."""
+def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, parent_log: Optional[RunLogger] = None,
+          parent_prefix: str = "") -> dict:
+    """Pretrain as `cfg` says; returns a summary (run folder, paths, final loss, the trained `model`).
+
+    `parent_log`: the run this one is a stage of; its wandb / MLflow runs receive this run's records too, named
+    under `parent_prefix` (continual stages)."""
     from mimkit.data.datasets import collate_batch
 
     # 1. validate everything that can be checked before any work
@@ -76,7 +80,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True) -
 
     # 2. set up: run folder, logging, seeds, model on device, optimiser
     run_log = RunLogger(out_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
-                        tracking=cfg.logging, config=C.to_container(cfg))
+                        tracking=cfg.logging, config=C.to_container(cfg), parent=parent_log,
+                        parent_prefix=parent_prefix)
     seed_everything(cfg.misc.seed + dist.rank)  # masks and drop-path differ across ranks
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if dist.is_main:

@@ -151,20 +151,25 @@ class SegEvalHook:
     """
 
     def __init__(self, evaluate: Callable[[int], tuple[dict, list]], interval: int, run_log, last_step: int,
-                 num_overlays: int) -> None:
+                 num_overlays: int, class_names: Optional[list[str]] = None) -> None:
         self.evaluate, self.interval, self.run_log = evaluate, interval, run_log
+        self.class_names = class_names
         self.last_step, self.num_overlays = last_step, num_overlays
         self.history: list[dict] = []
         self.last: Optional[tuple[int, dict, list]] = None  # (step, metrics, panels) of the latest evaluation
 
     def log(self, metrics: dict, panels: list, step: int) -> None:
-        """Console line, metrics.jsonl ('eval'), TensorBoard scalars and overlay images; all scores in %."""
+        """Console line, metrics.jsonl ('eval'), tracker scalars, overlay images and the per-class table; in %."""
         record = {"kind": "eval", "step": step, **{k: pct(metrics[k]) for k in ("mIoU", "aAcc", "mAcc", "mDice")}}
         self.history.append(record)
         self.last = (step, metrics, panels)
         self.run_log.metrics(record, step, tb_prefix="eval")
         for i, panel in enumerate(panels):
             self.run_log.image(f"eval/overlay_{i}", panel, step)
+        if self.class_names and len(self.class_names) == len(metrics.get("IoU", [])):
+            rows = [[name] + [pct(metrics[k][c]) for k in ("IoU", "Acc", "Dice")]
+                    for c, name in enumerate(self.class_names)]
+            self.run_log.table("eval/per_class", ["class", "IoU", "Acc", "Dice"], rows, step)
         self.run_log.info(f"eval step {step}: " + "  ".join(
             f"{k} {'n/a' if record[k] is None else format(record[k], '.2f') + '%'}"
             for k in ("mIoU", "aAcc", "mAcc", "mDice")))
@@ -317,7 +322,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     stop = min(total, cfg.misc.max_steps or total)
     # --max_iters IS the schedule: the loop ends there (no misc.max_steps stop); --max_steps cuts a run short
     max_steps = stop if stop < total else 0
-    hook = SegEvalHook(run_eval, cfg.test.interval, run_log, stop, cfg.test.num_overlays)
+    hook = SegEvalHook(run_eval, cfg.test.interval, run_log, stop, cfg.test.num_overlays,
+                       list(cfg.model.class_names or []))
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     settings = LoopSettings(
         epochs=epochs, batch_size=o.batch_size, accum_iter=o.accum_iter, gradient_clip=o.gradient_clip,
