@@ -208,10 +208,10 @@ def test_segment_logs_per_class_iou_table_equal_to_results(tmp_path):
     run_id = json.loads((out / "trackers.json").read_text())["mlflow"]["run_id"]
     files = [f.path for f in client.list_artifacts(run_id, "tables/eval/per_class")]
     got = json.loads(Path(client.download_artifacts(run_id, files[-1], str(tmp_path / "dl"))).read_text())["data"]
-    per_class = res["metrics"]["per_class"] if "per_class" in res["metrics"] else None
-    assert got["class"] and len(got["IoU"]) == len(got["class"])
-    if per_class is not None:
-        assert got["IoU"] == pytest.approx([per_class[c]["IoU"] for c in got["class"]])
+    per_class = res["metrics"]["per_class"]
+    assert got["class"] == list(per_class)
+    for k in ("IoU", "Acc", "Dice"):
+        assert got[k] == [per_class[c][k] for c in got["class"]]
     assert client.get_metric_history(run_id, "eval/mIoU")[-1].value == pytest.approx(res["metrics"]["mIoU"])
     assert [f.path for f in client.list_artifacts(run_id, "eval")], "the overlay pictures"
 
@@ -234,3 +234,29 @@ def test_two_gloo_ranks_create_exactly_one_run(tmp_path, image_folder):
     assert len(runs) == 1
     steps = _steps(out)
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [s["step"] for s in steps]
+
+
+@pytest.mark.slow
+def test_continual_stages_share_the_sequence_run(tmp_path):
+    from test_continual import continual, make_domain
+
+    a, b = make_domain(tmp_path / "d", "a", 0), make_domain(tmp_path / "d", "b", 1)
+    out = tmp_path / "seq"
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert continual(out, "--domains", str(a), str(b), "--epochs", "1", "--print_freq", "1", "--log_wandb",
+                     "--wandb_mode", "offline", "--log_mlflow", db) == 0
+    stages = sorted(out.glob("stage-*"))
+    assert len(stages) == 2 and not any((s / "wandb").exists() or (s / "trackers.json").exists() for s in stages)
+    client = _client(db)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1  # the whole sequence is one run
+    run_id = runs[0].info.run_id
+    for k, stage in enumerate(stages, 1):
+        hist = client.get_metric_history(run_id, f"stage{k}/train/loss")
+        assert [(m.step, m.value) for m in hist] == [(r["step"], pytest.approx(r["loss"])) for r in _steps(stage)]
+    tables = [f.path for f in client.list_artifacts(run_id, "tables/continual")]
+    assert "tables/continual/recon_loss_matrix" in tables
+    assert [f.path for f in client.list_artifacts(run_id, "continual/matrix")], "matrix.png"
+    wb = read_run(_offline_runs(out)[0])
+    assert any("stage2/train/loss" in h for h in wb["history"])
+    assert any("continual/recon_loss/average_forgetting" in h for h in wb["history"])
