@@ -260,3 +260,34 @@ def test_continual_stages_share_the_sequence_run(tmp_path):
     wb = read_run(_offline_runs(out)[0])
     assert any("stage2/train/loss" in h for h in wb["history"])
     assert any("continual/recon_loss/average_forgetting" in h for h in wb["history"])
+
+
+def test_python_api_turns_log_mlflow_true_into_the_bare_flag():
+    from mimkit.api import to_words
+
+    assert to_words("pretrain", (), {"log_mlflow": True})[0] == ["--log_mlflow"]
+    assert to_words("pretrain", (), {"log_mlflow": "sqlite:///x.db"})[0] == ["--log_mlflow", "sqlite:///x.db"]
+    assert to_words("pretrain", (), {"log_mlflow": False, "log_wandb": True})[0] == ["--log_wandb"]
+
+
+def test_flags_set_the_logging_keys():
+    import argparse
+
+    from mimkit.tasks.pretrain import config as PC
+
+    def cfg(*argv):
+        p = argparse.ArgumentParser()
+        PC.add_arguments(p)
+        return PC.config_from_args(p.parse_args(["--data_path", "digits", *argv])).logging
+
+    bare = cfg("--log_mlflow", "--log_wandb", "--experiment_name", "MAEPretraining", "--wandb_tags", "a,b")
+    assert bare.mlflow.enabled and bare.mlflow.tracking_uri is None
+    assert bare.wandb.enabled and bare.wandb.project == "MAEPretraining" and list(bare.wandb.tags) == ["a", "b"]
+    given = cfg("--log_mlflow", "sqlite:///m.db", "--wandb_project", "p", "--wandb_mode", "offline")
+    assert given.mlflow.enabled and given.mlflow.tracking_uri == "sqlite:///m.db" and not given.wandb.enabled
+    assert given.wandb.project == "p" and given.wandb.mode == "offline"
+    assert not cfg().mlflow.enabled and not cfg().wandb.enabled
+    from mimkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="logging.wandb.mode"):
+        cfg("--wandb_mode", "sometimes")

@@ -123,6 +123,10 @@ def to_words(command: str, positional: tuple, flags: dict[str, Any]) -> tuple[li
                               "config key and default)")
         if isinstance(value, (list, tuple)) and action.nargs in (None, "?"):
             raise ConfigError(f"mimkit.{command}({name}={value!r}): {option} takes one value, not a list")
+        if action.nargs == "?" and isinstance(value, bool):  # an optional value (log_mlflow=True): the bare flag
+            if value:
+                words.append(option)
+            continue
         if action.nargs == 0:  # a switch: True gives it, as typing it does; False leaves it out
             if value is True:
                 words.append(option)
