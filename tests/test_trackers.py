@@ -102,6 +102,8 @@ def test_pretrain_wandb_offline_and_mlflow_record_the_run_and_a_resume_continues
     steps2 = _steps(out)[len(steps):]
     hist2 = [h for h in again["history"] if "train/loss" in h]
     assert [h["train/step"] for h in hist2] == [r["step"] for r in steps2] and hist2[0]["train/step"] > steps[-1]["step"]
+    # wandb's own row counter continues too (a synced run drops rows whose _step is not past the last one)
+    assert min(h["_step"] for h in again["history"]) > max(h["_step"] for h in rec["history"])
     assert json.loads((out / "trackers.json").read_text())["mlflow"]["run_id"] == run_id
     assert len(client.search_runs([client.get_experiment_by_name("MAEPretraining").experiment_id])) == 1
     loss = client.get_metric_history(run_id, "train/loss")

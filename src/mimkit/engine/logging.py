@@ -258,6 +258,12 @@ class RunLogger:
         self.end_epoch()
         if not self.enabled:
             return
+        from mimkit.engine.trackers import write_state
+
+        try:  # the rows logged so far, so a resumed run continues wandb's row counter
+            write_state(self.run_dir, self.trackers)
+        except OSError:
+            pass
         for t in self.trackers:
             try:
                 line = t.close(status)

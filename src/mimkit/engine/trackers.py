@@ -122,6 +122,9 @@ class WandbTracker(Tracker):
             self.run = wandb.init(mode=mode, settings=wandb.Settings(**quiet), **kwargs)
         self.mode = mode
         self._prefixes: set[str] = set()
+        # wandb's own row counter (_step): an offline session starts it at 0 again, and a synced or resumed run
+        # drops rows whose _step is not past the last one, so it is kept in trackers.json and continued here
+        self._row = int(saved.get("row", 0))
         where = f"{project}/{self.run.id}"
         if mode == "offline":
             say(f"wandb: {why + '; ' if why else ''}logging offline ({where}); upload later with: "
@@ -143,20 +146,24 @@ class WandbTracker(Tracker):
             self.run.define_metric(f"{prefix}/*", step_metric=key)
         return key
 
+    def _log(self, row: dict) -> None:
+        self.run.log(row, step=self._row)
+        self._row += 1
+
     def log_config(self, config: dict) -> None:
         self.run.config.update(config, allow_val_change=True)
 
     def log_scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
-        self.run.log({**{f"{prefix}/{k}": v for k, v in values.items()}, self._step_key(prefix): step})
+        self._log({**{f"{prefix}/{k}": v for k, v in values.items()}, self._step_key(prefix): step})
 
     def log_image(self, tag: str, img_hwc: np.ndarray, step: int) -> None:
         prefix = tag.split("/")[0] if "/" in tag else "media"
-        self.run.log({tag if "/" in tag else f"media/{tag}": self.wandb.Image(img_hwc), self._step_key(prefix): step})
+        self._log({tag if "/" in tag else f"media/{tag}": self.wandb.Image(img_hwc), self._step_key(prefix): step})
 
     def log_table(self, tag: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
         prefix = tag.split("/")[0] if "/" in tag else "tables"
         table = self.wandb.Table(columns=list(columns), data=[list(r) for r in rows])
-        self.run.log({tag if "/" in tag else f"tables/{tag}": table, self._step_key(prefix): step})
+        self._log({tag if "/" in tag else f"tables/{tag}": table, self._step_key(prefix): step})
 
     def log_checkpoint(self, path: Path, name: str) -> None:
         if not self.log_checkpoints:  # artifacts fill cluster storage (seed 004): only when asked
@@ -166,7 +173,8 @@ class WandbTracker(Tracker):
         self.run.log_artifact(art, aliases=[name, "latest"])
 
     def state(self) -> dict:
-        return {"id": self.run.id, "project": self.run.project, "name": self.run.name, "mode": self.mode}
+        return {"id": self.run.id, "project": self.run.project, "name": self.run.name, "mode": self.mode,
+                "row": self._row}
 
     def close(self, status: str = "finished") -> Optional[str]:
         self.run.finish(exit_code=0 if status == "finished" else 1)
