@@ -30,7 +30,7 @@ class Flag:
     type: Any = str
     help: str = ""
     const: Any = None  # for store_const flags (value set when the flag is present)
-    nargs: Optional[str] = None  # '?': the value is optional; given bare, the flag sets only `enables`
+    nargs: Optional[str] = None  # "?": the value is optional; given bare (value = const), only `enables` is set
     enables: Optional[str] = None  # a boolean key the flag also sets to true whenever it is given
 
 
@@ -70,7 +70,7 @@ TRACKING_FLAGS: list[Flag] = [
     Flag("wandb_log_checkpoints", "logging.wandb.log_checkpoints", None, "upload checkpoints as wandb artifacts",
          const=True),
     Flag("log_mlflow", "logging.mlflow.tracking_uri", str, "log to MLflow; optional TRACKING_URI (any URI MLflow "
-         "accepts); bare = $MLFLOW_TRACKING_URI or a sqlite store <output_dir>/mlflow.db", const="",
+         "accepts); bare = $MLFLOW_TRACKING_URI or a sqlite store <output_dir>/mlflow.db", const=True,
          nargs="?", enables="logging.mlflow.enabled"),
     Flag("mlflow_experiment_name", "logging.mlflow.experiment_name", str, "MLflow experiment; unset = "
          "--wandb_project / --experiment_name, else mimkit"),
