@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         r["proc"].start()
     t_setup = time.perf_counter()
     for r in runs:
-        kind, payload = r["conn"].recv()
+        kind, payload = receive(r)
         assert kind == "ready", kind
         r["iters_per_epoch"] = payload["iters_per_epoch"]
     print(f"{len(runs)} runs ready; {runs[0]['iters_per_epoch']} iterations/epoch x {args.epochs} epochs each, "
@@ -395,16 +395,17 @@ def main(argv=None) -> int:
         order = active[rnd % len(active):] + active[:rnd % len(active)]
         for r in order:
             r["conn"].send("go")
-            kind, payload = r["conn"].recv()
+            kind, payload = receive(r)
             if kind == "trained":
                 r.update(payload)
                 active.remove(r)
         rnd += 1
     wall = time.perf_counter() - t_start
-    print(f"training done in {wall:.0f}s (all runs, interleaved); k-NN evaluations next", flush=True)
+    print(f"training done in {wall:.0f}s (all runs, interleaved)"
+          + ("; k-NN evaluations next" if args.knn_data != "none" else ""), flush=True)
     for r in runs:  # the k-NN evaluations, one at a time (not timed)
         r["conn"].send("go")
-        kind, payload = r["conn"].recv()
+        kind, payload = receive(r)
         r["knn"] = payload
         r["proc"].join(timeout=60)
         if r["proc"].exitcode not in (0, None):
@@ -420,6 +421,18 @@ def main(argv=None) -> int:
     print(table)
     print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}")
     return 0
+
+
+def receive(r: dict):
+    """The next message of run `r`; a run that died ends the benchmark with its log's last lines, not EOFError
+    (the other runs are daemon processes: they end with this one)."""
+    try:
+        return r["conn"].recv()
+    except EOFError:
+        log = Path(r["argv"][r["argv"].index("--output_dir") + 1])
+        log = log.parent / f"{log.name}.log"
+        tail = "\n".join(log.read_text().splitlines()[-15:]) if log.is_file() else "(no log)"
+        raise SystemExit(f"run {r['name']} died; the end of {log}:\n{tail}") from None
 
 
 def summarise(args, runs: list[dict], cost: dict, freeze_times) -> dict:

@@ -103,7 +103,11 @@ def test_blocks_stay_bitwise_constant_after_t_i_and_resume_keeps_frozen_state(tm
     assert frozen == [0, 0, 0, 1, 2, 3, 4, 4]
     records = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["frozen_blocks"] for r in records if r["kind"] == "freezeout"] == [1, 4]
-    assert "freezeout schedule" in (straight / "log.txt").read_text()
+    log = (straight / "log.txt").read_text()
+    # the schedule and the events in one unit (optimiser steps), and they agree with what happened
+    assert "0: t=0.500 step 4, 1: t=0.625 step 5, 2: t=0.750 step 6, 3: t=0.875 step 7" in log
+    assert "1/4 blocks frozen after optimiser step 4 (" in log and "4/4 blocks frozen after optimiser step 7 (" in log
+    assert "FreezeOut on (linear, t_0 0.5" in log and "of the counted FLOPs saved" in log
 
     split = tmp_path / "split"
     assert run(split, image_folder, "--epochs", "2", "--max_steps", "5", "--save_freq_steps", "5") == 0

@@ -38,3 +38,21 @@ def test_freezeout_benchmark_writes_both_runs_and_the_speedup(tmp_path: Path) ->
     # reference estimate: 2/3 x mean(1 - t_i), t = 0.5, 0.625, 0.75, 0.875
     assert fo["reference_estimate"]["time_saving"] == pytest.approx(2 / 3 * (0.5 + 0.375 + 0.25 + 0.125) / 4)
     assert "speed-up (measured)" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_freezeout_benchmark_runs_localmim_to_its_table(tmp_path: Path) -> None:
+    """LocalMIM rows at tiny size: the run that died in loading.py (decoder_blocks) before any table."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(SCRIPT), "--models", "localmim_vit_tiny_patch16", "--configs", "regular", "linear:0.5",
+           "--epochs", "1", "--num_images", "16", "--batch_size", "8", "--k", "5", "--hog_nbins", "4",
+           "--model_kw", "depth=4", "embed_dim=32", "num_heads=2", "decoder_embed_dim=16", "decoder_depth=1",
+           "decoder_num_heads=2", "--output_dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    runs = {r["config"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"regular", "linear:0.5"}
+    assert all(0 <= r["knn"]["knn_top1_k5"] <= 100 for r in runs.values())
+    assert runs["linear:0.5"]["frozen_per_step"] == [0, 1] and 0 < runs["linear:0.5"]["flop_saving"] < 1
+    assert "localmim_vit_tiny_patch16" in (out / "results.md").read_text()

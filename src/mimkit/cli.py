@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from mimkit.api import run_args
-from mimkit.commands import COMMANDS, build_parser, check_flags, options_of, subparser
+from mimkit.commands import COMMANDS, build_parser, check_flags, options_of, strip_launcher_flags, subparser
 from mimkit.config import take_leftovers
 from mimkit.config.flags import check_arg_values, empty_value
 from mimkit.errors import RunInterrupted, UserError
@@ -24,7 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # `python -m torch.distributed.launch` (without --use-env) puts --local-rank=N before the command: the
+    # launcher's flag, never the user's mistake
+    argv = strip_launcher_flags(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:  # a mistyped flag is named first, before argparse misses a required one
         check_flags(subparser(parser, argv[0]), argv[1:])
     # Overrides and a config file may come after flags too: collect what argparse left over.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 from typing import Sequence
 
@@ -113,6 +114,33 @@ def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argumen
 def options_of(sp: argparse.ArgumentParser) -> list[str]:
     """Every option string a parser takes."""
     return [o for a in sp._actions for o in a.option_strings]
+
+
+LAUNCHER_FLAGS = ("--local-rank", "--local_rank")
+
+
+def strip_launcher_flags(words: Sequence[str]) -> list[str]:
+    """`words` without the flag `python -m torch.distributed.launch` adds (`--local-rank=N` / `--local_rank N`,
+    before or after the command); its value goes to the LOCAL_RANK environment variable unless that is set."""
+    out: list[str] = []
+    i = 0
+    words = list(words)
+    while i < len(words):
+        w = words[i]
+        name, eq, value = w.partition("=")
+        if name in LAUNCHER_FLAGS:
+            if not eq and i + 1 < len(words) and words[i + 1].lstrip("-").isdigit():
+                value, i = words[i + 1], i + 1
+            if value.isdigit():
+                os.environ.setdefault("LOCAL_RANK", value)
+            i += 1
+            continue
+        if w == "--":  # everything after belongs to someone else
+            out += words[i:]
+            break
+        out.append(w)
+        i += 1
+    return out
 
 
 def check_flags(sp: argparse.ArgumentParser, words: Sequence[str]) -> None:

@@ -110,8 +110,8 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag], schema: type) -
     p.add_argument("--world_size", type=int, default=None, help="accepted for the official launch commands; "
                    "must equal the number of processes torchrun started")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--log_dir", default=None, help="accepted for the official commands; TensorBoard always "
-                   "writes to <output_dir>/tb")
+    p.add_argument("--log_dir", default=None, help="where TensorBoard writes, as in the official scripts; sets "
+                   "logging.log_dir (default: <output_dir>/tb)")
 
 
 def _show(value: Any) -> str:
@@ -166,6 +166,8 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
                 _set_dotted(from_flags, f.enables, True)
             if not (f.nargs == "?" and v == f.const):  # a bare optional-value flag sets only what it enables
                 _set_dotted(from_flags, f.key, v)
+    if getattr(args, "log_dir", None) is not None:  # every command with a `logging` section: TensorBoard there
+        _set_dotted(from_flags, "logging.log_dir", args.log_dir)
     user = [("command-line flags", from_flags)] + ([("overrides", C.parse_dotlist(overrides))] if overrides else [])
     preset = None
     if demo_preset and not any(C._get(d, "data.data_path") for _, d in file_layers + user):

@@ -105,7 +105,8 @@ class MlflowConfig:
 class LoggingConfig:
     print_freq: int = 100  # log a line every N iterations when not on a terminal
     console_clear_freq: int = 100  # kept for seed 001 configs; the progress bar redraws in place
-    tensorboard: bool = True  # write TensorBoard scalars and images to <output_dir>/tb
+    tensorboard: bool = True  # write TensorBoard scalars and images to log_dir
+    log_dir: Optional[str] = None  # TensorBoard's folder (--log_dir, as the official scripts); None = <output_dir>/tb
     vis_freq_epochs: int = 1  # reconstruction PNG every N epochs; 0 = only at the end
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (offline without a login)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # MLflow

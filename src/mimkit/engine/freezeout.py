@@ -39,7 +39,7 @@ class FreezeOutHook:
     """Engine hook owning the per-block parameter groups, their lr schedule and the freezing events."""
 
     def __init__(self, model: nn.Module, t_0: float, how_scale: str, scale_lr: bool = True,
-                 freeze_heads: bool = False, logger=None) -> None:
+                 freeze_heads: bool = False, logger=None, mask_ratio: float = 0.75) -> None:
         blocks = getattr(model, "blocks", None)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0 or not hasattr(model, "frozen_prefix"):
             raise UserError(f"FreezeOut needs a model with encoder blocks; {type(model).__name__} has none")
@@ -50,11 +50,19 @@ class FreezeOutHook:
         self.freeze_heads = freeze_heads
         self.logger = logger
         self.frozen = 0  # blocks 0..frozen-1 are frozen
+        self.how_scale, self.t_0, self.mask_ratio = how_scale, t_0, mask_ratio
+        self.step_flops: tuple[float, float] | None = None  # counted FLOPs of one sample, 0 and all blocks frozen
+        self.frozen_steps = [0, 0]  # (steps run, sum over them of frozen blocks): the FLOPs saved so far
 
     @classmethod
     def from_config(cls, fcfg, model: nn.Module, logger=None) -> "FreezeOutHook":
         """Build from the `freezeout` config section."""
         return cls(model, fcfg.t_0, fcfg.how_scale, fcfg.scale_lr, fcfg.freeze_heads, logger)
+
+    @classmethod
+    def for_run(cls, fcfg, model: nn.Module, logger, mask_ratio: float) -> "FreezeOutHook":
+        """Build from the `freezeout` section for a run whose step masks `mask_ratio` of the patches."""
+        return cls(model, fcfg.t_0, fcfg.how_scale, fcfg.scale_lr, fcfg.freeze_heads, logger, mask_ratio)
 
     # ------------------------------------------------------------------ parameters
     def block_of(self, name: str) -> int:
@@ -125,20 +133,68 @@ class FreezeOutHook:
         self.model.frozen_prefix = k
         trainer.rewrap()
         if self.logger is not None:
-            self.logger.info(f"freezeout: {k}/{self.depth} blocks frozen at step {trainer.state.step}")
+            st = trainer.state
+            self.logger.info(f"freezeout: {k}/{self.depth} blocks frozen after optimiser step {st.step} "
+                             f"(epoch {st.epoch}, iteration {st.batch})")
 
     def progress(self, trainer) -> float:
         """Fraction of training done: (epoch + batch / iterations_per_epoch) / epochs."""
         st = trainer.state
         return (st.epoch + st.batch / trainer.iters_per_epoch) / trainer.s.epochs
 
+    def freeze_steps(self, trainer) -> list[int]:
+        """The optimiser step after which each block freezes (steps counted as the trainer counts them)."""
+        ipe, accum, epochs = trainer.iters_per_epoch, trainer.s.accum_iter, trainer.s.epochs
+        per_epoch = ipe // accum  # a tail of iterations short of accum_iter makes no step
+        out = []
+        for t in self.t:
+            target = t * epochs * ipe - 1e-9  # the iteration count at which progress reaches t
+            e = int(target // ipe)
+            k = max(1, math.ceil((target - e * ipe) / accum))  # first step of epoch e that ends at or after it
+            if k > per_epoch:
+                e, k = e + 1, 1
+            out.append(e * per_epoch + k)
+        return out
+
     def on_train_start(self, trainer) -> None:
-        if self.logger is not None:
-            ipe, ep = trainer.iters_per_epoch, trainer.s.epochs
-            sched = ", ".join(f"{i}:{t:.3f} (iter {math.ceil(t * ep * ipe)})" for i, t in enumerate(self.t))
-            self.logger.info(f"freezeout schedule, block: t_i (iteration), {ipe} iterations/epoch: {sched}")
+        if self.logger is None:
+            return
+        steps = self.freeze_steps(trainer)
+        per_epoch = trainer.iters_per_epoch // trainer.s.accum_iter
+        sched = ", ".join(f"{i}: t={t:.3f} step {n}" for i, (t, n) in enumerate(zip(self.t, steps)))
+        lr = "scaled by 1/t_i" if self.scale_lr else "unscaled"
+        self.logger.info(f"FreezeOut on ({self.how_scale}, t_0 {self.t_0:g}, lr {lr}): "
+                         f"block i freezes after optimiser step n ({per_epoch} steps/epoch, "
+                         f"{per_epoch * trainer.s.epochs} in all): {sched}")
+        self.step_flops = self.count_flops(trainer)
+
+    def count_flops(self, trainer) -> tuple[float, float] | None:
+        """Counted matmul / conv / attention FLOPs of one sample's forward + backward with no block and with every
+        block frozen (torch.utils.flop_counter); None when the model cannot be counted. The RNG is left as it was."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        dev = next(model.parameters()).device
+        x = torch.zeros(1, model.in_chans, *model.img_size, device=dev)
+        was, counts = model.frozen_prefix, []
+        try:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                for k in (0, self.depth):
+                    model.frozen_prefix = k
+                    with FlopCounterMode(display=False) as fc:
+                        loss = model(x, mask_ratio=self.mask_ratio)[0]
+                        torch.autograd.grad(loss, params, allow_unused=True)
+                    counts.append(float(fc.get_total_flops()))
+        except Exception:  # counting is a report only: never the reason a run fails
+            return None
+        finally:
+            model.frozen_prefix = was
+        return counts[0], counts[1]
 
     def on_step_end(self, trainer) -> None:
+        self.frozen_steps[0] += 1
+        self.frozen_steps[1] += self.frozen  # the step just run had this many blocks frozen
         t = self.progress(trainer)
         k = self.frozen
         while k < self.depth and t >= self.t[k] - 1e-12:
@@ -151,6 +207,27 @@ class FreezeOutHook:
         lrs = {f"lr_{g['group']}": g["lr"] for g in trainer.optimizer.param_groups}
         self.logger.metrics({"kind": "freezeout", "epoch": epoch, "frozen_blocks": self.frozen, **lrs},
                             trainer.state.step, tb_prefix="freezeout")
+        if epoch == trainer.s.epochs - 1:
+            self.logger.info(self.saving_line(trainer))
+
+    def flop_saving(self) -> float | None:
+        """Fraction of the counted FLOPs the steps run so far saved against the same steps with nothing frozen
+        (frozen blocks cost forward only; counted at 0 and all blocks frozen, linear in between)."""
+        n, frozen = self.frozen_steps
+        if not self.step_flops or not n:
+            return None
+        full, all_frozen = self.step_flops
+        return (full - all_frozen) * frozen / self.depth / (full * n)
+
+    def saving_line(self, trainer) -> str:
+        """'freezeout: epoch time vs epoch 0: ..., counted FLOPs saved ...': the run's end, in one line."""
+        times = [h["epoch_time_s"] for h in trainer.state.history if not h.get("partial")]
+        ratio = ", ".join(f"{t / times[0]:.2f}" for t in times) if times and times[0] > 0 else "n/a"
+        saved = self.flop_saving()
+        flops = f"{100 * saved:.1f}% of the counted FLOPs saved" if saved is not None else "FLOPs not counted"
+        mean = f"; mean epoch {sum(times) / len(times):.1f}s vs epoch 0 {times[0]:.1f}s" if times else ""
+        return (f"freezeout: epoch time / epoch 0 time: {ratio}{mean}; {flops} (matmul, conv, attention; the "
+                "wall-clock saving is measured by benchmarks/freezeout_speedup.py)")
 
     def state_dict(self) -> dict:
         return {"frozen": self.frozen}

@@ -52,6 +52,8 @@ class RunLogger:
         under `parent_prefix`, so one wandb / MLflow run holds the whole sequence."""
         self.run_dir = Path(run_dir)
         self.parent, self.parent_prefix = parent, parent_prefix
+        log_dir = tracking.get("log_dir") if tracking is not None else None
+        self.tb_dir = Path(log_dir) if log_dir else self.run_dir / "tb"  # --log_dir, as the official scripts
         self.enabled = enabled
         self.print_freq = max(1, print_freq)
         self.log = get_logger()
@@ -95,7 +97,7 @@ class RunLogger:
         from mimkit.engine import trackers as T
 
         tracking = tracking if tracking is not None else {"tensorboard": tensorboard}
-        self.trackers = T.open_trackers(self.run_dir, tracking, config, self.info)
+        self.trackers = T.open_trackers(self.run_dir, tracking, config, self.info, tensorboard_dir=self.tb_dir)
         if config is not None:
             self._each("log_config", config)
 

@@ -396,7 +396,9 @@ def resize_pos_embeds(sd: StateDict, model: MaskedAutoencoderViT, mode: str = "b
         raise ValueError(f"unknown pos-embed resize mode '{mode}'; choose bicubic or sincos")
     changed = []
     own = model.state_dict()
-    for key in POS_EMBED_KEYS:
+    # LocalMIM's per-tap decoders (decoder.{k}.pos_embed) sit on the same patch grid as the encoder
+    keys = [*POS_EMBED_KEYS, *(k for k in own if k.startswith("decoder.") and k.endswith(".pos_embed"))]
+    for key in keys:
         if key not in sd or key not in own or sd[key].shape == own[key].shape:
             continue
         if sd[key].ndim != 3 or sd[key].shape[-1] != own[key].shape[-1]:

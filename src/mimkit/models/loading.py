@@ -131,9 +131,19 @@ def checkpoint_normalization(path: str | os.PathLike, obj: Any = None) -> Option
 def describe_architecture(model) -> str:
     """'patch 8, encoder 6x192, decoder 2x128, 32x32 input': what a model is, beyond its name."""
     h, w = model.img_size
-    return (f"patch {model.patch_size}, encoder {len(model.blocks)}x{model.embed_dim}, "
-            f"decoder {len(model.decoder_blocks)}x{model.decoder_embed.out_features}, "
+    return (f"patch {model.patch_size}, encoder {len(model.blocks)}x{model.embed_dim}, {_decoder_text(model)}, "
             f"{h}x{w} input, {model.in_chans} channel{'s' if model.in_chans != 1 else ''}")
+
+
+def _decoder_text(model) -> str:
+    """'decoder 2x128' (MAE), '4 decoders 1x128' (LocalMIM: one per tap), or 'no decoder'."""
+    if hasattr(model, "decoder_blocks"):
+        return f"decoder {len(model.decoder_blocks)}x{model.decoder_embed.out_features}"
+    decoders = getattr(model, "decoder", None)
+    if isinstance(decoders, torch.nn.ModuleList) and len(decoders):
+        d = decoders[0]
+        return f"{len(decoders)} decoders {len(d.blocks)}x{d.embed.out_features}"
+    return "no decoder"
 
 
 def name_the_file(path: str | os.PathLike, e: CheckpointError) -> CheckpointError:

@@ -138,7 +138,9 @@ class LocalMIMDecoder(nn.Module):
             x = blk(x)
         x = self.norm(x)
         gh, gw = self.grid_size
-        x = x[:, 1:].transpose(1, 2).reshape(n, d, gh, gw)  # drop cls, tokens -> (N, D, gh, gw)
+        # drop cls, tokens -> (N, D, gh, gw); contiguous: a channels-last view would give the 1x1 conv's weight a
+        # channels-last gradient, which DDP's gradient buckets copy every step ("Grad strides do not match")
+        x = x[:, 1:].transpose(1, 2).reshape(n, d, gh, gw).contiguous()
         return self.pred(x).flatten(2).transpose(1, 2)
 
 

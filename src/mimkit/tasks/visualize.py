@@ -201,7 +201,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.add_argument("--output", default=None,
-                   help="PNG to write (default: reconstruction.png in a new runs/visualize/<timestamp>)")
+                   help="PNG to write (default: reconstruction.png in --output_dir)")
+    p.add_argument("--output_dir", default=None, help="folder for reconstruction.png, as every command takes "
+                   "(default: a new runs/visualize/<timestamp>)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,7 +221,13 @@ def run(args: argparse.Namespace) -> int:
     for p in paths:
         if not p.is_file():
             raise UserError(f"image not found: {p}")
+    output_dir = getattr(args, "output_dir", None)
+    if args.output is not None and output_dir is not None:
+        raise UserError(f"give --output ({args.output}) or --output_dir ({output_dir}), not both")
     model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
+    if not hasattr(model, "decoder_pred"):  # LocalMIM predicts HOG features: there are no pixels to draw
+        raise UserError(f"{args.checkpoint} holds a {type(model).__name__} ({info.split(' ')[0]}), which predicts "
+                        "HOG features, not pixels: reconstruction pictures need an MAE checkpoint")
     if getattr(model, "load_report", None) is not None and model.load_report.decoder_fresh:
         raise UserError(f"{args.checkpoint} holds no MAE decoder (an encoder-only, linprobe, finetune or segment "
                         "checkpoint): reconstructions need the pretraining checkpoint (pretrain / continual)")
@@ -239,7 +247,13 @@ def run(args: argparse.Namespace) -> int:
     noise = torch.rand(batch.shape[0], model.num_patches, generator=gen)
     pic = reconstruction_grid(model, batch, args.mask_ratio, noise, title=f"{info} mask {args.mask_ratio:g}",
                               row_labels=[p.name for p in paths])
-    if args.output is None:
+    if output_dir is not None:
+        target = Path(output_dir) / "reconstruction.png"
+        if target.exists():
+            raise UserError(f"{target} exists: a run never writes over an earlier one; choose another --output_dir "
+                            "(or name the file with --output)")
+        out = save_png(pic, target)
+    elif args.output is None:
         from mimkit.config import new_run_dir
 
         out = save_png(pic, new_run_dir("visualize") / "reconstruction.png")

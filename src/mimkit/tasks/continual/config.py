@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from mimkit import config as C
 from mimkit.errors import ConfigError
 from mimkit.tasks.pretrain.config import FLAGS as PRETRAIN_FLAGS
+from mimkit.tasks.pretrain.config import seed_freezeout_flags
 
 CPU_HINT = ("continual/demo.yaml fits a CPU (mae_vit_nano_patch8 at 64 px, 3 epochs per stage): mimkit continual "
             "continual/demo.yaml --domains DIR1 DIR2; built-in domains get it by default")
@@ -89,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> DictConfig:
         raise ConfigError(f"'{bad[0]}' follows --domains, which takes every word after it; put key=value "
                           "overrides before --domains")
     flags = [*FLAGS, DOMAINS_FLAG]
+    seed_freezeout_flags(args)
     # built-in domains are demo data: the demo's CPU-sized recipe unless --model or a config file says otherwise
     sweep = getattr(args, "sweep", False)
     cfg = C.config_from_args(args, flags, ContinualConfig, demo_preset=None,

@@ -94,6 +94,13 @@ def evaluate(model, domains: list[EvalDomain], cfg: DictConfig) -> dict[str, dic
             noise = d.noise[start:start + len(imgs)].to(device)
             start += len(imgs)
             _, pred, mask = model(imgs, mask_ratio=cfg.model.mask_ratio, noise=noise)
+            if isinstance(pred, (list, tuple)):  # LocalMIM: HOG at several scales; its own loss, per image
+                k = float(mask.sum())
+                sums["masked_only"] += float(model.forward_loss(imgs, pred, mask, "masked_only")) * k
+                masked_patches += k
+                sums["all_pixels"] += float(model.forward_loss(imgs, pred, mask, "all_pixels")) * len(imgs)
+                n += len(imgs)
+                continue
             per_patch = ((pred.float() - model.target(imgs).float()) ** 2).mean(dim=-1)  # (N, L)
             sums["masked_only"] += float((per_patch * mask).sum())
             masked_patches += float(mask.sum())

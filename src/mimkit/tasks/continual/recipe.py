@@ -83,6 +83,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     state = load_state(state_path, domains, cfg)
     if cfg.model.init_from and not state["stages"]:
         report = load_weights(model, cfg.model.init_from)  # CheckpointError: another architecture/patch size
+        P.check_fresh_freeze(model, report, cfg)  # a fresh decoder frozen: refused before any work
     else:
         report = None
     is_main = int(os.environ.get("RANK", "0")) == 0

@@ -47,6 +47,8 @@ def stage_config(cfg: DictConfig, k: int, spec: str, init_from: Optional[str], o
     d["data"]["data_path"] = spec
     d["model"]["init_from"] = init_from
     d["misc"]["output_dir"] = str(out_dir / f"stage-{k + 1}-{domain_name(spec)}")
+    if d["logging"].get("log_dir"):  # --log_dir: each stage's curves in a folder of their own under it
+        d["logging"]["log_dir"] = str(Path(d["logging"]["log_dir"]) / f"stage-{k + 1}-{domain_name(spec)}")
     d["misc"]["resume"] = None  # a stage resumes from its own folder (auto_resume)
     # one wandb / MLflow run holds the whole sequence: a stage's records reach it through the sequence's logger
     d["logging"]["wandb"]["enabled"] = d["logging"]["mlflow"]["enabled"] = False

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from mimkit import config as C
 from mimkit.config import TRACKING_FLAGS, TRAINING_FLAGS, Flag
 from mimkit.engine.precision import AMP_HELP
+from mimkit.errors import ConfigError
 
 DEMO_PRESET = "pretrain/demo.yaml"
 # Built-in sets are demo data: without --model or a config file they get a CPU-sized preset, never ViT-L at 224 px.
@@ -54,10 +55,11 @@ FLAGS: list[Flag] = [
     Flag("print_freq", "logging.print_freq", int),
     Flag("eval_data_path", "eval.eval_data_path", str, "labelled data for k-NN / RankMe monitoring"),
     Flag("eval_every", "eval.eval_every", int, "epochs between monitoring evaluations"),
-    Flag("freezeout", "freezeout.enabled", None, "progressive layer freezing", const=True),
-    Flag("how_scale", "freezeout.how_scale", str, "FreezeOut: linear | squared | cubic"),
+    Flag("freezeout", "freezeout.enabled", None, "progressive layer freezing (--how_scale or --t_0 turn it on too)",
+         const=True),
+    Flag("how_scale", "freezeout.how_scale", str, "FreezeOut: linear | squared | cubic; turns FreezeOut on"),
     Flag("t_0", "freezeout.t_0", float,
-         "FreezeOut: block i freezes at scale(t_0 + (1 - t_0) i / depth), t_0 in (0, 1]"),
+         "FreezeOut: block i freezes at scale(t_0 + (1 - t_0) i / depth), t_0 in (0, 1]; turns FreezeOut on"),
     Flag("no_scale_lr", "freezeout.scale_lr", None, "FreezeOut: keep every block's base lr", const=False),
     Flag("freeze_heads", "freezeout.freeze_heads", None, "FreezeOut: freeze a tap's head with its block", const=True),
     *TRACKING_FLAGS,
@@ -72,4 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> DictConfig:
     """The run's config: the demo preset when no data is named, a CPU preset for built-in sets, then the layers."""
+    seed_freezeout_flags(args)
     return C.config_from_args(args, FLAGS, C.PretrainConfig, demo_preset=DEMO_PRESET, builtin_presets=BUILTIN_PRESETS)
+
+
+def seed_freezeout_flags(args: argparse.Namespace) -> None:
+    """--how_scale / --t_0 make a run a FreezeOut run, as in seed 002's scripts (there is no other switch there):
+    they set --freezeout; an override `freezeout.enabled=false` beside them is a conflict, refused."""
+    given = [f"--{n} {getattr(args, n)}" for n in ("how_scale", "t_0") if getattr(args, n, None) is not None]
+    if not given:
+        return
+    off = [i for i in getattr(args, "items", None) or []
+           if i.replace(" ", "").lower() in ("freezeout.enabled=false", "freezeout.enabled=0", "freezeout.enabled=no")]
+    if off:
+        raise ConfigError(f"{' '.join(given)} turn FreezeOut on, but {off[0]} turns it off: drop one of them")
+    args.freezeout = True

@@ -31,7 +31,8 @@ from mimkit.tasks.preflight import image_notes
 # The flags, config builder and run pieces live in their own modules; these names stay importable from here.
 from mimkit.tasks.pretrain.config import BUILTIN_PRESETS, DEMO_PRESET, FLAGS, add_arguments, config_from_args  # noqa: F401
 from mimkit.tasks.pretrain.setup import (  # noqa: F401
-    build_model, build_optimizer, device_augmentation, open_train_set, picture_images, preset_line, pretrain_step,
+    build_model, build_optimizer, check_fresh_freeze, device_augmentation, open_train_set, picture_images, preset_line,
+    pretrain_step,
     reconstruction_hook, seed_everything,
 )
 
@@ -69,6 +70,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     resume_ckpt, resume_path, resume_warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
     if cfg.model.init_from and resume_ckpt is None:
         report = load_weights(model, cfg.model.init_from)
+        check_fresh_freeze(model, report, cfg)
     else:
         report = None
     eff_batch = cfg.optimization.batch_size * cfg.optimization.accum_iter * dist.world_size
@@ -172,19 +174,19 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
         state = trainer.fit()
     finally:
         run_log.close()
-    summary = run_summary(out_dir, ckpt_dir, state, recon, model)
+    summary = run_summary(out_dir, ckpt_dir, state, recon, model, run_log.tb_dir)
     if print_summary and dist.is_main:
         print_done(summary, out_dir)
     return summary
 
 
 def run_summary(out_dir: Path, ckpt_dir: Path, state: TrainState, recon: Optional[ReconstructionHook],
-                model: torch.nn.Module) -> dict:
+                model: torch.nn.Module, tb_dir: Optional[Path] = None) -> dict:
     """What train() returns: the run's files, final loss, steps, skipped images and the trained model."""
     return {
         "output_dir": str(out_dir), "checkpoints": str(ckpt_dir), "final_checkpoint": str(ckpt_dir / "final.pt"),
         "log": str(out_dir / "log.txt"), "metrics": str(out_dir / "metrics.jsonl"),
-        "tensorboard": str(out_dir / "tb"),
+        "tensorboard": str(tb_dir or out_dir / "tb"),
         "reconstruction": str(recon.last_path) if recon and recon.last_path else None,
         "final_loss": state.history[-1]["loss"] if state.history else None, "steps": state.step,
         "skipped_images": state.skipped_images, "model": model,
@@ -199,4 +201,4 @@ def print_done(summary: dict, out_dir: Path) -> None:
             print(f"  {k:<17}{summary[k]}")
     if summary["final_loss"] is not None:
         print(f"  {'final loss':<17}{summary['final_loss']:.4f}")
-    print(f"  view the curves: tensorboard --logdir {out_dir / 'tb'}")
+    print(f"  view the curves: tensorboard --logdir {summary['tensorboard']}")

@@ -95,7 +95,7 @@ def build_optimizer(cfg: DictConfig, model, lr: float, device: torch.device,
     sched = cfg.schedule
     freezeout = None
     if cfg.freezeout.enabled:
-        freezeout = FreezeOutHook.from_config(cfg.freezeout, model, run_log)
+        freezeout = FreezeOutHook.for_run(cfg.freezeout, model, run_log, cfg.model.mask_ratio)
         groups = freezeout.param_groups(cfg.optimization.weight_decay)
         lr_schedule = freezeout.lr_schedule(lr, cfg.optimization.min_lr, sched.warmup_epochs, sched.epochs)
     else:
@@ -122,10 +122,41 @@ def reconstruction_hook(cfg: DictConfig, model, train_set, out_dir: Path, run_lo
                               normalization=(cfg.data.mean, cfg.data.std) if cfg.data.mean else None)
 
 
+def check_fresh_freeze(model, report, cfg: DictConfig) -> None:
+    """Refuse a freeze mode that freezes a decoder the starting checkpoint did not hold (it stays random), or
+    leaves only that fresh decoder to train (the encoder would come out unchanged): one line, before any work."""
+    mode = cfg.model.freeze_mode
+    if mode == "none" or report is None or not getattr(report, "decoder_fresh", False):
+        return
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.apply_freeze_mode(mode)
+    from mimkit.models.mae import FIXED_PARAMS
+
+    fixed = getattr(model, "is_fixed_param", lambda n: n in FIXED_PARAMS)  # sin-cos positions never train
+    decoder = [(n, p) for n, p in model.named_parameters() if not model.is_encoder_param(n) and not fixed(n)]
+    frozen = sum(p.numel() for _, p in decoder if not p.requires_grad)
+    trains_encoder = any(p.requires_grad for n, p in model.named_parameters() if model.is_encoder_param(n))
+    for n, p in model.named_parameters():  # as it was: the run applies its freeze mode itself
+        p.requires_grad_(before[n])
+    src = cfg.model.init_from
+    if frozen:
+        what = f"freezes {frozen:,} parameters of a freshly initialised decoder (they would stay random)"
+    elif not trains_encoder:
+        what = "trains only the freshly initialised decoder (the encoder would come out unchanged)"
+    else:
+        return
+    raise ConfigError(f"--freeze_mode {mode} {what}: {src} holds no decoder (an encoder-only checkpoint); use "
+                      "--freeze_mode none, or start from a full pretraining checkpoint with its decoder "
+                      "(a mimkit run's checkpoints/final.pt, or one written as docs/freezeout.md shows)")
+
+
 def preset_line(cfg: DictConfig) -> str:
     """The start-up line naming the preset put beneath the user's flags, and why."""
     if not cfg.data.data_path and not OmegaConf.select(cfg, "continual.domains", default=None):
-        why = "no data path given: the demo"
+        why = "no data path given: the demo; --data_path replaces it"
+    elif cfg.model.init_from:  # the checkpoint's architecture is above the preset: only its schedule applies
+        why = (f"built-in data is demo data: a CPU-sized schedule; the model is {cfg.model.init_from}'s own "
+               "architecture")
     else:
         why = "built-in data is demo data: a CPU-sized recipe; --model or a config file replaces it"
     return f"preset {cfg.misc.preset} beneath your flags ({why})"
