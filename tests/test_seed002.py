@@ -45,8 +45,8 @@ def _launch(launcher: str, out: Path, data: Path, tb: Path) -> subprocess.Comple
                   "--world_size", "2", "--blr", "2e-4", "--mask_ratio", "0.75", "--how_scale", "cubic",
                   "--t_0", "0.8", "--data_path", str(data), "--output_dir", str(out), "--log_dir", str(tb)]
     run = {"launch": ["torch.distributed.launch"], "launch_use_env": ["torch.distributed.launch", "--use-env"],
-           "torchrun": ["torch.distributed.run", "--standalone"]}[launcher]
-    cmd = [sys.executable, "-m", *run, "--nproc_per_node=2", *(["--master_port=0"] if launcher != "torchrun" else []),
+           "torchrun": ["torch.distributed.run"]}[launcher]
+    cmd = [sys.executable, "-m", *run, "--nproc_per_node=2", "--standalone",
            "-m", "mimkit", "pretrain", *MIM_FLAGS, *seed_flags, "--num_workers", "0", "--device", "cpu",
            "--amp", "off"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -129,7 +129,7 @@ def _command(name: str, mim: dict[str, Path], out: Path) -> list[str]:
                     "test.stride=[16,16]"],
         "continual": ["continual", "--continual_checkpoint", c, "--domains", str(mim["flat"]), "--epochs", "1",
                       "--batch_size", "8", "--num_workers", "0", "--device", "cpu"],
-        "export": ["export", c, "--format", "safetensors", "--output", str(out / "enc.safetensors")],
+        "export": ["export", c, "--format", "timm", "--output", str(out / "enc.timm.safetensors")],
         "incremental": ["incremental", "--finetune", c, "--tasks", "2", "--input_size", "32", "--epochs", "1",
                         "--batch_size", "64", "--opt", "adamw", "--lr", "1e-3", "--device", "cpu",
                         "logging.tensorboard=false"],
@@ -146,8 +146,8 @@ def test_every_encoder_command_takes_a_localmim_checkpoint(command, mim, tmp_pat
     if command == "export":
         from safetensors.torch import load_file
 
-        enc = load_file(out / "enc.safetensors")
-        # the encoder, with the LocalMIM's last tap norm as the ViT's final norm
+        enc = load_file(out / "enc.timm.safetensors")
+        # the encoder as a timm ViT, with the LocalMIM's last tap norm as its final norm
         assert torch.equal(enc["blocks.3.attn.qkv.weight"], sd["blocks.3.attn.qkv.weight"])
         assert torch.equal(enc["norm.weight"], sd["norm.3.weight"]) and not any(k.startswith("decoder") for k in enc)
         return

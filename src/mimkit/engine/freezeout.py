@@ -166,14 +166,18 @@ class FreezeOutHook:
         self.logger.info(f"FreezeOut on ({self.how_scale}, t_0 {self.t_0:g}, lr {lr}): "
                          f"block i freezes after optimiser step n ({per_epoch} steps/epoch, "
                          f"{per_epoch * trainer.s.epochs} in all): {sched}")
-        self.step_flops = self.count_flops(trainer)
 
-    def count_flops(self, trainer) -> tuple[float, float] | None:
+    def count_flops(self) -> tuple[float, float] | None:
         """Counted matmul / conv / attention FLOPs of one sample's forward + backward with no block and with every
-        block frozen (torch.utils.flop_counter); None when the model cannot be counted. The RNG is left as it was."""
+        block frozen (torch.utils.flop_counter); None when the model cannot be counted. Run once, after training
+        (never inside a timed step or epoch); the RNG, requires_grad and frozen_prefix are left as they were."""
         from torch.utils.flop_counter import FlopCounterMode
 
         model = self.model
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():  # the blocks as they trained before freezing
+            if self.block_of(n) >= 0 and not getattr(model, "is_fixed_param", lambda _: False)(n):
+                p.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
         dev = next(model.parameters()).device
         x = torch.zeros(1, model.in_chans, *model.img_size, device=dev)
@@ -190,6 +194,8 @@ class FreezeOutHook:
             return None
         finally:
             model.frozen_prefix = was
+            for n, p in model.named_parameters():
+                p.requires_grad_(grads[n])
         return counts[0], counts[1]
 
     def on_step_end(self, trainer) -> None:
@@ -214,6 +220,8 @@ class FreezeOutHook:
         """Fraction of the counted FLOPs the steps run so far saved against the same steps with nothing frozen
         (frozen blocks cost forward only; counted at 0 and all blocks frozen, linear in between)."""
         n, frozen = self.frozen_steps
+        if self.step_flops is None and n:
+            self.step_flops = self.count_flops()
         if not self.step_flops or not n:
             return None
         full, all_frozen = self.step_flops
