@@ -130,8 +130,8 @@ def _command(name: str, mim: dict[str, Path], out: Path) -> list[str]:
         "continual": ["continual", "--continual_checkpoint", c, "--domains", str(mim["flat"]), "--epochs", "1",
                       "--batch_size", "8", "--num_workers", "0", "--device", "cpu"],
         "export": ["export", c, "--format", "timm", "--output", str(out / "enc.timm.safetensors")],
-        "incremental": ["incremental", "--finetune", c, "--tasks", "2", "--input_size", "32", "--epochs", "1",
-                        "--batch_size", "64", "--opt", "adamw", "--lr", "1e-3", "--device", "cpu",
+        "incremental": ["incremental", "--finetune", c, "--tasks", "2", "--input_size", "16", "--epochs", "1",
+                        "--batch_size", "256", "--opt", "adamw", "--lr", "1e-3", "--device", "cpu",
                         "logging.tensorboard=false"],
     }[name] + ([] if name == "export" else ["--output_dir", str(out)])
 
