@@ -21,6 +21,6 @@ from mimkit.config.layers import (  # noqa: F401
 from mimkit.config.schema import *  # noqa: F401,F403
 from mimkit.config.schema import CONSTRAINTS  # noqa: F401
 from mimkit.config.flags import (  # noqa: F401  (after layers and schema: it builds on both)
-    TRACKING_FLAGS, TRAINING_FLAGS, ArgParser, Flag, add_arguments, check_rules, config_from_args, parse_command,
-    str_list, take_leftovers,
+    GRAD_CKPT_FLAG, STRATEGY_FLAG, TRACKING_FLAGS, TRAINING_FLAGS, ArgParser, Flag, add_arguments, check_rules,
+    config_from_args, parse_command, str_list, take_leftovers,
 )

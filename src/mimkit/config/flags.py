@@ -34,6 +34,28 @@ class Flag:
     enables: Optional[str] = None  # a boolean key the flag also sets to true whenever it is given
 
 
+def grad_checkpointing_value(text: str) -> Any:
+    """--grad_checkpointing's value: true / false / a number of blocks."""
+    t = text.strip().lower()
+    if t in ("true", "all", "yes", "on"):
+        return True
+    if t in ("false", "no", "off", "none"):
+        return False
+    if t.isdigit():
+        return int(t)
+    raise argparse.ArgumentTypeError(f"--grad_checkpointing takes a number of blocks, true or false, not '{text}'")
+
+
+# Memory switches of every command that trains transformer blocks (timm's name; torchtitan's strategy names).
+GRAD_CKPT_FLAG = Flag("grad_checkpointing", "model.grad_checkpointing", grad_checkpointing_value,
+                      "recompute block activations in backward to save memory: alone = every block, N = the first "
+                      "N encoder blocks", nargs="?", const=True)
+STRATEGY_FLAG = Flag("strategy", "distributed.strategy", str,
+                     "ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, gradients and optimiser "
+                     "state sharded over the ranks)")
+
+
+
 # Run folder, schedule and optimiser flags every training command shares (official names).
 TRAINING_FLAGS: list[Flag] = [
     Flag("output_dir", "misc.output_dir", str, "run folder (resumed when it holds a run); unset = a new "
@@ -98,8 +120,9 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag], schema: type) -
         else:
             help_text = f"{text}sets {f.key} (default: {default})"
         if f.nargs is not None:
-            help_text = f"{text}sets {f.enables} to true, and {f.key} to the value when one is given " \
-                        f"(default: {default})"
+            if f.enables:
+                help_text = f"{text}sets {f.enables} to true, and {f.key} to the value when one is given " \
+                            f"(default: {default})"
             p.add_argument(f"--{f.name}", dest=f.name, nargs=f.nargs, const=f.const, type=f.type, default=None,
                            metavar=f.key.split(".")[-1].upper(), help=help_text)
         elif f.const is not None:
@@ -164,7 +187,7 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
             given[f.key] = (f.name, v)
             if f.enables:
                 _set_dotted(from_flags, f.enables, True)
-            if not (f.nargs == "?" and v == f.const):  # a bare optional-value flag sets only what it enables
+            if not (f.enables and f.nargs == "?" and v == f.const):  # a bare switch sets only what it enables
                 _set_dotted(from_flags, f.key, v)
     if getattr(args, "log_dir", None) is not None:  # every command with a `logging` section: TensorBoard there
         _set_dotted(from_flags, "logging.log_dir", args.log_dir)

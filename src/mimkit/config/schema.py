@@ -10,6 +10,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+def _grad_ckpt_ok(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, int) and v >= 0)
+
+
+# model.grad_checkpointing in every command that trains transformer blocks
+GRAD_CKPT_RULE = (_grad_ckpt_ok, "false, true (every block) or a number of encoder blocks >= 0")
+
+
 @dataclass
 class ModelConfig:
     type: str = "mae_vit_large_patch16"  # registered model name (`mimkit models` lists them)
@@ -18,6 +26,7 @@ class ModelConfig:
     loss_mode: str = "masked_only"  # masked_only (official) | all_pixels (seed 000's dense loss)
     freeze_mode: str = "none"  # none | encoder_layernorms_only | layernorm_only | encoder_only
     drop_path: float = 0.0  # stochastic depth rate of the encoder
+    grad_checkpointing: Any = False  # recompute block activations in backward: false | true (every block) | N (first N encoder blocks)
     init_from: Optional[str] = None  # weights to start from: official MAE .pth, Hugging Face, mimkit, safetensors
     kwargs: Dict[str, Any] = field(default_factory=dict)  # other builder options (depth, patch_size, hog_nbins, ...)
 
@@ -143,6 +152,11 @@ class MiscConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp (whole model on every rank) | fsdp (FSDP2 fully_shard per block: sharded state)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
@@ -152,6 +166,7 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     freezeout: FreezeOutConfig = field(default_factory=FreezeOutConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     misc: MiscConfig = field(default_factory=MiscConfig)
 
 
@@ -164,6 +179,7 @@ CONSTRAINTS: dict[str, tuple] = {
         "none, encoder_layernorms_only, layernorm_only or encoder_only",
     ),
     "model.drop_path": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "model.grad_checkpointing": GRAD_CKPT_RULE,
     "optimization.batch_size": (lambda v: v >= 1, ">= 1"),
     "optimization.accum_iter": (lambda v: v >= 1, ">= 1"),
     "optimization.base_lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
@@ -194,6 +210,7 @@ CONSTRAINTS: dict[str, tuple] = {
     "freezeout.how_scale": (lambda v: v in ("linear", "squared", "cubic"), "linear, squared or cubic"),
     "freezeout.t_0": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "misc.amp": (lambda v: v in ("auto", "bf16", "fp16", "off"), "auto, bf16, fp16 or off; off is fp32"),
+    "distributed.strategy": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
     "misc.max_steps": (lambda v: v >= 0, ">= 0"),
     # images are read as grayscale or RGB (data/images.py), so a model takes 1 or 3 channels
     "model.kwargs.in_chans": (lambda v: v in (1, 3), "1 (grayscale) or 3 (RGB): images are read as one or the other"),

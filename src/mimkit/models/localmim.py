@@ -208,6 +208,10 @@ class LocalMIMViT(MaskedAutoencoderViT):
             HOGLayer(hog_nbins, int(self.patch_size / s), bias=self.hog_bias) for s in self.scales
         )
 
+    def decoder_blocks_list(self) -> list[nn.Module]:
+        """Every tap's decoder blocks."""
+        return [blk for dec in self.decoder for blk in dec.blocks]
+
     # ------------------------------------------------------------------ encoder
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None

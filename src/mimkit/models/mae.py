@@ -13,6 +13,7 @@ from timm.models.vision_transformer import PatchEmbed
 
 from mimkit.errors import UserError, suggest
 from mimkit.models import vit
+from mimkit.models.checkpointing import GradCheckpointing, checkpoint_blocks
 
 LOSS_MODES = ("masked_only", "all_pixels")
 FREEZE_MODES = ("none", "encoder_layernorms_only", "layernorm_only", "encoder_only")
@@ -220,6 +221,21 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask, loss_mode)
         return loss, pred, mask
+
+    # ------------------------------------------------------------------ memory: blocks, checkpointing
+    def decoder_blocks_list(self) -> list[nn.Module]:
+        """The decoder's transformer blocks (LocalMIM: every tap's decoder's)."""
+        return list(self.decoder_blocks)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """Every transformer block, encoder then decoder: the units FSDP shards and checkpointing recomputes."""
+        return [*self.blocks, *self.decoder_blocks_list()]
+
+    def set_grad_checkpointing(self, enable: GradCheckpointing = True) -> int:
+        """Recompute block activations in backward: True = every block (encoder and decoder), N = the first N
+        encoder blocks, False = none -> the number of blocks checkpointed."""
+        n = checkpoint_blocks(self.blocks, enable)
+        return n + checkpoint_blocks(self.decoder_blocks_list(), enable is True)
 
     # ------------------------------------------------------------------ freezing API (seed 000)
     def is_encoder_param(self, name: str) -> bool:

@@ -26,6 +26,7 @@ from mimkit.tasks.evaluation import config as EC
 from mimkit.tasks.evaluation import common as E
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
+from mimkit.models.checkpointing import apply_grad_checkpointing
 from mimkit.tasks.pretrain.setup import seed_everything
 
 
@@ -187,6 +188,7 @@ def finetune(cfg) -> dict:
                                           cfg.optimization.accum_iter, dist.world_size)
     cfg.optimization.lr = lr
     OmegaConf.set_struct(cfg, True)
+    apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type or "the classifier")
     model.to(dist.device)
     C.resolve_output_dir(cfg, "finetune")
 

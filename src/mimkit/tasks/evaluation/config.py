@@ -23,6 +23,7 @@ class ClassifierModelConfig:
     nb_classes: Optional[int] = None  # number of classes; None = the number of class folders
     global_pool: bool = True  # mean of patch tokens + fc_norm (False: the cls token after norm)
     drop_path: float = 0.1  # stochastic depth of the encoder (fine-tuning only)
+    grad_checkpointing: Any = False  # recompute block activations in backward: false | true (every block) | N (the first N blocks)
     random_init: bool = False  # the checkpoint's architecture with random weights (a baseline)
     arch: Dict[str, Any] = field(default_factory=dict)  # filled in by the run: the classifier's timm ViT arguments
 
@@ -185,6 +186,7 @@ class FinetuneConfig:
 
 FINETUNE_FLAGS: list[Flag] = COMMON_FLAGS + [
     Flag("drop_path", "model.drop_path", float, "drop path rate"),
+    C.GRAD_CKPT_FLAG,
     Flag("layer_decay", "optimization.layer_decay", float, "layer-wise lr decay"),
     Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
     Flag("aa", "data.augmentation.aa", str, "RandAugment policy, e.g. rand-m9-mstd0.5-inc1 ('none' = off)"),

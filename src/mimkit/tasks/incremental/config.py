@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from mimkit import config as C
 from mimkit.engine.precision import AMP_HELP
@@ -24,6 +24,7 @@ class IncModelConfig:
     type: str = "slim_resnet18"  # resnet18 (nf 64, Mammoth) | slim_resnet18 (nf 20, GEM / Avalanche)
     nf: Optional[int] = None  # ResNet width override; None = the model's (64 or 20)
     finetune: Optional[str] = None  # an MAE checkpoint: its ViT encoder becomes the backbone (type ignored)
+    grad_checkpointing: Any = False  # recompute block activations in backward: false | true (every ViT block) | N (the first N); needs --finetune
 
 
 @dataclass
@@ -123,6 +124,7 @@ FLAGS: list[Flag] = [
     Flag("model", "model.type", str, "resnet18 (nf 64) | slim_resnet18 (nf 20)"),
     Flag("nf", "model.nf", int, "ResNet width"),
     Flag("finetune", "model.finetune", str, "MAE checkpoint whose ViT encoder is the backbone"),
+    C.GRAD_CKPT_FLAG,
     Flag("data_path", "data.data_path", str, "digits, class folders under train/ and val/, or a CIFAR folder"),
     Flag("dataset", "data.dataset", str, "auto | folder | cifar10 | cifar100"),
     Flag("input_size", "data.input_size", int),
@@ -207,6 +209,12 @@ def validate(cfg) -> None:
     _choice("optimization.opt", o.opt, ("sgd", "adamw"))
     if cfg.model.finetune is None:
         from mimkit.models.resnet import BACKBONES
+
+        if cfg.model.grad_checkpointing not in (False, 0):
+            from mimkit.errors import ConfigError
+
+            raise ConfigError(f"--grad_checkpointing recomputes ViT blocks; {cfg.model.type} is a ResNet without "
+                              "them: leave the flag out, or give --finetune CKPT (a ViT encoder)")
 
         _choice("model.type", cfg.model.type, tuple(BACKBONES))
     checks = [

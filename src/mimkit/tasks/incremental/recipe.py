@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from mimkit import config as C
 from mimkit.errors import ConfigError, DataError
 from mimkit.tasks.incremental import config as IC
+from mimkit.models.checkpointing import apply_grad_checkpointing
 from mimkit.tasks.pretrain.setup import seed_everything
 
 
@@ -189,6 +190,7 @@ def train_incremental(cfg) -> dict:
     masker = (i.mask_ratio, i.mask_mode) if "mask" in methods else None
     model, desc = build_classifier(cfg.model.type, cfg.model.nf, cfg.model.finetune, cfg.data.input_size,
                                    sizes[0], masker)
+    apply_grad_checkpointing(model, cfg.model.grad_checkpointing, desc)
     model.to(dist.device)
     prev, ema, buffer, reference = build_hooks(model, methods, cfg)
     hooks = [h for h in (prev, ema, buffer) if h is not None]

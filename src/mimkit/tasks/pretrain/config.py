@@ -28,6 +28,8 @@ FLAGS: list[Flag] = [
     Flag("freeze_mode", "model.freeze_mode", str, "none | encoder_layernorms_only | layernorm_only | encoder_only"),
     Flag("init_from", "model.init_from", str, "start from these weights (official / HF / mimkit)"),
     Flag("drop_path", "model.drop_path", float),
+    C.GRAD_CKPT_FLAG,
+    C.STRATEGY_FLAG,
     Flag("patch_size", "model.kwargs.patch_size", int, "override the model's patch size"),
     Flag("in_chans", "model.kwargs.in_chans", int, "input channels (1 = grayscale)"),
     Flag("hog_nbins", "model.kwargs.hog_nbins", int, "LocalMIM: HOG orientation bins"),

@@ -26,6 +26,7 @@ from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_settings
 from mimkit.engine.optim import optimizer_kind, scaled_lr
 from mimkit.engine.precision import amp_decision
+from mimkit.models.checkpointing import apply_grad_checkpointing
 from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
 from mimkit.tasks.preflight import image_notes
 # The flags, config builder and run pieces live in their own modules; these names stay importable from here.
@@ -60,6 +61,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     dist = D.init_distributed(cfg.misc.device)
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
+    n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type)
     train_set = open_train_set(cfg, model.in_chans)
     big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
     check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
@@ -111,6 +113,9 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
             run_log.info(f"warning: freeze_mode {cfg.model.freeze_mode} on a randomly initialised model (no "
                          "--init_from / --continual_checkpoint): the frozen weights stay random, so little can be "
                          "learned; start from a pretrained checkpoint")
+    if n_ckpt:
+        run_log.info(f"activation checkpointing: {n_ckpt} block(s) recompute their activations in backward "
+                     "(frozen blocks are skipped)")
     if dist.device.type == "cuda" and cfg.misc.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -26,6 +26,7 @@ class SegModelConfig:
     num_classes: Optional[int] = None  # classes of a generic layout without classes.txt; else from the data
     taps: Optional[List[int]] = None  # blocks whose outputs feed the neck; None = [3, 5, 7, 11] scaled to the depth
     drop_path: float = 0.1  # stochastic depth of the encoder, rising linearly to this
+    grad_checkpointing: Any = False  # recompute block activations in backward: false | true (every block) | N (the first N blocks)
     channels: int = 768  # UPerHead channels
     aux_channels: int = 256  # FCNHead channels
     aux_weight: float = 0.4  # weight of the auxiliary loss
@@ -128,6 +129,7 @@ SEGMENT_FLAGS: list[Flag] = [
     Flag("num_classes", "model.num_classes", int, "classes of a generic layout without classes.txt (refused "
          "for ADE20K / the mosaics unless it matches)"),
     Flag("drop_path", "model.drop_path", float, "drop path rate"),
+    C.GRAD_CKPT_FLAG,
     Flag("data_path", "data.data_path", str, "ADEChallengeData2016 (or its parent) or a generic layout; "
          "unset = built-in mosaics"),
     Flag("input_size", "data.input_size", int, "training crop"),

@@ -29,6 +29,7 @@ from mimkit.tasks.segment import config as SC
 from mimkit.tasks.segment.eval import evaluate_checkpoint, pct, percent_metrics, report  # noqa: F401
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
+from mimkit.models.checkpointing import apply_grad_checkpointing
 from mimkit.tasks.pretrain.setup import seed_everything
 
 
@@ -244,6 +245,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
     OmegaConf.set_struct(cfg, True)
     val_set = SegmentationDataset(val_src)
+    apply_grad_checkpointing(model, cfg.model.grad_checkpointing, "the segmenter")
     model.to(dist.device)
     out_dir = Path(C.resolve_output_dir(cfg, "segment"))  # default: a new runs/segment/<timestamp>
 
