@@ -26,6 +26,8 @@ from mimkit.engine.checkpoint import (
     CKPT_NAME, CheckpointManager, CheckpointWriteError, capture_rng, make_checkpoint, restore_rng,
 )
 from mimkit.engine.logging import RunLogger, SmoothedValue
+from mimkit.engine.memory import fmt_bytes, is_oom, memory_line, oom_advice, peak_bytes
+from mimkit.engine.optim import optimizer_kind
 from mimkit.engine.precision import (  # noqa: F401  (tasks import these)
     amp_decision, autocast_dtype, describe_amp, resolve_amp,
 )
@@ -70,6 +72,8 @@ class LoopSettings:
     # --max_iters): the last epoch is that much shorter by design; 0 = epochs x iterations per epoch
     total_iters: int = 0
     find_unused_parameters: bool = False
+    strategy: str = "ddp"  # ddp | fsdp: how the model's state is laid out over the ranks (the memory line)
+    grad_checkpointing: object = False  # the model's setting, named by the out-of-memory advice
 
 
 def rollback_settings(opt) -> dict:
@@ -135,6 +139,7 @@ class Trainer:
         self._restore_point: Optional[Path] = None  # that checkpoint's model.pt (what a rollback reloads)
         self._stopper: Optional[GracefulStop] = None
         self._stop_signum = 0  # the stop signal agreed on by every rank (0 = none)
+        self._steps_here = 0  # optimiser steps this process ran (the first is followed by the measured peak)
 
     # ------------------------------------------------------------------ setup
     def current_lr(self) -> float:
@@ -274,6 +279,7 @@ class Trainer:
         left = max(0, self.run_iters() - (st.epoch * self.iters_per_epoch + st.batch))
         if s.max_steps:
             left = min(left, max(0, s.max_steps - st.step) * s.accum_iter)
+        self.run.info(memory_line(self.model, optimizer_kind(self.optimizer), s.strategy, self.dist.world_size))
         self.run.start_run(left, self.device.type)  # the whole run's estimate and ETA
         start = st.position()
         self._call_hooks("on_train_start")
@@ -355,24 +361,18 @@ class Trainer:
                     st.batch = i + 1
                     continue
                 batch = _to_device(batch, self.device)
-                sync_ctx = self.wrapped.no_sync() if (self.dist.enabled and not update) else contextlib.nullcontext()
-                with sync_ctx:
-                    with self._autocast():
-                        loss, logs = self.step_fn(self.wrapped, batch)
-                    loss = loss.float()  # the loss value and its backward start in fp32 under any autocast
-                    loss_value = loss.item()
-                    if not D.all_true(math.isfinite(loss_value), self.device):
-                        self._nonfinite("loss", loss_value, epoch, i)
+                with self._oom_guard():
+                    loss_value, logs = self._forward_backward(batch, update, epoch, i)
+                    if loss_value is None:  # non-finite, dropped by the skip policy
                         st.batch = i + 1
                         continue
-                    if loss.requires_grad:  # False once FreezeOut has frozen every trainable part
-                        self.scaler.scale(loss / s.accum_iter).backward()
-                st.batch = i + 1
-                grad_norm = None
-                if update:
-                    grad_norm, stepped = self._optimizer_step(epoch, i)
-                    if stepped:
-                        ending = self._after_step()
+                    st.batch = i + 1
+                    grad_norm = None
+                    if update:
+                        grad_norm, stepped = self._optimizer_step(epoch, i)
+                if update and stepped:
+                    self._after_first_step()
+                    ending = self._after_step()
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 ep_loss, ep_n = ep_loss + loss_value, ep_n + 1
@@ -402,6 +402,51 @@ class Trainer:
         if s.save_freq_epochs and (st.epoch % s.save_freq_epochs == 0 or last):
             self._save("epoch", st.epoch)
         return "signal" if self._stop_requested() else "epoch"
+
+    def _forward_backward(self, batch: dict, update: bool, epoch: int, i: int) -> tuple[Optional[float], dict]:
+        """step_fn and backward (gradients accumulate unless `update`) -> (loss value or None when non-finite, logs)."""
+        s = self.s
+        sync_ctx = self._no_sync() if (self.dist.enabled and not update) else contextlib.nullcontext()
+        with sync_ctx:
+            with self._autocast():
+                loss, logs = self.step_fn(self.wrapped, batch)
+            loss = loss.float()  # the loss value and its backward start in fp32 under any autocast
+            loss_value = loss.item()
+            if not D.all_true(math.isfinite(loss_value), self.device):
+                self._nonfinite("loss", loss_value, epoch, i)
+                return None, logs
+            if loss.requires_grad:  # False once FreezeOut has frozen every trainable part
+                self.scaler.scale(loss / s.accum_iter).backward()
+        return loss_value, logs
+
+    def _no_sync(self):
+        """Accumulate without communication: DDP's no_sync, FSDP2's set_requires_gradient_sync(False)."""
+        return self.wrapped.no_sync()
+
+    @contextlib.contextmanager
+    def _oom_guard(self):
+        """An out-of-memory error in the first steps becomes one line naming the switches that fit the run."""
+        try:
+            yield
+        except Exception as e:
+            if self._steps_here >= 3 or not is_oom(e):
+                raise
+            s = self.s
+            raise UserError(
+                f"out of memory in the first steps (batch {s.batch_size} per process, accum_iter {s.accum_iter}, "
+                f"{self.dist.world_size} process(es), strategy {s.strategy}): try "
+                + oom_advice(s.batch_size, s.accum_iter, self.dist.world_size, s.strategy, s.grad_checkpointing)
+            ) from None
+
+    def _after_first_step(self) -> None:
+        """After this process's first optimiser step: the measured peak memory, next to the estimate."""
+        self._steps_here += 1
+        if self._steps_here != 1:
+            return
+        peak = peak_bytes(self.device)
+        if peak is not None:
+            how = "CUDA max_memory_allocated" if self.device.type == "cuda" else "peak RSS of the process"
+            self.run.info(f"memory after the first step: {fmt_bytes(peak)} on rank {self.dist.rank} ({how})")
 
     def _set_lr(self, epoch_f: float) -> None:
         self.lr_schedule(self.optimizer, epoch_f)

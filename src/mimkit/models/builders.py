@@ -8,7 +8,7 @@ from mimkit.models.register import register_alias, register_model
 # Constructor options a user may override on any MAE preset.
 MAE_OPTIONS = (
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path", "layer_norm_eps",
+    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path", "layer_norm_eps", "decoder_mlp_ratio",
 )
 
 
@@ -54,6 +54,23 @@ def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder, decoder 512-d, 8 blocks, 16 heads (MAE paper)."""
     return _mae(dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
                      decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16), kw)
+
+
+@_preset
+def mae_vit_giant_patch14(**kw) -> MaskedAutoencoderViT:
+    """ViT-g/14 encoder (timm's vit_giant: 1408-d, 40 blocks, 16 heads, mlp ratio 48/11; 1.0B parameters),
+    the official decoder (512-d, 8 blocks, 16 heads, mlp ratio 4). Too big for one GPU's AdamW state at
+    fp32 on 24-48 GB: --strategy fsdp, --grad_checkpointing."""
+    return _mae(dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4.0), kw)
+
+
+@_preset
+def mae_vit_gigantic_patch14(**kw) -> MaskedAutoencoderViT:
+    """ViT-G/14 encoder (timm's vit_gigantic: 1664-d, 48 blocks, 16 heads, mlp ratio 64/13; 1.8B parameters),
+    the official decoder (512-d, 8 blocks, 16 heads, mlp ratio 4): --strategy fsdp over several GPUs."""
+    return _mae(dict(patch_size=14, embed_dim=1664, depth=48, num_heads=16, mlp_ratio=64 / 13,
+                     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4.0), kw)
 
 
 @_preset

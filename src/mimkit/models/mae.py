@@ -41,6 +41,7 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = False,
         drop_path: float = 0.0,
         layer_norm_eps: float = 1e-6,
+        decoder_mlp_ratio: float | None = None,
     ) -> None:
         super().__init__()
         # every LayerNorm's eps: the official 1e-6, or a checkpoint's own (Hugging Face configs often say 1e-12)
@@ -72,7 +73,8 @@ class MaskedAutoencoderViT(nn.Module):
             torch.zeros(1, self.num_patches + 1, decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = vit.make_blocks(
-            decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer
+            # the decoder's own ratio: ViT-g/G encoders (48/11, 64/13) keep the official decoder's 4
+            decoder_embed_dim, decoder_depth, decoder_num_heads, decoder_mlp_ratio or mlp_ratio, norm_layer
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * in_chans, bias=True)

@@ -150,7 +150,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
         num_workers=num_workers, pin_memory=cfg.data.pin_memory,
         persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
-        max_steps=cfg.misc.max_steps,
+        max_steps=cfg.misc.max_steps, strategy=cfg.distributed.strategy,
+        grad_checkpointing=cfg.model.grad_checkpointing,
     )
     ckpt = CheckpointManager(ckpt_dir, cfg.checkpointing.keep_last_n, run_log.log_path, cfg.checkpointing.safetensors)
     data, collate, step_fn = train_set, collate_batch, pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode)
