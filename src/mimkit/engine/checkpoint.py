@@ -161,15 +161,16 @@ class CheckpointManager:
                 "(or checkpointing.checkpoint_dir)"
             ) from None
 
-    def save(self, ckpt: dict, kind: str, index: int, config_yaml: str) -> Path:
+    def save(self, ckpt: dict, kind: str, index: int, config_yaml: str, tmp: Optional[Path] = None) -> Path:
         """Write <kind>-<index>/ atomically (a temp folder renamed into place) and point latest.pt at it.
 
         Any OS error (permissions, full disk) removes the partial folder, leaves latest.pt and the previous
         checkpoints untouched and raises CheckpointWriteError.
         """
-        tmp = self.dir / f".{kind}-{index}.tmp-{os.getpid()}"
+        prepared = tmp is not None  # a folder the ranks already wrote their shards into (FSDP)
+        tmp = tmp or self.dir / f".{kind}-{index}.tmp-{os.getpid()}"
         try:
-            return self._save(ckpt, kind, index, config_yaml, tmp)
+            return self._save(ckpt, kind, index, config_yaml, tmp, prepared)
         except KeyboardInterrupt:  # a second Ctrl-C mid-write: leave no half-written folder behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -181,15 +182,16 @@ class CheckpointManager:
                 f"cannot write checkpoint {self.dir / f'{kind}-{index}'}: {_os_reason(e)}{kept}"
             ) from None
 
-    def _save(self, ckpt: dict, kind: str, index: int, config_yaml: str, tmp: Path) -> Path:
+    def _save(self, ckpt: dict, kind: str, index: int, config_yaml: str, tmp: Path, prepared: bool = False) -> Path:
         final = self.dir / f"{kind}-{index}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if not prepared:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         atomic_save(ckpt, tmp / CKPT_NAME)
         atomic_write_text(config_yaml, tmp / "config.yaml")
         if self.log_file is not None and self.log_file.exists():
             shutil.copyfile(self.log_file, tmp / "log.txt")
-        if self.safetensors:
+        if self.safetensors and ckpt["model"]:  # a sharded checkpoint's weights are in its shards
             save_weights_safetensors(ckpt["model"], tmp / "model.safetensors")
         if final.exists():  # the same position written again (a rerun at the same step): swap it in
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -104,3 +105,34 @@ def cleanup() -> None:
     """Leave the process group."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def keep_effective_batch(old: tuple[int, int, int], batch: int, accum: int, world: int,
+                         accum_given: bool = False) -> tuple[int, Optional[str]]:
+    """Resuming on another number of processes: the accum_iter that keeps the checkpoint's effective batch.
+
+    `old`: the checkpoint's (batch, accum_iter, world size). Returns (accum_iter, a log line or None); a ConfigError
+    naming a --batch_size / --accum_iter that keeps it when this batch size cannot (or `accum_given` asks otherwise).
+    """
+    from mimkit.errors import ConfigError
+
+    ob, oa, ow = old
+    eff = ob * oa * ow
+    if batch * accum * world == eff:
+        if world == ow:
+            return accum, None
+        return accum, (f"world size {ow} -> {world}: batch {batch} x accum_iter {accum} x {world} keeps the "
+                       f"effective batch {eff}")
+    if world == ow:
+        return accum, None  # the same world size: a changed batch is the user's choice (the lr follows it)
+    if not accum_given and eff % (batch * world) == 0:
+        new = eff // (batch * world)
+        return new, (f"world size {ow} -> {world}: accum_iter {accum} -> {new} keeps the effective batch {eff} "
+                     f"(batch {batch} x accum_iter {new} x {world})")
+    options = [(b, eff // (b * world)) for b in range(batch, 0, -1) if eff % (b * world) == 0]
+    fix = (f"--batch_size {options[0][0]} --accum_iter {options[0][1]}" if options
+           else f"a number of processes that divides {eff}")
+    raise ConfigError(
+        f"resuming on {world} process(es): batch {batch} x accum_iter {accum} x {world} = {batch * accum * world} "
+        f"is not the checkpoint's effective batch {eff} (batch {ob} x accum_iter {oa} x {ow}); use {fix}, or "
+        "--no_auto_resume to start over")

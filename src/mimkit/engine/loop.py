@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from mimkit.engine import distributed as D
 from mimkit.engine.checkpoint import (
     CKPT_NAME, CheckpointManager, CheckpointWriteError, capture_rng, make_checkpoint, restore_rng,
 )
+from mimkit.engine import fsdp as F
 from mimkit.engine.logging import RunLogger, SmoothedValue
 from mimkit.engine.memory import fmt_bytes, is_oom, memory_line, oom_advice, peak_bytes
 from mimkit.engine.optim import optimizer_kind
@@ -128,6 +130,10 @@ class Trainer:
             )
         if settings.on_nonfinite == "rollback" and ckpt is None:
             raise UserError("optimization.on_nonfinite=rollback needs checkpoints to roll back to")
+        self.fsdp = F.is_sharded(model)  # FSDP2: sharded parameters, sharded checkpoints
+        if self.fsdp and settings.on_nonfinite == "rollback":
+            raise UserError("optimization.on_nonfinite=rollback is not available under --strategy fsdp; use stop or "
+                            "skip (a stopped run resumes from its last sharded checkpoint)")
         self._check_writable()
         self.loader = build_loader(
             SeededSamples(dataset, settings.seed), settings.batch_size, self.sampler, collate, settings.num_workers,
@@ -139,6 +145,7 @@ class Trainer:
         self._restore_point: Optional[Path] = None  # that checkpoint's model.pt (what a rollback reloads)
         self._stopper: Optional[GracefulStop] = None
         self._stop_signum = 0  # the stop signal agreed on by every rank (0 = none)
+        self._epoch_end: Optional[int] = None  # the end of the running (or resumed) epoch's sample list
         self._steps_here = 0  # optimiser steps this process ran (the first is followed by the measured peak)
 
     # ------------------------------------------------------------------ setup
@@ -148,6 +155,8 @@ class Trainer:
         return groups[0]["lr"] if groups else 0.0
 
     def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.fsdp:  # fully_shard already made it its own wrapper
+            return model
         if not self.dist.enabled or not any(p.requires_grad for p in model.parameters()):
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -185,15 +194,23 @@ class Trainer:
             raise err or CheckpointWriteError(f"rank 0 cannot write checkpoints to {self.ckpt.dir}")
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self, rng_per_rank: Optional[list] = None) -> dict:
-        """The full training state as the one checkpoint format (`rng_per_rank`: every rank's RNG, DDP)."""
+    def checkpoint(self, rng_per_rank: Optional[list] = None, model_state: Optional[dict] = None) -> dict:
+        """The full training state as the one checkpoint format (`rng_per_rank`: every rank's RNG, DDP).
+
+        Under FSDP the weights and optimiser state live in the shards beside it: `model` is empty, or
+        `model_state` (final.pt: the full weights gathered to rank 0).
+        """
         extra = {type(h).__name__: h.state_dict() for h in self.hooks if hasattr(h, "state_dict")}
+        if self.fsdp:
+            model_sd, optim_sd = (model_state or {}), {}
+        else:
+            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         ckpt = make_checkpoint(
-            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            model=model_sd, optimizer=optim_sd,
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             scheduler={"iters_per_epoch": self.iters_per_epoch},
             epoch=self.state.epoch, step=self.state.step,
-            data_position={"epoch": self.state.epoch, "batch": self.state.batch},
+            data_position=self.data_position(),
             counters={"skipped_nonfinite": self.state.skipped_nonfinite, "skipped_images": self.state.skipped_images,
                       "recovery": self.recovery.to_dict()},
             config=self.config, rng=capture_rng(), extra=extra,
@@ -202,12 +219,55 @@ class Trainer:
             ckpt["rng_per_rank"] = rng_per_rank
         return ckpt
 
-    def load(self, ckpt: dict) -> None:
-        """Restore everything a checkpoint holds; RNG last, so training continues bitwise."""
-        try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint does not fit this model: {_short_load_error(e)}") from None
+    def data_position(self) -> dict:
+        """Where the data stands: the next batch, and the global sample of the epoch's list (any world size)."""
+        st, world = self.state, self.dist.world_size
+        return {"epoch": st.epoch, "batch": st.batch, "samples": st.batch * self.s.batch_size * world,
+                "world_size": world, "batch_size": self.s.batch_size,
+                "epoch_end": self._epoch_end if st.batch else None}
+
+    def _resume_position(self, pos: dict, ckpt: dict) -> int:
+        """The batch index to resume at: the checkpoint's own, or its global sample offset in this run's geometry
+        (another world size or batch size) -> batch; CheckpointError when the offset falls inside a batch."""
+        batch = int(pos["batch"])
+        old_world = int(pos.get("world_size", len(ckpt.get("rng_per_rank") or [None])))
+        old_bs = int(pos.get("batch_size", (ckpt.get("config") or {}).get("optimization", {}).get("batch_size")
+                              or self.s.batch_size))
+        world, bs = self.dist.world_size, self.s.batch_size
+        self._epoch_end = pos.get("epoch_end") if batch else None
+        if (old_world, old_bs) == (world, bs) or not batch:
+            if (old_world, old_bs) != (world, bs):
+                self.run.info(f"resuming with {world} process(es) x batch {bs} (the checkpoint: {old_world} x "
+                              f"{old_bs}) at the start of epoch {pos['epoch']}")
+            return batch
+        samples = int(pos.get("samples", batch * old_bs * old_world))
+        if samples % (bs * world):
+            raise CheckpointError(
+                f"cannot continue epoch {pos['epoch']} at sample {samples} with {world} process(es) x batch {bs}: "
+                f"it is not a whole number of batches; use a --batch_size that divides {samples // world}"
+                if samples % world == 0 else
+                f"cannot continue epoch {pos['epoch']} at sample {samples} on {world} process(es): not a whole "
+                f"number of batches; resume on a number of processes that divides {samples}")
+        if self._epoch_end is None:  # an older checkpoint: the epoch's list as its world size cut it
+            self._epoch_end = len(self.sampler.order()) // old_world * old_world
+        new_batch = samples // (bs * world)
+        self.run.info(f"world size {old_world} -> {world}, batch {old_bs} -> {bs}: epoch {pos['epoch']} continues at "
+                      f"sample {samples} of its list (iteration {new_batch} here, {batch} before); every image of "
+                      "the epoch is still seen exactly once")
+        return new_batch
+
+    def load(self, ckpt: dict, path: Optional[str | Path] = None) -> None:
+        """Restore everything a checkpoint holds; RNG last, so training continues bitwise.
+
+        A sharded (FSDP) checkpoint's shards are read from beside `path` (its latest.pt or model.pt), on any
+        number of processes.
+        """
+        sharded = ckpt.get("sharded")
+        if not sharded:
+            try:
+                self.model.load_state_dict(ckpt["model"], strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"checkpoint does not fit this model: {_short_load_error(e)}") from None
         for h in self.hooks:  # hooks first: they may change which parameters the optimiser holds
             name = type(h).__name__
             if hasattr(h, "load_state_dict") and name in ckpt.get("extra", {}):
@@ -217,21 +277,31 @@ class Trainer:
         if self.recovery.amp and self.recovery.amp != self.amp:
             self.run.info(f"amp {self.recovery.amp}: the precision an earlier rollback fell back to")
             self._set_precision(self.recovery.amp)
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state does not fit this run: {e}") from None
+        if sharded:
+            F.load_shards(self.model, self.optimizer,
+                          F.shard_folder(ckpt, path, self.ckpt.dir if self.ckpt is not None else None))
+            if sharded.get("world_size") != self.dist.world_size or not self.fsdp:
+                self.run.info(f"read the sharded checkpoint of {sharded.get('world_size')} FSDP rank(s) on "
+                              f"{self.dist.world_size} process(es)" + ("" if self.fsdp else " without FSDP"))
+        else:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"optimizer state does not fit this run: {e}") from None
         if ckpt.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         pos = ckpt.get("data_position", {"epoch": ckpt["epoch"], "batch": 0})
-        self.state.epoch, self.state.batch, self.state.step = int(pos["epoch"]), int(pos["batch"]), int(ckpt["step"])
+        self.state.epoch, self.state.step = int(pos["epoch"]), int(ckpt["step"])
+        self.state.batch = self._resume_position(pos, ckpt)
         self.state.skipped_nonfinite = int(counters.get("skipped_nonfinite", 0))
         self.state.skipped_images = int(counters.get("skipped_images", 0))
         saved_ipe = ckpt.get("scheduler", {}).get("iters_per_epoch")
-        if self.state.batch and saved_ipe and saved_ipe != self.iters_per_epoch:
+        same_geometry = (pos.get("world_size", self.dist.world_size), pos.get("batch_size", self.s.batch_size)) == (
+            self.dist.world_size, self.s.batch_size)
+        if self.state.batch and saved_ipe and saved_ipe != self.iters_per_epoch and same_geometry:
             raise CheckpointError(
                 f"cannot resume in the middle of epoch {self.state.epoch}: the checkpoint had {saved_ipe} "
-                f"iterations per epoch, this run has {self.iters_per_epoch} (batch size, data or world size changed)"
+                f"iterations per epoch, this run has {self.iters_per_epoch} (the data changed)"
             )
         per_rank = ckpt.get("rng_per_rank")
         if per_rank and len(per_rank) == self.dist.world_size:
@@ -243,6 +313,8 @@ class Trainer:
         """Write <kind>-<index>/ (rank 0) with every rank's RNG; a write error stops every rank with one line."""
         if self.ckpt is None:
             return None
+        if self.fsdp:
+            return self._save_sharded(kind, index)
         rngs = D.gather_objects(capture_rng())  # a collective: every rank calls _save at the same point
         err = None
         folder = self.ckpt.dir / f"{kind}-{index}"
@@ -257,6 +329,34 @@ class Trainer:
             raise err or CheckpointWriteError(f"rank 0 could not write checkpoint {folder}")
         self._saved_at, self._restore_point = self.state.position(), folder / CKPT_NAME
         return folder
+
+    def _save_sharded(self, kind: str, index: int) -> Path:
+        """FSDP: every rank writes its shard into one temp folder, then rank 0 adds model.pt (the rest of the
+        state) and renames it into place, so latest.pt only ever points to a complete checkpoint."""
+        rngs = D.gather_objects(capture_rng())
+        name = f"{kind}-{index}"
+        tmp = self.ckpt.dir / f".{name}.tmp-shards"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / F.SHARD_DIR).mkdir(parents=True)
+        D.barrier()
+        F.save_shards(self.model, self.optimizer, tmp / F.SHARD_DIR)
+        D.barrier()
+        err = None
+        if self.dist.is_main:
+            ckpt = self.checkpoint(rng_per_rank=rngs)
+            ckpt["sharded"] = {"folder": name, "world_size": self.dist.world_size,
+                               "format": "torch.distributed.checkpoint",
+                               "files": sorted(p.name for p in (tmp / F.SHARD_DIR).iterdir())}
+            try:
+                self.ckpt.save(ckpt, kind, index, self.config_yaml, tmp=tmp)
+                self.run.file_only(f"saved sharded checkpoint {self.ckpt.dir / name}")
+            except CheckpointWriteError as e:
+                err = e
+        if not D.all_true(err is None, self.device):
+            raise err or CheckpointWriteError(f"rank 0 could not write checkpoint {self.ckpt.dir / name}")
+        self._saved_at, self._restore_point = self.state.position(), self.ckpt.dir / name / CKPT_NAME
+        return self.ckpt.dir / name
 
     # ------------------------------------------------------------------ the loop
     def _call_hooks(self, name: str, *args) -> None:
@@ -321,10 +421,14 @@ class Trainer:
         self._stopper = None
         if self.ckpt is not None and (st.position() != start or not (self.ckpt.dir / "final.pt").exists()):
             err = None
+            # FSDP: the full weights gathered to rank 0 (a collective), so final.pt reads as any checkpoint
+            full = F.full_model_state(self.model) if self.fsdp else None
             if self.dist.is_main:
                 try:
-                    same = self._restore_point if self._saved_at == st.position() else None
-                    final = self.ckpt.save_final(self.checkpoint(), same_as=same)
+                    # the save at this very position already holds this state (not under FSDP: its model.pt
+                    # holds no weights)
+                    same = self._restore_point if self._saved_at == st.position() and not self.fsdp else None
+                    final = self.ckpt.save_final(self.checkpoint(model_state=full), same_as=same)
                     self.run.checkpoint_saved(final, "final")
                 except CheckpointWriteError as e:
                     err = e
@@ -337,7 +441,10 @@ class Trainer:
         epoch, start_batch = st.epoch, st.batch
         self._skipped_before = st.skipped_images  # the epoch's own count is the difference
         self.sampler.set_epoch(epoch)
-        self.sampler.set_start(start_batch * s.batch_size)
+        # the global sample offset: the same list on any number of processes; a resumed epoch keeps its list's end
+        self.sampler.set_start(start_batch * s.batch_size * self.dist.world_size,
+                               self._epoch_end if start_batch else None)
+        self._epoch_end = self.sampler.epoch_end()
         self.wrapped.train(True)
         self.optimizer.zero_grad(set_to_none=True)
         n_iters = self.epoch_iters(epoch)
@@ -421,7 +528,7 @@ class Trainer:
 
     def _no_sync(self):
         """Accumulate without communication: DDP's no_sync, FSDP2's set_requires_gradient_sync(False)."""
-        return self.wrapped.no_sync()
+        return F.no_gradient_sync(self.model) if self.fsdp else self.wrapped.no_sync()
 
     @contextlib.contextmanager
     def _oom_guard(self):
@@ -459,7 +566,7 @@ class Trainer:
         grad_norm = None
         if self.s.gradient_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.gradient_clip).item()
+            grad_norm = F.local_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.gradient_clip))
             # under fp16 an inf norm is the scaler calibrating (it skips the step itself); otherwise divergence.
             # Gradients are all-reduced, so every rank sees the same norm.
             if not math.isfinite(grad_norm) and not self.scaler.is_enabled():

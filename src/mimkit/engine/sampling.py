@@ -9,7 +9,7 @@ import random
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mimkit.engine.signals import ignore_stop_signals
 
@@ -46,37 +46,52 @@ class SeededSamples(Dataset):
 
 
 class EpochSampler(Sampler):
-    """DistributedSampler order (shuffled by seed + epoch, split over ranks, no repeats), yielding (epoch, index) keys.
+    """DistributedSampler's order (shuffled by seed + epoch, split over ranks, no repeats), yielding (epoch, index) keys.
 
-    `set_start(k)` skips the first k samples of this rank's order (resume in the middle of an epoch).
+    The epoch is one list of samples (the shuffle, cut to a multiple of the world size); rank r takes every
+    world-size-th of it from r. `set_start(g)` skips the first g samples of that list (all ranks together), so a
+    run resumed at global sample g continues the same list on any number of processes: no sample of the
+    interrupted epoch is seen twice or skipped. `end` keeps the list the epoch started with (its world size).
     """
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
-        # drop_last: when N is not a multiple of the world size, the N % world samples at the end of this epoch's
-        # shuffle sit the epoch out, instead of being padded with repeats (no sample seen twice in an epoch)
-        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                        drop_last=True)
+        self.n = len(dataset)
+        self.rank, self.world, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch = 0
         self.start = 0
+        self.end: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.inner.set_epoch(epoch)
 
-    def set_start(self, start: int) -> None:
-        self.start = start
+    def set_start(self, start: int, end: int | None = None) -> None:
+        """Skip the first `start` samples of the epoch's list; `end`: where that list ends (None = this world's)."""
+        self.start, self.end = start, end
+
+    def epoch_end(self) -> int:
+        """Length of this epoch's list: all samples, cut to a multiple of the world size (drop_last)."""
+        return self.n // self.world * self.world if self.end is None else self.end
+
+    def order(self) -> list[int]:
+        """This epoch's sample list, as DistributedSampler(shuffle, seed, drop_last=True) shuffles it."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
 
     def full_len(self) -> int:
         """Samples of one whole epoch on this rank."""
-        return len(self.inner)
+        return self.n // self.world
 
     def __len__(self) -> int:
-        return max(0, len(self.inner) - self.start)
+        return max(0, self.epoch_end() - self.start) // self.world
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i, idx in enumerate(self.inner):
-            if i >= self.start:
-                yield (self.epoch, idx)
+        rest = self.order()[self.start:self.epoch_end()]
+        usable = len(rest) // self.world * self.world  # every rank runs the same number of samples
+        for idx in rest[self.rank:usable:self.world]:
+            yield (self.epoch, idx)
 
 
 def build_loader(

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mimkit import config as C
 from mimkit.engine import distributed as D
 from mimkit.engine.checkpoint import CheckpointManager, find_resume
+from mimkit.engine.fsdp import shard_folder, shard_model, shardable_blocks
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_settings
 from mimkit.engine.optim import optimizer_kind, scaled_lr
@@ -62,6 +63,9 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg, "cpu")
     n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type)
+    fsdp = cfg.distributed.strategy == "fsdp"
+    if fsdp:
+        shardable_blocks(model, cfg.model.type)  # a model FSDP cannot wrap: one line before any work
     train_set = open_train_set(cfg, model.in_chans)
     big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
     check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
@@ -70,11 +74,19 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
     resume_ckpt, resume_path, resume_warning = find_resume(cfg.misc.resume, ckpt_dir, cfg.misc.auto_resume)
+    if resume_ckpt is not None and resume_ckpt.get("sharded"):
+        shard_folder(resume_ckpt, resume_path, ckpt_dir)  # every rank's file present, before any work
     if cfg.model.init_from and resume_ckpt is None:
         report = load_weights(model, cfg.model.init_from)
         check_fresh_freeze(model, report, cfg)
     else:
         report = None
+    world_note = None
+    if resume_ckpt is not None:  # another number of processes: keep the checkpoint's effective batch
+        old = checkpoint_geometry(resume_ckpt, cfg)
+        accum, world_note = D.keep_effective_batch(old, cfg.optimization.batch_size, cfg.optimization.accum_iter,
+                                                   dist.world_size, accum_given=cfg.optimization.accum_iter != old[1])
+        OmegaConf.update(cfg, "optimization.accum_iter", accum)
     eff_batch = cfg.optimization.batch_size * cfg.optimization.accum_iter * dist.world_size
     lr = cfg.optimization.lr or scaled_lr(cfg.optimization.base_lr, cfg.optimization.batch_size,
                                           cfg.optimization.accum_iter, dist.world_size)
@@ -106,6 +118,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
         run_log.info(report.summary())
     if resume_warning:
         run_log.info(resume_warning)
+    if world_note:
+        run_log.info(world_note)
     model.apply_freeze_mode(cfg.model.freeze_mode)
     if cfg.model.freeze_mode != "none":
         run_log.info(model.format_param_status())
@@ -120,6 +134,13 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model.to(dist.device)
+    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
+    if fsdp and dist.world_size > 1:
+        shard_model(model, dist.device, amp, dist.world_size, cfg.model.type)
+        run_log.info(f"FSDP2: {len(model.transformer_blocks())} blocks and the root sharded over {dist.world_size} "
+                     f"ranks" + (" (bf16 parameters, fp32 gradient reduction)" if amp == "bf16" else ""))
+    elif fsdp:
+        run_log.info("--strategy fsdp in a single process shards nothing: the whole model stays on this process")
     if cfg.misc.compile:
         model.compile()
     sched = cfg.schedule
@@ -133,14 +154,18 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
                      "the lr never leaves its linear warmup; lower --warmup_epochs")
     num_workers = cap_workers(cfg.data.num_workers, run_log)
     run_log.slow_hint = CPU_HINT
-    amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     run_log.info(f"effective batch {eff_batch} (batch {cfg.optimization.batch_size} x accum "
                  f"{cfg.optimization.accum_iter} x {dist.world_size} process(es)), lr {lr:.3e}, "
                  f"amp {amp} ({amp_why}), {optimizer_kind(optimizer)}")
-    recon = reconstruction_hook(cfg, model, train_set, out_dir, run_log, dist.is_main)
+    sharded = fsdp and dist.world_size > 1
+    # a picture or a monitoring pass runs the model on rank 0 alone: under FSDP every rank must take part
+    recon = None if sharded else reconstruction_hook(cfg, model, train_set, out_dir, run_log, dist.is_main)
+    if sharded:
+        run_log.info("reconstruction pictures and k-NN monitoring are off under --strategy fsdp over several "
+                     "processes; run `mimkit visualize` / `mimkit knn` on final.pt")
     if recon is not None:
         hooks.append(recon)
-    if cfg.eval.eval_data_path and cfg.eval.eval_every:
+    if cfg.eval.eval_data_path and cfg.eval.eval_every and not sharded:
         from mimkit.tasks.monitor import MonitorHook
 
         hooks.append(MonitorHook.from_config(cfg, run_log))
@@ -164,7 +189,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
                       settings=settings, dist=dist, run=run_log, ckpt=ckpt, config=C.to_container(cfg),
                       config_yaml=cfg_yaml, hooks=hooks)
     if resume_ckpt is not None:
-        trainer.load(resume_ckpt)
+        trainer.load(resume_ckpt, resume_path)
         run_log.info(f"resumed from {resume_path} at epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                      f"step {trainer.state.step}")
         note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
@@ -184,6 +209,16 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     if print_summary and dist.is_main:
         print_done(summary, out_dir)
     return summary
+
+
+def checkpoint_geometry(ckpt: dict, cfg: DictConfig) -> tuple[int, int, int]:
+    """(batch, accum_iter, world size) a training checkpoint was written with."""
+    pos = ckpt.get("data_position") or {}
+    opt = (ckpt.get("config") or {}).get("optimization") or {}
+    batch = int(pos.get("batch_size") or opt.get("batch_size") or cfg.optimization.batch_size)
+    accum = int(opt.get("accum_iter") or 1)
+    world = int(pos.get("world_size") or len(ckpt.get("rng_per_rank") or [None]))
+    return batch, accum, world
 
 
 def run_summary(out_dir: Path, ckpt_dir: Path, state: TrainState, recon: Optional[ReconstructionHook],

@@ -1,0 +1,78 @@
+"""Fast checks of --strategy and resuming on another world size: the sample list, the effective batch, one-line
+refusals, single-process FSDP (the 2-process runs are in test_fsdp.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from conftest import TINY_MODEL
+from mimkit.engine.distributed import keep_effective_batch
+from mimkit.engine.fsdp import shardable_blocks
+from mimkit.engine.sampling import EpochSampler
+from mimkit.errors import ConfigError
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_is_distributed_samplers_order(world):
+    data = list(range(37))
+    for rank in range(world):
+        ref = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
+        ref.set_epoch(3)
+        ours = EpochSampler(data, rank, world, 5)
+        ours.set_epoch(3)
+        assert [i for _, i in ours] == list(ref)  # the order earlier runs (and their resumes) used
+        ours.set_start(4 * world)  # 4 samples per rank already read
+        assert [i for _, i in ours] == list(ref)[4:]
+
+
+def test_global_offset_covers_the_epoch_on_another_world_size():
+    data = list(range(24))
+    read = []
+    for rank in range(2):  # 2 ranks read the first 3 batches of 2
+        s = EpochSampler(data, rank, 2, 0)
+        read += [i for _, i in s][:6]
+    rest = EpochSampler(data, 0, 1, 0)
+    rest.set_start(12, end=24)  # 1 process continues at global sample 12 of the same list
+    read += [i for _, i in rest]
+    assert sorted(read) == data
+
+
+def test_keep_effective_batch():
+    assert keep_effective_batch((4, 1, 2), 4, 1, 2) == (1, None)
+    accum, note = keep_effective_batch((4, 1, 2), 4, 1, 1)
+    assert accum == 2 and "accum_iter 1 -> 2 keeps the effective batch 8" in note
+    accum, note = keep_effective_batch((4, 2, 1), 4, 2, 2)
+    assert accum == 1 and "2 -> 1" in note
+    assert keep_effective_batch((4, 1, 2), 8, 1, 1)[0] == 1  # the user kept it with --batch_size
+    with pytest.raises(ConfigError, match=r"use --batch_size 2 --accum_iter 1"):
+        keep_effective_batch((2, 2, 1), 3, 1, 2)  # 4 = 3 x ? x 2 has no answer; batch 2 x accum 1 x 2 does
+    with pytest.raises(ConfigError, match="a number of processes that divides 4"):
+        keep_effective_batch((2, 1, 2), 1, 1, 3)
+
+
+def test_fsdp_needs_blocks():
+    with pytest.raises(ConfigError, match="--strategy fsdp: resnet lists no transformer blocks"):
+        shardable_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), "resnet")
+
+
+def test_fsdp_in_one_process_shards_nothing(tmp_path, image_folder):
+    from mimkit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY_MODEL, "--data_path", str(image_folder), "--epochs", "1", "--batch_size", "4",
+                 "--device", "cpu", "--num_workers", "0", "--strategy", "fsdp", "--grad_checkpointing",
+                 "--output_dir", str(out)]) == 0
+    log = (out / "log.txt").read_text()
+    assert "--strategy fsdp in a single process shards nothing" in log
+    assert "activation checkpointing: 3 block(s)" in log
+    assert "sharded" not in torch.load(out / "checkpoints/final.pt", weights_only=True)
+
+
+def test_bad_strategy_is_one_line(tmp_path, capsys):
+    from mimkit.cli import main
+
+    assert main(["pretrain", "--strategy", "zero3", "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "distributed.strategy" in err and "ddp or fsdp" in err and not (tmp_path / "x").exists()
