@@ -18,6 +18,8 @@ GPU, not yet run on one), and a tiny CPU run in CI so it cannot rot (tests/test_
 3. FreezeOut saving: the step time with k = 0..depth encoder blocks frozen (measured, as the FreezeOutHook
    freezes them), integrated over each schedule's freezing times; beside it the counted-FLOP saving
    (freezeout_speedup.cost_by_frozen) and the FreezeOut paper's estimate (freezeout_speedup.reference_estimate).
+4. Memory (benchmarks/memory.py's rows): activation peak and step time of ViT-B and ViT-L with and without
+   --grad_checkpointing, one process per row; the DDP vs FSDP rows need 2 processes (benchmarks/memory.py).
 
 Writes <output_dir>/gpu_suite.json and gpu_suite.md after every section (a run cut short keeps what it measured);
 a section that fails is recorded with its error and the next one runs; a section not started by --budget_s
@@ -64,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard_size", type=int, default=256, help="images per shard (section 2)")
     p.add_argument("--tiny", action="store_true", help="CI smoke run: a 2-block 32 px model, a few steps, "
                    "no torch.compile")
-    p.add_argument("--sections", nargs="+", default=["step", "e2e", "freezeout"],
-                   choices=("step", "e2e", "freezeout"), help="what to run")
+    p.add_argument("--sections", nargs="+", default=["step", "e2e", "freezeout", "memory"],
+                   choices=("step", "e2e", "freezeout", "memory"), help="what to run")
+    p.add_argument("--memory_batch_size", type=int, default=64, help="images per step of the memory rows (4)")
     p.add_argument("--budget_s", type=float, default=420.0,
                    help="start no further section after this many seconds (each section takes 1-3 minutes)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny:
         args.model, args.batch_size, args.e2e_batch_size = "mae_vit_tiny_patch16", 4, 4
         args.steps, args.warmup, args.e2e_steps = 2, 1, 2
-        args.num_workers, args.shard_size = 1, 5
+        args.num_workers, args.shard_size, args.memory_batch_size = 1, 5, 4
     return args
 
 
@@ -232,6 +235,21 @@ def freezeout_section(args, device: torch.device) -> dict:
             "flops_per_image_by_frozen": flops, "schedules": schedules}
 
 
+def memory_section(a, device: torch.device) -> dict:
+    """4. benchmarks/memory.py's rows on this device: activation peak and step time with and without
+    --grad_checkpointing, ViT-B and ViT-L (one process per row, so each peak is its own)."""
+    import memory as M
+
+    models = ["mae_vit_tiny_patch16"] if a.tiny else [a.model, "mae_vit_large_patch16"]
+    common = ["--batch_size", str(a.memory_batch_size), "--input_size", "224", "--steps", "1" if a.tiny else "3",
+              "--device", str(device)] + (["--tiny"] if a.tiny else [])
+    rows = [M.run_child(["--_row", name, mode, *common]) for name in models for mode in ("off", "on")]
+    for r in rows:
+        print(f"[memory] {r['model']} checkpointing {r['grad_checkpointing']}: activations "
+              f"{r['activation_bytes'] / 2**20:.0f} MiB, step {r['step_s']:.3f} s", flush=True)
+    return {"rows": rows, "strategies": "DDP vs FSDP rows need 2 processes: benchmarks/memory.py (gloo on a CPU)"}
+
+
 # ---------------------------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
     """The three tables."""
@@ -268,6 +286,13 @@ def markdown(res: dict) -> str:
         for s in f["schedules"]:
             lines.append(f"| {s['config']} | {100 * s['time_saving']:.1f}% | {s['speedup']:.3f} | "
                          f"{100 * s['flop_saving']:.1f}% | {100 * s['reference_estimate']['time_saving']:.1f}% |")
+    if "memory" in res:
+        lines += ["", f"**Activation checkpointing** (batch {res['settings']['memory_batch_size']}, fp32, one process "
+                  "per row; activations = max_memory_allocated during the step above what it held before):", "",
+                  "| model | checkpointing | activation peak MiB | step s |", "|---|---|---|---|"]
+        for r in res["memory"]["rows"]:
+            lines.append(f"| {r['model']} | {'on' if r['grad_checkpointing'] else 'off'} | "
+                         f"{r['activation_bytes'] / 2**20:,.0f} | {r['step_s']:.3f} |")
     for key, what in (("failed", "failed"), ("not_run", "not run")):
         for name, why in res.get(key, {}).items():
             lines += ["", f"**{name}**: {what}: {why}"]
@@ -289,7 +314,7 @@ def main(argv=None) -> int:
     res: dict = {"device": pt.describe_device(device), "torch": torch.__version__, "settings": vars(args),
                  "command": " ".join(["python benchmarks/gpu_suite.py", *(sys.argv[1:] if argv is None else argv)])}
     print(f"GPU suite on {res['device']}: {', '.join(args.sections)}", flush=True)
-    sections = {"step": step_section, "e2e": e2e_section, "freezeout": freezeout_section}
+    sections = {"step": step_section, "e2e": e2e_section, "freezeout": freezeout_section, "memory": memory_section}
     for name in args.sections:
         if time.perf_counter() - t0 > args.budget_s:
             res.setdefault("not_run", {})[name] = f"--budget_s {args.budget_s:.0f} s spent before it started"
