@@ -124,3 +124,27 @@ def test_startup_and_peak_lines(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "memory: " in log and "per rank under ddp over 1" in log
     assert "memory after the first step: " in log and "(peak RSS of the process)" in log
+
+
+@pytest.mark.slow
+def test_memory_benchmark_tiny_run(tmp_path):
+    """benchmarks/memory.py at tiny sizes: every row lands in memory.json and memory.md; FSDP halves the state."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), "--tiny", "--models", "mae_vit_tiny_patch16", "--steps", "1",
+                        "--batch_size", "4", "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "memory.json").read_text())
+    assert [row["grad_checkpointing"] for row in res["checkpointing"]] == [False, True]
+    assert res["checkpointing"][1]["blocks_checkpointed"] == 6
+    ddp, fsdp = res["strategies"]
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    assert 0.49 < fsdp["total_bytes"] / ddp["total_bytes"] < 0.52  # measured local shards: half of DDP's
+    assert abs(fsdp["total_bytes"] / fsdp["estimate_bytes"] - 1) < 0.02  # state_bytes' estimate holds
+    assert "| mae_vit_tiny_patch16 | fsdp | 2 |" in (tmp_path / "memory.md").read_text()
