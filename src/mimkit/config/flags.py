@@ -108,6 +108,7 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag], schema: type) -
                         "and dotted overrides such as optimization.base_lr=1.5e-4")
     p.add_argument("--config", default=None, help="config file (same as the positional)")
     defaults = OmegaConf.structured(schema)
+    p.mimkit_schema = schema  # read by docs/gen_reference.py: the reference lists every key of the schema
     for f in flags:
         # every flag says the key it sets and that key's default, one way: 'sets KEY [to VALUE] (default: VALUE)'
         value = OmegaConf.select(defaults, f.key, default=None)
@@ -123,13 +124,14 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag], schema: type) -
             if f.enables:
                 help_text = f"{text}sets {f.enables} to true, and {f.key} to the value when one is given " \
                             f"(default: {default})"
-            p.add_argument(f"--{f.name}", dest=f.name, nargs=f.nargs, const=f.const, type=f.type, default=None,
-                           metavar=f.key.split(".")[-1].upper(), help=help_text)
+            action = p.add_argument(f"--{f.name}", dest=f.name, nargs=f.nargs, const=f.const, type=f.type,
+                                    default=None, metavar=f.key.split(".")[-1].upper(), help=help_text)
         elif f.const is not None:
-            p.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=f.const, default=None,
-                           help=help_text)
+            action = p.add_argument(f"--{f.name}", dest=f.name, action="store_const", const=f.const, default=None,
+                                    help=help_text)
         else:
-            p.add_argument(f"--{f.name}", dest=f.name, type=f.type, default=None, help=help_text)
+            action = p.add_argument(f"--{f.name}", dest=f.name, type=f.type, default=None, help=help_text)
+        action.config_key = f.key  # read by docs/gen_reference.py: the CLI reference's key column
     p.add_argument("--world_size", type=int, default=None, help="accepted for the official launch commands; "
                    "must equal the number of processes torchrun started")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
