@@ -17,12 +17,17 @@ TRAINING = ("pretrain", "continual", "linprobe", "finetune", "segment")
 
 
 def readme_commands(text: str) -> list[tuple[str, list[str]]]:
-    """(line as written, argv after `mimkit`) for every `mimkit ...` line of the README's bash blocks, continuation
-    lines joined; lines marked `# real data, GPUs` (and torchrun lines) are left out."""
+    """(line as written, argv after `mimkit`) for every `mimkit ...` line of the bash blocks and every
+    `` `mimkit ...` `` example in a table row, in the order they appear, continuation lines joined; lines marked
+    `# real data` (and torchrun lines) are left out."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip()
+    pattern = r"```bash\n(.*?)```|^\|[^\n]*$"
+    for m in re.finditer(pattern, text, flags=re.S | re.M):
+        if m.group(1) is not None:
+            lines = [line.strip() for line in m.group(1).replace("\\\n", " ").splitlines()]
+        else:  # a table row: its code spans that are mimkit commands
+            lines = [span.strip() for span in re.findall(r"`(mimkit [^`]+)`", m.group(0))]
+        for line in lines:
             if not line.startswith("mimkit ") or "# real data" in line:
                 continue
             out.append((line, shlex.split(line, comments=True)[1:]))
