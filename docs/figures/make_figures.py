@@ -74,29 +74,31 @@ def demo(runs: Path, epochs: int | None = None) -> Path:
     return runs / "demo"
 
 
-def segment(runs: Path, demo_dir: Path) -> None:
+def segment(runs: Path, demo_dir: Path, epochs: int | None = None) -> None:
     """A segmentation overlay of the demo preset, the encoder started from the demo's weights."""
     import mimkit
 
-    run = mimkit.segment(finetune=str(demo_dir / "checkpoints" / "final.pt"), output_dir=str(runs / "segment"))
+    run = mimkit.segment(finetune=str(demo_dir / "checkpoints" / "final.pt"), output_dir=str(runs / "segment"),
+                         epochs=epochs)
     overlay = sorted((run.output_dir / "overlays").glob("*.png"))[0]
     _save_small(overlay, HERE / "segment_overlay.png")
 
 
-def incremental(runs: Path) -> None:
+def incremental(runs: Path, epochs: int | None = None) -> None:
     """The accuracy matrix + RankMe picture of a KD run on digits."""
     import mimkit
 
-    run = mimkit.incremental("incremental/digits.yaml", method="kd", output_dir=str(runs / "incremental"))
+    run = mimkit.incremental("incremental/digits.yaml", method="kd", output_dir=str(runs / "incremental"),
+                             epochs=epochs)
     _save_small(run.output_dir / "incremental.png", HERE / "incremental.png")
 
 
-def continual(runs: Path, demo_dir: Path) -> None:
+def continual(runs: Path, demo_dir: Path, epochs: int | None = None) -> None:
     """The continual demo's stage x domain matrices, from the demo's weights."""
     import mimkit
 
     run = mimkit.continual(continual_checkpoint=str(demo_dir / "checkpoints" / "final.pt"),
-                           output_dir=str(runs / "continual"))
+                           output_dir=str(runs / "continual"), epochs=epochs)
     _save_small(run.output_dir / "matrix.png", HERE / "continual_matrix.png")
 
 
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/figures", help="folder of the runs behind the figures")
     parser.add_argument("--demo_epochs", type=int, default=None,
                         help="train the demo for N epochs instead of its 60 (a loaded machine; the caption says so)")
+    parser.add_argument("--short", action="store_true",
+                        help="segment 2 epochs, incremental 1 epoch per task, continual 1 epoch per stage "
+                             "(instead of their presets' 6, 3, 3)")
     args = parser.parse_args(argv)
     runs = Path(args.runs)
     todo = args.only or ["freezeout", "demo", "segment", "incremental", "continual"]
@@ -144,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "demo" or (name in ("segment", "continual") and not (demo_dir / "checkpoints/final.pt").is_file()):
             demo_dir = demo(runs, args.demo_epochs)
         if name == "segment":
-            segment(runs, demo_dir)
+            segment(runs, demo_dir, 2 if args.short else None)
         elif name == "continual":
-            continual(runs, demo_dir)
+            continual(runs, demo_dir, 1 if args.short else None)
         elif name == "incremental":
-            incremental(runs)
+            incremental(runs, 1 if args.short else None)
         elif name == "freezeout":
             freezeout(runs)
         print(f"{name}: {time.perf_counter() - t:.0f} s")
