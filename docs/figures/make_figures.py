@@ -16,8 +16,11 @@ Figures and the runs behind them (every run through the Python API, i.e. the sam
   3 epochs per stage).
 - freezeout_schedule.png: `mimkit.engine.freezeout.freeze_times` for a 12-block encoder (no training).
 
-CPU time: 11 min 40 s wall for the whole script on a 2-core AMD EPYC shared with several other jobs (a loaded
-machine: on an idle one the demo alone takes 110 s). Needs matplotlib (the `docs` extra) for the FreezeOut plot.
+Time, measured on a 2-core CPU heavily loaded by other jobs (load average 8-13), so only an upper bound: the
+FreezeOut plot 7 s; `--demo_epochs 12` (the demo's model and recipe for 12 epochs, plus the one-step run and two
+`visualize` calls) 1908 s wall; the full 60-epoch demo takes 110 s on an idle machine. The segment, incremental
+and continual figures were not produced yet (the segment run reached 1 of 2 epochs in 10 min on the loaded
+machine). Needs matplotlib (the `docs` extra) for the FreezeOut plot.
 Each PNG is kept under 200 KB (palette-quantised when larger).
 """
 
