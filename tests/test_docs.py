@@ -80,7 +80,7 @@ def test_changing_a_flags_help_makes_the_reference_stale(monkeypatch) -> None:
 # ---------------------------------------------------------------------- the site
 def _mkdocs(root: Path, site: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f",
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f",
                            str(root / "mkdocs.yml"), "-d", str(site)], capture_output=True, text=True, env=env)
 
 
@@ -109,7 +109,7 @@ def test_a_broken_link_fails_the_strict_build(tmp_path: Path) -> None:
     page.write_text(page.read_text() + "\nSee [the old page](../no_such_page.md).\n")
     r = _mkdocs(tmp_path, tmp_path / "site")
     assert r.returncode != 0
-    assert "no_such_page.md" in r.stderr and "strict mode" in r.stderr
+    assert "WARNING" in r.stderr and "no_such_page.md" in r.stderr
 
 
 def test_every_page_is_in_the_nav_and_every_figure_is_small() -> None:
