@@ -11,6 +11,12 @@ checkpoints/ folder, an epoch-N/ or step-N/ folder (model.pt), or a Hugging Face
 (model.safetensors, pytorch_model.bin, or their sharded ``*.index.json``). Files are read with
 ``torch.load(weights_only=True)`` (only ``argparse.Namespace`` is allowed besides tensors and containers, for
 the official training checkpoints' ``args``) or safetensors: loading never runs code from the file.
+
+A file weights_only refuses (an mmengine checkpoint: ``meta``, ``message_hub``, ``optimizer`` holding objects of
+OpenMMLab classes) is read once more by a restricted unpickler: the globals torch's weights_only reader allows
+(tensor rebuilding, containers, dtypes) resolve as usual, every other class or function the file names becomes
+an inert placeholder that records its name and runs nothing. Only its ``state_dict`` (tensors only) and the plain
+values of its ``meta`` are kept; the rest is dropped and named under ``OPENMMLAB_DROPPED``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,7 +82,108 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch/zipfile/pickle/safetensors raise many types; the user needs one line
-        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        if "Weights only load failed" not in first:
+            raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
+    return load_restricted(path)
+
+
+# ---------------------------------------------------------------------------------------------- restricted
+# Key under which load_restricted names the top-level entries it dropped (an mmengine file's optimizer, ...).
+OPENMMLAB_DROPPED = "_mimkit_dropped"
+
+
+class InertObject:
+    """Stands for an object of a class the file names but mimkit does not allow: holds nothing, runs nothing."""
+
+    origin = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE / NEWOBJ arguments are ignored
+        pass
+
+    def __setstate__(self, state: Any) -> None:  # BUILD: the state is dropped, no attribute is set
+        pass
+
+    def append(self, item: Any) -> None:  # APPEND(S) on a pickled list subclass
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S) on a pickled dict subclass
+        pass
+
+    def __repr__(self) -> str:
+        return f"<inert {self.origin}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """find_class: torch's weights_only allow-list resolves; anything else is a fresh InertObject subclass."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_globals()
+        if f"{module}.{name}" in allowed:
+            return allowed[f"{module}.{name}"]
+        placeholder = type(f"Inert_{name}", (InertObject,), {"origin": f"{module}.{name}"})
+        _RestrictedUnpickler.seen.add(f"{module}.{name}")
+        return placeholder
+
+    seen: set[str] = set()
+
+
+def _allowed_globals() -> dict[str, Any]:
+    """'module.name' -> object for what torch.load(weights_only=True) itself allows (tensors, dtypes, containers)."""
+    from torch import _weights_only_unpickler as w
+
+    return {**w._get_allowed_globals(), "argparse.Namespace": argparse.Namespace}
+
+
+# torch.load takes a pickle module: ours has only the restricted Unpickler (torch subclasses it for storages).
+_restricted_pickle = types.ModuleType("mimkit_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
+_restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
+_restricted_pickle.__name__ = "mimkit_restricted_pickle"
+
+
+def load_restricted(path: str | os.PathLike) -> dict:
+    """Read a checkpoint weights_only refuses without running code from it: -> {'state_dict': tensors,
+    'meta': plain values, OPENMMLAB_DROPPED: [names of what was dropped]}.
+
+    Raises CheckpointError when the file has no tensor ``state_dict`` at its top level (mmengine's layout):
+    a file holding only pickled objects is refused, and nothing it names has run.
+    """
+    path = Path(path)
+    _RestrictedUnpickler.seen = set()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    except Exception as e:  # a malformed stream; nothing it named has been called
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    objects = sorted(_RestrictedUnpickler.seen)
+    named = f" (it names {', '.join(objects[:4])}{' ...' if len(objects) > 4 else ''}, which mimkit does not load)"
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        keys = f"top-level keys: {', '.join(map(str, obj))}" if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path} holds pickled Python objects and no 'state_dict' of tensors ({keys}){named}: "
+                              "mimkit reads tensors only (a mimkit, official MAE, Hugging Face, timm or "
+                              "mmengine checkpoint)")
+    sd = obj["state_dict"]
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: the 'state_dict' holds non-tensor entries ({', '.join(map(str, bad[:4]))})")
+    meta = obj.get("meta")
+    meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, list, tuple, dict))} \
+        if isinstance(meta, dict) else {}
+    dropped = [str(k) for k in obj if k not in ("state_dict", "meta")]
+    return {"state_dict": dict(sd), "meta": _plain(meta), OPENMMLAB_DROPPED: dropped}
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every placeholder object removed (meta's nested dicts and lists keep plain values only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not isinstance(v, InertObject)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value if not isinstance(v, InertObject)]
+    return value
 
 
 def _why_unreadable(path: Path, e: Exception) -> str:

@@ -8,7 +8,9 @@ from mimkit.models.register import register_alias, register_model
 # Constructor options a user may override on any MAE preset.
 MAE_OPTIONS = (
     "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path", "layer_norm_eps", "decoder_mlp_ratio",
+    "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_pix_loss", "drop_path", "layer_norm_eps",
+    "decoder_mlp_ratio",
+    "init_values",  # encoder layer scale (an MMSegmentation MAE backbone); unset = none, the official layout
 )
 
 

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 
 from mimkit.errors import CheckpointError
-from mimkit.io import load_checkpoint_file, save_safetensors  # noqa: F401  (re-exported)
+from mimkit.io import OPENMMLAB_DROPPED, load_checkpoint_file, save_safetensors  # noqa: F401  (re-exported)
 from mimkit.models import vit
 from mimkit.models.mae import ENCODER_PREFIXES, MaskedAutoencoderViT
+from mimkit.models.openmmlab import SOURCES, openmmlab_kind, openmmlab_to_mae
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,34 @@ def extract_state_dict(obj: Any) -> tuple[StateDict, str]:
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         source = "mimkit" if "mimkit_version" in obj else "official_mae"
         obj = obj["model"]
+    elif is_mmengine(obj):
+        obj = obj["state_dict"]
+        source = SOURCES.get(openmmlab_kind(obj) or "", "mmengine")
+    elif isinstance(obj, Mapping) and "meta" in obj and "state_dict" not in obj and "model" not in obj:
+        raise CheckpointError(f"an mmengine checkpoint without 'state_dict' (it holds: {', '.join(map(str, obj))}): "
+                              "nothing to load")
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"checkpoint holds no state dict (found {type(obj).__name__})")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"checkpoint state dict has non-tensor entries: {_preview(not_tensors)}")
     sd = {_strip_prefixes(k): v for k, v in obj.items()}
+    if source is None and openmmlab_kind(sd):  # a bare OpenMMLab state dict (model.state_dict() saved alone)
+        source = SOURCES[openmmlab_kind(sd)]
     return sd, source or detect_layout(sd)
+
+
+def is_mmengine(obj: Any) -> bool:
+    """True for an mmengine checkpoint (`{meta, state_dict, optimizer, message_hub, ...}`, as mimkit.io reads it)."""
+    return isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) and "model" not in obj
+
+
+def mmengine_dropped(obj: Any) -> list[str]:
+    """'mmengine entries meta, optimizer, message_hub' when `obj` is an mmengine file: what loading ignores."""
+    if not is_mmengine(obj):
+        return []
+    rest = [str(k) for k in obj if k not in ("state_dict", OPENMMLAB_DROPPED)] + list(obj.get(OPENMMLAB_DROPPED, []))
+    return [f"the mmengine file's {', '.join(rest)}"] if rest else []
 
 
 def _strip_prefixes(key: str) -> str:
@@ -337,6 +359,8 @@ def unwrap_task_encoder(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list
 def to_mae_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
     """Any supported layout (a linprobe / segment checkpoint's encoder too) -> (MAE-layout state dict, keys
     dropped on the way)."""
+    if openmmlab_kind(sd):
+        return openmmlab_to_mae(sd)
     sd, task_dropped = unwrap_task_encoder(sd)
     out, dropped = _layout_to_mae(sd)
     return out, task_dropped + dropped
@@ -432,7 +456,8 @@ class LoadReport:
 
     def summary(self) -> str:
         """One human-readable line."""
-        parts = [f"loaded {self.source} weights"]
+        openmmlab = self.source in SOURCES.values()
+        parts = [f"loaded an {self.source} checkpoint" if openmmlab else f"loaded {self.source} weights"]
         if self.decoder_fresh:
             parts.append("the checkpoint has no decoder: the decoder starts fresh (randomly initialised)")
         if self.resized:
@@ -467,6 +492,7 @@ def load_into_model(
     obj = load_checkpoint_file(path_or_state) if where else path_or_state
     sd, source = extract_state_dict(obj)
     sd, dropped = to_mae_state_dict(sd)
+    dropped = mmengine_dropped(obj) + dropped
     resized = resize_pos_embeds(sd, model, pos_embed)
 
     own = model.state_dict()

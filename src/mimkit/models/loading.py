@@ -18,6 +18,7 @@ from mimkit.io import hf_config_beside, load_checkpoint_file, resolve_checkpoint
 from mimkit.models.convert import (HF_MODEL_TYPES, extract_state_dict, hf_config_to_kwargs, load_into_model,
                                    to_mae_state_dict)
 from mimkit.models.builders import MAE_OPTIONS
+from mimkit.models.openmmlab import mae_kwargs, openmmlab_kind
 from mimkit.models.registry import create_model, list_models, same_model
 
 # Registered builder used for a Hugging Face config that matches no preset: every size comes from config.json.
@@ -85,7 +86,7 @@ def encoder_arch_of_config(cfg: dict) -> Optional[dict]:
         # the run's own model.kwargs (segment keeps them: the decoder's sizes) beneath the encoder's actual sizes
         kwargs = {k: v for k, v in (m.get("kwargs") or {}).items() if k in MAE_OPTIONS and k != "img_size"}
         kwargs.update({k: arch[k] for k in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                                            "mlp_ratio", "layer_norm_eps") if arch.get(k) is not None})
+                                            "mlp_ratio", "layer_norm_eps", "init_values") if arch.get(k) is not None})
         named = m.get("type")
         if named:
             try:
@@ -100,6 +101,22 @@ def encoder_arch_of_config(cfg: dict) -> Optional[dict]:
         return {"type": m["type"], "kwargs": dict(m.get("kwargs") or {}), "input_size": size,
                 "norm_pix_loss": bool(m.get("norm_pix_loss", False))}
     return None
+
+
+def openmmlab_kwargs(obj: Any) -> Optional[dict]:
+    """MaskedAutoencoderViT arguments of an mmpretrain / MMSeg checkpoint (its tensors' shapes, its saved config's
+    heads), or None for any other file."""
+    if _mimkit_config(obj) is not None:
+        return None
+    try:
+        sd, _ = extract_state_dict(obj)
+    except CheckpointError:
+        return None
+    kind = openmmlab_kind(sd)
+    if kind is None:
+        return None
+    mae_sd, _ = to_mae_state_dict(sd)
+    return mae_kwargs(mae_sd, kind, obj.get("meta") if isinstance(obj, dict) else None)
 
 
 def _mimkit_config(obj: Any) -> Optional[dict]:
@@ -189,6 +206,9 @@ def _model_from_checkpoint(
     elif hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs.update(hf_config_to_kwargs(hf_cfg))
         model_name = model_name or preset_for_kwargs(kwargs)
+    elif (mm := openmmlab_kwargs(obj)) is not None:  # the file's own sizes beat a preset's, as a HF config's
+        kwargs.update(mm)
+        model_name = model_name or preset_for_kwargs(kwargs)
     if model_name is None:
         sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
@@ -237,6 +257,12 @@ def architecture_of(path: str | os.PathLike) -> Optional[dict]:
     except CheckpointError:
         return None
     hf_cfg = hf_config_beside(p)
+    mm = openmmlab_kwargs(obj)
+    if mm is not None:
+        name = preset_for_kwargs(mm)
+        if "img_size" in mm:
+            data["input_size"] = mm.pop("img_size")
+        return {"model": {"type": name, "kwargs": mm, "norm_pix_loss": False}, **({"data": data} if data else {})}
     if hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs = hf_config_to_kwargs(hf_cfg)
         name = preset_for_kwargs(kwargs)

@@ -42,6 +42,7 @@ class MaskedAutoencoderViT(nn.Module):
         drop_path: float = 0.0,
         layer_norm_eps: float = 1e-6,
         decoder_mlp_ratio: float | None = None,
+        init_values: float | None = None,
     ) -> None:
         super().__init__()
         # every LayerNorm's eps: the official 1e-6, or a checkpoint's own (Hugging Face configs often say 1e-12)
@@ -56,6 +57,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.embed_dim = embed_dim
         self.depth = depth
         self.norm_pix_loss = norm_pix_loss
+        # encoder layer scale (MMSegmentation's MAE backbone); None = the official block, no extra keys
+        self.init_values = init_values
         # FreezeOut: blocks [0, frozen_prefix) (and the patch embedding) run without autograd.
         self.frozen_prefix = 0
 
@@ -63,7 +66,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_embed = PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = vit.make_blocks(embed_dim, depth, num_heads, mlp_ratio, norm_layer, drop_path)
+        self.blocks = vit.make_blocks(embed_dim, depth, num_heads, mlp_ratio, norm_layer, drop_path, init_values)
         self.norm = norm_layer(embed_dim)
 
         # decoder

@@ -131,7 +131,7 @@ def build_backbone(arch: dict, drop_path: float = 0.0) -> VisionTransformer:
         embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
         mlp_ratio=arch["mlp_ratio"], qkv_bias=True, num_classes=0, global_pool="", final_norm=False,
         dynamic_img_size=True, norm_layer=partial(nn.LayerNorm, eps=arch.get("layer_norm_eps", 1e-6)),
-        drop_path_rate=drop_path,
+        drop_path_rate=drop_path, init_values=arch.get("init_values"),  # layer scale: MMSeg's MAE backbone
     )
 
 
@@ -198,7 +198,9 @@ def segmenter_arch(encoder: nn.Module, img_size: Sequence[int], num_classes: int
                 num_heads=int(blk.attn.num_heads), mlp_ratio=blk.mlp.fc1.out_features / encoder.embed_dim,
                 taps=taps, num_classes=int(num_classes), channels=int(channels), aux_channels=int(aux_channels),
                 pool_scales=[int(s) for s in pool_scales], dropout=float(dropout),
-                **({} if blk.norm1.eps == 1e-6 else {"layer_norm_eps": float(blk.norm1.eps)}))  # e.g. HF's 1e-12
+                **({} if blk.norm1.eps == 1e-6 else {"layer_norm_eps": float(blk.norm1.eps)}),  # e.g. HF's 1e-12
+                **({"init_values": float(getattr(encoder, "init_values", None) or 1.0)}
+                   if hasattr(blk.ls1, "gamma") else {}))  # layer scale (MMSeg's MAE): its start value
 
 
 def segmenter_from_encoder(encoder: nn.Module, arch: dict, drop_path: float = 0.0) -> MAESegmenter:

@@ -84,12 +84,18 @@ def random_masking(
 
 
 def make_blocks(
-    dim: int, depth: int, num_heads: int, mlp_ratio: float, norm_layer: type[nn.Module], drop_path: float = 0.0
+    dim: int, depth: int, num_heads: int, mlp_ratio: float, norm_layer: type[nn.Module], drop_path: float = 0.0,
+    init_values: float | None = None,
 ) -> nn.ModuleList:
-    """timm transformer blocks (fused scaled-dot-product attention), drop path rising linearly to `drop_path`."""
+    """timm transformer blocks (fused scaled-dot-product attention), drop path rising linearly to `drop_path`.
+
+    init_values: None (the official MAE block: no layer scale, no `ls1` / `ls2` keys) or the starting value of a
+    BEiT-style per-channel layer scale (`ls1.gamma`, `ls2.gamma`; MMSegmentation's MAE backbone `gamma_1/2`).
+    """
     rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=r) for r in rates
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=r, init_values=init_values)
+        for r in rates
     )
 
 
