@@ -304,14 +304,33 @@ def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[
 def _resume_layer(resume: str) -> list[tuple[str, dict]]:
     """The input size and pooling a classifier checkpoint was trained with (for --eval / resuming at its size)."""
     from mimkit.engine.checkpoint import load_training_checkpoint
+    from mimkit.errors import CheckpointError
 
-    saved = load_training_checkpoint(resume).get("config") or {}
+    try:
+        saved = load_training_checkpoint(resume).get("config") or {}
+    except CheckpointError:
+        if _is_openmmlab(resume):  # an MMSegmentation file for --eval / --predict: the task reads it
+            return []
+        raise
     layer: dict = {}
     if (saved.get("data") or {}).get("input_size") is not None:
         layer["data"] = {"input_size": saved["data"]["input_size"]}
     if (saved.get("model") or {}).get("global_pool") is not None:
         layer["model"] = {"global_pool": saved["model"]["global_pool"]}
     return [(f"training config of {resume}", layer)] if layer else []
+
+
+def _is_openmmlab(path: str) -> bool:
+    """True for an mmpretrain / MMSegmentation checkpoint (which says no mimkit training config)."""
+    from mimkit.errors import CheckpointError
+    from mimkit.io import load_checkpoint_file
+    from mimkit.models.convert import extract_state_dict
+    from mimkit.models.openmmlab import openmmlab_kind
+
+    try:
+        return openmmlab_kind(extract_state_dict(load_checkpoint_file(path))[0]) is not None
+    except CheckpointError:
+        return False
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

@@ -159,9 +159,18 @@ def _cfg_int(cfg_text: str, name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _ln_eps(cfg_text: str) -> Optional[float]:
+    """The eps of the first LayerNorm config (`dict(type='LN', eps=1e-06)`) in a saved config, if it says one."""
+    m = re.search(r"type\s*=\s*['\"]LN['\"]\s*,\s*eps\s*=\s*([\d.eE+-]+)", cfg_text or "")
+    try:
+        return float(m.group(1)) if m else None
+    except ValueError:
+        return None
+
+
 def _cfg_list(cfg_text: str, name: str) -> Optional[list[int]]:
     m = re.search(rf"(?<![\w.]){name}\s*=\s*[\[(]([\d,\s]+)[\])]", cfg_text or "")
-    return [int(v) for v in m.group(1).replace(" ", "").split(",") if v] if m else None
+    return [int(v) for v in m.group(1).split(",") if v.strip()] if m else None
 
 
 # Heads of the standard widths (ViT-Ti/S/B/L/H); other widths get 64-d heads (decoders 32-d, as mmpretrain's 512/16)
@@ -181,7 +190,7 @@ def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Map
         patch_size=patch, in_chans=mae_sd["patch_embed.proj.weight"].shape[1], embed_dim=width, depth=depth,
         num_heads=_cfg_int(cfg, "num_heads") or _HEADS.get(width, max(1, width // 64)),
         mlp_ratio=mae_sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
-        layer_norm_eps=MMSEG_LN_EPS if kind.startswith("mmseg") else MMPRETRAIN_LN_EPS,
+        layer_norm_eps=_ln_eps(cfg) or (MMSEG_LN_EPS if kind.startswith("mmseg") else MMPRETRAIN_LN_EPS),
     )
     if side * side == tokens:
         kw["img_size"] = side * patch

@@ -36,10 +36,10 @@ from mimkit.errors import CheckpointError, UserError
 from mimkit.io import resolve_checkpoint
 from mimkit.tasks import aoti
 
-FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript", "aoti")
+FORMATS = ("pt2", "onnx", "safetensors", "timm", "hf", "torchscript", "aoti", "mmseg")
 # Default file names end in what the file is, never a bare .pt that reads as a training checkpoint.
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "safetensors": ".safetensors",
-          "timm": ".timm.safetensors", "hf": "_hf", "pt2": ".pt2", "aoti": ".aoti.pt2"}
+          "timm": ".timm.safetensors", "hf": "_hf", "pt2": ".pt2", "aoti": ".aoti.pt2", "mmseg": "_mmseg"}
 EXPORT_DIR = "export"  # default: <run folder>/export/, apart from the checkpoints
 # Optional packages each format needs (all in the `export` extra).
 REQUIRES = {"onnx": ("onnx",), "hf": ("transformers",)}
@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "save_pretrained folder), or a fine-tuned classifier")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="pt2 (torch.export), onnx, safetensors, timm, hf (transformers folder), torchscript, "
-                   "aoti (AOTInductor package for C++: examples/cpp/)")
+                   "aoti (AOTInductor package for C++: examples/cpp/), "
+                   "mmseg (a `mimkit segment` checkpoint as an MMSegmentation model.pth + config.py folder)")
     p.add_argument("--output", default=None, help="file (folder for hf) (default: <run>/export/<checkpoint>_<kind> "
                    "+ .pt2 | .onnx | .safetensors | .timm.safetensors | .torchscript.pt | _hf/ | .aoti.pt2, e.g. "
                    "runs/demo/export/final_encoder.pt2)")
@@ -360,6 +361,10 @@ def check_output(output: Optional[str], fmt: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
+    if args.format == "mmseg":
+        from mimkit.tasks import export_mmseg
+
+        return export_mmseg.run(args, default_output)
     aoti.check(args.format, args.device)  # likewise a missing C++ compiler (aoti), or --device cuda without a GPU
     check_output(args.output, args.format)
     torch.manual_seed(args.seed)

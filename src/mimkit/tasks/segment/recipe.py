@@ -208,7 +208,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     SC.check_segment_config(cfg)
     dist = D.init_distributed(cfg.misc.device)
     seed_everything(cfg.misc.seed)
-    resume = E.read_resume(cfg)
+    resume = U.read_resume(cfg)  # an MMSegmentation file too (--eval / --predict)
     if cfg.misc.eval or cfg.misc.predict:
         return evaluate_checkpoint(cfg, resume, given, dist)
     crop = C.input_size(cfg)

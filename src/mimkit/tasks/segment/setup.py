@@ -84,16 +84,78 @@ def not_a_segment_checkpoint(what: str, resume: Optional[dict]) -> CheckpointErr
 
 # ---------------------------------------------------------------------------------------------- encoders
 def read_segment_checkpoint(path: str) -> Optional[dict]:
-    """A `mimkit segment` checkpoint (config.model.arch and backbone.* weights) as loaded, else None."""
+    """A `mimkit segment` checkpoint (config.model.arch and backbone.* weights) as loaded, an MMSegmentation
+    UperNet-on-MAE file converted to one (`mmseg_as_segment_checkpoint`), else None."""
     from mimkit.io import load_checkpoint_file, resolve_checkpoint
 
     obj = load_checkpoint_file(resolve_checkpoint(path))
+    mm = mmseg_as_segment_checkpoint(obj, path)
+    if mm is not None:
+        return mm
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         return None
     arch = ((obj.get("config") or {}).get("model") or {}).get("arch")
     if arch and any(str(k).startswith("backbone.") for k in obj["model"]):
         return obj
     return None
+
+
+def mmseg_as_segment_checkpoint(obj: Any, path: str) -> Optional[dict]:
+    """An MMSeg EncoderDecoder file (MAE backbone, Feature2Pyramid, UPerHead, FCNHead; mmengine's or a bare state
+    dict) as a mimkit segment checkpoint {model, config: {model: {arch, class_names}, data: {mean, std}},
+    openmmlab: the load line}; None for any other file. Class names come from its meta's dataset_meta, mean / std
+    (0-255 in MMSeg) from its saved config's data_preprocessor, when it has them."""
+    import re
+
+    from mimkit.models.convert import extract_state_dict, mmengine_dropped
+    from mimkit.models.openmmlab import SOURCES, mmseg_to_segmenter, openmmlab_kind
+
+    if isinstance(obj, dict) and "mimkit_version" in obj:
+        return None
+    try:
+        sd, _ = extract_state_dict(obj)
+    except CheckpointError:
+        return None
+    if openmmlab_kind(sd) != "mmseg_upernet":
+        return None
+    meta = (obj.get("meta") or {}) if isinstance(obj, dict) else {}
+    seg_sd, arch, notes = mmseg_to_segmenter(sd, meta)
+    classes = ((meta.get("dataset_meta") or {}).get("classes")) if isinstance(meta, dict) else None
+    cfg_text = str(meta.get("cfg") or "")
+    data: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        m = re.search(rf"(?<![\w.]){key}\s*=\s*\[([-\d.,\s]+)\]", cfg_text)
+        if m:
+            data[key] = [float(v) / 255.0 for v in m.group(1).split(",") if v.strip()]
+    ignored = mmengine_dropped(obj) + notes
+    line = (f"loaded an {SOURCES['mmseg_upernet']} checkpoint: {path} (ViT {arch['depth']} blocks x "
+            f"{arch['embed_dim']}-d, {arch['num_heads']} heads, taps {arch['taps']}, {arch['num_classes']} classes"
+            + (", layer scale" if "init_values" in arch else "") + ")"
+            + (f"; ignored {'; '.join(ignored)}" if ignored else ""))
+    return {"model": seg_sd, "openmmlab": line,
+            "config": {"model": {"arch": arch, "class_names": list(classes) if classes else None},
+                       "data": data if len(data) == 2 else {}}}
+
+
+def read_resume(cfg) -> Optional[dict]:
+    """misc.resume as a segment checkpoint: an MMSeg file converted (for --eval / --predict: it holds no mimkit
+    training state), else the engine's resume reading (a mimkit training checkpoint, or latest.pt)."""
+    from mimkit.io import load_checkpoint_file, resolve_checkpoint
+    from mimkit.tasks.evaluation import common as E
+
+    if cfg.misc.resume:
+        try:
+            obj = load_checkpoint_file(resolve_checkpoint(cfg.misc.resume))
+        except CheckpointError:
+            obj = None  # the engine's reader names the problem
+        mm = mmseg_as_segment_checkpoint(obj, cfg.misc.resume) if obj is not None else None
+        if mm is not None:
+            if not (cfg.misc.eval or cfg.misc.predict):
+                raise ConfigError(f"--resume {cfg.misc.resume}: an MMSegmentation checkpoint holds no mimkit "
+                                  "training state; use it with --eval / --predict, or train on it with --finetune")
+            print(mm["openmmlab"])
+            return mm
+    return E.read_resume(cfg)
 
 
 def backbone_of(seg_ckpt: dict):
@@ -146,6 +208,8 @@ def build_encoder(cfg, crop: tuple[int, int], given: dict[str, Any]):
                 raise ConfigError("--random_init with a segment checkpoint: use --model NAME --random_init (or an "
                                   "MAE checkpoint) for a random encoder")
             bb = backbone_of(seg)
+            if seg.get("openmmlab"):
+                print(seg["openmmlab"])
             arch = seg["config"]["model"]["arch"]
             return bb, (f"backbone of segment checkpoint {m.finetune} (ViT {arch['depth']} blocks, width "
                         f"{arch['embed_dim']}, patch {arch['patch_size']})")

@@ -1,0 +1,256 @@
+"""OpenMMLab checkpoints: mmengine files read without running code, mmpretrain MAE / ViT and MMSegmentation
+UperNet-on-MAE models built by their own libraries load into mimkit with the same outputs, and a mimkit segmenter
+exports back to a folder MMSegmentation's own init_model loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.cli import main
+from mimkit.errors import CheckpointError
+from mimkit.io import load_checkpoint_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _image(folder: Path) -> str:
+    from PIL import Image
+
+    path = folder / "img.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- safe reading
+class _Evil:
+    """Unpickling this object would create the marker file (os.system) if the reader ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path) -> None:
+    marker = tmp_path / "MARKER"
+    torch.save({"payload": _Evil(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"no .state_dict. of tensors .*it names posix.system"):
+        load_checkpoint_file(tmp_path / "evil.pt")
+    # inside an mmengine-style file it is read inertly and dropped; the weights still load
+    torch.save({"meta": {"epoch": 2, "hook": _Evil(marker)}, "state_dict": {"w": torch.arange(3.0)},
+                "optimizer": _Evil(marker)}, tmp_path / "mm.pth")
+    obj = load_checkpoint_file(tmp_path / "mm.pth")
+    assert torch.equal(obj["state_dict"]["w"], torch.arange(3.0))
+    assert obj["meta"] == {"epoch": 2} and obj["_mimkit_dropped"] == ["optimizer"]
+    assert not marker.exists()
+    # through the CLI: one line, exit 2, still no marker
+    assert main(["visualize", str(tmp_path / "evil.pt"), _image(tmp_path), "--output", str(tmp_path / "o.png")]) == 2
+    assert not marker.exists() and not (tmp_path / "o.png").exists()
+
+
+def test_an_mmengine_file_without_state_dict_is_one_line(tmp_path, capsys) -> None:
+    torch.save({"meta": {"epoch": 1}, "optimizer": {"state": {}}}, tmp_path / "nostate.pth")
+    assert main(["knn", "--checkpoint", str(tmp_path / "nostate.pth"), "--data_path", "digits", "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mmengine checkpoint without 'state_dict'" in err, err
+
+
+# ---------------------------------------------------------------------------------------------- real libraries
+@pytest.fixture(scope="module")
+def mm():
+    """The mmpretrain / mmseg builders (tests/openmmlab_models.py), or a skip when the extra is absent."""
+    for name in ("mmengine", "mmpretrain", "mmseg"):
+        pytest.importorskip(name, reason="needs the openmmlab extra: pip install 'mimkit[openmmlab]'")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import openmmlab_models
+
+    return openmmlab_models
+
+
+@pytest.fixture(scope="module")
+def mae_file(mm, tmp_path_factory):
+    cfg = mm.mae_cfg()
+    torch.manual_seed(0)
+    model = mm.mmpretrain_models().build(cfg)
+    model.init_weights()
+    mm.randomise_(model)
+    path = mm.save_like_runner(model.eval(), cfg, tmp_path_factory.mktemp("mae") / "mae_epoch_3.pth")
+    return model, path
+
+
+def test_mmpretrain_mae_loads_strictly_and_reproduces_its_outputs(mae_file, caplog) -> None:
+    from mimkit.models.convert import load_into_model
+    from mimkit.models.loading import model_from_checkpoint
+
+    theirs, path = mae_file
+    ours, desc = model_from_checkpoint(path)
+    assert "mmpretrain MAE (backbone + neck)" in desc and "encoder 2x64, decoder 1x32" in desc
+    report = load_into_model(ours, path, strict=True)  # strict: every key maps, nothing is left over
+    assert report.summary().startswith("loaded an mmpretrain MAE (backbone + neck) checkpoint; ignored the "
+                                       "mmengine file's meta, optimizer, message_hub")
+    ours.norm_pix_loss = True  # their head's norm_pix
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(7)  # their MAEViT draws its masking noise with torch.rand(N, L): we hand ours the same
+    with torch.no_grad():
+        latent, mask, ids = theirs.backbone(x)
+        pred = theirs.neck(latent, ids)
+        loss = theirs.head.loss(pred, x, mask)
+        feats = theirs.backbone(x, mask=None)[0]
+    torch.manual_seed(7)
+    noise = torch.rand(3, 16)
+    with torch.no_grad():
+        our_loss, our_pred, our_mask = ours(x, 0.75, noise)
+        our_latent, _, _ = ours.forward_encoder(x, 0.75, noise)
+        our_feats = ours.forward_features(x)
+    assert torch.equal(mask, our_mask)
+    torch.testing.assert_close(our_latent, latent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_pred, pred, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_loss, loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_feats, feats, atol=1e-5, rtol=0)
+
+
+def test_mmpretrain_classifier_gives_its_encoder_and_visualize_refuses_it(mm, tmp_path, capsys) -> None:
+    from mimkit.models.loading import model_from_checkpoint
+
+    cfg = mm.vit_classifier_cfg()
+    torch.manual_seed(1)
+    theirs = mm.mmpretrain_models().build(cfg)
+    theirs.init_weights()
+    mm.randomise_(theirs)
+    path = mm.save_like_runner(theirs.eval(), cfg, tmp_path / "vit_cls.pth")
+    ours, desc = model_from_checkpoint(path)
+    assert "mmpretrain ViT classifier (backbone + head)" in desc
+    assert ours.load_report.decoder_fresh and "head (2 tensors)" in ours.load_report.summary()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = theirs.extract_feat(x)[0]  # their avg_featmap: ln2(mean of patch tokens)
+        tokens = ours.forward_features(x, layers=[1])[0]
+        our_pooled = ours.norm(tokens[:, 1:].mean(1))  # their ln2 is our norm
+    torch.testing.assert_close(our_pooled, pooled, atol=1e-5, rtol=0)
+    assert main(["visualize", str(path), _image(tmp_path), "--output", str(tmp_path / "v.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "decoder" in err, err
+
+
+@pytest.fixture(scope="module")
+def upernet_file(mm, tmp_path_factory):
+    cfg = mm.upernet_cfg()
+    torch.manual_seed(2)
+    model = mm.import_mmseg().build(cfg)
+    model.init_weights()
+    mm.randomise_(model)
+    classes = [f"thing{i}" for i in range(mm.TINY_SEG["classes"])]
+    path = mm.save_like_runner(model.eval(), cfg, tmp_path_factory.mktemp("seg") / "iter_160.pth", classes)
+    return model, path, classes
+
+
+def _their_logits(model, x: torch.Tensor) -> torch.Tensor:
+    metas = [dict(img_shape=tuple(x.shape[2:]), ori_shape=tuple(x.shape[2:]))] * x.shape[0]
+    with torch.no_grad():
+        return model.encode_decode(x, metas)
+
+
+def test_mmseg_upernet_reproduces_its_logits_and_backbone_features(mm, upernet_file) -> None:
+    from mimkit.models.loading import model_from_checkpoint
+    from mimkit.models.segmentation import MAESegmenter
+    from mimkit.tasks.segment.setup import read_segment_checkpoint
+
+    theirs, path, classes = upernet_file
+    seg = read_segment_checkpoint(str(path))
+    arch = seg["config"]["model"]["arch"]
+    assert arch["taps"] == mm.TINY_SEG["taps"] and arch["num_heads"] == 2 and arch["layer_norm_eps"] == 1e-5
+    assert seg["config"]["model"]["class_names"] == classes
+    assert seg["config"]["data"]["mean"] == pytest.approx([m / 255 for m in mm.MEAN])
+    assert "1 relative position bias tables" not in seg["openmmlab"] and "relative position bias tables" in seg["openmmlab"]
+    ours = MAESegmenter(arch).eval()
+    ours.load_state_dict(seg["model"], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), _their_logits(theirs, x), atol=1e-5, rtol=0)
+    # the encoder alone, for every command that takes one: taps equal their backbone's outputs
+    enc, desc = model_from_checkpoint(path)
+    assert "MMSegmentation UperNet on an MAE backbone" in desc and enc.init_values is not None
+    with torch.no_grad():
+        outs = enc.forward_features(x, layers=mm.TINY_SEG["taps"])
+        their_outs = theirs.backbone(x)
+    for o, t in zip(outs, their_outs, strict=True):
+        torch.testing.assert_close(o[:, 1:].transpose(1, 2).reshape(t.shape), t, atol=1e-5, rtol=0)
+
+
+def test_a_trained_relative_position_bias_is_refused_in_one_line(mm, upernet_file, tmp_path, capsys) -> None:
+    theirs, _, _ = upernet_file
+    sd = {k: v.clone() for k, v in theirs.state_dict().items()}
+    sd["backbone.layers.0.attn.relative_position_bias_table"] += 0.1
+    torch.save({"meta": {}, "state_dict": sd}, tmp_path / "relpos.pth")
+    assert main(["segment", "--eval", "--resume", str(tmp_path / "relpos.pth"), "--output_dir",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained relative position bias" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_segment_eval_predict_finetune_on_an_mmseg_file_and_export_back(mm, upernet_file, tmp_path, capsys) -> None:
+    """The CLI on an MMSeg file (the built-in 8-class mosaics), then a mimkit run exported to MMSeg's init_model."""
+    theirs, path, classes = upernet_file
+    common = ["--num_workers", "0", "--test_mode", "whole", "logging.tensorboard=false", "--no_auto_resume",
+              "--input_size", "32"]
+    assert main(["segment", "--eval", "--resume", str(path), *common, "--output_dir", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "loaded an MMSegmentation UperNet on an MAE backbone checkpoint" in out and "layer scale" in out
+    assert "ignored the mmengine file's meta, optimizer, message_hub" in out
+    assert (tmp_path / "ev" / "results.json").is_file()
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    _image(imgs)
+    assert main(["segment", "--predict", str(imgs), "--resume", str(path), *common, "--output_dir",
+                 str(tmp_path / "pr")]) == 0
+    assert "wrote 1 label PNG(s)" in capsys.readouterr().out
+    assert len(list((tmp_path / "pr").rglob("img*.png"))) >= 1
+    # further training: --finetune takes its backbone (layer scale included)
+    run = tmp_path / "ft"
+    assert main(["segment", "--finetune", str(path), "--max_iters", "2", "--batch_size", "4", "model.channels=16",
+                 "model.aux_channels=8", *common, "--output_dir", str(run)]) == 0
+    ck = load_checkpoint_file(run / "checkpoints" / "final.pt")
+    assert ck["config"]["model"]["arch"]["init_values"] == 1.0 and "backbone.blocks.0.ls1.gamma" in ck["model"]
+    # --resume of an MMSeg file for training is refused: it holds no mimkit training state
+    assert main(["segment", "--resume", str(path), "--max_iters", "2", *common, "--output_dir",
+                 str(tmp_path / "rs")]) == 2
+    assert "holds no mimkit training state" in capsys.readouterr().err
+
+    # export the mimkit run back to MMSeg; their init_model loads it and predicts what mimkit predicts
+    exp = tmp_path / "exp"
+    assert main(["export", str(run), "--format", "mmseg", "--output", str(exp)]) == 0
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import openmmlab_models as mm
+mm.import_mmseg()
+from mmseg.apis import init_model
+model = init_model({str(exp / 'config.py')!r}, {str(exp / 'model.pth')!r}, device='cpu').eval()
+x = torch.load({str(tmp_path / 'x.pt')!r})
+metas = [dict(img_shape=(32, 32), ori_shape=(32, 32))] * x.shape[0]
+with torch.no_grad():
+    torch.save(model.encode_decode(x, metas), {str(tmp_path / 'theirs.pt')!r})
+print(model.dataset_meta['classes'])
+"""
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    from mimkit.models.segmentation import MAESegmenter
+
+    ours = MAESegmenter(ck["config"]["model"]["arch"]).eval()
+    ours.load_state_dict(ck["model"], strict=True)
+    with torch.no_grad():
+        mine = ours(x)
+    torch.testing.assert_close(torch.load(tmp_path / "theirs.pt"), mine, atol=1e-5, rtol=0)
+    assert "do not match exactly" not in done.stdout + done.stderr  # mmengine's line for missing / unexpected keys
+    assert "thing0" in done.stdout or "class_0" in done.stdout  # the class names travel in meta.dataset_meta
