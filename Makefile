@@ -17,7 +17,7 @@ setup: $(STAMP)
 # torch/torchvision resolve to the builds pinned by the range in pyproject.toml.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,export,docs]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,export,docs,openmmlab]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import mimkit, torch, timm, transformers, mkdocs, mkdocstrings"
 	touch $(STAMP)
 

@@ -82,8 +82,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch/zipfile/pickle/safetensors raise many types; the user needs one line
-        first = (str(e).strip().splitlines() or [""])[0]
-        if "Weights only load failed" not in first:
+        if "GLOBAL" not in str(e):  # not a class / function weights_only refused: garbage, truncation, ...
             raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
     return load_restricted(path)
 

@@ -506,7 +506,8 @@ def load_into_model(
 
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     report = LoadReport(source, missing, unexpected, dropped, resized, decoder_fresh)
-    (log.warning if decoder_fresh or missing else log.info)(report.summary())
+    # a converted OpenMMLab file is always said: its origin and what of it was ignored
+    (log.warning if decoder_fresh or missing or source in SOURCES.values() else log.info)(report.summary())
     return report
 
 

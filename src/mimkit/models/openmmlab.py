@@ -21,9 +21,13 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import logging
+
 import torch
 
 from mimkit.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -182,6 +186,9 @@ def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Map
     from the mmengine file's saved config (`meta['cfg']`) when it has one, else the standard heads for the width."""
     cfg = str((meta or {}).get("cfg") or "")
     width = mae_sd["cls_token"].shape[-1]
+    if _cfg_int(cfg, "num_heads") is None and width not in _HEADS:
+        log.warning(f"the checkpoint does not say its number of heads (no saved config in meta['cfg']): assuming "
+                    f"{max(1, width // 64)} for width {width} (64-d heads)")
     patch = mae_sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("blocks."))
     tokens = mae_sd["pos_embed"].shape[1] - 1
@@ -209,9 +216,8 @@ def mmseg_to_segmenter(sd: Mapping[str, torch.Tensor], meta: Optional[Mapping] =
                        ) -> tuple[StateDict, dict, list[str]]:
     """An MMSeg EncoderDecoder (MAE backbone, Feature2Pyramid, UPerHead, FCNHead) state dict -> (mimkit
     MAESegmenter state dict, its arch, notes). Taps (`out_indices`) and pool scales come from the file's saved
-    config when it has one, else MMSeg's defaults for the depth."""
-    from mimkit.models.segmentation import default_taps
-
+    config when it has one; taps are None otherwise (the caller takes MMSeg's defaults for the depth:
+    models.segmentation.default_taps, which imports this module's importer)."""
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     enc, notes = openmmlab_to_mae(backbone)
     kw = mae_kwargs(enc, "mmseg_upernet", meta)
@@ -226,7 +232,7 @@ def mmseg_to_segmenter(sd: Mapping[str, torch.Tensor], meta: Optional[Mapping] =
         raise CheckpointError(f"not an MMSeg UperNet with an auxiliary FCN head: no {', '.join(missing)}")
     n_pool = len({k.split(".")[2] for k in sd if k.startswith("decode_head.psp_modules.")})
     pools = _cfg_list(cfg, "pool_scales") or [1, 2, 3, 6][:n_pool]
-    taps = _cfg_list(cfg, "out_indices") or default_taps(kw["depth"])
+    taps = _cfg_list(cfg, "out_indices")
     arch = dict(img_size=[kw["img_size"]] * 2, patch_size=kw["patch_size"], in_chans=kw["in_chans"],
                 embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"],
                 taps=taps, num_classes=int(sd["decode_head.conv_seg.weight"].shape[0]),

@@ -362,9 +362,9 @@ def run(args: argparse.Namespace) -> int:
     """Export, reload, compare on random input; exit 1 when the max error exceeds --atol."""
     check_requirements(args.format)  # before any work: a missing package is one line, not a traceback
     if args.format == "mmseg":
-        from mimkit.tasks import export_mmseg
+        from mimkit.tasks.segment import mmseg_export
 
-        return export_mmseg.run(args, default_output)
+        return mmseg_export.run(args, default_output)
     aoti.check(args.format, args.device)  # likewise a missing C++ compiler (aoti), or --device cuda without a GPU
     check_output(args.output, args.format)
     torch.manual_seed(args.seed)

@@ -120,6 +120,10 @@ def mmseg_as_segment_checkpoint(obj: Any, path: str) -> Optional[dict]:
         return None
     meta = (obj.get("meta") or {}) if isinstance(obj, dict) else {}
     seg_sd, arch, notes = mmseg_to_segmenter(sd, meta)
+    if arch["taps"] is None:  # the file's config does not say: MMSeg's out_indices for the depth
+        from mimkit.models.segmentation import default_taps
+
+        arch["taps"] = default_taps(arch["depth"])
     classes = ((meta.get("dataset_meta") or {}).get("classes")) if isinstance(meta, dict) else None
     cfg_text = str(meta.get("cfg") or "")
     data: dict[str, Any] = {}
