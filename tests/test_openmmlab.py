@@ -255,3 +255,34 @@ print(model.dataset_meta['classes'])
     assert "do not match exactly" not in done.stdout + done.stderr  # mmengine's line for missing / unexpected keys
     names = ck["config"]["model"]["class_names"]
     assert str(list(names)) == done.stdout.strip().splitlines()[-1]  # class names travel in meta.dataset_meta
+
+
+def test_a_segmenter_without_layer_scale_exports_to_what_mmseg_builds(mm, tmp_path) -> None:
+    """An ordinary mimkit segmenter (no layer scale, eps 1e-6): MMSeg builds the exported config and loads the
+    weights strictly (gammas of 1, zero bias tables written for it), with the same logits."""
+    from mmengine.config import Config
+
+    from mimkit.models.segmentation import MAESegmenter
+
+    arch = dict(img_size=[32, 32], patch_size=8, in_chans=3, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0,
+                taps=[0, 1, 2, 3], num_classes=3, channels=16, aux_channels=8, pool_scales=[1, 2, 3, 6], dropout=0.1)
+    torch.manual_seed(3)
+    ours = MAESegmenter(arch).eval()
+    mm.randomise_(ours)
+    torch.save({"model": ours.state_dict(), "mimkit_version": "test", "config": {
+        "model": {"arch": arch, "class_names": ["a", "b", "c"]}, "data": {"mean": [0.5] * 3, "std": [0.25] * 3}}},
+        tmp_path / "seg.pt")
+    assert main(["export", str(tmp_path / "seg.pt"), "--format", "mmseg", "--output", str(tmp_path / "ex")]) == 0
+    cfg = Config.fromfile(str(tmp_path / "ex" / "config.py"))
+    assert cfg.model.data_preprocessor.mean == [127.5] * 3 and cfg.model.backbone.norm_cfg.eps == 1e-6
+    theirs = mm.import_mmseg().build(cfg.model).eval()
+    theirs.load_state_dict(load_checkpoint_file(tmp_path / "ex" / "model.pth")["state_dict"], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        mine = ours(x)
+    torch.testing.assert_close(_their_logits(theirs, x), mine, atol=1e-5, rtol=0)
+    # taps MMSeg cannot express (a block twice: default_taps of a 2-block encoder) are one line, nothing written
+    torch.save({"model": MAESegmenter({**arch, "depth": 2, "taps": [0, 0, 0, 1]}).state_dict(), "mimkit_version": "t",
+                "config": {"model": {"arch": {**arch, "depth": 2, "taps": [0, 0, 0, 1]}}}}, tmp_path / "dup.pt")
+    assert main(["export", str(tmp_path / "dup.pt"), "--format", "mmseg", "--output", str(tmp_path / "ex2")]) == 2
+    assert not (tmp_path / "ex2").exists()

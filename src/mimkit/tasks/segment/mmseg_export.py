@@ -80,6 +80,10 @@ def run(args: argparse.Namespace, default_output) -> int:
     arch = dict(seg["config"]["model"]["arch"])
     if args.input_size is not None:
         raise CheckpointError("a segmenter exports at its own crop size; drop --input_size")
+    taps = list(arch["taps"])
+    if taps != sorted(set(taps)):  # MMSeg's backbone returns each block once, in block order
+        raise CheckpointError(f"MMSeg's MAE backbone cannot tap blocks {taps} (out_indices must be 4 different "
+                              "blocks in increasing order); this segmenter has no MMSeg equivalent")
     model = MAESegmenter(arch).eval()
     model.load_state_dict(seg["model"], strict=True)
     data = seg["config"].get("data") or {}
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace, default_output) -> int:
 
     # the written weights, converted back, must give the checkpoint's logits
     back, back_arch, _ = mmseg_to_segmenter(mm_sd, {"cfg": (out / "config.py").read_text()})
-    again = MAESegmenter({**arch, **{k: back_arch[k] for k in ("taps", "num_classes", "channels")}}).eval()
+    again = MAESegmenter({**arch, **back_arch}).eval()  # as MMSeg builds it: layer scale (gammas 1 if ours had none)
     again.load_state_dict(back, strict=True)
     torch.manual_seed(args.seed)
     x = torch.randn(args.batch_size, arch["in_chans"], *arch["img_size"])
