@@ -286,3 +286,17 @@ def test_a_segmenter_without_layer_scale_exports_to_what_mmseg_builds(mm, tmp_pa
                 "config": {"model": {"arch": {**arch, "depth": 2, "taps": [0, 0, 0, 1]}}}}, tmp_path / "dup.pt")
     assert main(["export", str(tmp_path / "dup.pt"), "--format", "mmseg", "--output", str(tmp_path / "ex2")]) == 2
     assert not (tmp_path / "ex2").exists()
+
+
+def test_unmapped_keys_are_listed_in_the_load_line(mae_file, tmp_path) -> None:
+    from mimkit.models.convert import load_into_model
+    from mimkit.models.loading import model_from_checkpoint
+
+    theirs, _ = mae_file
+    sd = dict(theirs.state_dict())
+    sd["backbone.pre_norm.weight"] = torch.ones(64)  # a VisionTransformer(pre_norm=True) part mimkit has no name for
+    torch.save({"meta": {}, "state_dict": sd}, tmp_path / "extra.pth")
+    ours, _ = model_from_checkpoint(tmp_path / "extra.pth")
+    assert "unused: backbone.pre_norm.weight" in ours.load_report.summary()
+    with pytest.raises(CheckpointError, match="1 unexpected keys \\(backbone.pre_norm.weight\\)"):
+        load_into_model(ours, tmp_path / "extra.pth", strict=True)
