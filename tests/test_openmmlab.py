@@ -301,3 +301,30 @@ def test_unmapped_keys_are_listed_in_the_load_line(mae_file, tmp_path) -> None:
     assert "unused: backbone.pre_norm.weight" in ours.load_report.summary()
     with pytest.raises(CheckpointError, match="1 unexpected keys \\(backbone.pre_norm.weight\\)"):
         load_into_model(ours, tmp_path / "extra.pth", strict=True)
+
+
+def test_beit_q_and_v_biases_become_one_qkv_bias(mm) -> None:
+    """MMSeg's BEiTAttention (q_bias, v_bias, no k bias; its relative table at zero) equals a timm Attention
+    holding the converted qkv bias (a zero k part)."""
+    from timm.models.vision_transformer import Attention
+
+    from mimkit.models.openmmlab import openmmlab_to_mae
+
+    mm.import_mmseg()
+    from mmseg.models.backbones.beit import BEiTAttention
+
+    torch.manual_seed(4)
+    theirs = BEiTAttention(embed_dims=32, num_heads=2, window_size=(4, 4), bias="qv_bias").eval()
+    with torch.no_grad():
+        theirs.q_bias.normal_()
+        theirs.v_bias.normal_()
+        theirs.relative_position_bias_table.zero_()
+    sd = {f"backbone.layers.0.attn.{k}": v for k, v in theirs.state_dict().items()}
+    sd["backbone.patch_embed.projection.weight"] = torch.zeros(32, 3, 8, 8)
+    mae_sd, dropped = openmmlab_to_mae(sd)
+    assert "1 relative position bias tables (all zeros: no effect)" in dropped
+    ours = Attention(32, num_heads=2, qkv_bias=True).eval()
+    ours.load_state_dict({k[len("blocks.0.attn."):]: v for k, v in mae_sd.items() if k.startswith("blocks.0.")})
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
