@@ -211,8 +211,6 @@ def validate(cfg) -> None:
         from mimkit.models.resnet import BACKBONES
 
         if cfg.model.grad_checkpointing not in (False, 0):
-            from mimkit.errors import ConfigError
-
             raise ConfigError(f"--grad_checkpointing recomputes ViT blocks; {cfg.model.type} is a ResNet without "
                               "them: leave the flag out, or give --finetune CKPT (a ViT encoder)")
 
