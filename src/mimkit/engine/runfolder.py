@@ -149,6 +149,8 @@ def check_run_dir(path: str | Path, command: str, flag: str = "--output_dir") ->
         raise ConfigError(f"{flag} {path} is the run folder of a mimkit {rec.get('command')} run (created "
                           f"{rec.get('created', '?')}): mimkit {command} would write its config, log and "
                           f"checkpoints over it; give a new {flag}")
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # under torchrun rank 0 holds the lock for the whole job: the other ranks are that same run
     h = _locked_by_other(p)
     if h:
         raise _in_use(p, h)
