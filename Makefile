@@ -10,7 +10,7 @@ demo: $(STAMP)
 	$(BIN)/mimkit pretrain --output_dir runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 setup: $(STAMP)
 
