@@ -18,7 +18,7 @@ from conftest import TINY_MODEL
 from mimkit.cli import main
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.trackers import _flatten, _param
-from wandb_records import read_run
+from wandb_records import read_run, records
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -82,6 +82,9 @@ def test_pretrain_wandb_offline_and_mlflow_record_the_run_and_a_resume_continues
     assert hist[-1]["train/loss"] == pytest.approx(steps[-1]["loss"], rel=1e-6)
     assert any(k.startswith("media/reconstruction") or k.startswith("reconstruction") for h in rec["history"]
                for k in h), "the reconstruction picture"
+    # no --wandb_log_checkpoints: checkpoints were written (save_freq_epochs 1) but no artifact is recorded
+    assert (out / "checkpoints/final.pt").exists()
+    assert not [r for r in records(first[0]) if r.WhichOneof("record_type") in ("artifact", "use_artifact")]
     # MLflow: metric history equal to metrics.jsonl, params equal to the resolved config, pictures as artifacts
     client = _client(db)
     run_id = ids["mlflow"]["run_id"]

@@ -255,11 +255,15 @@ class RunLogger:
         if self.enabled:
             self._each("log_checkpoint", Path(path), name)
 
-    def close(self, status: str = "finished") -> None:
-        """Flush and close files and trackers (`status`: finished, or interrupted / failed for a run that stops)."""
+    def close(self, status: Optional[str] = None) -> None:
+        """Flush and close files and trackers. `status` (see run_status): finished, preempted (a signal stop that
+        a rerun resumes), interrupted or failed; None = from the exception being handled, as in the `finally`
+        every task closes its logger in, so a SIGTERM'd run is never recorded as finished."""
         self.end_epoch()
         if not self.enabled:
             return
+        if status is None:
+            status = run_status(sys.exc_info()[1])
         from mimkit.engine.trackers import write_state
 
         try:  # the rows logged so far, so a resumed run continues wandb's row counter
@@ -280,6 +284,20 @@ class RunLogger:
             self.log.removeHandler(self._file_handler)
             self.file_log.removeHandler(self._file_handler)
             self._file_handler.close()
+
+
+def run_status(exc: Optional[BaseException]) -> str:
+    """How a run ends, for the trackers: 'finished' (no exception), 'preempted' (a signal stop that wrote a
+    checkpoint: RunInterrupted), 'interrupted' (a second Ctrl-C), else 'failed'."""
+    from mimkit.errors import RunInterrupted
+
+    if exc is None:
+        return "finished"
+    if isinstance(exc, RunInterrupted):
+        return "preempted"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return "failed"
 
 
 def format_duration(seconds: float) -> str:

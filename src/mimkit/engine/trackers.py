@@ -22,6 +22,9 @@ import numpy as np
 STATE_FILE = "trackers.json"  # the tracker run ids of a run folder
 EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # package -> the mimkit extra that installs it
 WANDB_MODES = ("online", "offline", "disabled")
+# how a run ended (engine.logging.run_status) -> wandb's exit code (RunInterrupted's 75, Ctrl-C's 130) / MLflow status
+EXIT_CODES = {"finished": 0, "preempted": 75, "interrupted": 130, "failed": 1}
+MLFLOW_STATUS = {"finished": "FINISHED", "preempted": "KILLED", "interrupted": "KILLED", "failed": "FAILED"}
 
 
 class Tracker:
@@ -49,7 +52,8 @@ class Tracker:
         return {}
 
     def close(self, status: str = "finished") -> Optional[str]:
-        """Finish; may return one line for the console (how to upload an offline run)."""
+        """Finish as `status` says (finished, preempted, interrupted, failed: logging.run_status); may return one
+        line for the console (how to upload an offline run)."""
         return None
 
 
@@ -177,7 +181,9 @@ class WandbTracker(Tracker):
                 "row": self._row}
 
     def close(self, status: str = "finished") -> Optional[str]:
-        self.run.finish(exit_code=0 if status == "finished" else 1)
+        if status == "preempted":  # wandb shows the run as pre-empted (to be resumed), not crashed
+            self.run.mark_preempting()
+        self.run.finish(exit_code=EXIT_CODES.get(status, 1))
         return f"wandb: offline run {self.run.id}; upload with: {self.sync_command()}" if self.mode == "offline" \
             else None
 
@@ -291,7 +297,8 @@ class MlflowTracker(Tracker):
         return {"run_id": self.run_id, "tracking_uri": self.uri}
 
     def close(self, status: str = "finished") -> Optional[str]:
-        self.client.set_terminated(self.run_id, status="FINISHED" if status == "finished" else "KILLED")
+        # a pre-empted run is KILLED until the rerun continues it (back to RUNNING, then FINISHED)
+        self.client.set_terminated(self.run_id, status=MLFLOW_STATUS.get(status, "FAILED"))
         return None
 
 
