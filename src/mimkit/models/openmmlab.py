@@ -158,46 +158,110 @@ def _summarise(dropped: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-def _cfg_int(cfg_text: str, name: str) -> Optional[int]:
-    m = re.search(rf"(?<![\w.]){name}\s*=\s*(\d+)", cfg_text or "")
-    return int(m.group(1)) if m else None
-
-
-def _ln_eps(cfg_text: str) -> Optional[float]:
-    """The eps of the first LayerNorm config (`dict(type='LN', eps=1e-06)`) in a saved config, if it says one."""
-    m = re.search(r"type\s*=\s*['\"]LN['\"]\s*,\s*eps\s*=\s*([\d.eE+-]+)", cfg_text or "")
-    try:
-        return float(m.group(1)) if m else None
-    except ValueError:
-        return None
-
-
-def _cfg_list(cfg_text: str, name: str) -> Optional[list[int]]:
-    m = re.search(rf"(?<![\w.]){name}\s*=\s*[\[(]([\d,\s]+)[\])]", cfg_text or "")
-    return [int(v) for v in m.group(1).split(",") if v.strip()] if m else None
-
-
+# mmpretrain VisionTransformer's arch names -> (embed_dims, num_heads) (its arch_zoo; MAEViT inherits it). Widths
+# and depths come from the tensors; a name only tells the heads (its 's' is 768 wide with 8 heads, not 12).
+ARCH_HEADS = {**dict.fromkeys(("s", "small"), (768, 8)), **dict.fromkeys(("b", "base", "deit-b", "deit-base"),
+              (768, 12)), **dict.fromkeys(("l", "large"), (1024, 16)), **dict.fromkeys(("h", "huge"), (1280, 16)),
+              **dict.fromkeys(("eva-g", "eva-giant"), (1408, 16)), **dict.fromkeys(("deit-t", "deit-tiny"), (192, 3)),
+              **dict.fromkeys(("deit-s", "deit-small", "dinov2-s", "dinov2-small"), (384, 6)),
+              **dict.fromkeys(("dinov2-g", "dinov2-giant"), (1536, 24))}
 # Heads of the standard widths (ViT-Ti/S/B/L/H); other widths get 64-d heads (decoders 32-d, as mmpretrain's 512/16)
 _HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
+def saved_model_config(meta: Optional[Mapping]) -> dict:
+    """The `model = dict(...)` of an mmengine file's saved config (meta['cfg'], mmseg 0.x's meta['config']: the
+    config's Python text) as plain values, read with `ast` only: nothing in it is executed, and what is not a
+    literal (a name, a call other than dict()) reads as None. {} when there is no readable config."""
+    import ast
+
+    text = (meta or {}).get("cfg") or (meta or {}).get("config")
+    if not isinstance(text, str):
+        return {}
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError):
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "model" for t in node.targets):
+            value = _literal(node.value)
+            return value if isinstance(value, dict) else {}
+    return {}
+
+
+def _literal(node: Any) -> Any:
+    """A config expression's value: dict(k=v) / {k: v} / lists / tuples walked, everything else literal_eval'd."""
+    import ast
+
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg}
+    if isinstance(node, ast.Dict):
+        keys = [_literal(k) if k is not None else None for k in node.keys]
+        return {k: _literal(v) for k, v in zip(keys, node.values) if isinstance(k, (str, int, float))}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+
+
+def saved_architecture(meta: Optional[Mapping]) -> dict[str, Any]:
+    """What the saved config says of the sizes: embed_dim, depth, num_heads (an mmpretrain `arch` name or dict, or
+    MMSeg's backbone keywords), layer_norm_eps, the MAE neck's decoder_embed_dim / decoder_depth /
+    decoder_num_heads, MMSeg's out_indices and pool_scales. Only the keys the config states."""
+    model = saved_model_config(meta)
+    bb = _dict(model.get("backbone"))
+    arch = bb.get("arch")
+    out: dict[str, Any] = {}
+    if isinstance(arch, str) and arch.lower() in ARCH_HEADS:
+        out["embed_dim"], out["num_heads"] = ARCH_HEADS[arch.lower()]
+    else:
+        src = _dict(arch) or bb
+        for ours, theirs in (("embed_dim", "embed_dims"), ("depth", "num_layers"), ("num_heads", "num_heads")):
+            if isinstance(src.get(theirs), int):
+                out[ours] = src[theirs]
+    eps = _dict(bb.get("norm_cfg")).get("eps")
+    if isinstance(eps, float):
+        out["layer_norm_eps"] = eps
+    neck = _dict(model.get("neck"))
+    for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if isinstance(neck.get(key), int):
+            out[key] = neck[key]
+    for key, part in (("out_indices", bb), ("pool_scales", _dict(model.get("decode_head")))):
+        value = part.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            out[key] = value
+        elif isinstance(value, int):
+            out[key] = [value]
+    return out
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Mapping] = None) -> dict[str, Any]:
     """MaskedAutoencoderViT arguments for a converted OpenMMLab state dict: sizes from the tensors' shapes, heads
-    from the mmengine file's saved config (`meta['cfg']`) when it has one, else the standard heads for the width."""
-    cfg = str((meta or {}).get("cfg") or "")
+    (and LayerNorm eps, decoder heads) from the mmengine file's saved config (saved_architecture) when it has one;
+    otherwise guessed from the width, which is said in one line with the override that fixes it."""
+    saved = saved_architecture(meta)
     width = mae_sd["cls_token"].shape[-1]
-    if _cfg_int(cfg, "num_heads") is None and width not in _HEADS:
-        log.warning(f"the checkpoint does not say its number of heads (no saved config in meta['cfg']): assuming "
-                    f"{max(1, width // 64)} for width {width} (64-d heads)")
+    guessed: list[str] = []  # said in one line, with the keys that override each guess
+    heads = saved.get("num_heads") if saved.get("embed_dim", width) == width else None
+    if heads is None:
+        heads = _HEADS.get(width, max(1, width // 64))
+        guessed.append(f"{heads} heads for width {width}" + ("" if width in _HEADS else " (64-d heads)")
+                       + " (model.kwargs.num_heads)")
     patch = mae_sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("blocks."))
     tokens = mae_sd["pos_embed"].shape[1] - 1
     side = math.isqrt(tokens)
     kw: dict[str, Any] = dict(
         patch_size=patch, in_chans=mae_sd["patch_embed.proj.weight"].shape[1], embed_dim=width, depth=depth,
-        num_heads=_cfg_int(cfg, "num_heads") or _HEADS.get(width, max(1, width // 64)),
-        mlp_ratio=mae_sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
-        layer_norm_eps=_ln_eps(cfg) or (MMSEG_LN_EPS if kind.startswith("mmseg") else MMPRETRAIN_LN_EPS),
+        num_heads=heads, mlp_ratio=mae_sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+        layer_norm_eps=saved.get("layer_norm_eps") or (MMSEG_LN_EPS if kind.startswith("mmseg")
+                                                       else MMPRETRAIN_LN_EPS),
     )
     if side * side == tokens:
         kw["img_size"] = side * patch
@@ -205,10 +269,28 @@ def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Map
         kw["init_values"] = 1.0  # the start value; the checkpoint's gammas replace it
     if "decoder_embed.weight" in mae_sd:
         dec = mae_sd["decoder_embed.weight"].shape[0]
+        dec_heads = saved.get("decoder_num_heads") if saved.get("decoder_embed_dim", dec) == dec else None
+        if dec_heads is None:
+            dec_heads = 16 if dec == 512 else max(1, dec // 32)
+            guessed.append(f"decoder {dec_heads} heads for width {dec} (model.kwargs.decoder_num_heads)")
         kw.update(decoder_embed_dim=dec,
                   decoder_depth=1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("decoder_blocks.")),
-                  decoder_num_heads=_cfg_int(cfg, "decoder_num_heads") or (16 if dec == 512 else max(1, dec // 32)))
+                  decoder_num_heads=dec_heads)
+    if guessed:
+        why = ("its saved config describes other sizes than its weights" if saved.get("embed_dim", width) != width
+               else "no saved config in meta['cfg'] states them")
+        _say_once(f"the checkpoint does not say its number of heads ({why}): assuming {', '.join(guessed)}; if that "
+                  "is wrong, set the key named")
     return kw
+
+
+_SAID: set[str] = set()  # guesses said already: a command reads a checkpoint's sizes more than once
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID:
+        _SAID.add(line)
+        log.warning(line)
 
 
 # ---------------------------------------------------------------------------------------------- segmentation
@@ -221,7 +303,7 @@ def mmseg_to_segmenter(sd: Mapping[str, torch.Tensor], meta: Optional[Mapping] =
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     enc, notes = openmmlab_to_mae(backbone)
     kw = mae_kwargs(enc, "mmseg_upernet", meta)
-    cfg = str((meta or {}).get("cfg") or "")
+    saved = saved_architecture(meta)
     if "norm.weight" in enc:  # final_norm=True: a norm mimkit's segmentation backbone does not have
         raise CheckpointError("this MMSeg MAE backbone has final_norm=True (backbone.ln1), which mimkit's "
                               "segmenter does not have")
@@ -231,8 +313,8 @@ def mmseg_to_segmenter(sd: Mapping[str, torch.Tensor], meta: Optional[Mapping] =
     if missing:
         raise CheckpointError(f"not an MMSeg UperNet with an auxiliary FCN head: no {', '.join(missing)}")
     n_pool = len({k.split(".")[2] for k in sd if k.startswith("decode_head.psp_modules.")})
-    pools = _cfg_list(cfg, "pool_scales") or [1, 2, 3, 6][:n_pool]
-    taps = _cfg_list(cfg, "out_indices")
+    pools = saved.get("pool_scales") or [1, 2, 3, 6][:n_pool]
+    taps = saved.get("out_indices")
     arch = dict(img_size=[kw["img_size"]] * 2, patch_size=kw["patch_size"], in_chans=kw["in_chans"],
                 embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"],
                 taps=taps, num_classes=int(sd["decode_head.conv_seg.weight"].shape[0]),

@@ -1,0 +1,138 @@
+"""OpenMMLab checkpoints of non-standard widths: the number of heads comes from the mmengine file's saved config
+(meta['cfg'], read with `ast`, never executed), not from a 64-d-head guess; without a config the guess is said in
+one line and model.kwargs overrides it. Real mmpretrain models saved by mmengine's own saver."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_openmmlab import mm  # noqa: F401  (the module fixture: skips without the openmmlab extra)
+
+# 96 wide with 3 heads (32-d), decoder 48 wide with 3 heads (16-d): the width guesses (1 and 1 heads) are wrong
+DIM, HEADS, DEC, DEC_HEADS = 96, 3, 48, 3
+
+
+@pytest.fixture(scope="module")
+def odd_mae(mm, tmp_path_factory):  # noqa: F811
+    """(their MAE, its file with the saved config, the same weights in a file without one)."""
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    cfg = mm.mae_cfg(dim=DIM, heads=HEADS, dec=DEC, dec_heads=DEC_HEADS)
+    torch.manual_seed(3)
+    model = mm.mmpretrain_models().build(cfg)
+    model.init_weights()
+    mm.randomise_(model)
+    d = tmp_path_factory.mktemp("odd")
+    with_cfg = mm.save_like_runner(model.eval(), cfg, d / "odd_epoch_1.pth")
+    bare = d / "odd_nocfg.pth"
+    save_checkpoint({"meta": {"epoch": 1}, "state_dict": model.state_dict()}, str(bare))
+    return model, with_cfg, bare
+
+
+def _same_outputs(theirs, ours) -> None:
+    """Reconstruction loss with the same mask noise, decoder prediction and unmasked features within 1e-5."""
+    ours.norm_pix_loss = True  # their head's norm_pix
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        latent, mask, ids = theirs.backbone(x)
+        pred = theirs.neck(latent, ids)
+        loss = theirs.head.loss(pred, x, mask)
+        feats = theirs.backbone(x, mask=None)[0]
+    torch.manual_seed(11)
+    noise = torch.rand(2, 16)
+    with torch.no_grad():
+        our_loss, our_pred, our_mask = ours(x, 0.75, noise)
+        our_feats = ours.forward_features(x)
+    assert torch.equal(mask, our_mask)
+    torch.testing.assert_close(our_pred, pred, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_loss, loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_feats, feats, atol=1e-5, rtol=0)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def said():
+    """The lines models/openmmlab.py says (its once-per-process memory cleared)."""
+    from mimkit.models import openmmlab
+
+    openmmlab._SAID.clear()
+    h = _Lines()
+    logger = logging.getLogger(openmmlab.__name__)
+    logger.addHandler(h)
+    yield h.lines
+    logger.removeHandler(h)
+
+
+def _heads(model) -> tuple[int, int]:
+    return model.blocks[0].attn.num_heads, model.decoder_blocks[0].attn.num_heads
+
+
+def test_heads_come_from_the_saved_config_and_outputs_match(odd_mae, said) -> None:
+    from mimkit.models.loading import model_from_checkpoint
+
+    theirs, path, _ = odd_mae
+    ours, desc = model_from_checkpoint(path)
+    assert _heads(ours) == (HEADS, DEC_HEADS) and f"encoder 2x{DIM}, decoder 1x{DEC}" in desc
+    assert not said  # nothing guessed
+    _same_outputs(theirs, ours)
+
+
+def test_without_a_config_the_guess_is_one_line_and_model_kwargs_override_it(odd_mae, said) -> None:
+    from mimkit.cli import build_parser
+    from mimkit.models.convert import load_into_model
+    from mimkit.models.loading import model_from_checkpoint
+    from mimkit.models.registry import create_model
+    from mimkit.tasks.pretrain import config as PC
+
+    theirs, _, bare = odd_mae
+    guessed, _ = model_from_checkpoint(bare)
+    assert _heads(guessed) == (1, 1)  # 96 // 64 and 48 // 32: what the weights alone suggest
+    assert len(said) == 1, said
+    assert "does not say its number of heads" in said[0] and "assuming 1 heads for width 96 (64-d heads)" in said[0]
+    assert "model.kwargs.num_heads" in said[0] and "model.kwargs.decoder_num_heads" in said[0]
+    # the override wins over the checkpoint's guessed architecture (pretrain --init_from, dotted keys)
+    args = build_parser().parse_args(["pretrain", "--data_path", "digits", "--init_from", str(bare),
+                                      f"model.kwargs.num_heads={HEADS}", f"model.kwargs.decoder_num_heads={DEC_HEADS}"])
+    cfg = PC.config_from_args(args)
+    kw = dict(cfg.model.kwargs)
+    assert kw["num_heads"] == HEADS and kw["decoder_num_heads"] == DEC_HEADS and kw["embed_dim"] == DIM
+    ours = create_model(cfg.model.type, img_size=32, **kw)
+    load_into_model(ours, bare, strict=True)
+    _same_outputs(theirs, ours.eval())
+
+
+def test_arch_names_and_dicts_are_read_without_running_the_config(tmp_path) -> None:
+    from mimkit.models.openmmlab import saved_architecture, saved_model_config
+
+    # mmpretrain's 's' arch is 768 wide with 8 heads (not ViT-S's 384 / 6, not 768's usual 12)
+    text = ("model = dict(type='MAE', backbone=dict(type='MAEViT', arch='s', patch_size=16),\n"
+            "    neck=dict(type='MAEPretrainDecoder', decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16))")
+    assert saved_architecture({"cfg": text}) == {"embed_dim": 768, "num_heads": 8, "decoder_embed_dim": 512,
+                                                  "decoder_depth": 8, "decoder_num_heads": 16}
+    # MMSeg's keywords, a tuple of taps, the backbone's LN eps (another module's num_heads / eps ignored)
+    seg = ("norm_cfg = dict(type='SyncBN', requires_grad=True)\n"
+           "model = dict(decode_head=dict(num_heads=99, pool_scales=(1, 2, 3, 6), norm_cfg=norm_cfg),\n"
+           "    backbone=dict(type='MAE', embed_dims=96, num_layers=4, num_heads=3, out_indices=(1, 3),\n"
+           "                  norm_cfg=dict(eps=1e-06, type='LN')))")
+    assert saved_architecture({"cfg": seg}) == {"embed_dim": 96, "depth": 4, "num_heads": 3, "layer_norm_eps": 1e-6,
+                                                "out_indices": [1, 3], "pool_scales": [1, 2, 3, 6]}
+    # nothing in the text runs: a call that would write a marker file reads as None
+    marker = tmp_path / "MARKER"
+    evil = (f"model = dict(backbone=dict(arch=__import__('pathlib').Path({str(marker)!r}).write_text('x'),"
+            " num_heads=open({!r}, 'w')))".format(str(marker)))
+    assert saved_model_config({"cfg": evil}) == {"backbone": {"arch": None, "num_heads": None}}
+    assert saved_architecture({"cfg": evil}) == {} and not marker.exists()
+    assert saved_architecture({"cfg": "model = dict(("}) == {} and saved_architecture(None) == {}
