@@ -101,7 +101,7 @@ def test_without_a_config_the_guess_is_one_line_and_model_kwargs_override_it(odd
     guessed, _ = model_from_checkpoint(bare)
     assert _heads(guessed) == (1, 1)  # 96 // 64 and 48 // 32: what the weights alone suggest
     assert len(said) == 1, said
-    assert "does not say its number of heads" in said[0] and "assuming 1 heads for width 96 (64-d heads)" in said[0]
+    assert "does not say its number of heads" in said[0] and "assuming 1 head for width 96 (64-d heads)" in said[0]
     assert "model.kwargs.num_heads" in said[0] and "model.kwargs.decoder_num_heads" in said[0]
     # the override wins over the checkpoint's guessed architecture (pretrain --init_from, dotted keys)
     args = build_parser().parse_args(["pretrain", "--data_path", "digits", "--init_from", str(bare),
@@ -136,3 +136,32 @@ def test_arch_names_and_dicts_are_read_without_running_the_config(tmp_path) -> N
     assert saved_model_config({"cfg": evil}) == {"backbone": {"arch": None, "num_heads": None}}
     assert saved_architecture({"cfg": evil}) == {} and not marker.exists()
     assert saved_architecture({"cfg": "model = dict(("}) == {} and saved_architecture(None) == {}
+
+
+@pytest.mark.slow
+def test_cli_knn_and_pretrain_init_from_take_the_odd_width_files(odd_mae, tmp_path, image_folder, capsys,
+                                                                 said) -> None:
+    """From the CLI: knn on the file with its config (3 heads, said nowhere as a guess); pretrain --init_from the
+    file without one, heads given as model.kwargs: the run builds 3 heads and starts from their weights."""
+    import json
+
+    from test_evaluate import write_colour_set
+
+    from mimkit.cli import main
+    from mimkit.io import load_checkpoint_file
+
+    theirs, path, bare = odd_mae
+    data = write_colour_set(tmp_path / "data", size=32)
+    assert main(["knn", "--checkpoint", str(path), "--data_path", str(data), "--k", "3", "--num_workers", "0",
+                 "--device", "cpu", "--output_dir", str(tmp_path / "knn")]) == 0
+    out = capsys.readouterr().out
+    assert "mmpretrain MAE (backbone + neck)" in out and not said
+    assert json.loads((tmp_path / "knn/results.json").read_text())["metrics"]
+    run = tmp_path / "pre"
+    assert main(["pretrain", "--init_from", str(bare), "--data_path", str(image_folder), "--epochs", "1",
+                 "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "off", "--warmup_epochs",
+                 "0", "--output_dir", str(run), f"model.kwargs.num_heads={HEADS}",
+                 f"model.kwargs.decoder_num_heads={DEC_HEADS}"]) == 0
+    kw = load_checkpoint_file(run / "checkpoints/final.pt")["config"]["model"]["kwargs"]
+    assert (kw["embed_dim"], kw["num_heads"], kw["decoder_num_heads"]) == (DIM, HEADS, DEC_HEADS)
+    assert len(said) == 1 and "assuming 1 head for width 96" in said[0]  # the guess the keys overrode

@@ -251,7 +251,7 @@ def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Map
     heads = saved.get("num_heads") if saved.get("embed_dim", width) == width else None
     if heads is None:
         heads = _HEADS.get(width, max(1, width // 64))
-        guessed.append(f"{heads} heads for width {width}" + ("" if width in _HEADS else " (64-d heads)")
+        guessed.append(f"{_n_heads(heads)} for width {width}" + ("" if width in _HEADS else " (64-d heads)")
                        + " (model.kwargs.num_heads)")
     patch = mae_sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("blocks."))
@@ -272,16 +272,20 @@ def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Map
         dec_heads = saved.get("decoder_num_heads") if saved.get("decoder_embed_dim", dec) == dec else None
         if dec_heads is None:
             dec_heads = 16 if dec == 512 else max(1, dec // 32)
-            guessed.append(f"decoder {dec_heads} heads for width {dec} (model.kwargs.decoder_num_heads)")
+            guessed.append(f"decoder {_n_heads(dec_heads)} for width {dec} (model.kwargs.decoder_num_heads)")
         kw.update(decoder_embed_dim=dec,
                   decoder_depth=1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("decoder_blocks.")),
                   decoder_num_heads=dec_heads)
     if guessed:
         why = ("its saved config describes other sizes than its weights" if saved.get("embed_dim", width) != width
                else "no saved config in meta['cfg'] states them")
-        _say_once(f"the checkpoint does not say its number of heads ({why}): assuming {', '.join(guessed)}; if that "
-                  "is wrong, set the key named")
+        _say_once(f"the checkpoint does not say its number of heads ({why}): assuming {', '.join(guessed)}; if "
+                  "wrong, set the key named (=N: pretrain / continual --init_from) or give the file its config")
     return kw
+
+
+def _n_heads(n: int) -> str:
+    return f"{n} head{'s' if n != 1 else ''}"
 
 
 _SAID: set[str] = set()  # guesses said already: a command reads a checkpoint's sizes more than once
