@@ -5,11 +5,9 @@ one line and model.kwargs overrides it. Real mmpretrain models saved by mmengine
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-
 from test_openmmlab import mm  # noqa: F401  (the module fixture: skips without the openmmlab extra)
 
 # 96 wide with 3 heads (32-d), decoder 48 wide with 3 heads (16-d): the width guesses (1 and 1 heads) are wrong
@@ -150,7 +148,7 @@ def test_cli_knn_and_pretrain_init_from_take_the_odd_width_files(odd_mae, tmp_pa
     from mimkit.cli import main
     from mimkit.io import load_checkpoint_file
 
-    theirs, path, bare = odd_mae
+    _, path, bare = odd_mae
     data = write_colour_set(tmp_path / "data", size=32)
     assert main(["knn", "--checkpoint", str(path), "--data_path", str(data), "--k", "3", "--num_workers", "0",
                  "--device", "cpu", "--output_dir", str(tmp_path / "knn")]) == 0

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_trackers import PRETRAIN, _client, _offline, _offline_runs, _steps  # noqa: F401  (_offline: autouse)
+from wandb_records import read_run, records
 
 from mimkit.cli import main
 from mimkit.engine.loop import Trainer
 from mimkit.engine.trackers import _flatten, _param
-from test_trackers import PRETRAIN, _client, _offline, _offline_runs, _steps  # noqa: F401  (_offline: autouse)
-from wandb_records import read_run, records
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
