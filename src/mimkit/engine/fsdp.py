@@ -31,8 +31,15 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shardable_blocks(model: nn.Module, model_name: str = "this model") -> list[nn.Module]:
-    """The blocks FSDP wraps one by one; ConfigError for a model that lists none (checked before any work)."""
+    """The blocks FSDP wraps one by one: the model's `transformer_blocks()`, else its `blocks` list (a timm ViT
+    classifier), else its backbone's; ConfigError for a model that lists none (checked before any work)."""
     blocks = list(model.transformer_blocks()) if hasattr(model, "transformer_blocks") else []
+    if not blocks:
+        for holder in (model, getattr(model, "backbone", None), getattr(model, "encoder", None)):
+            found = getattr(holder, "blocks", None) if isinstance(holder, nn.Module) else None
+            if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found):
+                blocks = list(found)
+                break
     if not blocks:
         raise ConfigError(f"--strategy fsdp: {model_name} lists no transformer blocks to shard one by one "
                           "(FSDP wraps MAE-family models); use --strategy ddp")
@@ -56,6 +63,59 @@ def shard_model(model: nn.Module, device: torch.device, amp: str, world_size: in
         fully_shard(blk, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def deferred_init(strategy: str, world_size: int):
+    """An InitRecorder when --strategy fsdp runs over several processes (the model is then built on the meta
+    device under it, see `building`), else None (an ordinary build on CPU)."""
+    from mimkit.engine.meta_init import InitRecorder
+
+    return InitRecorder() if strategy == "fsdp" and world_size > 1 else None
+
+
+def building(recorder) -> contextlib.AbstractContextManager:
+    """The context a model is built in: on meta and recorded under FSDP (`deferred_init`), else as it is."""
+    if recorder is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(recorder)
+    stack.enter_context(torch.device("meta"))
+    return stack
+
+
+def place_model(model: nn.Module, recorder, device: torch.device, amp: str, strategy: str, world_size: int,
+                log, model_name: str = "this model", weights_needed: bool = True) -> None:
+    """Put a built model where training runs: on `device` (DDP, one process), or sharded over the ranks and
+    materialised shard by shard when it was built under `recorder`; `log` receives the line saying which."""
+    from mimkit.engine.memory import fmt_bytes
+
+    if recorder is None:
+        model.to(device)
+        if strategy == "fsdp":
+            log("--strategy fsdp in a single process shards nothing: the whole model stays on this process")
+        return
+    peak = shard_deferred(model, recorder, device, amp, world_size, model_name, weights_needed)
+    log(f"FSDP2: {len(shardable_blocks(model, model_name))} blocks and the root sharded over {world_size} ranks"
+        + (" (bf16 parameters, fp32 gradient reduction)" if amp == "bf16" else "")
+        + f"; built on the meta device, materialised shard by shard (at most {fmt_bytes(peak)} held in full)")
+
+
+def shard_deferred(model: nn.Module, recorder, device: torch.device, amp: str, world_size: int,
+                   model_name: str = "this model", weights_needed: bool = True) -> int:
+    """Shard a model built on the meta device under `recorder` (an engine.meta_init.InitRecorder), then
+    materialise it shard by shard: each rank holds its rows, never the whole model -> peak bytes held in full.
+
+    The weights are bitwise those of a normal build with the same seed (the build's ops replayed in order).
+    weights_needed=False (a sharded checkpoint fills weights and optimiser next): only buffers are replayed."""
+    from mimkit.engine.meta_init import meta_tensors
+
+    metas = meta_tensors(model)
+    shard_model(model, device, amp, world_size, model_name)
+    model.to_empty(device=device)
+    lives = meta_tensors(model)
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    pairs = [(m, lives[n]) for n, m in metas.items() if weights_needed or n in buffers]
+    return recorder.materialise(pairs, device, draws=weights_needed)
 
 
 @contextlib.contextmanager

@@ -194,6 +194,11 @@ class Trainer:
             raise err or CheckpointWriteError(f"rank 0 cannot write checkpoints to {self.ckpt.dir}")
 
     # ------------------------------------------------------------------ checkpoints
+    def weights_checkpoint(self) -> dict:
+        """checkpoint() with the full weights in it also under FSDP (best.pt): call it on every rank (under FSDP a
+        collective gathers the weights to rank 0; there the other ranks' copy is empty)."""
+        return self.checkpoint(model_state=F.full_model_state(self.model) if self.fsdp else None)
+
     def checkpoint(self, rng_per_rank: Optional[list] = None, model_state: Optional[dict] = None) -> dict:
         """The full training state as the one checkpoint format (`rng_per_rank`: every rank's RNG, DDP).
 

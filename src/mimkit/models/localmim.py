@@ -119,8 +119,6 @@ class LocalMIMDecoder(nn.Module):
 
     def initialize_weights(self) -> None:
         """Fixed sin-cos positions, N(0, .02) mask token, xavier Linear; convs keep PyTorch's init."""
-        if self.pos_embed.device.type == "meta":
-            return
         pos = vit.sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size, cls_token=True)
         self.pos_embed.data.copy_(pos[None])
         nn.init.normal_(self.mask_token, std=0.02)

@@ -87,8 +87,6 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
         """Official MAE initialisation: fixed sin-cos pos embeds, xavier patch embed, N(0, .02) tokens."""
-        if self.pos_embed.device.type == "meta":
-            return
         self.pos_embed.data.copy_(vit.sincos_pos_embed_2d(self.embed_dim, self.grid_size, cls_token=True)[None])
         self.decoder_pos_embed.data.copy_(
             vit.sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True)[None]

@@ -16,6 +16,7 @@ SoftTargetCrossEntropy, LabelSmoothingCrossEntropy), --clip_grad; val/ after eve
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -156,7 +157,9 @@ def finetune(cfg) -> dict:
     from mimkit.data.transforms import eval_transform, finetune_transform
     from mimkit.engine import distributed as D
     from mimkit.engine.logging import RunLogger
+    from mimkit.engine.fsdp import building, deferred_init, place_model, shard_folder, shardable_blocks
     from mimkit.engine.optim import build_adamw, scaled_lr
+    from mimkit.engine.precision import amp_decision
 
     # 1. validate config, data and checkpoint before any training
     EC.check_classifier_config(cfg, "finetune")
@@ -170,7 +173,16 @@ def finetune(cfg) -> dict:
         saved_classes = (resume.get("config") or {}).get("model", {}).get("nb_classes")
     probe_train, _ = E.open_labelled(cfg.data.data_path, None, None)
     nb_classes = E.check_nb_classes(cfg.model.nb_classes or saved_classes, probe_train.classes)
-    model, desc = build_classifier(cfg, size, resume, nb_classes)
+    # --strategy fsdp over several ranks: built on meta (recorded), materialised shard by shard below
+    recorder = None if cfg.misc.eval else deferred_init(cfg.distributed.strategy, dist.world_size)
+    with building(recorder):
+        model, desc = build_classifier(cfg, size, resume, nb_classes)
+    if cfg.distributed.strategy == "fsdp":
+        shardable_blocks(model, cfg.model.type or "the classifier")  # one line before any work
+    sharded_resume = bool((resume or {}).get("sharded"))
+    if sharded_resume:
+        shard_folder(resume, cfg.misc.resume, Path(cfg.checkpointing.checkpoint_dir
+                                                   or Path(cfg.misc.output_dir or ".") / "checkpoints"))
     in_chans = model.patch_embed.proj.in_channels
     aa = None if a.aa in (None, "none") else a.aa
     train_tf = finetune_transform(size, aa, a.reprob, a.remode, a.recount, a.color_jitter, in_chans,
@@ -189,7 +201,9 @@ def finetune(cfg) -> dict:
     cfg.optimization.lr = lr
     OmegaConf.set_struct(cfg, True)
     apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type or "the classifier")
-    model.to(dist.device)
+    placed: list[str] = []  # logged once the run's log is open
+    place_model(model, recorder, dist.device, amp_decision(cfg.misc.amp, dist.device)[0], cfg.distributed.strategy,
+                dist.world_size, placed.append, cfg.model.type or "the classifier", weights_needed=not sharded_resume)
     C.resolve_output_dir(cfg, "finetune")
 
     if cfg.misc.eval:
@@ -200,6 +214,8 @@ def finetune(cfg) -> dict:
                         tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, f"{cfg.misc.output_dir}/config.yaml")
+    for line in placed:
+        run_log.info(line)
     seed_everything(cfg.misc.seed + dist.rank)  # augmentation, mixup and drop path differ across ranks
     o = cfg.optimization
     groups = layer_decay_groups(model, o.weight_decay, o.layer_decay)

@@ -229,8 +229,9 @@ class EvalEveryEpoch:
         self.run_log.info(f"eval epoch {epoch}: acc1 {stats['acc1']:.2f}%  acc5 {stats['acc5']:.2f}%  "
                           f"loss {stats['loss']:.4f}  (best acc1 {self.best_acc1:.2f}% at epoch {self.best_epoch})")
         if improved and self.best_path is not None:
+            ckpt = trainer.weights_checkpoint()  # every rank: under FSDP the weights are gathered to rank 0
             if self.is_main:
-                atomic_save(trainer.checkpoint(), self.best_path)
+                atomic_save(ckpt, self.best_path)
             barrier()
 
     def state_dict(self) -> dict:
@@ -300,7 +301,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
         gradient_clip=opt.gradient_clip, **rollback_settings(opt), amp=amp, num_workers=num_workers,
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
-        max_steps=cfg.misc.max_steps,
+        max_steps=cfg.misc.max_steps, strategy=OmegaConf.select(cfg, "distributed.strategy", default="ddp"),
+        grad_checkpointing=OmegaConf.select(cfg, "model.grad_checkpointing", default=False),
     )
     ckpt = CheckpointManager(ckpt_dir, cfg.checkpointing.keep_last_n, run_log.log_path, cfg.checkpointing.safetensors)
     trainer = Trainer(model=model, optimizer=optimizer, dataset=train_set, collate=collate_batch, step_fn=step_fn,

@@ -182,11 +182,13 @@ class FinetuneConfig:
     checkpointing: KeepCheckpointing = field(default_factory=KeepCheckpointing)
     logging: C.LoggingConfig = field(default_factory=C.LoggingConfig)
     misc: EvalMiscConfig = field(default_factory=EvalMiscConfig)
+    distributed: C.DistributedConfig = field(default_factory=C.DistributedConfig)
 
 
 FINETUNE_FLAGS: list[Flag] = COMMON_FLAGS + [
     Flag("drop_path", "model.drop_path", float, "drop path rate"),
     C.GRAD_CKPT_FLAG,
+    C.STRATEGY_FLAG,
     Flag("layer_decay", "optimization.layer_decay", float, "layer-wise lr decay"),
     Flag("clip_grad", "optimization.gradient_clip", float, "max gradient norm"),
     Flag("aa", "data.augmentation.aa", str, "RandAugment policy, e.g. rand-m9-mstd0.5-inc1 ('none' = off)"),

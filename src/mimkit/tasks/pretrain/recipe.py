@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mimkit import config as C
 from mimkit.engine import distributed as D
 from mimkit.engine.checkpoint import CheckpointManager, find_resume
-from mimkit.engine.fsdp import shard_folder, shard_model, shardable_blocks
+from mimkit.engine.fsdp import building, deferred_init, place_model, shard_folder, shardable_blocks
 from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_settings
 from mimkit.engine.optim import optimizer_kind, scaled_lr
@@ -61,9 +61,11 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     # 1. validate everything that can be checked before any work
     dist = D.init_distributed(cfg.misc.device)
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
-    model = build_model(cfg, "cpu")
-    n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type)
     fsdp = cfg.distributed.strategy == "fsdp"
+    # FSDP over several ranks: built on meta and recorded, materialised shard by shard once sharded
+    recorder = deferred_init(cfg.distributed.strategy, dist.world_size)
+    model = build_model(cfg, "meta" if recorder else "cpu", recorder)
+    n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type)
     if fsdp:
         shardable_blocks(model, cfg.model.type)  # a model FSDP cannot wrap: one line before any work
     train_set = open_train_set(cfg, model.in_chans)
@@ -77,7 +79,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     if resume_ckpt is not None and resume_ckpt.get("sharded"):
         shard_folder(resume_ckpt, resume_path, ckpt_dir)  # every rank's file present, before any work
     if cfg.model.init_from and resume_ckpt is None:
-        report = load_weights(model, cfg.model.init_from)
+        with building(recorder):  # on meta: the copies are recorded, replayed into the shards
+            report = load_weights(model, cfg.model.init_from)
         check_fresh_freeze(model, report, cfg)
     else:
         report = None
@@ -133,14 +136,10 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     if dist.device.type == "cuda" and cfg.misc.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model.to(dist.device)
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
-    if fsdp and dist.world_size > 1:
-        shard_model(model, dist.device, amp, dist.world_size, cfg.model.type)
-        run_log.info(f"FSDP2: {len(model.transformer_blocks())} blocks and the root sharded over {dist.world_size} "
-                     f"ranks" + (" (bf16 parameters, fp32 gradient reduction)" if amp == "bf16" else ""))
-    elif fsdp:
-        run_log.info("--strategy fsdp in a single process shards nothing: the whole model stays on this process")
+    # a sharded checkpoint fills weights and optimiser next: no random init needed, only buffers
+    place_model(model, recorder, dist.device, amp, cfg.distributed.strategy, dist.world_size, run_log.info,
+                cfg.model.type, weights_needed=not (resume_ckpt or {}).get("sharded"))
     if cfg.misc.compile:
         model.compile()
     sched = cfg.schedule

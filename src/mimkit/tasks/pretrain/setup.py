@@ -6,6 +6,7 @@ reuse the seeding and the model builder.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -31,8 +32,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
-    """The model the config names, sized to data.input_size; bad options fail on the meta device first."""
+def build_model(cfg: DictConfig, device: str | torch.device = "cpu", recorder=None):
+    """The model the config names, sized to data.input_size; bad options fail on the meta device first.
+
+    recorder: an engine.meta_init.InitRecorder that records the build (on "meta") for --strategy fsdp."""
     from mimkit.models import create_model
 
     kwargs = dict(OmegaConf.to_container(cfg.model.kwargs, resolve=True))
@@ -47,7 +50,7 @@ def build_model(cfg: DictConfig, device: str | torch.device = "cpu"):
             raise ConfigError(f"data.input_size {size[0]}x{size[1]} is not a multiple of the patch size {p} "
                               f"of {cfg.model.type}")
         create_model(cfg.model.type, **kwargs)
-    with torch.device(device):
+    with recorder if recorder is not None else contextlib.nullcontext(), torch.device(device):
         return create_model(cfg.model.type, **kwargs)
 
 
