@@ -115,6 +115,7 @@ class SegmentConfig:
     checkpointing: SegCheckpointing = field(default_factory=SegCheckpointing)
     logging: C.LoggingConfig = field(default_factory=C.LoggingConfig)
     misc: SegMiscConfig = field(default_factory=SegMiscConfig)
+    distributed: C.DistributedConfig = field(default_factory=C.DistributedConfig)
 
 
 SEGMENT_FLAGS: list[Flag] = [
@@ -130,6 +131,7 @@ SEGMENT_FLAGS: list[Flag] = [
          "for ADE20K / the mosaics unless it matches)"),
     Flag("drop_path", "model.drop_path", float, "drop path rate"),
     C.GRAD_CKPT_FLAG,
+    C.STRATEGY_FLAG,
     Flag("data_path", "data.data_path", str, "ADEChallengeData2016 (or its parent) or a generic layout; "
          "unset = built-in mosaics"),
     Flag("input_size", "data.input_size", int, "training crop"),

@@ -83,12 +83,17 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
              overlay_dir: Optional[Path] = None, num_overlays: int = 0) -> tuple[dict, list[np.ndarray]]:
     """(metrics of one confusion matrix over the whole set and all ranks, overlay panels drawn on rank 0).
 
-    Each rank takes every world_size-th image; the matrices are summed, so the result is exact.
+    Each rank takes every world_size-th image; the matrices are summed, so the result is exact. Under FSDP every
+    rank runs every image (each forward gathers the blocks' weights from all ranks, so the ranks' passes must
+    match one for one, and the windows an image needs vary) and rank 0's matrix is the result.
     """
     import torch.distributed as dist
 
+    from mimkit.engine.fsdp import is_sharded
+
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
+    sharded = is_sharded(model)
     was_training = model.training
     model.eval()
     if world > 1:  # BatchNorm statistics differ per rank without SyncBN (CPU): score rank 0's, the checkpoint's
@@ -97,7 +102,7 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
     k = model.num_classes
     cm = ConfusionMatrix(k, ignore_index, device)
     colours, panels = palette(k), []
-    mine = list(range(rank, len(dataset), world))
+    mine = list(range(len(dataset))) if sharded else list(range(rank, len(dataset), world))
     for start in range(0, len(mine), EVAL_BATCH):
         items = [(i, *dataset.raw(i)) for i in mine[start:start + EVAL_BATCH]]
         xs = [pipeline.image(image) for _, image, _ in items]
@@ -118,7 +123,8 @@ def evaluate(model, dataset, pipeline, test_cfg, crop: Sequence[int], device: to
                 if overlay_dir is not None:
                     overlay_dir.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(panels[-1]).save(overlay_dir / f"{dataset.name(i)}.png")
-    cm.all_reduce()
+    if not sharded:  # (under FSDP every rank holds the whole set's matrix already)
+        cm.all_reduce()
     model.train(was_training)
     return cm.compute(), panels
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ from mimkit.tasks.segment import config as SC
 from mimkit.tasks.segment.eval import evaluate_checkpoint, pct, percent_metrics, report  # noqa: F401
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
+from mimkit.engine.fsdp import building, deferred_init, is_sharded, place_model, shard_folder, shardable_blocks
+from mimkit.engine.precision import amp_decision
 from mimkit.models.checkpointing import apply_grad_checkpointing
 from mimkit.tasks.pretrain.setup import seed_everything
 
@@ -219,6 +221,10 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     classes = train_src.classes
     if list(val_src.classes) != list(classes):
         raise DataError("the val split's classes differ from the training split's")
+    # --strategy fsdp over several ranks: built on meta (recorded), materialised shard by shard below
+    recorder = deferred_init(cfg.distributed.strategy, dist.world_size)
+    if (resume or {}).get("sharded"):
+        shard_folder(resume, cfg.misc.resume, ckpt_dir(cfg))  # every rank's file present, before any work
     if resume is not None:
         from mimkit.models.segmentation import MAESegmenter
 
@@ -227,16 +233,19 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
             raise U.not_a_segment_checkpoint(cfg.misc.resume or "latest.pt", resume)
         if arch["num_classes"] != len(classes):
             raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(classes)}")
-        model, desc = MAESegmenter(arch, cfg.model.drop_path), f"UperNet from {cfg.misc.resume or 'latest.pt'}"
+        with building(recorder):
+            model = MAESegmenter(arch, cfg.model.drop_path)
+        desc = f"UperNet from {cfg.misc.resume or 'latest.pt'}"
         if cfg.data.mean is None and cfg.data.std is None:  # keep the statistics the run started with
             OmegaConf.update(cfg, "data.mean", saved.get("data", {}).get("mean"))
             OmegaConf.update(cfg, "data.std", saved.get("data", {}).get("std"))
     else:
-        encoder, desc = U.build_encoder(cfg, crop, given)
-        m = cfg.model
-        arch = segmenter_arch(encoder, crop, len(classes), m.taps, m.channels, m.aux_channels, m.pool_scales,
-                              m.dropout)
-        model = segmenter_from_encoder(encoder, arch, m.drop_path)
+        with building(recorder):
+            encoder, desc = U.build_encoder(cfg, crop, given)
+            m = cfg.model
+            arch = segmenter_arch(encoder, crop, len(classes), m.taps, m.channels, m.aux_channels, m.pool_scales,
+                                  m.dropout)
+            model = segmenter_from_encoder(encoder, arch, m.drop_path)
         E.adopt_normalization(cfg, encoder)  # the encoder's pretraining statistics, unless data.mean/std say
         del encoder
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
@@ -246,7 +255,11 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     OmegaConf.set_struct(cfg, True)
     val_set = SegmentationDataset(val_src)
     apply_grad_checkpointing(model, cfg.model.grad_checkpointing, "the segmenter")
-    model.to(dist.device)
+    if cfg.distributed.strategy == "fsdp":
+        shardable_blocks(model, "the segmenter")
+    placed: list[str] = []  # logged once the run's log is open
+    place_model(model, recorder, dist.device, amp_decision(cfg.misc.amp, dist.device)[0], cfg.distributed.strategy,
+                dist.world_size, placed.append, "the segmenter", weights_needed=not (resume or {}).get("sharded"))
     out_dir = Path(C.resolve_output_dir(cfg, "segment"))  # default: a new runs/segment/<timestamp>
 
     def run_eval(overlays: int = 0):
@@ -254,7 +267,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
                           out_dir / "overlays" if dist.is_main and overlays else None, overlays)
 
     train_set = SegmentationDataset(train_src, train_pipeline(cfg, crop))
-    state, hook, trained = fit(cfg, model, train_set, run_eval, resume, desc, dist, given.get("file_name"))
+    state, hook, trained = fit(cfg, model, train_set, run_eval, resume, desc, dist, given.get("file_name"), placed)
     results = out_dir / "results.json"
     if not trained and results.exists():
         import json
@@ -290,7 +303,7 @@ def ckpt_dir(cfg) -> Path:
 
 
 def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc: str, dist,
-        config_file: Optional[str] = None):
+        config_file: Optional[str] = None, notes: Sequence[str] = ()):
     """Set up the optimiser, schedule and THE engine loop, and train; returns (state, eval hook, trained?)."""
     import os
 
@@ -302,12 +315,14 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
     from mimkit.engine.sampling import EpochSampler
 
     o, s = cfg.optimization, cfg.schedule
-    if dist.enabled and dist.device.type == "cuda":
+    if dist.enabled and dist.device.type == "cuda" and not is_sharded(model):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all GPUs
     run_log = RunLogger(Path(cfg.misc.output_dir), enabled=dist.is_main, print_freq=cfg.logging.print_freq,
                         tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, Path(cfg.misc.output_dir) / "config.yaml")
+    for line in notes:
+        run_log.info(line)
     seed_everything(cfg.misc.seed + dist.rank)  # augmentation and drop path differ across ranks
     groups = param_groups(model, o.weight_decay, o.layer_decay)
     optimizer = build_adamw(groups, o.lr, (o.adam_beta1, o.adam_beta2), dist.device)
@@ -333,7 +348,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
         pin_memory=cfg.data.pin_memory, persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed,
         save_freq_epochs=cfg.checkpointing.save_freq_epochs, save_freq_steps=cfg.checkpointing.save_freq_steps,
         max_steps=max_steps, total_iters=total * o.accum_iter if s.max_iters else 0,
-        find_unused_parameters=max(model.taps) < model.depth - 1,
+        find_unused_parameters=max(model.taps) < model.depth - 1, strategy=cfg.distributed.strategy,
+        grad_checkpointing=cfg.model.grad_checkpointing,
     )
     ckpt = CheckpointManager(ckpt_dir(cfg), cfg.checkpointing.keep_last_n, run_log.log_path,
                              cfg.checkpointing.safetensors)
