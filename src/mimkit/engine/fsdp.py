@@ -128,10 +128,36 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def local_norm(norm: torch.Tensor) -> float:
-    """A clip_grad_norm_ result as a float (a DTensor under FSDP: its full value)."""
-    full = getattr(norm, "full_tensor", None)
-    return float((full() if full is not None else norm).item())
+def clip_grad_norm(params, max_norm: float) -> float:
+    """torch's clip_grad_norm_ (2-norm over every gradient, scaled by max_norm / (norm + 1e-6) when above) whose
+    norm is the same fp32 number under DDP, FSDP and one process -> the norm before clipping.
+
+    Squares are summed in fp64 per tensor (under FSDP its local shard, the partial sums then all-reduced): the
+    order the pieces are added in moves the fp64 sum by ~1e-16 and leaves the fp32 norm as it is. (clip_grad_norm_
+    on DTensors adds shard norms in another order than on whole tensors: a clip coefficient one ulp apart, which
+    AdamW turns into 1e-6 differences in the key biases, whose gradient is rounding noise.)
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sharded = local = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g in grads:
+        part = g.to_local() if hasattr(g, "to_local") else g
+        sq = part.detach().double().pow(2).sum()
+        if hasattr(g, "to_local"):
+            sharded = sharded + sq
+        else:
+            local = local + sq
+    if any(hasattr(g, "to_local") for g in grads) and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sharded)  # FSDP: every rank's part of every sharded gradient
+    norm = torch.sqrt(sharded + local).float()
+    coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    with torch.no_grad():
+        for g in grads:
+            (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
+    return float(norm)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -571,7 +571,7 @@ class Trainer:
         grad_norm = None
         if self.s.gradient_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = F.local_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.gradient_clip))
+            grad_norm = F.clip_grad_norm(self.model.parameters(), self.s.gradient_clip)  # DDP == FSDP
             # under fp16 an inf norm is the scaler calibrating (it skips the step itself); otherwise divergence.
             # Gradients are all-reduced, so every rank sees the same norm.
             if not math.isfinite(grad_norm) and not self.scaler.is_enabled():

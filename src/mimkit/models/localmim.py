@@ -218,8 +218,18 @@ class LocalMIMViT(MaskedAutoencoderViT):
         x, mask, ids_restore = self.embed(imgs, mask_ratio, noise)
         distinct = sorted(set(self.taps))  # taps repeat for depth < 7; each block output is kept once
         _, outs = self.run_blocks(x, taps=distinct)
-        by_block = dict(zip(distinct, outs))
-        latents = [norm(by_block[t]) for norm, t in zip(self.norm, self.taps)]
+        # A tapped block output has two readers (the next block through a view: run_blocks; the taps through one
+        # view here), a repeated tap a chain of views: no tensor has more than two readers, so its gradient is
+        # the same sum in any order (a + b == b + a; three terms are not). FSDP2 puts a node of its own before
+        # every block's input, which regrouped the three terms of a tap read twice at depth < 7 (the next block's
+        # residual and attention, and the tap): the gradients (and through Adam the zero-gradient key biases)
+        # drifted from DDP's by 1e-5 in five steps; now they are bitwise DDP's.
+        by_block = {t: o.view_as(o) for t, o in zip(distinct, outs)}
+        latents = []
+        for norm, t in zip(self.norm, self.taps):
+            x = by_block[t]
+            by_block[t] = x.view_as(x)
+            latents.append(norm(x))
         return latents, mask, ids_restore
 
     def forward_features(

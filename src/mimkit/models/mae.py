@@ -139,6 +139,10 @@ class MaskedAutoencoderViT(nn.Module):
                 x = blk(x)
             if i in taps:
                 outs.append(x)
+                # the next block reads a tapped output through a node of its own, as it does under FSDP2 (which
+                # puts one before every block's input): its gradient is then summed with the tap's in the same
+                # grouping either way (LocalMIM's forward_encoder)
+                x = x.view_as(x)
         return x, outs
 
     def embed(
