@@ -118,6 +118,16 @@ def shard_deferred(model: nn.Module, recorder, device: torch.device, amp: str, w
     return recorder.materialise(pairs, device, draws=weights_needed)
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's broadcast_buffers does before a forward:
+    FSDP2 leaves buffers alone, so ranks would drift apart and a sharded checkpoint (one copy of each buffer, from
+    whichever rank DCP picks) would not resume bitwise."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
 @contextlib.contextmanager
 def no_gradient_sync(model: nn.Module) -> Iterator[None]:
     """Accumulate gradients without reduce-scatter (FSDP2's counterpart of DDP's no_sync)."""

@@ -345,6 +345,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / F.SHARD_DIR).mkdir(parents=True)
         D.barrier()
+        F.broadcast_buffers(self.model)  # the checkpoint holds one copy of each buffer: rank 0's, on every rank
         F.save_shards(self.model, self.optimizer, tmp / F.SHARD_DIR)
         D.barrier()
         err = None
@@ -519,6 +520,8 @@ class Trainer:
         """step_fn and backward (gradients accumulate unless `update`) -> (loss value or None when non-finite, logs)."""
         s = self.s
         sync_ctx = self._no_sync() if (self.dist.enabled and not update) else contextlib.nullcontext()
+        if self.fsdp and self.dist.enabled:
+            F.broadcast_buffers(self.model)  # as DDP does before every forward: rank 0's BatchNorm statistics
         with sync_ctx:
             with self._autocast():
                 loss, logs = self.step_fn(self.wrapped, batch)
