@@ -76,3 +76,34 @@ def test_bad_strategy_is_one_line(tmp_path, capsys):
     assert main(["pretrain", "--strategy", "zero3", "--output_dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "distributed.strategy" in err and "ddp or fsdp" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "segment", "incremental"])
+def test_every_training_command_takes_strategy(command, tmp_path, capsys):
+    from mimkit.cli import main
+
+    assert main([command, "--strategy", "zero3", "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "distributed.strategy" in err and "ddp or fsdp" in err and not (tmp_path / "x").exists()
+
+
+def test_incremental_refuses_fsdp_in_one_line(tmp_path, capsys):
+    from mimkit.cli import main
+
+    assert main(["incremental", "--strategy", "fsdp", "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--strategy fsdp is not available in incremental" in err and "--strategy ddp" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_fsdp_needs_blocks_finds_a_vit_classifier_and_a_segmenter():
+    from mimkit.models import create_model
+    from mimkit.models.heads import vit_classifier
+    from mimkit.models.segmentation import segmenter_arch, segmenter_from_encoder
+
+    enc = create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                       decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    clf = vit_classifier(enc, 3)
+    assert shardable_blocks(clf) == list(clf.blocks)
+    seg = segmenter_from_encoder(enc, segmenter_arch(enc, (32, 32), 4, None, 16, 8, [1, 2], 0.1), 0.0)
+    assert shardable_blocks(seg) == list(seg.backbone.blocks)
