@@ -138,3 +138,21 @@ def test_cli_refusals(tmp_path, capsys):
     assert e.value.code == 2 and "number of blocks" in capsys.readouterr().err
     rc = main(["pretrain", "model.grad_checkpointing=-1", "--output_dir", str(tmp_path / "p")])
     assert rc == 2 and "model.grad_checkpointing" in capsys.readouterr().err
+
+
+def test_find_blocks_walks_into_a_backbone_with_transformer_blocks():
+    from mimkit.models.checkpointing import encoder_blocks, find_blocks
+
+    mae = create_model("mae_vit_tiny_patch16", **TINY)
+
+    class Wrapper(torch.nn.Module):  # a model holding an MAE as its backbone (no blocks of its own)
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = mae
+            self.head = torch.nn.Linear(2, 2)
+
+    w = Wrapper()
+    # the inner transformer_blocks(): encoder and decoder; encoder_blocks: the encoder's alone
+    assert find_blocks(w) == list(mae.blocks) + list(mae.decoder_blocks)
+    assert encoder_blocks(w) == list(mae.blocks)
+    assert find_blocks(mae.blocks[0]) == [] and encoder_blocks(torch.nn.Linear(2, 2)) == []

@@ -97,9 +97,10 @@ def parse_grad_checkpointing(value) -> GradCheckpointing:
     raise ValueError(value)
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of `model` (its `transformer_blocks()`, a `blocks` list, or a backbone's / encoder's)."""
-    if hasattr(model, "transformer_blocks"):
+def find_blocks(model: nn.Module, encoder_only: bool = False) -> list[nn.Module]:
+    """The transformer blocks of `model`: its `transformer_blocks()` (encoder and decoder; skipped with
+    encoder_only), else its `blocks` list, else the same walk into its `backbone` / `encoder`."""
+    if not encoder_only and hasattr(model, "transformer_blocks"):
         return list(model.transformer_blocks())
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
@@ -107,7 +108,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     for name in ("backbone", "encoder"):
         inner = getattr(model, name, None)
         if isinstance(inner, nn.Module):
-            found = find_blocks(inner)
+            found = find_blocks(inner, encoder_only)
             if found:
                 return found
     return []
@@ -115,16 +116,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
 def encoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The encoder's blocks alone (`blocks`, or a backbone's / encoder's)."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
-        return list(blocks)
-    for name in ("backbone", "encoder"):
-        inner = getattr(model, name, None)
-        if isinstance(inner, nn.Module):
-            found = encoder_blocks(inner)
-            if found:
-                return found
-    return []
+    return find_blocks(model, encoder_only=True)
 
 
 def apply_grad_checkpointing(model: nn.Module, value: GradCheckpointing, model_name: str = "this model") -> int:
