@@ -2,17 +2,21 @@
 
     rec = InitRecorder()
     with rec, torch.device("meta"):
-        model = build()                 # records every op the constructor and init functions run; no storage
-    fully_shard(...)                    # DTensor parameters, still on meta
-    rec.materialise(model, "cpu")       # replays the recorded ops on CPU one tensor at a time
+        model = build()                 # records every op the constructor, init and load_state_dict run
+    metas = meta_tensors(model)
+    fully_shard(...); model.to_empty(device="cpu")       # DTensor shards, uninitialised
+    rec.materialise([(metas[n], t) for n, t in meta_tensors(model).items()])   # one tensor at a time
 
 The replay runs the recorded ops in their order with the real CPU generator, so every random draw is the one a
-normal build makes with the same seed and the weights are bitwise a normal build's. An op whose result a later op
-overwrites whole (a Linear's default init before the model's xavier init) still draws its numbers, on a scratch
-tensor freed at once; a tensor lives from its first needed write to its last read, then its rank's rows go into
-the parameter's shard and it is freed. So a rank holds at most a few parameters in full, never the model.
-Works for any model whose init ops are recordable (no data-dependent init such as torch's rejection-sampling
-trunc_normal_ on meta: those refuse to record rather than give other weights).
+normal build makes with the same seed and the weights are bitwise a normal build's (a build that reseeds, as
+fork_rng + manual_seed, is followed: meta draws move no generator, so the state each draw saw names its stream).
+An op whose result a later op overwrites whole (a Linear's default init before the model's xavier init) still draws
+its numbers, on a scratch tensor freed at once; a tensor lives from its first needed write to its last read, then
+its rank's rows go into the parameter's shard and it is freed; a tensor copied whole from a loaded checkpoint is
+that checkpoint's own storage. So a rank holds about one parameter in full, never the model. torch.tensor(data) on
+meta dispatches no op, so it is made on CPU and moved (a recorded copy). Works for any model whose init is
+recordable: an init that reads values (torch's rejection-sampling trunc_normal_ skips meta tensors) would give
+other weights, and a random draw off the meta device during the build is refused.
 """
 
 from __future__ import annotations
@@ -179,7 +183,7 @@ class InitRecorder(TorchDispatchMode):
                         store[k] = torch.UntypedStorage(self.known[k].untyped_storage().nbytes(), device=device)
                         held += store[k].nbytes() if op.live else 0
 
-                def to_real(a):
+                def to_real(a, store=store):
                     if isinstance(a, torch.device) and a.type == "meta":
                         return device
                     if isinstance(a, torch.Tensor) and a.is_meta:
