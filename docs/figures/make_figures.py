@@ -16,11 +16,11 @@ Figures and the runs behind them (every run through the Python API, i.e. the sam
   3 epochs per stage).
 - freezeout_schedule.png: `mimkit.engine.freezeout.freeze_times` for a 12-block encoder (no training).
 
-Time, measured on a 2-core CPU heavily loaded by other jobs (load average 8-13), so only an upper bound: the
-FreezeOut plot 7 s; `--demo_epochs 12` (the demo's model and recipe for 12 epochs, plus the one-step run and two
-`visualize` calls) 1908 s wall; the full 60-epoch demo takes 110 s on an idle machine. The segment, incremental
-and continual figures were not produced yet (the segment run reached 1 of 2 epochs in 10 min on the loaded
-machine). Needs matplotlib (the `docs` extra) for the FreezeOut plot.
+Time, measured on the 2-core AMD EPYC of the sessions (torch 2.14.1), shared with other jobs while it ran (load
+average 5-8), so the wall clock is an upper bound: `/usr/bin/time -v python docs/figures/make_figures.py` took
+1562 s of user CPU time (+18 s system) and 46 min wall: FreezeOut plot 11 s, demo (the full 60 epochs, the one-step
+run and two `visualize` calls) 1642 s, segment 516 s, incremental 338 s, continual 251 s. The full demo alone takes
+110 s on an idle machine. Needs matplotlib (the `docs` extra) for the FreezeOut plot.
 Each PNG is kept under 200 KB (palette-quantised when larger).
 """
 
@@ -84,7 +84,12 @@ def segment(runs: Path, demo_dir: Path, epochs: int | None = None) -> None:
     run = mimkit.segment(finetune=str(demo_dir / "checkpoints" / "final.pt"), output_dir=str(runs / "segment"),
                          epochs=epochs)
     overlay = sorted((run.output_dir / "overlays").glob("*.png"))[0]
-    _save_small(overlay, HERE / "segment_overlay.png")
+    big = runs / "segment_overlay_x4.png"  # the overlay is at the 64-px crop: enlarged (nearest) to be seen
+    from PIL import Image
+
+    img = Image.open(overlay)
+    img.resize((img.width * 4, img.height * 4), Image.NEAREST).save(big)
+    _save_small(big, HERE / "segment_overlay.png")
 
 
 def incremental(runs: Path, epochs: int | None = None) -> None:
