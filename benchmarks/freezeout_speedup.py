@@ -331,13 +331,15 @@ def cost_by_frozen(argv: list[str], batch: int = 2) -> dict[str, list[float]]:
                 storages[st.data_ptr()] = st.nbytes()
             return t
 
-        counter = FlopCounterMode(display=False)
-        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        # Two counters: entering a FlopCounterMode clears its counts, so re-entering one for backward would drop
+        # the forward's FLOPs (what this script did before: the "counted saving" was backward's alone, too high).
+        fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
+        with fwd, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(x, mask_ratio=cfg.model.mask_ratio)[0]
-        with counter:
+        with bwd:
             if loss.requires_grad:
                 loss.backward()
-        flops.append(counter.get_total_flops() / batch)
+        flops.append((fwd.get_total_flops() + bwd.get_total_flops()) / batch)
         saved.append(sum(storages.values()) / batch)
     return {"flops": flops, "saved_bytes": saved}
 
