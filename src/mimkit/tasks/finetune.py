@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from mimkit import config as C
@@ -28,6 +29,7 @@ from mimkit.tasks.evaluation import common as E
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
 from mimkit.models.checkpointing import apply_grad_checkpointing
+from mimkit.tasks.preflight import check_memory, meta_images, meta_labels
 from mimkit.tasks.pretrain.setup import seed_everything
 
 
@@ -209,6 +211,13 @@ def finetune(cfg) -> dict:
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "finetune", model, val_set, resume, dist, desc)
 
+    bs = cfg.optimization.batch_size
+    memory = check_memory(
+        f"finetune at batch {bs}, input {size[0]}x{size[1]}", model,
+        lambda m: F.cross_entropy(m(meta_images(bs, size, in_chans)), meta_labels(bs)), dist.device,
+        "lower --batch_size and raise --accum_iter (the same effective batch), a smaller --input_size, or "
+        "--grad_checkpointing; finetune/digits.yaml's sizes fit a CPU")
+
     # 2. set up: run folder, seeds, layer-decay AdamW, mixup and the loss
     run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
                         tracking=cfg.logging, config=C.to_container(cfg))
@@ -222,6 +231,7 @@ def finetune(cfg) -> dict:
     optimizer = build_adamw(groups, lr, (o.adam_beta1, o.adam_beta2), dist.device)
     mixup = build_mixup(cfg, nb_classes)
     criterion = build_criterion(cfg, mixup)
+    run_log.info(memory)
     run_log.info(f"criterion {type(criterion).__name__}; mixup {'on' if mixup else 'off'}; "
                  f"{len(groups)} parameter groups, layer decay {o.layer_decay}")
 

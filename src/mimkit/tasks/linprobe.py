@@ -143,11 +143,20 @@ def probe(cfg) -> dict:
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "linprobe", model, val_set, resume, dist, desc)
 
+    from mimkit.tasks.preflight import check_memory, meta_images, meta_labels
+
+    bs, chans = cfg.optimization.batch_size, encoder.in_chans
+    memory = check_memory(  # the head's optimiser is SGD / LARS: one momentum buffer, counted as AdamW's two
+        f"linprobe at batch {bs}, input {size[0]}x{size[1]}", model,
+        lambda m: probe_step(m, {"images": meta_images(bs, size, chans), "labels": meta_labels(bs)})[0],
+        dist.device, "lower --batch_size / --input_size; linprobe/digits.yaml's sizes fit a CPU")
+
     # 2. set up: run folder, seeds, the cache when there is no augmentation, the head's optimiser
     run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
                         tracking=cfg.logging, config=C.to_container(cfg))
     if dist.is_main:
         C.save_config(cfg, f"{cfg.misc.output_dir}/config.yaml")
+    run_log.info(memory)
     seed_everything(cfg.misc.seed + dist.rank)
     num_workers = cfg.data.num_workers
     if not aug.enabled:

@@ -1,18 +1,20 @@
-"""Checks and notes of the training commands before and as they start: batch fit, workers, image sizes, the
-schedule of a resumed run, the weights report."""
+"""Checks and notes of the training commands before and as they start: batch fit, memory, workers, image sizes,
+the schedule of a resumed run, the weights report."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from omegaconf import DictConfig
 
-from mimkit.errors import DataError
+from mimkit.errors import ConfigError, DataError
 
 CPU_HINT = ("pretrain/cpu_small.yaml fits a CPU (a 3.2M-parameter model at 64 px): mimkit pretrain "
             "pretrain/cpu_small.yaml --data_path DIR; or no --data_path for the built-in demo")
+CONTINUAL_HINT = ("continual/demo.yaml's sizes fit a CPU (a tiny MAE at 64 px): mimkit continual continual/demo.yaml "
+                  "--data_path DIR, or lower --batch_size / --input_size")
 
 
 def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: Optional[str] = None) -> None:
@@ -128,3 +130,49 @@ def image_notes(ds, size: tuple[int, int], limit: int = 1000) -> list[str]:
     if samples:
         notes += [f"note: {n}" for n in scan_images([s[0] for s in samples], limit)]
     return notes
+
+
+def check_memory(what: str, model, train_run: Callable, device, fix: str, optimizer: str = "adamw",
+                 eval_run: Optional[Callable] = None, extra_bytes: int = 0, strategy: str = "ddp",
+                 world_size: int = 1) -> str:
+    """The estimated peak memory of a run (engine/memory.py: weights, gradients, optimiser state, and the larger
+    of a training step's and an evaluation pass's activations, traced on the meta device) as a start-up line.
+    A run that cannot fit the machine is refused now, in one line (`what`: the command and its sizes) naming
+    `fix`: the kernel would kill it later without a word. `train_run(model)` / `eval_run(model)` make meta
+    inputs at the run's batch and size and return the loss / output; `extra_bytes`: more resident tensors (a
+    teacher's copy of the weights, a replay buffer)."""
+    from mimkit.engine.memory import estimate, traced_peak
+
+    try:
+        act = traced_peak(model, train_run)
+        if eval_run is not None:  # in eval mode, as evaluation runs it
+            was = model.training
+            model.eval()
+            try:
+                act = max(act, traced_peak(model, eval_run, backward=False))
+            finally:
+                model.train(was)
+    except Exception as e:  # an op the meta device cannot run: the run goes on, said (never a silent pass)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return f"estimated peak memory: activations not traced ({type(e).__name__}: {first})"
+    fp = estimate(model, optimizer, act, str(device), strategy, world_size)
+    fp.weights += int(extra_bytes)
+    if fp.fits:
+        return fp.line()
+    where = "the GPU" if str(device).startswith("cuda") else "this machine"
+    raise ConfigError(f"{what}: {fp.line()}, more than {where} has; {fix}")
+
+
+def meta_images(batch: int, size, in_chans: int = 3):
+    """(batch, in_chans, H, W) on the meta device: the input of a traced step (nothing allocated)."""
+    import torch
+
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.empty(batch, in_chans, h, w, device="meta")
+
+
+def meta_labels(batch: int, *shape: int):
+    """Integer class labels (batch, *shape) on the meta device."""
+    import torch
+
+    return torch.empty(batch, *shape, dtype=torch.long, device="meta")

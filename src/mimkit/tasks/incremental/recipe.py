@@ -95,6 +95,21 @@ def build_hooks(model, methods: frozenset[str], cfg):
     return prev, ema, buffer, reference
 
 
+def incremental_memory(cfg, model, methods: frozenset[str], teachers: int, device: torch.device) -> str:
+    """The estimated peak memory (tasks/preflight.check_memory): a step at the batch (twice it with replay) and
+    the input size, plus the teachers' copies of the weights and the replay buffer's images."""
+    from mimkit.tasks.preflight import check_memory, meta_images, meta_labels
+
+    bs, size = cfg.optimization.batch_size, int(cfg.data.input_size)
+    n = bs * (2 if "er" in methods else 1)  # replay draws as many stored images as the batch has
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffered = cfg.incremental.buffer_size * 3 * size * size * 4 if "er" in methods else 0
+    return check_memory(f"incremental at batch {n}, input {size}x{size}", model,
+                        lambda m: torch.nn.functional.cross_entropy(m(meta_images(n, size)), meta_labels(n)),
+                        device, "lower --batch_size / --input_size (incremental/digits.yaml's sizes fit a CPU)",
+                        optimizer=cfg.optimization.opt, extra_bytes=teachers * weights + buffered)
+
+
 def build_optimizer(model, cfg, device: torch.device) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over decay / no-decay groups."""
     from mimkit.engine.optim import build_adamw, param_groups
@@ -194,6 +209,7 @@ def train_incremental(cfg) -> dict:
     model.to(dist.device)
     prev, ema, buffer, reference = build_hooks(model, methods, cfg)
     hooks = [h for h in (prev, ema, buffer) if h is not None]
+    memory = incremental_memory(cfg, model, methods, int(prev is not None) + int(ema is not None), dist.device)
     if 0 < done:  # between tasks: the last finished task's final weights and method state
         ckpt = load_training_checkpoint(ckpt_root / f"task-{done - 1}" / "final.pt")
         _set_head_size(model, split.offsets[done])
@@ -208,6 +224,7 @@ def train_incremental(cfg) -> dict:
         C.save_config(cfg, out_dir / "config.yaml")
     amp, amp_why = amp_decision(cfg.misc.amp, dist.device)
     run_log.info(f"amp {amp} ({amp_why})")
+    run_log.info(memory)
     names = [train_set.classes[c] for c in split.order]
     run_log.info(f"mimkit incremental: {desc}; {kind} data {cfg.data.data_path}: {len(train_set)} train / "
                  f"{len(val_set)} held-out images, {len(sizes)} tasks of {sizes} classes, order {names}; "

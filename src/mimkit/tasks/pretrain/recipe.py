@@ -28,7 +28,9 @@ from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_setti
 from mimkit.engine.optim import optimizer_kind, scaled_lr
 from mimkit.engine.precision import amp_decision
 from mimkit.models.checkpointing import apply_grad_checkpointing
-from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_one_batch, load_weights, note_schedule_change
+from mimkit.tasks.preflight import CONTINUAL_HINT, CPU_HINT, cap_workers, check_memory, check_one_batch, load_weights
+from mimkit.tasks.preflight import meta_images
+from mimkit.tasks.preflight import note_schedule_change
 from mimkit.tasks.preflight import image_notes
 # The flags, config builder and run pieces live in their own modules; these names stay importable from here.
 from mimkit.tasks.pretrain.config import BUILTIN_PRESETS, DEMO_PRESET, FLAGS, add_arguments, config_from_args  # noqa: F401
@@ -72,6 +74,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
     check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
     notes = image_notes(train_set, C.input_size(cfg))
+    notes.insert(0, pretrain_memory(cfg, model, dist, CONTINUAL_HINT if parent_log is not None else CPU_HINT))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
@@ -208,6 +211,18 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     if print_summary and dist.is_main:
         print_done(summary, out_dir)
     return summary
+
+
+def pretrain_memory(cfg: DictConfig, model: torch.nn.Module, dist, cpu_hint: str) -> str:
+    """The estimated peak memory of a training step at the batch and input size (one line), or a refusal naming
+    the CPU preset on a CPU, the switches that cut memory on a GPU."""
+    bs, size, in_chans = cfg.optimization.batch_size, C.input_size(cfg), model.in_chans
+    step = pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode)
+    fix = (cpu_hint if dist.device.type == "cpu" else "lower --batch_size and raise --accum_iter (the same "
+           "effective batch), --grad_checkpointing, or --strategy fsdp over several GPUs")
+    return check_memory(f"pretrain at batch {bs}, input {size[0]}x{size[1]}", model,
+                        lambda m: step(m, {"images": meta_images(bs, size, in_chans)})[0], dist.device, fix,
+                        strategy=cfg.distributed.strategy, world_size=dist.world_size)
 
 
 def checkpoint_geometry(ckpt: dict, cfg: DictConfig) -> tuple[int, int, int]:

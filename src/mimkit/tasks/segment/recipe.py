@@ -249,7 +249,8 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
         E.adopt_normalization(cfg, encoder)  # the encoder's pretraining statistics, unless data.mean/std say
         del encoder
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
-    desc += f"; {U.describe_taps(arch['taps'], arch['depth'])}; {U.check_memory(cfg, model, arch, crop, dist.device)}"
+    memory = U.check_memory(cfg, model, arch, crop, dist.device, seg_loss)  # a run that cannot fit: refused here
+    desc += f"; {U.describe_taps(arch['taps'], arch['depth'])}; {memory}"
     OmegaConf.set_struct(cfg, False)
     cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
     OmegaConf.set_struct(cfg, True)

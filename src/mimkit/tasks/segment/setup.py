@@ -253,27 +253,30 @@ def describe_taps(taps: list[int], depth: int) -> str:
     return f"taps {list(taps)} (MMSeg's [3, 5, 7, 11] scaled to {depth} blocks)"
 
 
-def check_memory(cfg, model, arch: dict, crop: tuple[int, int], device) -> str:
-    """The estimated peak memory of a training step (engine/footprint.py) as a start-up note; a run that cannot
-    fit the machine is refused now, in one line naming what fits (the kernel would kill it without a word)."""
-    from mimkit.engine.footprint import footprint, upernet_activations, vit_activations
+def check_memory(cfg, model, arch: dict, crop: tuple[int, int], device, seg_loss) -> str:
+    """The estimated peak memory of a training step and of an evaluation pass (tasks/preflight.check_memory) as a
+    start-up note; a run that cannot fit the machine is refused now, in one line naming what fits (the kernel
+    would kill it without a word). On a CPU without a preset, a large crop also gets a note naming the demo.
+    `seg_loss`: the recipe's loss (logits, target, ignore_index, avg_non_ignore) -> scalar."""
+    from mimkit.tasks.preflight import check_memory as check, meta_images, meta_labels
+    from mimkit.tasks.segment.config import slide_window
+    from mimkit.tasks.segment.infer import EVAL_BATCH, whole_logits
 
-    patch = int(arch["patch_size"])
-    tokens = (crop[0] // patch) * (crop[1] // patch) + 1
-    bs = int(cfg.optimization.batch_size)
-    act = vit_activations(bs, tokens, int(arch["embed_dim"]), int(arch["depth"]), int(arch["num_heads"]),
-                          float(arch.get("mlp_ratio", 4.0)))
-    act += upernet_activations(bs, crop, int(arch["channels"]))
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fp = footprint(params, trainable, act, str(device))
-    if fp.fits:
-        cpu_note = ("; on a CPU the ADE20K recipe is slow: segment/demo.yaml fits a CPU (mimkit segment "
-                    "segment/demo.yaml --data_path DIR)" if not str(device).startswith("cuda") and not OmegaConf.select(
-                        cfg, "misc.preset", default=None) and crop[0] * crop[1] > 128 * 128 else "")
-        return fp.line() + cpu_note
-    where = "the GPU" if str(device).startswith("cuda") else "this machine"
-    fix = (" use the CPU preset: mimkit segment segment/demo.yaml --data_path DIR [--finetune CKPT]; or"
-           if not str(device).startswith("cuda") else "")
-    raise ConfigError(f"segment at batch {bs}, crop {crop[0]}x{crop[1]}: {fp.line()}, more than {where} "
-                      f"has;{fix} lower --batch_size / --input_size")
+    bs, ignore = int(cfg.optimization.batch_size), int(OmegaConf.select(cfg, "data.ignore_index", default=255))
+    aux_w = float(OmegaConf.select(cfg, "model.aux_weight", default=0.4))
+    window = tuple(slide_window(cfg.test, crop)[0]) if OmegaConf.select(cfg, "test.mode") == "slide" else crop
+
+    def train_run(m):
+        main, aux = m(meta_images(bs, crop))
+        y = meta_labels(bs, *crop)
+        return seg_loss(main, y, ignore, False) + aux_w * seg_loss(aux, y, ignore, False)
+
+    cpu = not str(device).startswith("cuda")
+    fix = ("use the CPU preset: mimkit segment segment/demo.yaml --data_path DIR [--finetune CKPT]; or lower "
+           "--batch_size / --input_size" if cpu else "lower --batch_size / --input_size, or --grad_checkpointing")
+    line = check(f"segment at batch {bs}, crop {crop[0]}x{crop[1]}", model, train_run, device, fix,
+                 eval_run=lambda m: whole_logits(m, meta_images(min(EVAL_BATCH, 8), window)))
+    if cpu and not OmegaConf.select(cfg, "misc.preset", default=None) and crop[0] * crop[1] > 128 * 128:
+        line += ("; on a CPU the ADE20K recipe is slow: segment/demo.yaml fits a CPU (mimkit segment "
+                 "segment/demo.yaml --data_path DIR)")
+    return line
