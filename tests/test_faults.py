@@ -232,3 +232,25 @@ def test_segment_on_a_cpu_that_cannot_fit_names_the_demo_preset(monkeypatch) -> 
     cfg.test.mode = "whole"
     model, arch = segmenter("mae_vit_demo_patch8", 64, 32)
     assert check_memory(cfg, model, arch, (64, 64), "cpu", seg_loss).startswith("estimated peak memory")
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--data_path", "digits", *TINY_MODEL, "--max_steps", "1"],
+    ["continual", "--domains", "digits", *TINY_MODEL, "--max_steps", "1"],
+    ["finetune", "finetune/digits.yaml", "--finetune", "{v}", "--max_steps", "1"],
+    ["linprobe", "linprobe/digits.yaml", "--finetune", "{v}", "--max_steps", "1"],
+    ["segment", "--finetune", "{v}", "--max_iters", "1"],
+    ["incremental", "incremental/digits.yaml", "--epochs", "1"],
+], ids=lambda a: a[0])
+def test_every_training_command_refuses_a_run_that_cannot_fit(argv, victim, tmp_path, monkeypatch, capsys) -> None:
+    """Each training command estimates its peak before any work; on a machine with 1 MiB available it refuses in
+    one line naming the estimate, exit 2, and writes nothing (no run folder)."""
+    from mimkit.engine import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**20)
+    out = tmp_path / "run"
+    assert _run([a.replace("{v}", str(victim)) for a in argv] + ["--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "estimated peak memory" in err[0] and "more than this machine has" in err[0], err
+    assert f"{argv[0]} at batch " in err[0] and "of 1.0 MiB free" in err[0]
+    assert not out.exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from mimkit import config as C
+from mimkit.errors import UserError
 from mimkit.commands import COMMANDS, RaisingArgParser, command_parser, parse_command_args
 from mimkit.errors import ConfigError, suggest
 
@@ -59,6 +60,11 @@ def run_args(args: argparse.Namespace) -> RunResult:
     try:
         with C.recording_outputs() as written:
             code = importlib.import_module(args._module).run(args) or 0
+    except UserError:  # refused before any work: a folder this run created and left empty goes again
+        mine = runfolder.held() - before
+        runfolder.release(mine)
+        runfolder.undo_new_claims(mine)
+        raise
     finally:  # the run folders this run claimed are free again (the process may go on: a notebook, a test)
         runfolder.release(runfolder.held() - before)
     return RunResult(args.command, _run_folder(written), _results(written), code)

@@ -30,6 +30,7 @@ LOCK = ".mimkit.lock"  # held (flock) for the run's life; holds "pid host starte
 EVALUATIONS = ("knn", "rankme")  # may add results-N.json to any run folder, nothing else
 _HELD: dict[str, tuple[int, str]] = {}  # resolved folder -> (lock fd, command) held by this process
 _CLAIMED: list[Path] = []  # every folder this process claimed, in order (kept after release: the CLI's last word)
+_CREATED: set[str] = set()  # the folders claim() itself created (a refused run takes them away again)
 
 
 class FolderInUse(UserError):
@@ -192,10 +193,13 @@ def claim(path: str | Path, command: str, log=None) -> Path:
 
     check_run_dir(path, command)
     folder = Path(path).expanduser()
+    new = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if key in _HELD:
         return folder
+    if new:
+        _CREATED.add(key)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -245,3 +249,21 @@ def release(keys: Optional[Iterable[str]] = None) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def undo_new_claims(keys: Iterable[str]) -> None:
+    """Remove the folders among `keys` that claim() created and that hold nothing but the record and the lock: a
+    run refused before any work (memory, data, a checkpoint) leaves no empty run folder behind. Call after
+    release(); a folder with anything else in it stays as it is."""
+    for key in keys:
+        if key not in _CREATED:
+            continue
+        _CREATED.discard(key)
+        folder = Path(key)
+        try:
+            if {p.name for p in folder.iterdir()} <= {RECORD, LOCK}:
+                for name in (RECORD, LOCK):
+                    (folder / name).unlink(missing_ok=True)
+                folder.rmdir()
+        except OSError:
+            pass  # gone already, or not ours to empty: nothing lost either way

@@ -13,8 +13,6 @@ from mimkit.errors import ConfigError, DataError
 
 CPU_HINT = ("pretrain/cpu_small.yaml fits a CPU (a 3.2M-parameter model at 64 px): mimkit pretrain "
             "pretrain/cpu_small.yaml --data_path DIR; or no --data_path for the built-in demo")
-CONTINUAL_HINT = ("continual/demo.yaml's sizes fit a CPU (a tiny MAE at 64 px): mimkit continual continual/demo.yaml "
-                  "--data_path DIR, or lower --batch_size / --input_size")
 
 
 def check_one_batch(n_images: int, batch_size: int, world_size: int, hint: Optional[str] = None) -> None:

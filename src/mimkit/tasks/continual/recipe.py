@@ -77,6 +77,9 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     P.seed_everything(cfg.misc.seed)
     model = P.build_model(cfg, "cpu")  # also checks the input size against the patch size
     model.apply_freeze_mode(cfg.model.freeze_mode)  # unknown freeze_mode: a clear error here
+    # every stage trains this model at this batch and size: a sequence that cannot fit is refused before any work
+    memory = P.pretrain_memory(cfg, model, D.resolve_device(cfg.misc.device), int(os.environ.get("WORLD_SIZE", "1")),
+                               "continual", CPU_HINT)
     eval_domains = open_domains(cfg, model.num_patches, model.in_chans)
     names = [d.name for d in eval_domains]
     state_path = out_dir / STATE_FILE
@@ -94,6 +97,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
         run.info(f"mimkit continual: {len(domains)} stage(s) {' -> '.join(domain_name(d) for d in domains)}; "
                  f"evaluated on {', '.join(f'{d.name} ({len(d.val)} {d.eval_split})' for d in eval_domains)}; "
                  f"freeze_mode {cfg.model.freeze_mode}, loss_mode {cfg.model.loss_mode}")
+        run.info(memory)
         for line in startup_lines(cfg, model):
             run.info(line)
         for d in eval_domains:

@@ -28,7 +28,7 @@ from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_setti
 from mimkit.engine.optim import optimizer_kind, scaled_lr
 from mimkit.engine.precision import amp_decision
 from mimkit.models.checkpointing import apply_grad_checkpointing
-from mimkit.tasks.preflight import CONTINUAL_HINT, CPU_HINT, cap_workers, check_memory, check_one_batch, load_weights
+from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_memory, check_one_batch, load_weights
 from mimkit.tasks.preflight import meta_images
 from mimkit.tasks.preflight import note_schedule_change
 from mimkit.tasks.preflight import image_notes
@@ -74,7 +74,9 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     big = sum(p.numel() for p in model.parameters()) > 50e6  # the official GPU recipe: the CPU preset may fit better
     check_one_batch(len(train_set), cfg.optimization.batch_size, dist.world_size, CPU_HINT if big else None)
     notes = image_notes(train_set, C.input_size(cfg))
-    notes.insert(0, pretrain_memory(cfg, model, dist, CONTINUAL_HINT if parent_log is not None else CPU_HINT))
+    stage = parent_log is not None  # a continual stage: the continual preset is the one that fits
+    notes.insert(0, pretrain_memory(cfg, model, dist.device, dist.world_size, "continual" if stage else "pretrain",
+                                    STAGE_HINT if stage else CPU_HINT))
     out_dir = Path(C.resolve_output_dir(cfg, "pretrain"))
     ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or out_dir / "checkpoints")
     # a damaged latest.pt falls back to the newest intact checkpoint (warning logged below)
@@ -213,16 +215,21 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     return summary
 
 
-def pretrain_memory(cfg: DictConfig, model: torch.nn.Module, dist, cpu_hint: str) -> str:
+# a continual stage's refusal (the sequence checked the same sizes before its first stage, with its own preset)
+STAGE_HINT = "lower --batch_size / --input_size (continual/demo.yaml's sizes fit a CPU)"
+
+
+def pretrain_memory(cfg: DictConfig, model: torch.nn.Module, device: torch.device, world_size: int, command: str,
+                    cpu_hint: str) -> str:
     """The estimated peak memory of a training step at the batch and input size (one line), or a refusal naming
     the CPU preset on a CPU, the switches that cut memory on a GPU."""
     bs, size, in_chans = cfg.optimization.batch_size, C.input_size(cfg), model.in_chans
     step = pretrain_step(cfg.model.mask_ratio, cfg.model.loss_mode)
-    fix = (cpu_hint if dist.device.type == "cpu" else "lower --batch_size and raise --accum_iter (the same "
+    fix = (cpu_hint if device.type == "cpu" else "lower --batch_size and raise --accum_iter (the same "
            "effective batch), --grad_checkpointing, or --strategy fsdp over several GPUs")
-    return check_memory(f"pretrain at batch {bs}, input {size[0]}x{size[1]}", model,
-                        lambda m: step(m, {"images": meta_images(bs, size, in_chans)})[0], dist.device, fix,
-                        strategy=cfg.distributed.strategy, world_size=dist.world_size)
+    return check_memory(f"{command} at batch {bs}, input {size[0]}x{size[1]}", model,
+                        lambda m: step(m, {"images": meta_images(bs, size, in_chans)})[0], device, fix,
+                        strategy=cfg.distributed.strategy, world_size=world_size)
 
 
 def checkpoint_geometry(ckpt: dict, cfg: DictConfig) -> tuple[int, int, int]:
