@@ -75,6 +75,10 @@ class RunLogger:
         self._run_seen = 0
         self._run_t1 = None
         self._estimated = False
+        # per-epoch timing for the refined estimate: the epoch under way and the ones finished in this run
+        self._epoch_now: Optional[dict] = None
+        self._epochs_timed: list[dict] = []
+        self._refined = False
         if not enabled:
             return
         try:
@@ -150,9 +154,12 @@ class RunLogger:
     ESTIMATE_AFTER = 3  # iterations timed (after the first, which pays for start-up) before the estimate
 
     def start_run(self, iters_left: int, device_type: str = "cpu") -> None:
-        """The run has `iters_left` iterations to go: time the first few, print the whole run's estimate."""
+        """The run has `iters_left` iterations to go: time the first few, print the whole run's estimate; refine it
+        after the second epoch, counting each epoch's start-up (workers, the first batch), evaluation and
+        checkpoints as measured on that epoch."""
         self._run_left, self.device_type = max(0, iters_left), device_type
         self._run_seen, self._run_t1, self._estimated = 0, None, False
+        self._epoch_now, self._epochs_timed, self._refined = None, [], False
         self._run_t0 = time.perf_counter()
 
     def run_eta(self) -> float | None:
@@ -166,8 +173,14 @@ class RunLogger:
         if self._run_left is None:
             return
         self._run_seen += 1
+        now = time.perf_counter()
         if self._run_seen == 1:
-            self._run_t1 = time.perf_counter()
+            self._run_t1 = now
+        ep = self._epoch_now
+        if ep is not None:  # the epoch's first and last iteration times: its steady pace, apart from its start-up
+            ep["ticks"] += 1
+            ep["t_first"] = ep["t_first"] if ep["ticks"] > 1 else now
+            ep["t_last"] = now
         if self._estimated:
             return
         short = self._run_left <= 1 + self.ESTIMATE_AFTER  # too short to time a few iterations first: every run
@@ -183,8 +196,11 @@ class RunLogger:
         n_iters = self._run_left + self.later_iters
         total = per_iter * n_iters
         iters = f"{n_iters:,} iteration{'s' if n_iters > 1 else ''}"
+        later = (f"; refined after epoch {self._epoch + 2} with each epoch's start-up and evaluation"
+                 if self._run_left > 2 * max(self._iters, 1) else "")
         self.info(f"estimated time of the whole run: {_duration_or_less(total)} ({iters} at {per_iter:.3g} s each, "
-                  f"{how}; evaluation and checkpoints not counted)")
+                  f"{how}{later})")
+        self._record_estimate(total, total, "iterations")
         if self.also_estimate and self.also_estimate[0] > 1:
             n, what = self.also_estimate
             total *= n
@@ -192,9 +208,47 @@ class RunLogger:
         if total > 3600 and self.device_type == "cpu" and self.slow_hint:
             self.info(f"that is hours on a CPU: {self.slow_hint}")
 
+    def _record_estimate(self, total: float, left: float, basis: str) -> None:
+        """The estimate as a metrics.jsonl record (benchmarks/estimates.py compares it with the run's time)."""
+        if self.metrics_file is not None:
+            elapsed = time.perf_counter() - self._run_t0
+            self.metrics_file.write(json.dumps({"kind": "estimate", "basis": basis, "total_s": round(total, 3),
+                                                "left_s": round(left, 3), "elapsed_s": round(elapsed, 3)}) + "\n")
+
+    def _epoch_timed(self, now: float) -> None:
+        """The epoch under way ended (the next one starts, or the run closes): keep its wall time and pace."""
+        ep, self._epoch_now = self._epoch_now, None
+        if ep is None or not ep["ticks"]:
+            return
+        ep["wall"] = now - ep["t0"]  # its iterations, start-up, summary, end-of-epoch hooks and checkpoint
+        self._epochs_timed.append(ep)
+        if len(self._epochs_timed) >= 2 and not self._refined and self._run_left:
+            self._refine(now)
+
+    def _refine(self, now: float) -> None:
+        """The whole run's estimate from the last finished epoch (the first paid for one-time start-up): its steady
+        time per iteration, and the rest of its wall time (loader start-up, evaluation, pictures, checkpoint) once
+        for every epoch still to start."""
+        ep = self._epochs_timed[-1]
+        n = ep["ticks"]
+        per_iter = (ep["t_last"] - ep["t_first"]) / (n - 1) if n > 1 else ep["wall"]
+        per_epoch = max(0.0, ep["wall"] - n * per_iter)
+        iters_left = max(0, self._run_left - self._run_seen) + self.later_iters
+        epochs_left = math.ceil(iters_left / max(ep["iters"], 1))
+        left = iters_left * per_iter + epochs_left * per_epoch
+        total = now - self._run_t0 + left
+        self._refined = True
+        self.info(f"estimated time of the whole run, refined after epoch {ep['epoch'] + 1}: {_duration_or_less(total)}"
+                  f" ({format_duration(left)} left: {iters_left:,} iterations at {per_iter:.3g} s and {epochs_left:,}"
+                  f" epoch start(s) at {per_epoch:.3g} s for the data loader, evaluation and checkpoints)")
+        self._record_estimate(total, left, "epochs")
+
     def start_epoch(self, epoch: int, total_iters: int, initial: int = 0) -> None:
         """Begin the per-epoch progress display."""
         self._t0 = time.perf_counter()
+        if self._run_left is not None:
+            self._epoch_timed(self._t0)
+            self._epoch_now = {"epoch": epoch, "iters": total_iters, "t0": self._t0, "ticks": 0}
         self._iters = total_iters
         self._epoch = epoch
         if self.enabled and self.tty:
@@ -264,6 +318,10 @@ class RunLogger:
             return
         if status is None:
             status = run_status(sys.exc_info()[1])
+        if self._run_left is not None and self.metrics_file is not None and not self.metrics_file.closed:
+            # the run's measured time, beside its estimates (benchmarks/estimates.py)
+            self.metrics_file.write(json.dumps({"kind": "run_time", "status": status, "seconds": round(
+                time.perf_counter() - self._run_t0, 3), "iterations": self._run_seen}) + "\n")
         from mimkit.engine.trackers import write_state
 
         try:  # the rows logged so far, so a resumed run continues wandb's row counter
