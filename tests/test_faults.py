@@ -254,3 +254,38 @@ def test_every_training_command_refuses_a_run_that_cannot_fit(argv, victim, tmp_
     assert len(err) == 1 and "estimated peak memory" in err[0] and "more than this machine has" in err[0], err
     assert f"{argv[0]} at batch " in err[0] and "of 1.0 MiB free" in err[0]
     assert not out.exists()
+
+
+def test_a_folder_from_before_ownership_records_belongs_to_the_command_its_config_names(victim, tmp_path,
+                                                                                         capsys) -> None:
+    """No .mimkit-run.json (a run of an older mimkit): the command is read from config.yaml, else from the config
+    inside checkpoints/latest.pt; another command is refused with every byte kept, the same command resumes (and
+    records the folder as its own); a folder with nothing recognisable is taken by the first command."""
+    import shutil
+
+    from mimkit.engine import runfolder
+
+    old = tmp_path / "old"
+    shutil.copytree(victim, old, ignore=shutil.ignore_patterns(runfolder.RECORD, runfolder.LOCK))
+    assert runfolder.infer_record(old)["command"] == "pretrain"
+    before = _tree(old)
+    argv = ["finetune", "finetune/digits.yaml", "--finetune", str(victim), "--output_dir", str(old), "--max_steps", "1"]
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is the run folder of a mimkit pretrain run" in err[0], err
+    assert "before ownership records; its config.yaml says so" in err[0]
+    assert _tree(old) == before
+    (old / "config.yaml").unlink()  # the checkpoint's own config still says pretrain
+    assert runfolder.infer_record(old) == {"command": "pretrain",
+                                          "created": "before ownership records; its checkpoints/latest.pt says so"}
+    assert _run(["segment", "--output_dir", str(old), "--max_iters", "1"]) == 2
+    assert "is the run folder of a mimkit pretrain run" in capsys.readouterr().err
+    # the same command: accepted (nothing to train: the victim's one step is done) and recorded as its own
+    assert main(["pretrain", "--data_path", "digits", *TINY_MODEL, "--max_steps", "1", "--batch_size", "8",
+                 "--num_workers", "0", "--output_dir", str(old), "logging.tensorboard=false"]) == 0
+    assert runfolder.read_record(old)["command"] == "pretrain"
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert runfolder.infer_record(stranger) is None
+    runfolder.check_run_dir(stranger, "finetune")  # nothing says whose: accepted

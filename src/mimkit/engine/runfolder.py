@@ -84,6 +84,54 @@ def read_record(folder: Path) -> Optional[dict]:
         return None
 
 
+def command_of_config(cfg: dict) -> Optional[str]:
+    """The training command a resolved config (config.yaml, a checkpoint's `config`) belongs to, by the sections
+    and keys only that command's schema has; None when it says nothing recognisable."""
+    if not isinstance(cfg, dict):
+        return None
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    aug = ((cfg.get("data") or {}).get("augmentation") or {}) if isinstance(cfg.get("data"), dict) else {}
+    if "continual" in cfg:
+        return "continual"
+    if "incremental" in cfg:
+        return "incremental"
+    if "test" in cfg and "mask_ratio" not in model:
+        return "segment"
+    if "nb_classes" in model:
+        return "finetune" if "mixup" in aug else "linprobe" if "enabled" in aug else None
+    if "mask_ratio" in model:
+        return "pretrain"
+    return None
+
+
+def infer_record(folder: Path) -> Optional[dict]:
+    """A run folder from before ownership records: the command that made it, read from its config.yaml, else from
+    the config inside checkpoints/latest.pt (memory-mapped, weights only: nothing of it is loaded or run)."""
+    folder = Path(folder)
+    cfg = None
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, ImportError):
+        pass
+    except Exception:  # a damaged config.yaml (yaml's own errors): fall back on the checkpoint
+        cfg = None
+    command = command_of_config(cfg) if cfg else None
+    where = "its config.yaml"
+    latest = folder / "checkpoints" / "latest.pt"
+    if command is None and latest.is_file():
+        try:
+            import torch
+
+            ckpt = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+            command = command_of_config(ckpt.get("config") if isinstance(ckpt, dict) else None)
+            where = "its checkpoints/latest.pt"
+        except Exception:  # not a readable checkpoint: nothing inferred
+            command = None
+    return {"command": command, "created": f"before ownership records; {where} says so"} if command else None
+
+
 def _holder(folder: Path) -> Optional[dict]:
     try:
         words = (Path(folder) / LOCK).read_text().split()
@@ -145,7 +193,9 @@ def check_run_dir(path: str | Path, command: str, flag: str = "--output_dir") ->
     p = Path(path).expanduser()
     if not p.is_dir():
         return
-    rec = read_record(p)
+    # a folder from before ownership records: its command inferred from its config (an unknown one is taken over
+    # by whichever command first claims it, and belongs to that command from then on)
+    rec = read_record(p) or (infer_record(p) if not (p / RECORD).exists() else None)
     if rec and rec.get("command") != command:
         raise ConfigError(f"{flag} {path} is the run folder of a mimkit {rec.get('command')} run (created "
                           f"{rec.get('created', '?')}): mimkit {command} would write its config, log and "
