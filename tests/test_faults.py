@@ -289,3 +289,30 @@ def test_a_folder_from_before_ownership_records_belongs_to_the_command_its_confi
     (stranger / "notes.txt").write_text("mine")
     assert runfolder.infer_record(stranger) is None
     runfolder.check_run_dir(stranger, "finetune")  # nothing says whose: accepted
+
+
+@pytest.mark.parametrize("save_every,says", [
+    (0, "no checkpoint was written (run folder {out}), so a rerun starts over"),
+    (1, "the same command resumes from the last checkpoint in {out} (auto_resume)"),
+])
+def test_a_second_ctrl_c_cleans_the_temporary_checkpoint_and_says_resumable_only_with_one(save_every, says,
+                                                                                        tmp_path) -> None:
+    """A real CLI process: the first Ctrl-C after optimiser step 2 asks to stop, the second lands while the stop's
+    checkpoint is half written. Exit 130 at once, no .step-2.tmp-PID folder left, and 'resumes' only when an
+    earlier checkpoint (--save_freq_steps 1: step-1) exists."""
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(Path(__file__).parent)])}
+    cmd = [sys.executable, str(Path(__file__).parent / "second_sigint_worker.py"), "2", "pretrain", "--data_path",
+           "digits", *TINY_MODEL, "--batch_size", "8", "--num_workers", "0", "--epochs", "5", "--output_dir",
+           str(out), "--save_freq_steps", str(save_every), "logging.tensorboard=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"mimkit pretrain: interrupted; {says.format(out=out)}", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    ckpts = out / "checkpoints"
+    assert not [p.name for p in ckpts.iterdir() if ".tmp-" in p.name] if ckpts.exists() else True
+    assert not (ckpts / "step-2").exists()  # the interrupted checkpoint never became one
+    assert (ckpts / "latest.pt").exists() == bool(save_every)
