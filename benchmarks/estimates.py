@@ -5,7 +5,7 @@
     python benchmarks/estimates.py --output_dir /tmp/est --runs demo
 
 Each run is the real CLI in a fresh process (`python -m mimkit pretrain ...`, its own run folder under
---output_dir). The run logs two estimates in metrics.jsonl (engine/logging.py): `iterations` (after iterations
+--output_dir). The run logs two estimates (engine/logging.py; their seconds in log.txt's "timing record:" lines): `iterations` (after iterations
 2-4, the first the user sees) and `epochs` (after the second epoch: the steady time per iteration plus each
 epoch's start-up, evaluation and checkpoints as measured on that epoch), and its measured time (`run_time`: from
 the loop's start to the run's close, the span both estimates speak for). Printed: estimate, measured and
@@ -54,10 +54,13 @@ def runs(root: Path, short: bool) -> dict[str, list[str]]:
 
 
 def read_records(run_dir: Path) -> tuple[dict[str, float], float | None]:
-    """({basis: estimated total seconds}, measured seconds) from the run's metrics.jsonl."""
+    """({basis: estimated total seconds}, measured seconds) from the timing records of the run's log.txt."""
     est, measured = {}, None
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
+    mark = "timing record: "  # engine.logging.RunLogger.TIMING
+    for line in (run_dir / "log.txt").read_text().splitlines():
+        if mark not in line:
+            continue
+        rec = json.loads(line.split(mark, 1)[1])
         if rec.get("kind") == "estimate":
             est.setdefault(rec["basis"], rec["total_s"])
         elif rec.get("kind") == "run_time":

@@ -208,12 +208,13 @@ class RunLogger:
         if total > 3600 and self.device_type == "cpu" and self.slow_hint:
             self.info(f"that is hours on a CPU: {self.slow_hint}")
 
+    TIMING = "timing record: "  # log.txt lines benchmarks/estimates.py reads (metrics.jsonl keeps training records)
+
     def _record_estimate(self, total: float, left: float, basis: str) -> None:
-        """The estimate as a metrics.jsonl record (benchmarks/estimates.py compares it with the run's time)."""
-        if self.metrics_file is not None:
-            elapsed = time.perf_counter() - self._run_t0
-            self.metrics_file.write(json.dumps({"kind": "estimate", "basis": basis, "total_s": round(total, 3),
-                                                "left_s": round(left, 3), "elapsed_s": round(elapsed, 3)}) + "\n")
+        """The estimate in seconds, a log.txt line (benchmarks/estimates.py compares it with the run's time)."""
+        elapsed = time.perf_counter() - self._run_t0
+        self.file_only(self.TIMING + json.dumps({"kind": "estimate", "basis": basis, "total_s": round(total, 3),
+                                                  "left_s": round(left, 3), "elapsed_s": round(elapsed, 3)}))
 
     def _epoch_timed(self, now: float) -> None:
         """The epoch under way ended (the next one starts, or the run closes): keep its wall time and pace."""
@@ -318,10 +319,10 @@ class RunLogger:
             return
         if status is None:
             status = run_status(sys.exc_info()[1])
-        if self._run_left is not None and self.metrics_file is not None and not self.metrics_file.closed:
+        if self._run_left is not None and self._file_handler is not None:
             # the run's measured time, beside its estimates (benchmarks/estimates.py)
-            self.metrics_file.write(json.dumps({"kind": "run_time", "status": status, "seconds": round(
-                time.perf_counter() - self._run_t0, 3), "iterations": self._run_seen}) + "\n")
+            self.file_only(self.TIMING + json.dumps({"kind": "run_time", "status": status, "seconds": round(
+                time.perf_counter() - self._run_t0, 3), "iterations": self._run_seen}))
         from mimkit.engine.trackers import write_state
 
         try:  # the rows logged so far, so a resumed run continues wandb's row counter
