@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_openmmlab import mm  # noqa: F401  (the module fixture: skips without the openmmlab extra)
 
+from mimkit.errors import CheckpointError
+
 # 96 wide with 3 heads (32-d), decoder 48 wide with 3 heads (16-d): the width guesses (1 and 1 heads) are wrong
 DIM, HEADS, DEC, DEC_HEADS = 96, 3, 48, 3
 
@@ -88,28 +90,75 @@ def test_heads_come_from_the_saved_config_and_outputs_match(odd_mae, said) -> No
     _same_outputs(theirs, ours)
 
 
-def test_without_a_config_the_guess_is_one_line_and_model_kwargs_override_it(odd_mae, said) -> None:
+@pytest.fixture
+def wrong_guess(monkeypatch):
+    """Width guesses of 1 head: wrong for the files here (the real guess, 3 and 3, happens to be right)."""
+    from mimkit.models import openmmlab
+
+    monkeypatch.setattr(openmmlab, "guess_heads", lambda width, decoder=False: 1)
+
+
+def test_the_width_guess_is_consistent() -> None:
+    from mimkit.models.openmmlab import guess_heads
+
+    assert [guess_heads(w) for w in (96, 192, 768, 1024, 320, 100)] == [3, 3, 12, 16, 5, 1]
+    assert [guess_heads(w, decoder=True) for w in (512, 48, 64, 100)] == [16, 3, 2, 1]
+
+
+def test_without_a_config_the_guess_is_one_line_and_model_or_model_kwargs_override_it(odd_mae, said,
+                                                                                       wrong_guess) -> None:
     from mimkit.cli import build_parser
+    from mimkit.commands import HEADS_WAYS
     from mimkit.models.convert import load_into_model
     from mimkit.models.loading import model_from_checkpoint
+    from mimkit.models.openmmlab import heads_way
     from mimkit.models.registry import create_model
     from mimkit.tasks.pretrain import config as PC
 
     theirs, _, bare = odd_mae
     guessed, _ = model_from_checkpoint(bare)
-    assert _heads(guessed) == (1, 1)  # 96 // 64 and 48 // 32: what the weights alone suggest
+    assert _heads(guessed) == (1, 1)
     assert len(said) == 1, said
-    assert "does not say its number of heads" in said[0] and "assuming 1 head for width 96 (64-d heads)" in said[0]
-    assert "model.kwargs.num_heads" in said[0] and "model.kwargs.decoder_num_heads" in said[0]
-    # the override wins over the checkpoint's guessed architecture (pretrain --init_from, dotted keys)
+    assert "does not say its number of heads" in said[0]
+    assert "assuming 1 head for width 96 (96-d heads), decoder 1 head for width 48 (48-d heads)" in said[0]
+    assert "set model.kwargs.num_heads=N / model.kwargs.decoder_num_heads=N" in said[0]  # the dotted keys' commands
+    # knn & co: an explicit --model of the same width gives its heads (nano: 96 wide, 3 heads; its decoder is 64
+    # wide, not 48, so the decoder's guess stands and is said, naming --model)
+    said.clear()
+    with heads_way(HEADS_WAYS["knn"]):
+        named, desc = model_from_checkpoint(bare, model_name="mae_vit_nano_patch4_dec64d2b")
+        assert _heads(named) == (HEADS, 1) and "encoder 2x96" in desc
+        assert len(said) == 1 and "assuming decoder 1 head for width 48" in said[0] and "width 96" not in said[0]
+        assert "give --model NAME, a registered model 96 wide" in said[0]
+        with pytest.raises(CheckpointError, match=r"--model mae_vit_base_patch16 is 768 wide but .*96-wide"):
+            model_from_checkpoint(bare, model_name="mae_vit_base_patch16")
+    torch.testing.assert_close(named.forward_features(torch.ones(1, 3, 32, 32)),
+                               theirs.backbone(torch.ones(1, 3, 32, 32), mask=None)[0], atol=1e-5, rtol=0)
+    # the override wins over the checkpoint's guessed architecture (pretrain --init_from, dotted keys), unsaid
+    said.clear()
     args = build_parser().parse_args(["pretrain", "--data_path", "digits", "--init_from", str(bare),
                                       f"model.kwargs.num_heads={HEADS}", f"model.kwargs.decoder_num_heads={DEC_HEADS}"])
     cfg = PC.config_from_args(args)
+    assert not said
     kw = dict(cfg.model.kwargs)
     assert kw["num_heads"] == HEADS and kw["decoder_num_heads"] == DEC_HEADS and kw["embed_dim"] == DIM
     ours = create_model(cfg.model.type, img_size=32, **kw)
     load_into_model(ours, bare, strict=True)
     _same_outputs(theirs, ours.eval())
+
+
+def test_a_model_named_against_the_saved_config_is_refused(odd_mae) -> None:
+    from mimkit.models.loading import model_from_checkpoint
+
+    _, path, _ = odd_mae  # 96 wide, 3 heads stated; a registered 96-wide model with other heads: none, so patch one
+    from mimkit.models import loading
+
+    orig = loading.create_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loading, "create_model", lambda name, **kw: orig(name, **{"num_heads": 2, **kw})
+                   if name == "mae_vit_nano_patch4_dec64d2b" and not kw else orig(name, **kw))
+        with pytest.raises(CheckpointError, match=r"has 2 heads but .*saved config says 3: leave --model out"):
+            model_from_checkpoint(path, model_name="mae_vit_nano_patch4_dec64d2b")
 
 
 def test_arch_names_and_dicts_are_read_without_running_the_config(tmp_path) -> None:
@@ -140,7 +189,8 @@ def test_arch_names_and_dicts_are_read_without_running_the_config(tmp_path) -> N
 def test_cli_knn_and_pretrain_init_from_take_the_odd_width_files(odd_mae, tmp_path, image_folder, capsys,
                                                                  said) -> None:
     """From the CLI: knn on the file with its config (3 heads, said nowhere as a guess); pretrain --init_from the
-    file without one, heads given as model.kwargs: the run builds 3 heads and starts from their weights."""
+    file without one, the encoder's heads given as model.kwargs: the run builds 3 heads and starts from their
+    weights; the decoder's guess alone is said, on the console and in log.txt."""
     import json
 
     from test_evaluate import write_colour_set
@@ -156,10 +206,16 @@ def test_cli_knn_and_pretrain_init_from_take_the_odd_width_files(odd_mae, tmp_pa
     assert "mmpretrain MAE (backbone + neck)" in out and not said
     assert json.loads((tmp_path / "knn/results.json").read_text())["metrics"]
     run = tmp_path / "pre"
-    assert main(["pretrain", "--init_from", str(bare), "--data_path", str(image_folder), "--epochs", "1",
-                 "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "off", "--warmup_epochs",
-                 "0", "--output_dir", str(run), f"model.kwargs.num_heads={HEADS}",
-                 f"model.kwargs.decoder_num_heads={DEC_HEADS}"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # a wrong width guess (1 head), as the real one is right here
+        from mimkit.models import openmmlab
+
+        mp.setattr(openmmlab, "guess_heads", lambda width, decoder=False: 1)
+        assert main(["pretrain", "--init_from", str(bare), "--data_path", str(image_folder), "--epochs", "1",
+                     "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--amp", "off", "--warmup_epochs",
+                     "0", "--output_dir", str(run), f"model.kwargs.num_heads={HEADS}"]) == 0
     kw = load_checkpoint_file(run / "checkpoints/final.pt")["config"]["model"]["kwargs"]
-    assert (kw["embed_dim"], kw["num_heads"], kw["decoder_num_heads"]) == (DIM, HEADS, DEC_HEADS)
-    assert len(said) == 1 and "assuming 1 head for width 96" in said[0]  # the guess the keys overrode
+    assert (kw["embed_dim"], kw["num_heads"], kw["decoder_num_heads"]) == (DIM, HEADS, 1)
+    # only what the keys left to the guess is said, once, and it is in the run's log.txt too
+    assert len(said) == 1 and "assuming decoder 1 head for width 48" in said[0] and "width 96" not in said[0]
+    assert "set model.kwargs.decoder_num_heads=N" in said[0]
+    assert said[0] in (run / "log.txt").read_text()

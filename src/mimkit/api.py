@@ -54,11 +54,14 @@ class RunResult:
 
 def run_args(args: argparse.Namespace) -> RunResult:
     """Run parsed args (`args.command`, `args._module`) and collect what the run wrote: the CLI's path too."""
+    from mimkit.commands import HEADS_WAYS
     from mimkit.engine import runfolder
+    from mimkit.engine.logging import early_notes
+    from mimkit.models.openmmlab import heads_way
 
     before = runfolder.held()
     try:
-        with C.recording_outputs() as written:
+        with C.recording_outputs() as written, heads_way(HEADS_WAYS.get(args.command)), early_notes():
             code = importlib.import_module(args._module).run(args) or 0
     except UserError:  # refused before any work: a folder this run created and left empty goes again
         mine = runfolder.held() - before

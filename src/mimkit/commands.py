@@ -37,6 +37,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# How each command that reads an encoder checkpoint lets a user state the heads of a file that does not (an
+# OpenMMLab file without its saved config): the guess line names it. Absent: model.kwargs.num_heads=N (dotted keys).
+_BY_MODEL = "give --model NAME, a registered model {width} wide with the right heads (`mimkit models`)"
+HEADS_WAYS: dict[str, str] = {
+    **dict.fromkeys(("knn", "rankme", "linprobe", "finetune", "segment", "visualize", "export"), _BY_MODEL),
+    "incremental": "give --model NAME with --finetune, a registered MAE model {width} wide with the right heads "
+                   "(`mimkit models`)",
+}
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the module docstring's layout and shows each flag's default exactly once."""
 

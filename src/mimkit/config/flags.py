@@ -288,6 +288,7 @@ def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[
     weights were trained on inputs normalised so (a config file or --mean / --std still win).
     """
     from mimkit.models.loading import architecture_of
+    from mimkit.models.openmmlab import say_guess
 
     arch = architecture_of(init_from)
     if not arch:
@@ -297,6 +298,10 @@ def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[
     if named and not C.same_model(named, arch["model"]["type"]):
         norm = {k: data[k] for k in ("mean", "std") if data.get(k) is not None}
         return ([(f"normalisation of {init_from}", {"data": norm})] if norm else []), []
+    # heads guessed from the width, unless the user's keys state them (they sit above this layer)
+    say_guess(arch.get("heads_guess"), {k: next((C._get(d, f"model.kwargs.{k}") for _, d in user
+                                                 if C._get(d, f"model.kwargs.{k}") is not None), None)
+                                        for k in ("num_heads", "decoder_num_heads")})
     below = [(f"input size of {init_from}", {"data": data})] if data else []
     return below, [(C.ARCH_ORIGIN + str(init_from), {"model": arch["model"]})]
 

@@ -3,6 +3,7 @@ experiment trackers of engine/trackers.py (TensorBoard, wandb, MLflow), which ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,36 @@ def get_logger() -> logging.Logger:
         log.setLevel(logging.INFO)
         log.propagate = False
     return log
+
+
+class _EarlyNotes(logging.Handler):
+    """Warnings said before a run's log.txt exists (a guessed architecture while the config is built), kept for
+    the first run logger to write into its log.txt."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(isinstance(h, logging.FileHandler) for h in logging.getLogger(LOGGER_NAME).handlers):
+            self.records = (self.records + [record])[-50:]  # a log.txt open already has it
+
+
+_EARLY: list[_EarlyNotes] = []
+
+
+@contextlib.contextmanager
+def early_notes():
+    """Within (one command): warnings said before its run logger opens also reach the run's log.txt."""
+    h = _EarlyNotes()
+    log = get_logger()
+    log.addHandler(h)
+    _EARLY.append(h)
+    try:
+        yield
+    finally:
+        _EARLY.remove(h)
+        log.removeHandler(h)
 
 
 class SmoothedValue:
@@ -92,6 +123,10 @@ class RunLogger:
         self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self._file_handler.setLevel(logging.INFO)
         # Everything under the package logger (data warnings naming a skipped file too) lands in log.txt.
+        for early in _EARLY:  # and what was said before the run folder existed
+            for record in early.records:
+                self._file_handler.handle(record)
+            early.records.clear()
         self.log.addHandler(self._file_handler)
         self.file_log = logging.getLogger(f"{LOGGER_NAME}.fileonly.{id(self)}")
         self.file_log.addHandler(self._file_handler)

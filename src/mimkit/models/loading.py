@@ -18,7 +18,7 @@ from mimkit.io import hf_config_beside, load_checkpoint_file, resolve_checkpoint
 from mimkit.models.convert import (HF_MODEL_TYPES, extract_state_dict, hf_config_to_kwargs, load_into_model,
                                    to_mae_state_dict)
 from mimkit.models.builders import MAE_OPTIONS
-from mimkit.models.openmmlab import mae_kwargs, openmmlab_kind
+from mimkit.models.openmmlab import Guess, mae_sizes, openmmlab_kind, say_guess
 from mimkit.models.registry import create_model, list_models, same_model
 
 # Registered builder used for a Hugging Face config that matches no preset: every size comes from config.json.
@@ -103,9 +103,10 @@ def encoder_arch_of_config(cfg: dict) -> Optional[dict]:
     return None
 
 
-def openmmlab_kwargs(obj: Any) -> Optional[dict]:
-    """MaskedAutoencoderViT arguments of an mmpretrain / MMSeg checkpoint (its tensors' shapes, its saved config's
-    heads), or None for any other file."""
+def openmmlab_sizes(obj: Any) -> Optional[tuple[dict, Optional[Guess]]]:
+    """(MaskedAutoencoderViT arguments, heads guessed from the width or None) of an mmpretrain / MMSeg checkpoint
+    (its tensors' shapes, its saved config's heads), or None for any other file. Nothing is said here: the caller
+    says the guess only when the user states no heads of their own."""
     if _mimkit_config(obj) is not None:
         return None
     try:
@@ -116,7 +117,34 @@ def openmmlab_kwargs(obj: Any) -> Optional[dict]:
     if kind is None:
         return None
     mae_sd, _ = to_mae_state_dict(sd)
-    return mae_kwargs(mae_sd, kind, obj.get("meta") if isinstance(obj, dict) else None)
+    return mae_sizes(mae_sd, kind, obj.get("meta") if isinstance(obj, dict) else None)
+
+
+def adopt_named_heads(name: str, kw: dict, guess: Optional[Guess], path: Any) -> tuple[dict, Optional[Guess]]:
+    """An explicit --model for an OpenMMLab file: its width must be the file's (one line otherwise); its heads
+    replace those guessed from the width (a decoder of another width keeps its guess); heads the file's saved
+    config states must agree with it. Returns (kwargs, what is still guessed)."""
+    with torch.device("meta"):
+        named = create_model(name)
+    own = {"num_heads": named.blocks[0].attn.num_heads, "embed_dim": named.embed_dim}
+    if hasattr(named, "decoder_blocks") and len(named.decoder_blocks):
+        own.update(decoder_num_heads=named.decoder_blocks[0].attn.num_heads,
+                   decoder_embed_dim=named.decoder_embed.out_features)
+    if own["embed_dim"] != kw["embed_dim"]:
+        raise CheckpointError(f"--model {name} is {own['embed_dim']} wide but {path} holds a {kw['embed_dim']}-wide "
+                              "encoder: name a model of its width (`mimkit models`), or leave --model out")
+    out, left = dict(kw), (Guess(guess.why, guess.widths) if guess else None)
+    for key, width in (("num_heads", "embed_dim"), ("decoder_num_heads", "decoder_embed_dim")):
+        if guess is not None and key in guess:
+            if own.get(width) == kw.get(width):
+                out[key] = own[key]
+            else:  # a decoder of another width (or none) than the file's: the guess stands
+                left[key] = guess[key]
+        elif key in own and key in kw and own[width] == kw[width] and own[key] != kw[key]:
+            part = "decoder " if key.startswith("decoder") else ""
+            raise CheckpointError(f"--model {name} has {own[key]} {part}heads but {path}'s saved config says "
+                                  f"{kw[key]}: leave --model out (the file states its heads)")
+    return out, (left or None)
 
 
 def _mimkit_config(obj: Any) -> Optional[dict]:
@@ -206,9 +234,13 @@ def _model_from_checkpoint(
     elif hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs.update(hf_config_to_kwargs(hf_cfg))
         model_name = model_name or preset_for_kwargs(kwargs)
-    elif (mm := openmmlab_kwargs(obj)) is not None:  # the file's own sizes beat a preset's, as a HF config's
-        kwargs.update(mm)
+    elif (mm := openmmlab_sizes(obj)) is not None:  # the file's own sizes beat a preset's, as a HF config's
+        mm_kw, guess = mm
+        if model_name is not None:  # an explicit --model states the heads the file does not
+            mm_kw, guess = adopt_named_heads(model_name, mm_kw, guess, p)
+        kwargs.update(mm_kw)
         model_name = model_name or preset_for_kwargs(kwargs)
+        say_guess(guess, overrides)
     if model_name is None:
         sd, _ = extract_state_dict(obj)
         sd, _ = to_mae_state_dict(sd)
@@ -235,7 +267,8 @@ def architecture_of(path: str | os.PathLike) -> Optional[dict]:
 
     A mimkit checkpoint says it in its config, a Hugging Face folder in its config.json; an official file is
     matched to a registered preset by shape (input size from the position-embedding grid). None when the file is
-    unreadable or matches nothing: the loader then reports the mismatch in full.
+    unreadable or matches nothing: the loader then reports the mismatch in full. An OpenMMLab file whose heads
+    were guessed from the width also gives `heads_guess` (openmmlab.Guess), for the caller to say (say_guess).
     """
     try:
         p = resolve_checkpoint(path)
@@ -257,12 +290,14 @@ def architecture_of(path: str | os.PathLike) -> Optional[dict]:
     except CheckpointError:
         return None
     hf_cfg = hf_config_beside(p)
-    mm = openmmlab_kwargs(obj)
-    if mm is not None:
+    sized = openmmlab_sizes(obj)
+    if sized is not None:  # a guess is said by whoever builds the model (the user may state the heads)
+        mm = sized[0]
         name = preset_for_kwargs(mm)
         if "img_size" in mm:
             data["input_size"] = mm.pop("img_size")
-        return {"model": {"type": name, "kwargs": mm, "norm_pix_loss": False}, **({"data": data} if data else {})}
+        return {"model": {"type": name, "kwargs": mm, "norm_pix_loss": False}, **({"data": data} if data else {}),
+                **({"heads_guess": sized[1]} if sized[1] else {})}
     if hf_cfg is not None and hf_cfg.get("model_type") in HF_MODEL_TYPES:
         kwargs = hf_config_to_kwargs(hf_cfg)
         name = preset_for_kwargs(kwargs)

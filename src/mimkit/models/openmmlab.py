@@ -16,6 +16,8 @@ mimkit's ViT has no relative position bias.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from collections.abc import Mapping
@@ -165,7 +167,7 @@ ARCH_HEADS = {**dict.fromkeys(("s", "small"), (768, 8)), **dict.fromkeys(("b", "
               **dict.fromkeys(("eva-g", "eva-giant"), (1408, 16)), **dict.fromkeys(("deit-t", "deit-tiny"), (192, 3)),
               **dict.fromkeys(("deit-s", "deit-small", "dinov2-s", "dinov2-small"), (384, 6)),
               **dict.fromkeys(("dinov2-g", "dinov2-giant"), (1536, 24))}
-# Heads of the standard widths (ViT-Ti/S/B/L/H); other widths get 64-d heads (decoders 32-d, as mmpretrain's 512/16)
+# Heads of the standard widths (ViT-Ti/S/B/L/H); other widths: guess_heads
 _HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
@@ -241,18 +243,70 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Mapping] = None) -> dict[str, Any]:
-    """MaskedAutoencoderViT arguments for a converted OpenMMLab state dict: sizes from the tensors' shapes, heads
-    (and LayerNorm eps, decoder heads) from the mmengine file's saved config (saved_architecture) when it has one;
-    otherwise guessed from the width, which is said in one line with the override that fixes it."""
+def guess_heads(width: int, decoder: bool = False) -> int:
+    """Heads of a width the file does not state: the standard ViT-Ti/S/B/L/H counts, MAE's 16 for a 512 decoder,
+    else the widest of 64 / 32 / 16-d heads (decoders 32 / 16-d) that divides the width, else 1."""
+    if not decoder and width in _HEADS:
+        return _HEADS[width]
+    if decoder and width == 512:
+        return 16
+    return next((width // d for d in ((32, 16) if decoder else (64, 32, 16)) if width % d == 0), 1)
+
+
+class Guess(dict):
+    """Sizes taken from the width alone ({'num_heads': 3, 'decoder_num_heads': 2}), with why and the widths."""
+
+    def __init__(self, why: str, widths: dict[str, int]) -> None:
+        super().__init__()
+        self.why, self.widths = why, widths
+
+    def line(self, way: Optional[str] = None) -> str:
+        """The one line that says the guess and the way to state the heads (`way`: the command's own)."""
+        parts = []
+        for key, n in self.items():
+            width = self.widths[key]
+            parts.append(f"{'decoder ' if key.startswith('decoder') else ''}{_n_heads(n)} for width {width} "
+                         f"({width // n}-d heads)")
+        width = self.widths["embed_dim"]  # --model names the encoder's width
+        way = (way or HEADS_WAY.get() or ("set " + " / ".join(f"model.kwargs.{k}=N" for k in self))).format(
+            width=width)
+        return (f"the checkpoint does not say its number of heads ({self.why}): assuming {', '.join(parts)}; "
+                f"if wrong, {way}")
+
+
+# How the command at hand lets a user state the heads (set by the command layer: a model knows no flags).
+HEADS_WAY: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("heads_way", default=None)
+
+
+@contextlib.contextmanager
+def heads_way(way: Optional[str]):
+    """Within: a guessed head count names `way` as its fix, and each guess is said afresh once (one run)."""
+    token = HEADS_WAY.set(way)
+    said = set(_SAID)
+    _SAID.clear()
+    try:
+        yield
+    finally:
+        HEADS_WAY.reset(token)
+        _SAID.clear()
+        _SAID.update(said)
+
+
+def mae_sizes(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Mapping] = None
+              ) -> tuple[dict[str, Any], Optional[Guess]]:
+    """(MaskedAutoencoderViT arguments, the guess or None) for a converted OpenMMLab state dict: sizes from the
+    tensors' shapes, heads (and LayerNorm eps, decoder heads) from the mmengine file's saved config
+    (saved_architecture) when it has one; otherwise guessed from the width (guess_heads), which the caller says
+    (say_guess) once it knows the user stated no heads."""
     saved = saved_architecture(meta)
     width = mae_sd["cls_token"].shape[-1]
-    guessed: list[str] = []  # said in one line, with the keys that override each guess
+    why = ("its saved config describes other sizes than its weights" if saved.get("embed_dim", width) != width
+           else "no saved config in meta['cfg'] states them")
+    guess = Guess(why, {"embed_dim": width})
     heads = saved.get("num_heads") if saved.get("embed_dim", width) == width else None
     if heads is None:
-        heads = _HEADS.get(width, max(1, width // 64))
-        guessed.append(f"{_n_heads(heads)} for width {width}" + ("" if width in _HEADS else " (64-d heads)")
-                       + " (model.kwargs.num_heads)")
+        heads = guess["num_heads"] = guess_heads(width)
+        guess.widths["num_heads"] = width
     patch = mae_sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("blocks."))
     tokens = mae_sd["pos_embed"].shape[1] - 1
@@ -271,16 +325,29 @@ def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Map
         dec = mae_sd["decoder_embed.weight"].shape[0]
         dec_heads = saved.get("decoder_num_heads") if saved.get("decoder_embed_dim", dec) == dec else None
         if dec_heads is None:
-            dec_heads = 16 if dec == 512 else max(1, dec // 32)
-            guessed.append(f"decoder {_n_heads(dec_heads)} for width {dec} (model.kwargs.decoder_num_heads)")
+            dec_heads = guess["decoder_num_heads"] = guess_heads(dec, decoder=True)
+            guess.widths["decoder_num_heads"] = dec
         kw.update(decoder_embed_dim=dec,
                   decoder_depth=1 + max(int(k.split(".")[1]) for k in mae_sd if k.startswith("decoder_blocks.")),
                   decoder_num_heads=dec_heads)
-    if guessed:
-        why = ("its saved config describes other sizes than its weights" if saved.get("embed_dim", width) != width
-               else "no saved config in meta['cfg'] states them")
-        _say_once(f"the checkpoint does not say its number of heads ({why}): assuming {', '.join(guessed)}; if "
-                  "wrong, set the key named (=N: pretrain / continual --init_from) or give the file its config")
+    return kw, (guess or None)
+
+
+def say_guess(guess: Optional[Guess], stated: Mapping[str, Any] = {}) -> None:
+    """Say (once per run, as a warning: console and the run's log.txt) the heads guessed that `stated` (the
+    user's own keys) does not replace."""
+    if guess is None:
+        return
+    left = Guess(guess.why, guess.widths)
+    left.update({k: v for k, v in guess.items() if stated.get(k) is None})
+    if left:
+        _say_once(left.line())
+
+
+def mae_kwargs(mae_sd: Mapping[str, torch.Tensor], kind: str, meta: Optional[Mapping] = None) -> dict[str, Any]:
+    """mae_sizes' arguments, the guess said at once (for a caller with no way of its own to state heads)."""
+    kw, guess = mae_sizes(mae_sd, kind, meta)
+    say_guess(guess)
     return kw
 
 

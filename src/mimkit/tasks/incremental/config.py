@@ -23,7 +23,7 @@ DATASETS = ("auto", "folder", "cifar10", "cifar100")
 class IncModelConfig:
     type: str = "slim_resnet18"  # resnet18 (nf 64, Mammoth) | slim_resnet18 (nf 20, GEM / Avalanche)
     nf: Optional[int] = None  # ResNet width override; None = the model's (64 or 20)
-    finetune: Optional[str] = None  # an MAE checkpoint: its ViT encoder becomes the backbone (type ignored)
+    finetune: Optional[str] = None  # an MAE checkpoint: its ViT encoder becomes the backbone (type ignored, unless it names an MAE model: that model's heads for a file that does not state them)
     grad_checkpointing: Any = False  # recompute block activations in backward: false | true (every ViT block) | N (the first N); needs --finetune
 
 

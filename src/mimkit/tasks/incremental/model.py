@@ -113,7 +113,9 @@ def build_classifier(model_type: str, nf: Optional[int], finetune: Optional[str]
     if finetune:
         from mimkit.models.loading import model_from_checkpoint
 
-        encoder, desc = model_from_checkpoint(finetune, input_size=input_size)
+        # --model naming an MAE model (not a ResNet) states the heads of a file that does not (an OpenMMLab file)
+        named = None if model_type in BACKBONES else model_type
+        encoder, desc = model_from_checkpoint(finetune, model_name=named, input_size=input_size)
         backbone = ViTBackbone(encoder.train())
     else:
         width = nf or BACKBONES[model_type]
