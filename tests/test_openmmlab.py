@@ -282,6 +282,15 @@ def test_a_segmenter_without_layer_scale_exports_to_what_mmseg_builds(mm, tmp_pa
     with torch.no_grad():
         mine = ours(x)
     torch.testing.assert_close(_their_logits(theirs, x), mine, atol=1e-5, rtol=0)
+    # read back by mimkit (knn & co): the folder resolves to model.pth, its heads come from config.py beside it
+    # (2 heads of 32-d; the width alone would say 1 of 64-d)
+    from mimkit.models.loading import model_from_checkpoint
+
+    enc, desc = model_from_checkpoint(tmp_path / "ex")
+    assert enc.blocks[0].attn.num_heads == 2 and "ex/model.pth" in desc
+    mine_sd = ours.state_dict()
+    assert all(torch.equal(v, mine_sd["backbone." + k]) for k, v in enc.state_dict().items()
+               if "backbone." + k in mine_sd)  # (gammas of 1 are the export's own: MMSeg's MAE layer has them)
     # taps MMSeg cannot express (a block twice: default_taps of a 2-block encoder) are one line, nothing written
     torch.save({"model": MAESegmenter({**arch, "depth": 2, "taps": [0, 0, 0, 1]}).state_dict(), "mimkit_version": "t",
                 "config": {"model": {"arch": {**arch, "depth": 2, "taps": [0, 0, 0, 1]}}}}, tmp_path / "dup.pt")

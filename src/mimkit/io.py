@@ -38,6 +38,8 @@ from mimkit.errors import CheckpointError
 MIMKIT_FILES_FINAL = ("model.pt", "final.pt", "checkpoints/final.pt", "latest.pt", "checkpoints/latest.pt")
 MIMKIT_FILES_LATEST = ("model.pt", "latest.pt", "checkpoints/latest.pt", "final.pt", "checkpoints/final.pt")
 HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# An MMSegmentation model folder (`mimkit export --format mmseg`: model.pth beside config.py)
+OPENMMLAB_FILES = ("model.pth",)
 # A mimkit checkpoint folder may hold model.safetensors beside model.pt: model.pt (with its config) comes first.
 
 
@@ -54,14 +56,16 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "final") -> Path:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint is neither a file nor a folder: {path}")
-    names: Sequence[str] = (MIMKIT_FILES_LATEST if prefer == "latest" else MIMKIT_FILES_FINAL) + HF_FILES
+    names: Sequence[str] = ((MIMKIT_FILES_LATEST if prefer == "latest" else MIMKIT_FILES_FINAL) + HF_FILES
+                            + OPENMMLAB_FILES)
     for name in names:
         cand = p / name
         if cand.is_file():
             return cand
     raise CheckpointError(
         f"no checkpoint in folder {path}: looked for {', '.join(names)} "
-        "(a mimkit run / checkpoint folder or a Hugging Face save_pretrained folder)"
+        "(a mimkit run / checkpoint folder, a Hugging Face save_pretrained folder or an MMSegmentation model "
+        "folder written by `mimkit export --format mmseg`)"
     )
 
 
@@ -80,11 +84,27 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
 
             return load_file(str(path), device="cpu")
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _config_beside(path, torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # torch/zipfile/pickle/safetensors raise many types; the user needs one line
         if "GLOBAL" not in str(e):  # not a class / function weights_only refused: garbage, truncation, ...
             raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
-    return load_restricted(path)
+    return _config_beside(path, load_restricted(path))
+
+
+def _config_beside(path: Path, obj: Any) -> Any:
+    """An mmengine-layout file whose meta holds no config text gets the `config.py` beside it (an MMSeg model
+    folder: `mimkit export --format mmseg`) as meta['cfg']: text only, read later with `ast`, never executed."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
+        return obj
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    beside = path.parent / "config.py"
+    if meta.get("cfg") or meta.get("config") or not beside.is_file() or beside.stat().st_size > 2**20:
+        return obj
+    try:
+        text = beside.read_text()
+    except (OSError, UnicodeDecodeError):
+        return obj
+    return {**obj, "meta": {**meta, "cfg": text}}
 
 
 # ---------------------------------------------------------------------------------------------- restricted

@@ -257,7 +257,7 @@ def _model_from_checkpoint(
     model.load_report = report  # e.g. decoder_fresh: a command that needs the decoder can refuse
     model.normalization = checkpoint_normalization(p, obj)
     model.eval()
-    generic = p.name in ("model.safetensors", "model.pt", "pytorch_model.bin")
+    generic = p.name in ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
     where = f"{p.parent.name}/{p.name}" if generic else p.name
     return model, f"{model_name} ({describe_architecture(model)}) from {where} ({report.source})"
 
