@@ -135,9 +135,27 @@ def test_mmpretrain_classifier_gives_its_encoder_and_visualize_refuses_it(mm, tm
         tokens = ours.forward_features(x, layers=[1])[0]
         our_pooled = ours.norm(tokens[:, 1:].mean(1))  # their ln2 is our norm
     torch.testing.assert_close(our_pooled, pooled, atol=1e-5, rtol=0)
+    capsys.readouterr()
     assert main(["visualize", str(path), _image(tmp_path), "--output", str(tmp_path / "v.png")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "decoder" in err, err
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "holds no MAE decoder" in err, err
+    assert "starts fresh" not in out + err and "loaded an" not in out + err  # the refusal alone
+    # an encoder-taking command (knn, linprobe, finetune, ...): no random decoder built or counted, none said
+    enc, desc = model_from_checkpoint(path, decoder="unused")
+    assert "no decoder" in desc and "encoder only" in enc.load_report.summary()
+    assert "starts fresh" not in enc.load_report.summary()
+    assert sum(p.numel() for n, p in enc.named_parameters() if n.startswith("decoder")) < 10_000  # not 8x512
+    torch.testing.assert_close(enc.norm(enc.forward_features(x, layers=[1])[0][:, 1:].mean(1)), pooled, atol=1e-5,
+                               rtol=0)
+    # pretrain --init_from: the checkpoint's encoder, the preset's decoder (digits: 2 blocks x 64-d, 2 heads)
+    from mimkit.cli import build_parser
+    from mimkit.tasks.pretrain import config as PC
+
+    cfg = PC.config_from_args(build_parser().parse_args(["pretrain", "--data_path", "digits", "--init_from",
+                                                         str(path)]))
+    kw = cfg.model.kwargs
+    assert (kw.decoder_embed_dim, kw.decoder_depth, kw.decoder_num_heads) == (64, 2, 2), kw
+    assert kw.embed_dim == ours.embed_dim and kw.depth == len(ours.blocks)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from mimkit.config import layers as C
-from mimkit.errors import ConfigError, suggest
+from mimkit.errors import ConfigError, UserError, suggest
 
 
 @dataclass
@@ -210,7 +210,7 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
     above: list = []
     init_from = OmegaConf.select(cfg, "model.init_from", default=None)
     if init_from:
-        arch_below, above = _architecture_layers(init_from, user)
+        arch_below, above = _architecture_layers(init_from, user, cfg)
         below += arch_below
     if len(below) > (1 if preset else 0) or above:
         cfg = C.build_config(schema, below + file_layers + above + user)
@@ -280,7 +280,8 @@ def _preset_layer(preset: str, user: list[tuple[str, dict]]) -> dict:
     return data
 
 
-def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[list, list]:
+def _architecture_layers(init_from: str, user: list[tuple[str, dict]], cfg: Optional[DictConfig] = None
+                         ) -> tuple[list, list]:
     """(input-size layer for beneath the config file, model layer for above it) of a starting checkpoint.
 
     Empty when the checkpoint says nothing readable. When a flag / override names another model, the user's
@@ -302,8 +303,34 @@ def _architecture_layers(init_from: str, user: list[tuple[str, dict]]) -> tuple[
     say_guess(arch.get("heads_guess"), {k: next((C._get(d, f"model.kwargs.{k}") for _, d in user
                                                  if C._get(d, f"model.kwargs.{k}") is not None), None)
                                         for k in ("num_heads", "decoder_num_heads")})
+    kw = arch["model"].get("kwargs") or {}
+    if cfg is not None and "embed_dim" in kw and "decoder_embed_dim" not in kw:
+        arch["model"] = _with_decoder_of(arch["model"], cfg)
     below = [(f"input size of {init_from}", {"data": data})] if data else []
     return below, [(C.ARCH_ORIGIN + str(init_from), {"model": arch["model"]})]
+
+
+def _with_decoder_of(model: dict, cfg: DictConfig) -> dict:
+    """An encoder-only checkpoint's architecture (an mmpretrain classifier) completed with the decoder the config
+    so far describes (preset, file, flags): the checkpoint's sizes win for what it holds, the rest stays."""
+    import torch
+
+    from mimkit.models.loading import preset_for_kwargs
+    from mimkit.models.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            ours = create_model(cfg.model.type, **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    except (ConfigError, UserError, TypeError):
+        return model  # a config the validator refuses later, in its own words
+    if not hasattr(ours, "decoder_blocks") or not len(ours.decoder_blocks):
+        return model
+    blk = ours.decoder_blocks[0]
+    kwargs = {**model["kwargs"], "decoder_embed_dim": ours.decoder_embed.out_features,
+              "decoder_depth": len(ours.decoder_blocks), "decoder_num_heads": blk.attn.num_heads}
+    if blk.mlp.fc1.out_features != kwargs["decoder_embed_dim"] * kwargs.get("mlp_ratio", 4.0):
+        kwargs["decoder_mlp_ratio"] = blk.mlp.fc1.out_features / kwargs["decoder_embed_dim"]
+    return {**model, "kwargs": kwargs, "type": preset_for_kwargs(kwargs)}
 
 
 def _resume_layer(resume: str) -> list[tuple[str, dict]]:

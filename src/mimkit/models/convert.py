@@ -453,13 +453,16 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)         # classifier keys ignored during conversion
     resized: list[str] = field(default_factory=list)         # position embeddings fitted to the grid
     decoder_fresh: bool = False                              # the checkpoint had no decoder
+    decoder_used: bool = True                                # False: the command takes only the encoder
 
     def summary(self) -> str:
         """One human-readable line."""
         openmmlab = self.source in SOURCES.values()
         parts = [f"loaded an {self.source} checkpoint" if openmmlab else f"loaded {self.source} weights"]
-        if self.decoder_fresh:
+        if self.decoder_fresh and self.decoder_used:
             parts.append("the checkpoint has no decoder: the decoder starts fresh (randomly initialised)")
+        elif self.decoder_fresh:
+            parts.append("encoder only (the checkpoint has no decoder, and none is needed here)")
         if self.resized:
             parts.append("resized " + ", ".join(self.resized))
         if self.dropped:
@@ -477,6 +480,7 @@ def load_into_model(
     path_or_state: str | os.PathLike | Mapping[str, Any],
     strict: bool = True,
     pos_embed: str = "bicubic",
+    decoder_used: bool = True,
 ) -> LoadReport:
     """Load an official MAE, Hugging Face ViTMAE (transformers 4.x or 5.x names), timm ViT or mimkit checkpoint:
     a file, a folder (a run / checkpoint / save_pretrained folder: mimkit.io.resolve_checkpoint) or a loaded object.
@@ -505,9 +509,10 @@ def load_into_model(
         raise CheckpointError(f"checkpoint{where} ({source}) does not fit model {name}: {problems}")
 
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    report = LoadReport(source, missing, unexpected, dropped, resized, decoder_fresh)
+    report = LoadReport(source, missing, unexpected, dropped, resized, decoder_fresh, decoder_used)
     # a converted OpenMMLab file is always said: its origin and what of it was ignored
-    (log.warning if decoder_fresh or missing or source in SOURCES.values() else log.info)(report.summary())
+    warn = (decoder_fresh and decoder_used) or missing or source in SOURCES.values()
+    (log.warning if warn else log.info)(report.summary())
     return report
 
 

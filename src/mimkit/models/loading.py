@@ -182,6 +182,8 @@ def describe_architecture(model) -> str:
 
 def _decoder_text(model) -> str:
     """'decoder 2x128' (MAE), '4 decoders 1x128' (LocalMIM: one per tap), or 'no decoder'."""
+    if getattr(model, "decoder_unused", False):
+        return "no decoder"
     if hasattr(model, "decoder_blocks"):
         return f"decoder {len(model.decoder_blocks)}x{model.decoder_embed.out_features}"
     decoders = getattr(model, "decoder", None)
@@ -197,18 +199,40 @@ def name_the_file(path: str | os.PathLike, e: CheckpointError) -> CheckpointErro
     return e if str(path) in text else type(e)(f"{path}: {text}")
 
 
-def model_from_checkpoint(
-    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
-):
-    """(model with the checkpoint's weights, one-line description); any CheckpointError names the file."""
+# The decoder built for a checkpoint that holds none when the command uses only the encoder (decoder='unused'):
+# the smallest there is, so no memory goes to a random decoder nobody runs.
+UNUSED_DECODER = dict(decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=1)
+
+
+def holds_decoder(obj: Any) -> bool:
+    """Does a loaded checkpoint hold MAE / LocalMIM decoder weights? (True when its layout is unknown: the loader
+    then says what does not fit.)"""
     try:
-        return _model_from_checkpoint(path, model_name, input_size, **overrides)
+        sd, _ = extract_state_dict(obj)
+        sd, _ = to_mae_state_dict(sd)
+    except CheckpointError:
+        return True
+    return any(k.startswith(("decoder", "mask_token")) for k in sd)
+
+
+def model_from_checkpoint(
+    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None,
+    decoder: str = "fresh", **overrides: Any
+):
+    """(model with the checkpoint's weights, one-line description); any CheckpointError names the file.
+
+    decoder: what the caller does with the decoder of a checkpoint that holds none -- 'fresh' (it is trained or
+    exported: built at its full size, randomly initialised), 'unused' (an encoder-taking command: the smallest
+    decoder, and the load line says only the encoder is used) or 'needed' (refused in one line before loading)."""
+    try:
+        return _model_from_checkpoint(path, model_name, input_size, decoder, **overrides)
     except CheckpointError as e:
         raise name_the_file(path, e) from None
 
 
 def _model_from_checkpoint(
-    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None, **overrides: Any
+    path: str | os.PathLike, model_name: Optional[str] = None, input_size: Optional[int] = None,
+    decoder: str = "fresh", **overrides: Any
 ):
     """(model with the checkpoint's weights, one-line description) for any mimkit / official / HF MAE checkpoint.
 
@@ -251,9 +275,19 @@ def _model_from_checkpoint(
                                   "config.json (save_pretrained) or a mimkit checkpoint, which state their sizes")
     if input_size is not None:
         kwargs["img_size"] = input_size
+    unused = False
+    if decoder != "fresh" and not holds_decoder(obj):
+        if decoder == "needed":
+            raise CheckpointError(f"{p} holds no MAE decoder (an encoder-only, classifier, linprobe, finetune or "
+                                  "segment checkpoint): reconstructions need a pretraining checkpoint (MAE encoder + "
+                                  "decoder: mimkit pretrain / continual, mmpretrain MAE, official *_full.pth)")
+        unused = not any(k in overrides for k in UNUSED_DECODER)
+        if unused:
+            kwargs.update(UNUSED_DECODER)
     kwargs.update(overrides)
     model = create_model(model_name, **kwargs)
-    report = load_into_model(model, obj, strict=False)
+    report = load_into_model(model, obj, strict=False, decoder_used=not unused)
+    model.decoder_unused = unused  # describe_architecture says 'no decoder'
     model.load_report = report  # e.g. decoder_fresh: a command that needs the decoder can refuse
     model.normalization = checkpoint_normalization(p, obj)
     model.eval()

@@ -51,13 +51,17 @@ def describe(model: nn.Module) -> str:
         heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if len(blocks) else None
         parts.append(f"{len(blocks)} blocks x {model.embed_dim}-d" + (f" ({heads} heads)" if heads else ""))
     dec = getattr(model, "decoder_blocks", None)
-    if dec is not None and hasattr(model, "decoder_embed"):
+    unused = getattr(model, "decoder_unused", False)  # an encoder taken from a file with no decoder
+    if unused:
+        parts.append("no decoder")
+    elif dec is not None and hasattr(model, "decoder_embed"):
         parts.append(f"decoder {len(dec)} blocks x {model.decoder_embed.out_features}-d")
     size = getattr(model, "img_size", None)
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         parts.append(f"{h}x{w} px, {getattr(model, 'in_chans', 3)} channel(s)")
-    parts.append(f"{sum(p.numel() for p in model.parameters()):,} params")
+    skip = ("decoder", "mask_token") if unused else ()
+    parts.append(f"{sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip)):,} params")
     return ", ".join(parts)
 
 

@@ -113,7 +113,7 @@ def load_for_export(path: str, model_name: str | None = None, input_size: int | 
         model, kind = _classifier(obj, sd, input_size)
         model.saved_config = obj.get("config")  # its data.mean / data.std go into the export record
         return model, kind, None, f"fine-tuned classifier from {p.name}", model
-    mae, desc = load_encoder(str(p), model_name, input_size)
+    mae, desc = load_encoder(str(p), model_name, input_size, decoder="fresh")  # a HF export writes the decoder
     model = EncoderFeatures(mae).eval()
     return model, "encoder", mae, desc, model
 

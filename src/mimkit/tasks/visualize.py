@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     output_dir = getattr(args, "output_dir", None)
     if args.output is not None and output_dir is not None:
         raise UserError(f"give --output ({args.output}) or --output_dir ({output_dir}), not both")
-    model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size)
+    # a file without a decoder is refused before it loads (no load line about a fresh decoder first)
+    model, info = model_from_checkpoint(args.checkpoint, args.model, args.input_size, decoder="needed")
     if not hasattr(model, "decoder_pred"):  # LocalMIM predicts HOG features: there are no pixels to draw
         raise UserError(f"{args.checkpoint} holds a {type(model).__name__} ({info.split(' ')[0]}), which predicts "
                         "HOG features, not pixels: reconstruction pictures need an MAE checkpoint")

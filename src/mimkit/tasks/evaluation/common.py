@@ -33,8 +33,9 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, input_size: Optional[int] = None,
-                 random_init: bool = False, seed: int = 0):
-    """(MAE-family model in eval mode, description); CheckpointError when the file does not fit the model."""
+                 random_init: bool = False, seed: int = 0, decoder: str = "unused"):
+    """(MAE-family model in eval mode, description); CheckpointError when the file does not fit the model.
+    `decoder`: see models.loading.model_from_checkpoint (only the encoder is used here, unless 'fresh')."""
     from mimkit.models import create_model
     from mimkit.models.loading import model_from_checkpoint
 
@@ -48,7 +49,7 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
 
         return model.eval(), f"{model_name} (random init, seed {seed}) [{describe(model)}]"
     path = _resolve(checkpoint)
-    model, desc = model_from_checkpoint(path, model_name=model_name, input_size=input_size)
+    model, desc = model_from_checkpoint(path, model_name=model_name, input_size=input_size, decoder=decoder)
     if random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

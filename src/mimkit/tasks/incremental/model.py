@@ -115,7 +115,7 @@ def build_classifier(model_type: str, nf: Optional[int], finetune: Optional[str]
 
         # --model naming an MAE model (not a ResNet) states the heads of a file that does not (an OpenMMLab file)
         named = None if model_type in BACKBONES else model_type
-        encoder, desc = model_from_checkpoint(finetune, model_name=named, input_size=input_size)
+        encoder, desc = model_from_checkpoint(finetune, model_name=named, input_size=input_size, decoder="unused")
         backbone = ViTBackbone(encoder.train())
     else:
         width = nf or BACKBONES[model_type]
