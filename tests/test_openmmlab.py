@@ -355,3 +355,58 @@ def test_beit_q_and_v_biases_become_one_qkv_bias(mm) -> None:
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_mmseg_inference_model_on_the_export_agrees_with_segment_predict_on_a_non_square_image(mm, tmp_path,
+                                                                                                capsys) -> None:
+    """The exported test_pipeline (keep-ratio Resize to [4 crop, crop]) and test_cfg (slide, the crop as window):
+    MMSeg's own inference_model on a 45x70 image labels the pixels as `mimkit segment --predict` does."""
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.models.segmentation import MAESegmenter
+
+    arch = dict(img_size=[32, 32], patch_size=8, in_chans=3, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0,
+                taps=[0, 1, 2, 3], num_classes=3, channels=16, aux_channels=8, pool_scales=[1, 2, 3, 6], dropout=0.1)
+    torch.manual_seed(4)
+    ours = MAESegmenter(arch).eval()
+    mm.randomise_(ours)
+    torch.save({"model": ours.state_dict(), "mimkit_version": "test", "optimizer": {}, "epoch": 1, "step": 1,
+                "config": {"model": {"arch": arch, "class_names": ["a", "b", "c"]},
+                           "data": {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": 32}, "test": {"mode": "slide"}}},
+               tmp_path / "seg.pt")
+    assert main(["export", str(tmp_path / "seg.pt"), "--format", "mmseg", "--output", str(tmp_path / "ex")]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out and "mmcv._ext" in out  # slide with the crop as window: nothing MMSeg cannot match
+    text = (tmp_path / "ex" / "config.py").read_text()
+    assert "test_cfg=dict(mode='slide', crop_size=(32, 32), stride=(21, 21))" in text
+    assert "dict(type='Resize', scale=(128, 32), keep_ratio=True)" in text
+    # a smooth picture (a few sharp edges), not noise: resizing in uint8 (MMSeg, cv2) or float (mimkit) agrees
+    yy, xx = np.mgrid[0:45, 0:70]
+    img = np.stack([xx * 3, yy * 5, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)
+    img[10:30, 20:50] = [200, 30, 90]
+    Image.fromarray(img).save(tmp_path / "pic.png")
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import openmmlab_models as mm
+mm.import_mmseg()
+from mmseg.apis import inference_model, init_model
+model = init_model({str(tmp_path / 'ex' / 'config.py')!r}, {str(tmp_path / 'ex' / 'model.pth')!r}, device='cpu')
+np.save({str(tmp_path / 'theirs.npy')!r}, inference_model(model, {str(tmp_path / 'pic.png')!r}).pred_sem_seg.data[0].numpy())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "pic.png").write_bytes((tmp_path / "pic.png").read_bytes())
+    assert main(["segment", "--predict", str(imgs), "--resume", str(tmp_path / "seg.pt"), "--test_mode", "slide",
+                 "--num_workers", "0", "--output_dir", str(tmp_path / "pr"), "logging.tensorboard=false"]) == 0
+    mine = np.array(Image.open(next((tmp_path / "pr").rglob("pic.png_label.png"))))
+    theirs = np.load(tmp_path / "theirs.npy")
+    assert theirs.shape == mine.shape == (45, 70)
+    agree = float((theirs == mine).mean())
+    print(f"MMSeg inference_model vs mimkit --predict: {agree:.2%} of pixels agree")
+    assert agree >= 0.99, agree

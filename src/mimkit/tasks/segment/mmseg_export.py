@@ -4,9 +4,9 @@
     # in MMSegmentation:  model = mmseg.apis.init_model("final_mmseg/config.py", "final_mmseg/model.pth")
 
 The folder holds `model.pth` (mmengine's layout: {meta: {dataset_meta: {classes}}, state_dict}) and `config.py`
-(an EncoderDecoder: MMSeg's `MAE` backbone, `Feature2Pyramid`, `UPerHead`, `FCNHead`, BN, whole-image test mode,
-a `SegDataPreProcessor` with the run's mean / std in 0-255). MMSeg's MAE layer always has layer scale and a
-relative position bias: a mimkit backbone without layer scale is written with gammas of 1, every bias table as
+(an EncoderDecoder: MMSeg's `MAE` backbone, `Feature2Pyramid`, `UPerHead`, `FCNHead`, BN, the run's test mode
+and keep-ratio test resize, a `SegDataPreProcessor` with the run's mean / std in 0-255). MMSeg's MAE layer always
+has layer scale and a relative position bias: a mimkit backbone without layer scale is written with gammas of 1, every bias table as
 zeros (the function is unchanged). No MMSeg package is needed to export; the command checks the written weights
 by converting them back and comparing logits with the checkpoint's own segmenter.
 """
@@ -23,8 +23,33 @@ from mimkit.config import note_output
 from mimkit.errors import CheckpointError
 
 
-def config_text(arch: dict, mean: list[float], std: list[float]) -> str:
-    """An MMSeg config (Python source) building the segmenter `arch` describes."""
+def test_settings(arch: dict, saved: dict) -> tuple[dict, list[int], str | None]:
+    """(MMSeg test_cfg, Resize scale [long, short], a line on what MMSeg cannot reproduce or None) of the run's own
+    evaluation: its test.mode / crop_size / stride and data.augmentation.scale, as `mimkit segment` applies them.
+
+    MMSeg's MAE backbone adds a fixed-size position embedding, so it runs only inputs of the crop size: 'slide'
+    with the crop as window matches mimkit on any image; 'whole' only on images that resize to the crop."""
+    crop = [int(v) for v in arch["img_size"]]
+    scale = ((saved.get("data") or {}).get("augmentation") or {}).get("scale") or [4 * max(crop), min(crop)]
+    test = saved.get("test") or {}
+    if (test.get("mode") or "slide") == "slide":
+        window = [int(v) for v in (test.get("crop_size") or crop)]
+        stride = [int(v) for v in test.get("stride") or [max(1, 2 * w // 3) for w in window]]
+        note = None if window == crop else (
+            f"the run slides a {window[0]}x{window[1]} window but MMSeg's MAE backbone takes only {crop[0]}x{crop[1]} "
+            "inputs (a fixed position embedding): MMSeg will refuse the windows; evaluate with test.crop_size unset")
+        return dict(mode="slide", crop_size=tuple(window), stride=tuple(stride)), list(scale), note
+    note = (f"the run predicts in 'whole' mode, which mimkit runs at any size (position embedding interpolated); "
+            f"MMSeg's MAE backbone has a fixed one: in MMSeg the exported 'whole' mode runs only images that resize "
+            f"to {crop[0]}x{crop[1]} (scale {list(scale)}); for others set test_cfg mode='slide' (mimkit: "
+            "--test_mode slide)")
+    return dict(mode="whole"), list(scale), note
+
+
+def config_text(arch: dict, mean: list[float], std: list[float], saved: dict | None = None) -> str:
+    """An MMSeg config (Python source) building the segmenter `arch` describes, tested as the run `saved` (its
+    config) evaluates: test_cfg and a keep-ratio Resize (test_settings)."""
+    test_cfg, scale, _ = test_settings(arch, saved or {})
     ratio = float(arch["mlp_ratio"])
     backbone = dict(type="MAE", img_size=tuple(arch["img_size"]), patch_size=arch["patch_size"],
                     in_channels=arch["in_chans"], embed_dims=arch["embed_dim"], num_layers=arch["depth"],
@@ -51,9 +76,10 @@ def config_text(arch: dict, mean: list[float], std: list[float]) -> str:
         f"num_convs=1, concat_input=False, dropout_ratio={arch['dropout']}, num_classes={k}, norm_cfg=norm_cfg, "
         "align_corners=False, loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),",
         "    train_cfg=dict(),",
-        "    test_cfg=dict(mode='whole'))",
+        f"    test_cfg=dict({_kw(test_cfg)}))",
+        "# mimkit's test resize: the largest size with long side <= scale[0] and short side <= scale[1]",
         "test_pipeline = [dict(type='LoadImageFromFile'), "
-        f"dict(type='Resize', scale={tuple(arch['img_size'])}, keep_ratio=False), dict(type='PackSegInputs')]",
+        f"dict(type='Resize', scale={tuple(scale)}, keep_ratio=True), dict(type='PackSegInputs')]",
         "",
     ]
     return "\n".join(lines)
@@ -96,7 +122,8 @@ def run(args: argparse.Namespace, default_output) -> int:
     mm_sd = segmenter_to_mmseg(model.state_dict(), arch)
     torch.save({"meta": {"dataset_meta": {"classes": names}, "exported_by": "mimkit export --format mmseg",
                          "source": str(src)}, "state_dict": mm_sd}, out / "model.pth")
-    (out / "config.py").write_text(config_text(arch, list(mean), list(std)))
+    (out / "config.py").write_text(config_text(arch, list(mean), list(std), seg["config"]))
+    _, _, unmatched = test_settings(arch, seg["config"])
 
     # the written weights, converted back, must give the checkpoint's logits
     back, back_arch, _ = mmseg_to_segmenter(mm_sd, {"cfg": (out / "config.py").read_text()})
@@ -109,13 +136,17 @@ def run(args: argparse.Namespace, default_output) -> int:
     ok = err <= args.atol
     record = {"checkpoint": str(args.checkpoint), "format": "mmseg", "kind": "segmenter", "output": str(out),
               "files": ["model.pth", "config.py"], "max_abs_error_roundtrip": err, "atol": args.atol, "ok": ok,
-              "classes": names, "normalization": {"mean": list(mean), "std": list(std)}}
+              "classes": names, "normalization": {"mean": list(mean), "std": list(std)},
+              "mmseg_differs": unmatched}
     (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     for f in ("model.pth", "config.py", "export.json"):
         note_output(out / f)
     print(f"mimkit export: UperNet ({arch['depth']} blocks x {arch['embed_dim']}-d, {arch['num_classes']} classes) "
           f"from {src} -> {out}/model.pth + config.py (mmseg)" + ("; replaced the earlier export there" if replaced
                                                                   else ""))
+    if unmatched:
+        print(f"note: {unmatched}")
     print(f"max abs error of the written weights converted back: {err:.3e} ({'ok' if ok else 'ABOVE'} atol "
-          f"{args.atol:g}); in MMSegmentation: mmseg.apis.init_model('{out}/config.py', '{out}/model.pth')")
+          f"{args.atol:g}); in MMSegmentation: mmseg.apis.init_model('{out}/config.py', '{out}/model.pth') (with "
+          "mmcv-lite, first a stand-in for mmcv._ext: see docs/openmmlab.md)")
     return 0 if ok else 1
