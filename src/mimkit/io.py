@@ -182,9 +182,9 @@ def load_restricted(path: str | os.PathLike) -> dict:
     named = f" (it names {', '.join(objects[:4])}{' ...' if len(objects) > 4 else ''}, which mimkit does not load)"
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         keys = f"top-level keys: {', '.join(map(str, obj))}" if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path} holds pickled Python objects and no 'state_dict' of tensors ({keys}){named}: "
-                              "mimkit reads tensors only (a mimkit, official MAE, Hugging Face, timm or "
-                              "mmengine checkpoint)")
+        raise CheckpointError(f"{path}: no weights (no 'state_dict' of tensors; {keys}): mimkit reads tensors only "
+                              "(a mimkit, official MAE, Hugging Face, timm or mmengine checkpoint); it holds pickled "
+                              f"Python objects{named}")
     sd = obj["state_dict"]
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:

@@ -79,8 +79,8 @@ def extract_state_dict(obj: Any) -> tuple[StateDict, str]:
         obj = obj["state_dict"]
         source = SOURCES.get(openmmlab_kind(obj) or "", "mmengine")
     elif isinstance(obj, Mapping) and "meta" in obj and "state_dict" not in obj and "model" not in obj:
-        raise CheckpointError(f"an mmengine checkpoint without 'state_dict' (it holds: {', '.join(map(str, obj))}): "
-                              "nothing to load")
+        raise CheckpointError(f"no weights (no 'state_dict'): an mmengine checkpoint holding only "
+                              f"{', '.join(map(str, obj))}; nothing to load")
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"checkpoint holds no state dict (found {type(obj).__name__})")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]

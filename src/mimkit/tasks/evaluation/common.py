@@ -23,7 +23,7 @@ from mimkit.errors import CheckpointError, DataError, UserError
 def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
     """--checkpoint / --model / --input_size / --random_init: which frozen encoder to evaluate."""
     p.add_argument("--checkpoint", "--finetune", dest="checkpoint", default=None,
-                   help="mimkit, official MAE (.pth) or Hugging Face checkpoint of the encoder")
+                   help="mimkit, official MAE (.pth), Hugging Face or OpenMMLab (mmpretrain / MMSeg) checkpoint of the encoder")
     p.add_argument("--model", default=None, help="registered model name (default: the checkpoint's; needed only "
                    "when the checkpoint does not say, e.g. an official file of a non-standard size)")
     p.add_argument("--input_size", type=int, default=None,

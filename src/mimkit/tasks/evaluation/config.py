@@ -41,7 +41,7 @@ class KeepCheckpointing(C.CheckpointingConfig):
 
 COMMON_FLAGS: list[Flag] = [
     Flag("model", "model.type", str, "model name (`mimkit models`); default: the checkpoint's"),
-    Flag("finetune", "model.finetune", str, "pretrained checkpoint (mimkit / official MAE / Hugging Face)"),
+    Flag("finetune", "model.finetune", str, "pretrained checkpoint (mimkit / official MAE / Hugging Face / OpenMMLab)"),
     Flag("nb_classes", "model.nb_classes", int, "number of classes (default: from the data)"),
     Flag("global_pool", "model.global_pool", None, "average-pool the patch tokens (+ fc_norm)", const=True),
     Flag("cls_token", "model.global_pool", None, "classify the cls token instead of global pooling", const=False),

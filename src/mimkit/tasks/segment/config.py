@@ -119,7 +119,7 @@ class SegmentConfig:
 
 
 SEGMENT_FLAGS: list[Flag] = [
-    Flag("finetune", "model.finetune", str, "pretrained encoder (mimkit / official MAE / Hugging Face)"),
+    Flag("finetune", "model.finetune", str, "pretrained encoder (mimkit / official MAE / Hugging Face / OpenMMLab)"),
     Flag("random_init", "model.random_init", None, "random encoder weights (a baseline)", const=True),
     Flag("model", "model.type", str, "encoder name (`mimkit models`); beats the --finetune checkpoint's "
          "architecture; default: the checkpoint's, else the preset's"),
