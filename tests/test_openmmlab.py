@@ -410,3 +410,19 @@ np.save({str(tmp_path / 'theirs.npy')!r}, inference_model(model, {str(tmp_path /
     agree = float((theirs == mine).mean())
     print(f"MMSeg inference_model vs mimkit --predict: {agree:.2%} of pixels agree")
     assert agree >= 0.99, agree
+
+
+def test_an_mmseg_file_with_other_classes_than_the_data_names_the_checkpoint(mm, tmp_path, capsys) -> None:
+    """A 5-class MMSeg file evaluated on the 8-class mosaics: the count is the checkpoint's (no --num_classes was
+    typed, so the line must not blame one)."""
+    spec = dict(mm.TINY_SEG, classes=5)
+    cfg = mm.upernet_cfg(spec)
+    torch.manual_seed(2)
+    model = mm.import_mmseg().build(cfg)
+    model.init_weights()
+    path = mm.save_like_runner(model.eval(), cfg, tmp_path / "iter_5c.pth", [f"c{i}" for i in range(5)])
+    assert main(["segment", "--eval", "--resume", str(path), "--num_workers", "0", "--test_mode", "whole",
+                 "--input_size", "32", "--output_dir", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "head predicts 5 classes" in err and "has 8" in err and "--num_classes" not in err, err
+    assert not (tmp_path / "ev" / "results.json").exists()

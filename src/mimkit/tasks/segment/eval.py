@@ -59,9 +59,15 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     d = cfg.data
     if d.data_path and "data.data_path" not in yours and not Path(d.data_path).expanduser().exists():
         raise DataError(f"the checkpoint was trained on {d.data_path}, which is not here; give --data_path")
-    val_src = open_segmentation(d.data_path, "val", cfg.model.num_classes or len(names), d.reduce_zero_label, names)
+    # The checkpoint's class count names a generic layout's classes; the built-in mosaics have their own, and a
+    # mismatch there is the checkpoint's, not a --num_classes the user never typed.
+    builtin = d.data_path in (None, "", "mosaics")
+    val_src = open_segmentation(d.data_path, "val", cfg.model.num_classes or (None if builtin else len(names)),
+                                d.reduce_zero_label, names)
     if len(val_src.classes) != arch["num_classes"]:
-        raise CheckpointError(f"the checkpoint has {arch['num_classes']} classes, the data {len(val_src.classes)}")
+        raise CheckpointError(f"the checkpoint's head predicts {arch['num_classes']} classes, but the data "
+                              f"({d.data_path or 'builtin:mosaics'}) has {len(val_src.classes)}: give --data_path "
+                              "of a set with the checkpoint's classes")
     if d.check_masks:
         check_pairs(val_src)
     elif len(val_src) == 0:
