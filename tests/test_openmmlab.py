@@ -224,6 +224,9 @@ def test_segment_eval_predict_finetune_on_an_mmseg_file_and_export_back(mm, uper
     out = capsys.readouterr().out
     assert "loaded an MMSegmentation UperNet on an MAE backbone checkpoint" in out and "layer scale" in out
     assert "ignored the mmengine file's meta, optimizer, message_hub" in out
+    assert "the checkpoint run's settings" not in out and "the settings of the MMSeg file's config" in out
+    # the file names its classes thing0..; evaluated on the mosaics, the data's names are used and that is said
+    assert "note: class names are the data's" in out and "the checkpoint names them thing0" in out
     assert (tmp_path / "ev" / "results.json").is_file()
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -37,7 +37,9 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     names = list(saved["model"].get("class_names") or []) or [f"class_{i}" for i in range(arch["num_classes"])]
     scale = cfg.data.augmentation.scale or f"[{4 * max(crop)}, {min(crop)}] (4 x crop, crop)"
     settings = (f"test {cfg.test.mode}" + (f" (window {window}, stride {stride})" if cfg.test.mode == "slide" else "")
-                + f", crop {list(crop)}, scale {scale}; the checkpoint run's settings"
+                + f", crop {list(crop)}, scale {scale}; "
+                + ("the settings of the MMSeg file's config where it states them, mimkit's defaults elsewhere"
+                   if "openmmlab" in resume else "the checkpoint run's settings")
                 + (f" except yours: {', '.join(yours)}" if yours else ""))
     desc = f"UperNet from {what} ({arch['depth']} blocks, taps {arch['taps']}, {arch['num_classes']} classes)"
     pipeline = SegEvalPipeline(crop, cfg.data.augmentation.scale, cfg.data.mean, cfg.data.std)
@@ -75,6 +77,11 @@ def evaluate_checkpoint(cfg, resume: dict | None, given: dict, dist) -> dict:
     if dist.is_main:
         print(f"mimkit segment --eval: {desc}; {len(val_src)} val images of {d.data_path or 'builtin:mosaics'}; "
               f"{settings}")
+        if saved["model"].get("class_names") and list(val_src.classes) != names:
+            # One rule with --predict: the data's names where the data has them, the checkpoint's where it has none
+            print(f"note: class names are the data's ({', '.join(val_src.classes[:4])}"
+                  f"{', ...' if len(val_src.classes) > 4 else ''}); the checkpoint names them "
+                  f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''} (--predict uses those)")
     overlays = I.fresh_dir(out, "overlays") if dist.is_main and cfg.test.num_overlays else None
     metrics, _ = I.evaluate(model, SegmentationDataset(val_src), pipeline, cfg.test, crop, dist.device,
                             d.ignore_index, overlays, cfg.test.num_overlays)
