@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # 32 px, patch 8 -> a 4x4 grid; 4 blocks (taps 1, 3, 1, 3); 4 HOG bins
 MIM_KW = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
               decoder_num_heads=2, hog_nbins=4)
+# The DDP runs' decoders are 128 wide (the x4 head's 1x1 conv reads 32 channels, as ViT-Ti's at 64 px).
 MIM_FLAGS = ["--model", "localmim_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8",
              "model.kwargs.embed_dim=32", "model.kwargs.depth=4", "model.kwargs.num_heads=2",
-             "model.kwargs.decoder_embed_dim=16", "model.kwargs.decoder_num_heads=2", "--hog_nbins", "4"]
+             "model.kwargs.decoder_embed_dim=128", "model.kwargs.decoder_num_heads=2", "--hog_nbins", "4"]
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -46,9 +47,12 @@ def _launch(launcher: str, out: Path, data: Path, tb: Path) -> subprocess.Comple
                   "--t_0", "0.8", "--data_path", str(data), "--output_dir", str(out), "--log_dir", str(tb)]
     run = {"launch": ["torch.distributed.launch"], "launch_use_env": ["torch.distributed.launch", "--use-env"],
            "torchrun": ["torch.distributed.run"]}[launcher]
+    # bf16 autocast (what --amp auto picks on an AVX-512 BF16 CPU, as in the trial) is the path on which DDP
+    # warned "Grad strides do not match" for the x4 head's channels-last 1x1 conv gradient; fp32 did not warn
+    amp = "bf16" if launcher == "launch" else "off"
     cmd = [sys.executable, "-m", *run, "--nproc_per_node=2", "--standalone",
            "-m", "mimkit", "pretrain", *MIM_FLAGS, *seed_flags, "--num_workers", "0", "--device", "cpu",
-           "--amp", "off"]
+           "--amp", amp]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -70,6 +74,28 @@ def test_both_launchers_run_localmim_freezeout_from_the_seed_flags(launcher, tmp
     assert "2 process(es)" in log and "FreezeOut on (cubic, t_0 0.8" in log
     ck = torch.load(out / "checkpoints/final.pt", weights_only=True)
     assert ck["extra"]["FreezeOutHook"]["frozen"] == 4  # every block frozen by the end (t_3 = 0.857 < 1)
+
+
+@pytest.mark.parametrize("kw, size", [
+    ({**MIM_KW, "decoder_embed_dim": 128}, 32),     # the tiny model the DDP runs above use
+    (dict(patch_size=8, hog_nbins=9), 64),          # the trial's seed-002 line: ViT-Ti, 64 px, patch 8 (8x8 grid)
+    (dict(patch_size=16, hog_nbins=9), 64),         # patch 16 at 64 px: a 4x4 grid, the x0.5 head on 2x2
+    (dict(patch_size=16, hog_nbins=9), 32),         # a 2x2 grid: the x0.5 head's 1x1 map
+])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_every_gradient_has_its_parameters_strides(kw, size, bf16) -> None:
+    """DDP warns "Grad strides do not match bucket view strides" and copies every step when a gradient's
+    strides differ from its parameter's (contiguous) ones; is_contiguous() would let a channels-last [C, D, 1, 1]
+    gradient through, so the strides are compared exactly."""
+    torch.manual_seed(0)
+    m = create_model("localmim_vit_tiny_patch16", img_size=size, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = m(torch.randn(2, 3, size, size), mask_ratio=0.75)[0]
+    loss.backward()
+    off = {n: (p.grad.stride(), p.stride()) for n, p in m.named_parameters()
+           if p.grad is not None and p.grad.stride() != p.stride()}
+    assert not off
+    assert "decoder.0.pred.1.weight" in m.state_dict()  # the x4 head's LayerNorm keeps its checkpoint names
 
 
 # ---------------------------------------------------------------------------------------------- FreezeOut flags

@@ -35,12 +35,25 @@ def default_taps(depth: int) -> list[int]:
     return [1, 3, depth - 3, depth - 1]
 
 
+class ContiguousLayerNorm2d(LayerNorm2d):
+    """timm's LayerNorm2d (same `weight`, `bias`) whose output (N, C, H, W) is contiguous, not channels-last.
+
+    timm's normalises over a permuted view and permutes back, so its output has channels-last strides; the
+    ConvTranspose2d and 1x1 Conv2d after it follow that memory format and their weight gradients come out
+    channels-last, which DDP's contiguous gradient buckets copy every step ("Grad strides do not match").
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) -> normalised over C, (N, C, H, W) contiguous."""
+        return super().forward(x).contiguous()
+
+
 def scale_head(dim: int, out_dim: int, scale: float) -> nn.Sequential:
     """(N, dim, h, w) token grid -> (N, out_dim, h*scale, w*scale); module indices as the reference `pred`."""
     if scale == 4.0:
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2),
-            LayerNorm2d(dim // 2, eps=1e-6),
+            ContiguousLayerNorm2d(dim // 2, eps=1e-6),
             nn.GELU(),
             nn.ConvTranspose2d(dim // 2, dim // 4, kernel_size=2, stride=2),
         ]
