@@ -320,3 +320,18 @@ def test_finetune_not_found_says_where_such_a_path_comes_from(tmp_path, monkeypa
     assert len(err.splitlines()) == 1 and f"checkpoint not found: {path}" in err
     assert f"mimkit pretrain --output_dir {path}" in err and ("make demo" in err) == demo
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_max_steps_caps_each_task_and_the_estimate_says_this_task_then_all_once(tmp_path):
+    out = tmp_path / "capped"
+    assert _run(TINY + ["--method", "ce", "--max_steps", "3"], out) == 0
+    rows = json.loads((out / "incremental.json").read_text())["rows"]
+    assert [r["end_step"] for r in rows] == [3, 6]  # 3 optimiser steps per task on one step axis (22 uncapped)
+    for k in range(2):
+        assert torch.load(out / "checkpoints" / f"task-{k}" / "final.pt", weights_only=True)["step"] == 3 * (k + 1)
+    log = (out / "log.txt").read_text()
+    assert "estimated time of this task (1 of 2):" in log and "estimated time of this task (2 of 2):" in log
+    assert log.count("estimated time of the 2 tasks still to train") == 1
+    assert "(6 iterations at" in log  # 3 capped iterations of each of the two tasks
+    assert "estimated time of the whole run" not in log
+    assert "stopping at misc.max_steps = 3 optimiser steps (step 6)" in log  # the cap the user typed, per task

@@ -13,7 +13,7 @@ from PIL import Image
 from mimkit.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TRAINING = ("pretrain", "continual", "linprobe", "finetune", "segment")
+TRAINING = ("pretrain", "continual", "linprobe", "finetune", "segment", "incremental")
 
 
 def readme_commands(text: str) -> list[tuple[str, list[str]]]:
@@ -47,10 +47,8 @@ COMMANDS = readme_commands(README.read_text())
 
 
 def shortened(argv: list[str]) -> list[str]:
-    """Training commands stop after one optimiser step, incremental after one epoch per task (the flag goes right
-    after the command: --domains takes every word after it)."""
-    if argv[0] == "incremental":  # no --max_steps there: one epoch per task
-        return [argv[0], "--epochs", "1", *argv[1:]]
+    """Training commands stop after one optimiser step (incremental: per task; the flag goes right after the
+    command: --domains takes every word after it)."""
     return [argv[0], "--max_steps", "1", *argv[1:]] if argv[0] in TRAINING else argv
 
 

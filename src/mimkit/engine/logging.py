@@ -101,6 +101,11 @@ class RunLogger:
         # iterations of the fits still to come after this one in the same run (incremental's later tasks):
         # the estimate and the run ETA count them too, at this fit's time per iteration
         self.later_iters = 0
+        # what this fit's own iterations are ("this task (2 of 5)"); with later_label (what they and later_iters add
+        # up to, "the 4 tasks still to train") the estimate says this fit's time, and the total once per run
+        self.scope = "the whole run"
+        self.later_label: str | None = None
+        self._later_said = False
         self.device_type = "cpu"
         self._run_left = None
         self._run_seen = 0
@@ -228,14 +233,21 @@ class RunLogger:
         else:
             return
         self._estimated = True
-        n_iters = self._run_left + self.later_iters
+        n_iters = self._run_left + (0 if self.later_label else self.later_iters)
         total = per_iter * n_iters
         iters = f"{n_iters:,} iteration{'s' if n_iters > 1 else ''}"
         later = (f"; refined after epoch {self._epoch + 2} with each epoch's start-up and evaluation"
                  if self._run_left > 2 * max(self._iters, 1) else "")
-        self.info(f"estimated time of the whole run: {_duration_or_less(total)} ({iters} at {per_iter:.3g} s each, "
+        self.info(f"estimated time of {self.scope}: {_duration_or_less(total)} ({iters} at {per_iter:.3g} s each, "
                   f"{how}{later})")
         self._record_estimate(total, total, "iterations")
+        if self.later_label and self.later_iters and not self._later_said:
+            self._later_said = True
+            all_iters = n_iters + self.later_iters
+            both = _duration_or_less(per_iter * all_iters)
+            self.info(f"estimated time of {self.later_label}: {both if both.startswith('under') else 'at least ' + both} "
+                      f"({all_iters:,} iterations at this one's {per_iter:.3g} s; later ones grow (replay, a wider "
+                      "head, a teacher) and evaluation between them is not counted)")
         if self.also_estimate and self.also_estimate[0] > 1:
             n, what = self.also_estimate
             total *= n
@@ -269,12 +281,12 @@ class RunLogger:
         n = ep["ticks"]
         per_iter = (ep["t_last"] - ep["t_first"]) / (n - 1) if n > 1 else ep["wall"]
         per_epoch = max(0.0, ep["wall"] - n * per_iter)
-        iters_left = max(0, self._run_left - self._run_seen) + self.later_iters
+        iters_left = max(0, self._run_left - self._run_seen) + (0 if self.later_label else self.later_iters)
         epochs_left = math.ceil(iters_left / max(ep["iters"], 1))
         left = iters_left * per_iter + epochs_left * per_epoch
         total = now - self._run_t0 + left
         self._refined = True
-        self.info(f"estimated time of the whole run, refined after epoch {ep['epoch'] + 1}: {_duration_or_less(total)}"
+        self.info(f"estimated time of {self.scope}, refined after epoch {ep['epoch'] + 1}: {_duration_or_less(total)}"
                   f" ({format_duration(left)} left: {iters_left:,} iterations at {per_iter:.3g} s and {epochs_left:,}"
                   f" epoch start(s) at {per_epoch:.3g} s for the data loader, evaluation and checkpoints)")
         self._record_estimate(total, left, "epochs")

@@ -70,6 +70,9 @@ class LoopSettings:
     save_freq_epochs: int = 0
     save_freq_steps: int = 0
     max_steps: int = 0
+    # the step max_steps counts from when the step axis runs on from an earlier fit (incremental's tasks): messages
+    # name the user's --max_steps, max_steps_from + it is the step the loop stops at
+    max_steps_from: int = 0
     # the schedule's length in iterations when it ends inside an epoch (a run sized in iterations, e.g. segment
     # --max_iters): the last epoch is that much shorter by design; 0 = epochs x iterations per epoch
     total_iters: int = 0
@@ -593,7 +596,8 @@ class Trainer:
         if s.save_freq_steps and st.step % s.save_freq_steps == 0:
             self._save("step", st.step)
         if s.max_steps and st.step >= s.max_steps:
-            self.run.info(f"stopping at misc.max_steps = {s.max_steps} optimiser steps")
+            since = f" (step {s.max_steps})" if s.max_steps_from else ""
+            self.run.info(f"stopping at misc.max_steps = {s.max_steps - s.max_steps_from} optimiser steps{since}")
             return "max_steps"
         return "signal" if self._stop_requested() else "epoch"
 

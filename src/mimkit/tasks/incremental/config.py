@@ -106,6 +106,7 @@ class IncMiscConfig:
     output_dir: Optional[str] = None  # the run folder; None = a new runs/incremental/<timestamp>
     auto_resume: bool = True  # continue the run in output_dir (between tasks or inside one)
     amp: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16, else off) | bf16 | fp16 | off
+    max_steps: int = 0  # a smoke-test cap: each task stops after this many optimiser steps (0 = its schedule)
 
 
 @dataclass
@@ -169,6 +170,8 @@ FLAGS: list[Flag] = [
     Flag("no_auto_resume", "misc.auto_resume", None, "start over in --output_dir instead of resuming the run in "
          "it; its earlier files move to earlier/<time>/ (default: resume)", const=False),
     Flag("amp", "misc.amp", str, AMP_HELP),
+    Flag("max_steps", "misc.max_steps", int, "stop each task after N optimiser steps (a smoke-test cap: the "
+         "task's schedule keeps its length; 0 = the whole schedule)"),
     Flag("save_freq_epochs", "checkpointing.save_freq_epochs", int),
     Flag("save_freq_steps", "checkpointing.save_freq_steps", int),
     Flag("keep_last_n", "checkpointing.keep_last_n", int),

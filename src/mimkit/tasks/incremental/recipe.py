@@ -259,13 +259,16 @@ def train_incremental(cfg) -> dict:
             def lr_schedule(opt, epoch_f: float) -> None:
                 set_lr(opt, warmup_cosine(epoch_f, o.lr, o.min_lr, sched.warmup_epochs, sched.epochs))
 
+            start_step = state["rows"][-1]["end_step"] if state["rows"] else 0  # one step axis in TB
             settings = LoopSettings(
                 epochs=sched.epochs, batch_size=o.batch_size, accum_iter=o.accum_iter,
                 gradient_clip=o.gradient_clip, **rollback_settings(o), amp=amp,
                 num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
                 persistent_workers=cfg.data.persistent_workers, seed=cfg.misc.seed + k,
                 save_freq_epochs=cfg.checkpointing.save_freq_epochs,
-                save_freq_steps=cfg.checkpointing.save_freq_steps)
+                save_freq_steps=cfg.checkpointing.save_freq_steps,
+                # the step axis runs on across tasks: the cap counts from this task's first step
+                max_steps=start_step + cfg.misc.max_steps if cfg.misc.max_steps else 0, max_steps_from=start_step)
             task_dir = ckpt_root / f"task-{k}"
             manager = CheckpointManager(task_dir, cfg.checkpointing.keep_last_n, run_log.log_path,
                                         cfg.checkpointing.safetensors)
@@ -277,10 +280,13 @@ def train_incremental(cfg) -> dict:
             trainer = Trainer(model=model, optimizer=optimizer, dataset=train_tasks[k], collate=collate_batch,
                               step_fn=step_fn, lr_schedule=lr_schedule, settings=settings, dist=dist, run=run_log,
                               ckpt=manager, config=cfg_dict, config_yaml=cfg_yaml, hooks=[*hooks, precise])
-            trainer.state.step = state["rows"][-1]["end_step"] if state["rows"] else 0  # one step axis in TB
-            # the estimate and run ETA cover every task left, not just this one (later tasks timed at this one's pace)
-            run_log.later_iters = sched.epochs * sum(
-                -(-len(train_tasks[j]) // dist.world_size) // o.batch_size for j in range(k + 1, len(sizes)))
+            trainer.state.step = start_step
+            # the estimate says this task's time; the first task of this invocation also says all the tasks left
+            # (later ones at this one's pace); the run ETA counts them all
+            run_log.later_iters = sum(_task_iters(len(train_tasks[j]), dist.world_size, cfg)
+                                      for j in range(k + 1, len(sizes)))
+            run_log.scope = f"this task ({k + 1} of {len(sizes)})"
+            run_log.later_label = (f"the {len(sizes) - k} tasks still to train" if k + 1 < len(sizes) else None)
             # a damaged latest.pt falls back to the task's newest intact checkpoint, with a warning
             resume, _, warning = find_resume(None, task_dir, cfg.misc.auto_resume)
             if warning:
@@ -315,6 +321,13 @@ def train_incremental(cfg) -> dict:
         print(table)
         print(f"results: {paths['results']}  picture: {paths['png']}")
     return {"metrics": R.metrics(state["rows"], len(sizes)), "rows": state["rows"], "output_dir": str(out_dir)}
+
+
+def _task_iters(n_images: int, world_size: int, cfg) -> int:
+    """Iterations a task of n_images trains: epochs x batches per epoch, or the --max_steps cap when it is less."""
+    o = cfg.optimization
+    iters = cfg.schedule.epochs * (-(-n_images // world_size) // o.batch_size)
+    return min(iters, cfg.misc.max_steps * o.accum_iter) if cfg.misc.max_steps else iters
 
 
 def _write(out_dir: Path, state: dict, sizes: list[int], cfg_dict: dict, desc: str) -> dict:

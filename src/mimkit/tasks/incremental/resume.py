@@ -22,7 +22,7 @@ from mimkit.errors import ConfigError
 PLACEMENT = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "misc.device", "misc.amp",
              "misc.output_dir", "misc.auto_resume", "logging.", "checkpointing.", "incremental.eval_batch_size")
 # the schedule, as `mimkit pretrain` (preflight.note_schedule_change): allowed, said in the log and recorded
-SCHEDULE = ("schedule.epochs", "schedule.warmup_epochs", "optimization.lr", "optimization.min_lr")
+SCHEDULE = ("schedule.epochs", "schedule.warmup_epochs", "optimization.lr", "optimization.min_lr", "misc.max_steps")
 # files of one run in its folder (moved together by --no_auto_resume)
 RUN_FILES = ("incremental.json", "results.json", "accuracy_matrix.csv", "per_task.csv", "incremental.png",
              "config.yaml", "log.txt", "metrics.jsonl", "tb", "checkpoints")
