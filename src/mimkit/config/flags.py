@@ -152,7 +152,8 @@ def _show(value: Any) -> str:
 def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
                      demo_preset: Optional[str] = None,
                      data_presets: Optional[dict[str, str]] = None,
-                     builtin_presets: Optional[dict[str, str]] = None) -> DictConfig:
+                     builtin_presets: Optional[dict[str, str]] = None,
+                     checkpoint_size: bool = False) -> DictConfig:
     """Layers: preset <- config file <- flags <- dotted overrides; validated before any work.
 
     The preset underneath: `demo_preset` when no layer names any data, else `data_presets[data_path]` (CPU-sized
@@ -162,6 +163,8 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
     cfg.misc.preset records which one applied. A
     starting checkpoint (model.init_from) gives its architecture above presets and the config file (its input size
     beneath the file), unless a flag names another model; a classifier's --resume gives its input size and pooling.
+    With `checkpoint_size` (linprobe, finetune) the encoder checkpoint (model.finetune) gives its input size as k-NN
+    takes it: above a preset (shipped or the data's), beneath the user's own config file, below --input_size.
     """
     files = [i for i in args.items if "=" not in i] + ([args.config] if args.config else [])
     overrides = [i for i in args.items if "=" in i]
@@ -212,6 +215,14 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
     if init_from:
         arch_below, above = _architecture_layers(init_from, user, cfg)
         below += arch_below
+    finetune = OmegaConf.select(cfg, "model.finetune", default=None) if checkpoint_size and not resume else None
+    if finetune and not any(C._get(d, "data.input_size") is not None for _, d in user):
+        size_layer = _checkpoint_size_layer(finetune, user)
+        own_file = bool(files) and config_dict is None and Path(files[0]).is_file()
+        if own_file:
+            below += size_layer
+        else:
+            above += size_layer
     if len(below) > (1 if preset else 0) or above:
         cfg = C.build_config(schema, below + file_layers + above + user)
     if "preset" in cfg.misc:
@@ -331,6 +342,24 @@ def _with_decoder_of(model: dict, cfg: DictConfig) -> dict:
     if blk.mlp.fc1.out_features != kwargs["decoder_embed_dim"] * kwargs.get("mlp_ratio", 4.0):
         kwargs["decoder_mlp_ratio"] = blk.mlp.fc1.out_features / kwargs["decoder_embed_dim"]
     return {**model, "kwargs": kwargs, "type": preset_for_kwargs(kwargs)}
+
+
+def _checkpoint_size_layer(checkpoint: str, user: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The input size an encoder checkpoint was trained at, as a layer (none when it says none or --model names
+    another model, whose own size applies)."""
+    from mimkit.errors import CheckpointError
+    from mimkit.io import resolve_checkpoint
+    from mimkit.models.loading import architecture_of
+
+    try:
+        arch = architecture_of(resolve_checkpoint(checkpoint))
+    except CheckpointError:  # the task names what is wrong with the path, in one line
+        return []
+    size = ((arch or {}).get("data") or {}).get("input_size")
+    named = _named_model(user)
+    if size is None or (named and not C.same_model(named, arch["model"]["type"])):
+        return []
+    return [(f"input size of {checkpoint}", {"data": {"input_size": size}})]
 
 
 def _resume_layer(resume: str) -> list[tuple[str, dict]]:

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: config, then fine-tune."""
     cfg = config_from_args(args, EC.FINETUNE_FLAGS, EC.FinetuneConfig, demo_preset=None,
-                           data_presets=EC.FINETUNE_PRESETS)
+                           data_presets=EC.FINETUNE_PRESETS, checkpoint_size=True)
     finetune(cfg)
     return 0
 

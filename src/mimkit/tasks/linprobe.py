@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: config, then probe."""
     cfg = config_from_args(args, EC.LINPROBE_FLAGS, EC.LinprobeConfig, demo_preset=None,
-                           data_presets=EC.LINPROBE_PRESETS)
+                           data_presets=EC.LINPROBE_PRESETS, checkpoint_size=True)
     probe(cfg)
     return 0
 

@@ -50,6 +50,11 @@ def load_encoder(checkpoint: Optional[str], model_name: Optional[str] = None, in
         return model.eval(), f"{model_name} (random init, seed {seed}) [{describe(model)}]"
     path = _resolve(checkpoint)
     model, desc = model_from_checkpoint(path, model_name=model_name, input_size=input_size, decoder=decoder)
+    if getattr(model, "load_report", None) is not None and model.load_report.resized and not random_init:
+        gh, gw = model.grid_size  # said, never silent: the checkpoint's positions interpolated to this grid
+        px = input_size if isinstance(input_size, int) else "x".join(str(v) for v in input_size)
+        desc += (f"; its position embedding resized (bicubic) to the {gh}x{gw} patch grid of {px} px "
+                 "(--input_size; without it the checkpoint's own size applies)")
     if random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
