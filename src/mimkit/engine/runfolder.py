@@ -27,7 +27,13 @@ from mimkit.errors import ConfigError, UserError
 
 RECORD = ".mimkit-run.json"  # which command and run made the folder
 LOCK = ".mimkit.lock"  # held (flock) for the run's life; holds "pid host started command"
-EVALUATIONS = ("knn", "rankme")  # may add results-N.json to any run folder, nothing else
+# Evaluations add to any run folder what they write and nothing else, never over a file already there, and take
+# neither the folder's record nor its lock: knn / rankme and --eval of finetune / linprobe / segment a
+# results-N.json (results.json itself is left to the folder's own run), segment --eval its overlays-N/ too,
+# segment --predict a predictions-N/ folder.
+EVALUATIONS = ("knn", "rankme", "finetune --eval", "linprobe --eval", "segment --eval", "segment --predict")
+# what a training command writes into its run folder (the refusal of another command's folder names it)
+TRAINING_WRITES = "config.yaml, log.txt, metrics.jsonl and checkpoints/"
 _HELD: dict[str, tuple[int, str]] = {}  # resolved folder -> (lock fd, command) held by this process
 _CLAIMED: list[Path] = []  # every folder this process claimed, in order (kept after release: the CLI's last word)
 _CREATED: set[str] = set()  # the folders claim() itself created (a refused run takes them away again)
@@ -74,6 +80,16 @@ def check_place(path: Path, flag: str, want_dir: bool) -> None:
     why = _writable(target)
     if why:
         raise ConfigError(f"{flag} {path}: cannot write to {target} ({why}); choose a writable place")
+
+
+def results_path(folder: str | Path) -> Path:
+    """Where an evaluation writes its results: results.json, else results-2.json, -3, ... (the first name free; a
+    training run's folder keeps results.json for the run's own results, so an evaluation starts at -2)."""
+    folder = Path(folder)
+    n = 2 if (folder / RECORD).exists() else 1
+    while (path := folder / ("results.json" if n == 1 else f"results-{n}.json")).exists():
+        n += 1
+    return path
 
 
 def read_record(folder: Path) -> Optional[dict]:
@@ -198,8 +214,9 @@ def check_run_dir(path: str | Path, command: str, flag: str = "--output_dir") ->
     rec = read_record(p) or (infer_record(p) if not (p / RECORD).exists() else None)
     if rec and rec.get("command") != command:
         raise ConfigError(f"{flag} {path} is the run folder of a mimkit {rec.get('command')} run (created "
-                          f"{rec.get('created', '?')}): mimkit {command} would write its config, log and "
-                          f"checkpoints over it; give a new {flag}")
+                          f"{rec.get('created', '?')}): mimkit {command} would write its {TRAINING_WRITES} "
+                          f"into it; give a new {flag} (evaluations -- knn, rankme, --eval, --predict -- may add "
+                          "their results there)")
     if int(os.environ.get("RANK", "0")) > 0:
         return  # under torchrun rank 0 holds the lock for the whole job: the other ranks are that same run
     h = _locked_by_other(p)
@@ -208,7 +225,8 @@ def check_run_dir(path: str | Path, command: str, flag: str = "--output_dir") ->
 
 
 def check_results_dir(path: Optional[str | Path], flag: str = "--output_dir") -> None:
-    """An evaluation's results folder (any run folder may take its results-N.json): writable and a folder."""
+    """An evaluation's results folder (any run folder may take what an evaluation writes, see EVALUATIONS):
+    writable and a folder; no record and no lock are taken."""
     if path is not None:
         check_place(Path(path), flag, want_dir=True)
 

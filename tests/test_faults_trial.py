@@ -1,0 +1,70 @@
+"""Issue 23's new-user trial (an OpenMMLab user trying "nothing lost" from the docs alone): evaluations add their
+results to any run folder under one rule; a resume with changed settings says so (or refuses run-defining ones);
+Ctrl-C answers at once; a finished run leaves no lock file; the summary's picture is the trained one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_segment_cli import TINY as SEG_TINY
+
+from conftest import TINY_MODEL
+from mimkit.cli import main
+
+pytestmark = pytest.mark.slow  # end-to-end CLI runs
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pretrain(out: Path, *extra: str) -> int:
+    return main(["pretrain", "--data_path", "digits", *TINY_MODEL, "--batch_size", "8", "--num_workers", "0",
+                 "--output_dir", str(out), "logging.tensorboard=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A finished 2-step tiny pretraining run."""
+    out = tmp_path_factory.mktemp("trial") / "good"
+    assert _pretrain(out, "--max_steps", "2") == 0
+    return out
+
+
+def test_evaluations_add_their_results_to_a_training_run_folder_and_nothing_else(pretrained, tmp_path,
+                                                                                 capsys) -> None:
+    """segment --eval / --predict and knn into a pretraining run's folder: each adds what it writes (results-N.json,
+    overlays-N/, predictions-N/), never results.json (the folder's own run's), no record or lock taken; every file
+    of the run keeps its bytes. A training command is still refused, naming what it would write."""
+    seg = tmp_path / "seg"
+    assert main(["segment", *SEG_TINY, "--max_iters", "1", "--warmup_iters", "0", "test.num_overlays=1",
+                 "--output_dir", str(seg)]) == 0
+    ckpt = str(seg / "checkpoints" / "final.pt")
+    before = _tree(pretrained)
+    record = (pretrained / ".mimkit-run.json").read_text()
+    capsys.readouterr()
+    assert main(["segment", "--eval", "--resume", ckpt, "test.num_overlays=1", "--output_dir",
+                 str(pretrained)]) == 0
+    assert main(["knn", "--checkpoint", str(pretrained), "--data_path", "digits", "--k", "3", "--batch_size", "64",
+                 "--num_workers", "0", "--output_dir", str(pretrained)]) == 0
+    photo = next((seg / "overlays").iterdir())
+    assert main(["segment", "--predict", str(photo), "--resume", ckpt, "--output_dir", str(pretrained)]) == 0
+    after = _tree(pretrained)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing of the run changed
+    added = sorted({k.split("/")[0] for k in after if k not in before})
+    assert added == ["overlays", "predictions", "results-2.json", "results-3.json"], added
+    assert json.loads((pretrained / "results-2.json").read_text())["command"] == "segment"
+    assert json.loads((pretrained / "results-3.json").read_text())["command"] == "knn"
+    assert (pretrained / ".mimkit-run.json").read_text() == record
+    # a training command into the same folder: refused, naming what it would write
+    capsys.readouterr()
+    assert main(["segment", *SEG_TINY, "--max_iters", "1", "--output_dir", str(pretrained)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is the run folder of a mimkit pretrain run" in err and "config.yaml, log.txt, metrics.jsonl" in err, err
+    assert _tree(pretrained) == after
