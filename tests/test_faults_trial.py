@@ -68,3 +68,54 @@ def test_evaluations_add_their_results_to_a_training_run_folder_and_nothing_else
     err = capsys.readouterr().err.strip()
     assert "is the run folder of a mimkit pretrain run" in err and "config.yaml, log.txt, metrics.jsonl" in err, err
     assert _tree(pretrained) == after
+
+
+def test_a_resume_with_run_defining_changes_is_refused_naming_each_and_schedule_changes_are_said(tmp_path,
+                                                                                                 capsys) -> None:
+    """The trial: a 2-step run rerun with --mask_ratio 0.5 resumed silently (config.yaml said 0.5 after). Now one
+    line names model.mask_ratio 0.75 -> 0.5 and nothing in the folder changes; raising the schedule goes on and
+    says so in one line; --resume CHECKPOINT continues with new settings deliberately, said too."""
+    out = tmp_path / "run"
+    assert _pretrain(out, "--max_steps", "2") == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert _pretrain(out, "--max_steps", "3", "--mask_ratio", "0.5", "--seed", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "started with other settings (model.mask_ratio 0.75 -> 0.5, misc.seed 0 -> 1)" in err[0]
+    assert f"--resume {out}/checkpoints/latest.pt" in err[0] and "--no_auto_resume" in err[0], err
+    assert _tree(out) == before  # config.yaml, checkpoints and log untouched
+    assert _pretrain(out, "--max_steps", "3", "--save_freq_steps", "1", "--epochs", "3") == 0
+    log = (out / "log.txt").read_text()
+    assert ("resuming with changed settings (settings that may change on resume): schedule.epochs 400 -> 3, "
+            "checkpointing.save_freq_steps 0 -> 1, misc.max_steps 2 -> 3") in log, log[-2000:]
+    assert "mask_ratio: 0.75" in (out / "config.yaml").read_text()
+    latest = out / "checkpoints" / "latest.pt"
+    assert _pretrain(out, "--max_steps", "4", "--epochs", "3", "--save_freq_steps", "1", "--mask_ratio", "0.5",
+                     "--resume", str(latest)) == 0
+    assert (f"resuming with changed settings (with --resume {latest}: continued with the settings given): "
+            "model.mask_ratio 0.75 -> 0.5, misc.max_steps 3 -> 4") in (out / "log.txt").read_text()
+
+
+def test_the_resume_rule_is_one_mechanism() -> None:
+    """preflight's comparison (incremental's, shared): derived keys unset again are no change, 1 == 1.0, a prefix
+    of may_change covers its section, and an explicit --resume only says what changed."""
+    from mimkit.errors import ConfigError
+    from mimkit.tasks import preflight as PF
+    from mimkit.tasks.incremental import resume as RS
+
+    assert RS.flatten is PF.flatten
+    old = {"model": {"mask_ratio": 0.75, "arch": {"depth": 2}}, "optimization": {"lr": 1e-3, "batch_size": 8},
+           "logging": {"print_freq": 10}, "schedule": {"epochs": 5}}
+    same = {"model": {"mask_ratio": 0.75, "arch": {}}, "optimization": {"lr": None, "batch_size": 8.0},
+            "logging": {"print_freq": 10}, "schedule": {"epochs": 5}}
+    assert PF.check_resume_settings(old, same, "finetune", "runs/x", "runs/x/latest.pt",
+                                    derived=("optimization.lr", "model.arch")) is None
+    more = {**same, "logging": {"print_freq": 3}, "schedule": {"epochs": 9}}
+    assert PF.check_resume_settings(old, more, "pretrain", "runs/x", "l.pt") == (
+        "resuming with changed settings (settings that may change on resume): logging.print_freq 10 -> 3, "
+        "schedule.epochs 5 -> 9")
+    changed = {**same, "model": {"mask_ratio": 0.5}}
+    with pytest.raises(ConfigError, match=r"runs/x holds a mimkit pretrain run .*\(model.mask_ratio 0.75 -> 0.5\)"):
+        PF.check_resume_settings(old, changed, "pretrain", "runs/x", "l.pt")
+    assert "model.mask_ratio 0.75 -> 0.5" in PF.check_resume_settings(old, changed, "pretrain", "runs/x", "l.pt",
+                                                                     explicit="l.pt")

@@ -325,6 +325,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
             run_log.info(resume_ckpt["resume_warning"])
         trainer.load(resume_ckpt)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
+        if resume_ckpt.get("resume_note"):
+            run_log.info(resume_ckpt["resume_note"])
         note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
                              trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
     elif sched.start_epoch:
