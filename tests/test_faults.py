@@ -115,7 +115,7 @@ def test_run_folder_records_its_command_and_final_pt_is_a_link(victim) -> None:
     assert rec["command"] == "pretrain" and rec["run_id"]
     final, latest = victim / "checkpoints/final.pt", victim / "checkpoints/latest.pt"
     assert os.stat(final).st_ino == os.stat(latest).st_ino  # one copy on disk
-    assert (victim / ".mimkit.lock").read_text() == ""  # released: the run ended
+    assert not (victim / ".mimkit.lock").exists()  # released and removed: the run ended
 
 
 _HOLDER = """
@@ -149,6 +149,12 @@ def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(victim, tmp_path, cap
         runfolder.claim(folder, "pretrain")
     try:
         assert f"no longer running (pid {holder.pid}" in caplog.text
+        assert (folder / runfolder.LOCK).read_text().split()[0] == str(os.getpid())
+    finally:
+        runfolder.release()
+    assert not (folder / runfolder.LOCK).exists()  # an ended run leaves no lock file
+    runfolder.claim(folder, "pretrain")  # and the next run takes a fresh one
+    try:
         assert (folder / runfolder.LOCK).read_text().split()[0] == str(os.getpid())
     finally:
         runfolder.release()

@@ -62,6 +62,10 @@ def test_evaluations_add_their_results_to_a_training_run_folder_and_nothing_else
     assert json.loads((pretrained / "results-2.json").read_text())["command"] == "segment"
     assert json.loads((pretrained / "results-3.json").read_text())["command"] == "knn"
     assert (pretrained / ".mimkit-run.json").read_text() == record
+    assert not (pretrained / ".mimkit.lock").exists()  # the finished run left no lock file
+    fresh = tmp_path / "pred"  # a --predict folder of its own holds the predictions and nothing else
+    assert main(["segment", "--predict", str(photo), "--resume", ckpt, "--output_dir", str(fresh)]) == 0
+    assert sorted(p.name for p in fresh.iterdir()) == ["predictions"]
     # a training command into the same folder: refused, naming what it would write
     capsys.readouterr()
     assert main(["segment", *SEG_TINY, "--max_iters", "1", "--output_dir", str(pretrained)]) == 2

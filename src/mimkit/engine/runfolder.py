@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 from mimkit.errors import ConfigError, UserError
 
 RECORD = ".mimkit-run.json"  # which command and run made the folder
-LOCK = ".mimkit.lock"  # held (flock) for the run's life; holds "pid host started command"
+LOCK = ".mimkit.lock"  # held (flock) for the run's life; holds "pid host started command"; gone once it ends
 # Evaluations add to any run folder what they write and nothing else, never over a file already there, and take
 # neither the folder's record nor its lock: knn / rankme and --eval of finetune / linprobe / segment a
 # results-N.json (results.json itself is left to the folder's own run), segment --eval its overlays-N/ too,
@@ -268,14 +268,24 @@ def claim(path: str | Path, command: str, log=None) -> Path:
         return folder
     if new:
         _CREATED.add(key)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(folder, _holder(folder) or {"pid": "?", "host": "?", "started": "?",
+                                                      "command": "?"}) from None
+        except OSError:
+            break  # no flock here (some network file systems): the pid record alone guards the folder
+        # a run that ended removes its lock file (release): the file locked here must still be the folder's,
+        # else another run may hold a new one -- open that instead
+        try:
+            if os.stat(folder / LOCK).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise _in_use(folder, _holder(folder) or {"pid": "?", "host": "?", "started": "?", "command": "?"}) from None
-    except OSError:
-        pass  # no flock here (some network file systems): the pid record alone guards the folder
     before = _holder(folder)
     host = socket.gethostname()
     os.ftruncate(fd, 0)
@@ -311,7 +321,11 @@ def release(keys: Optional[Iterable[str]] = None) -> None:
         if fd is None:
             continue
         try:
-            os.ftruncate(fd, 0)  # an ended run leaves no holder behind; a killed one leaves its pid (stale)
+            # an ended run leaves no lock file behind (removed while still held, so no run can take the file
+            # that is going: claim() checks it locked the folder's current one); a killed run leaves its pid (stale)
+            lock = Path(key) / LOCK
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                lock.unlink()
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
             pass
