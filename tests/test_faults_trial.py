@@ -123,3 +123,14 @@ def test_the_resume_rule_is_one_mechanism() -> None:
         PF.check_resume_settings(old, changed, "pretrain", "runs/x", "l.pt")
     assert "model.mask_ratio 0.75 -> 0.5" in PF.check_resume_settings(old, changed, "pretrain", "runs/x", "l.pt",
                                                                      explicit="l.pt")
+
+
+def test_the_summary_reconstruction_is_the_trained_one(tmp_path, capsys) -> None:
+    """The trial: after --max_steps 5 the summary's reconstruction line named recon_init.png (before training)."""
+    out = tmp_path / "run"
+    assert _pretrain(out, "--max_steps", "2") == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("reconstruction"))
+    assert line.split()[-1] == str(out / "recon_step-2.png")
+    assert (out / "recon_step-2.png").stat().st_size > 0 and (out / "recon_init.png").exists()
+    assert _pretrain(out, "--max_steps", "2") == 0  # a rerun with nothing to train draws nothing new
+    assert sorted(p.name for p in out.glob("recon_*.png")) == ["recon_init.png", "recon_step-2.png"]

@@ -210,6 +210,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     # 3. train, 4. report
     try:
         state = trainer.fit()
+        if recon is not None:
+            recon.finish(trainer)  # a run stopped inside an epoch (--max_steps): its own last picture
     finally:
         run_log.close()
     summary = run_summary(out_dir, ckpt_dir, state, recon, model, run_log.tb_dir)
