@@ -1,6 +1,6 @@
 """Launched by test_faults.py: `mimkit ARGV` through the CLI, with a first Ctrl-C (SIGINT to this process) after
 optimiser step K and the second one while the checkpoint that stop writes is half done (its checkpoint.pt written,
-the folder not yet renamed into place). Exits with the CLI's code."""
+the folder not yet renamed into place). Exits with the CLI's code, as the console script does."""
 
 import os
 import signal
@@ -30,6 +30,9 @@ if __name__ == "__main__":
     def save_then_second_ctrl_c(obj, path):
         original(obj, path)
         if hook.sent:  # the stop's own checkpoint: Ctrl-C again before it is complete
+            if os.environ.get("SECOND_CTRL_C_STAMP"):  # when it was pressed, for the exit's promptness
+                with open(os.environ["SECOND_CTRL_C_STAMP"], "w") as f:
+                    f.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the handler raises KeyboardInterrupt here
 
@@ -40,4 +43,5 @@ if __name__ == "__main__":
     recipe.train = lambda cfg, extra_hooks=(), **kw: train(cfg, [*extra_hooks, hook], **kw)
     from mimkit.cli import main
 
-    sys.exit(main(sys.argv[2:]))
+    sys.argv = ["mimkit", *sys.argv[2:]]  # as the console script: main() with no argv
+    sys.exit(main())

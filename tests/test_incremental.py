@@ -534,9 +534,9 @@ def test_resume_compares_effective_tasks_and_nf(tmp_path):
     started = cfg()  # no --tasks, no --nf: 5 tasks, slim_resnet18's width 20
     assert RS.compare(started, cfg(tasks=5), tmp_path) == []
     assert RS.compare(started, cfg(model={"type": "slim_resnet18", "nf": 20}), tmp_path) == []
-    with pytest.raises(ConfigError, match="incremental.tasks 5 → 4"):
+    with pytest.raises(ConfigError, match="incremental.tasks 5 -> 4"):
         RS.compare(started, cfg(tasks=4), tmp_path)
-    with pytest.raises(ConfigError, match="model.nf 20 → 8"):
+    with pytest.raises(ConfigError, match="model.nf 20 -> 8"):
         RS.compare(started, cfg(model={"type": "slim_resnet18", "nf": 8}), tmp_path)
 
 

@@ -232,7 +232,7 @@ def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(
     assert _run(args + ["--batch_size", "32", "--momentum", "0.5", "--input_size", "16"], out) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    for part in ("optimization.batch_size 64 → 32", "optimization.momentum 0.9 → 0.5", "data.input_size 8 → 16",
+    for part in ("optimization.batch_size 64 -> 32", "optimization.momentum 0.9 -> 0.5", "data.input_size 8 -> 16",
                  "--output_dir", "--no_auto_resume"):
         assert part in err, part
     assert (out / "results.json").read_text() == results  # nothing written
@@ -240,7 +240,7 @@ def test_resume_refuses_other_settings_and_no_auto_resume_moves_the_earlier_run(
     # where it runs and the schedule may change (as pretrain): a log line
     assert _run(TINY + ["--epochs", "2", "--print_freq", "7"], out) == 0
     log = (out / "log.txt").read_text()
-    assert "schedule.epochs 1 → 2" in log and "logging.print_freq 1000 → 7" in log
+    assert "schedule.epochs 1 -> 2" in log and "logging.print_freq 1000 -> 7" in log
     res = json.loads((out / "results.json").read_text())
     # the run is finished: said plainly, nothing trained, nothing recorded as applied
     assert "the run is finished (all 2 tasks done): nothing to train" in log and "new --output_dir" in log

@@ -235,9 +235,13 @@ def config_from_args(args: argparse.Namespace, flags: list[Flag], schema: type,
         require_packages(cfg.logging)
     out = OmegaConf.select(cfg, "misc.output_dir", default=None)
     if getattr(args, "command", None) and out is not None:  # before any work: the folder is usable by this command
-        from mimkit.engine.runfolder import check_run_dir
+        from mimkit.config.layers import evaluating
+        from mimkit.engine.runfolder import check_results_dir, check_run_dir
 
-        check_run_dir(out, args.command)
+        if evaluating(cfg):  # --eval / --predict add their results to any run folder (runfolder.EVALUATIONS)
+            check_results_dir(out)
+        else:
+            check_run_dir(out, args.command)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if getattr(args, "world_size", None) not in (None, world):
         raise ConfigError(f"--world_size {args.world_size} but {world} process(es) were launched")

@@ -206,11 +206,18 @@ def new_run_dir(command: str, root: str | Path = RUNS_DIR) -> Path:
             path, n = base / f"{stamp}-{n}", n + 1
 
 
+def evaluating(cfg: DictConfig) -> bool:
+    """Whether the config asks for an evaluation of a checkpoint (misc.eval / misc.predict), not a training run."""
+    return bool(OmegaConf.select(cfg, "misc.eval", default=None) or OmegaConf.select(cfg, "misc.predict",
+                                                                                      default=None))
+
+
 def resolve_output_dir(cfg: DictConfig, command: str) -> str:
     """cfg.misc.output_dir, first set to a new runs/<command>/<timestamp> when unset (the one default scheme).
 
     The folder is claimed for this run of `command` (engine/runfolder.py): another command's folder, or one a live
-    process holds, is refused in one line; the lock is held until the run ends.
+    process holds, is refused in one line; the lock is held until the run ends. An evaluation (--eval, --predict)
+    only checks that it can write there: it adds its results to any run folder (runfolder.EVALUATIONS).
 
     An explicit folder is kept as it is (training commands resume from it); a default one is always new, so no
     run ever writes over an earlier one. Under torchrun rank 0 picks the folder and the other ranks receive it.
@@ -220,8 +227,11 @@ def resolve_output_dir(cfg: DictConfig, command: str) -> str:
     from mimkit.engine import runfolder
 
     main = int(os.environ.get("RANK", "0")) == 0
+    visiting = evaluating(cfg)  # --eval / --predict: results added to the folder, no record and no lock taken
     if cfg.misc.output_dir:
-        if main:  # under torchrun only rank 0 holds the folder's lock
+        if visiting:
+            runfolder.check_results_dir(cfg.misc.output_dir)
+        elif main:  # under torchrun only rank 0 holds the folder's lock
             runfolder.claim(cfg.misc.output_dir, command)
         note_output(cfg.misc.output_dir)
         return cfg.misc.output_dir
@@ -229,7 +239,8 @@ def resolve_output_dir(cfg: DictConfig, command: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (tdist.is_available() and tdist.is_initialized()):
         raise ConfigError(f"give --output_dir when launching mimkit {command} with torchrun: every process must "
                           "write to the same folder")
-    path = [str(runfolder.claim(new_run_dir(command), command)) if main else None]
+    new = (new_run_dir(command) if visiting else runfolder.claim(new_run_dir(command), command)) if main else None
+    path = [str(new) if new is not None else None]
     if tdist.is_available() and tdist.is_initialized():
         tdist.broadcast_object_list(path, src=0)
     OmegaConf.set_struct(cfg, False)

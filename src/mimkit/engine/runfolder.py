@@ -26,8 +26,14 @@ from typing import Iterable, Optional
 from mimkit.errors import ConfigError, UserError
 
 RECORD = ".mimkit-run.json"  # which command and run made the folder
-LOCK = ".mimkit.lock"  # held (flock) for the run's life; holds "pid host started command"
-EVALUATIONS = ("knn", "rankme")  # may add results-N.json to any run folder, nothing else
+LOCK = ".mimkit.lock"  # held (flock) for the run's life; holds "pid host started command"; gone once it ends
+# Evaluations add to any run folder what they write and nothing else, never over a file already there, and take
+# neither the folder's record nor its lock: knn / rankme and --eval of finetune / linprobe / segment a
+# results-N.json (results.json itself is left to the folder's own run), segment --eval its overlays-N/ too,
+# segment --predict a predictions-N/ folder.
+EVALUATIONS = ("knn", "rankme", "finetune --eval", "linprobe --eval", "segment --eval", "segment --predict")
+# what a training command writes into its run folder (the refusal of another command's folder names it)
+TRAINING_WRITES = "config.yaml, log.txt, metrics.jsonl and checkpoints/"
 _HELD: dict[str, tuple[int, str]] = {}  # resolved folder -> (lock fd, command) held by this process
 _CLAIMED: list[Path] = []  # every folder this process claimed, in order (kept after release: the CLI's last word)
 _CREATED: set[str] = set()  # the folders claim() itself created (a refused run takes them away again)
@@ -74,6 +80,16 @@ def check_place(path: Path, flag: str, want_dir: bool) -> None:
     why = _writable(target)
     if why:
         raise ConfigError(f"{flag} {path}: cannot write to {target} ({why}); choose a writable place")
+
+
+def results_path(folder: str | Path) -> Path:
+    """Where an evaluation writes its results: results.json, else results-2.json, -3, ... (the first name free; a
+    training run's folder keeps results.json for the run's own results, so an evaluation starts at -2)."""
+    folder = Path(folder)
+    n = 2 if (folder / RECORD).exists() else 1
+    while (path := folder / ("results.json" if n == 1 else f"results-{n}.json")).exists():
+        n += 1
+    return path
 
 
 def read_record(folder: Path) -> Optional[dict]:
@@ -198,8 +214,9 @@ def check_run_dir(path: str | Path, command: str, flag: str = "--output_dir") ->
     rec = read_record(p) or (infer_record(p) if not (p / RECORD).exists() else None)
     if rec and rec.get("command") != command:
         raise ConfigError(f"{flag} {path} is the run folder of a mimkit {rec.get('command')} run (created "
-                          f"{rec.get('created', '?')}): mimkit {command} would write its config, log and "
-                          f"checkpoints over it; give a new {flag}")
+                          f"{rec.get('created', '?')}): mimkit {command} would write its {TRAINING_WRITES} "
+                          f"into it; give a new {flag} (evaluations -- knn, rankme, --eval, --predict -- may add "
+                          "their results there)")
     if int(os.environ.get("RANK", "0")) > 0:
         return  # under torchrun rank 0 holds the lock for the whole job: the other ranks are that same run
     h = _locked_by_other(p)
@@ -208,7 +225,8 @@ def check_run_dir(path: str | Path, command: str, flag: str = "--output_dir") ->
 
 
 def check_results_dir(path: Optional[str | Path], flag: str = "--output_dir") -> None:
-    """An evaluation's results folder (any run folder may take its results-N.json): writable and a folder."""
+    """An evaluation's results folder (any run folder may take what an evaluation writes, see EVALUATIONS):
+    writable and a folder; no record and no lock are taken."""
     if path is not None:
         check_place(Path(path), flag, want_dir=True)
 
@@ -250,14 +268,24 @@ def claim(path: str | Path, command: str, log=None) -> Path:
         return folder
     if new:
         _CREATED.add(key)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(folder, _holder(folder) or {"pid": "?", "host": "?", "started": "?",
+                                                      "command": "?"}) from None
+        except OSError:
+            break  # no flock here (some network file systems): the pid record alone guards the folder
+        # a run that ended removes its lock file (release): the file locked here must still be the folder's,
+        # else another run may hold a new one -- open that instead
+        try:
+            if os.stat(folder / LOCK).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise _in_use(folder, _holder(folder) or {"pid": "?", "host": "?", "started": "?", "command": "?"}) from None
-    except OSError:
-        pass  # no flock here (some network file systems): the pid record alone guards the folder
     before = _holder(folder)
     host = socket.gethostname()
     os.ftruncate(fd, 0)
@@ -293,7 +321,11 @@ def release(keys: Optional[Iterable[str]] = None) -> None:
         if fd is None:
             continue
         try:
-            os.ftruncate(fd, 0)  # an ended run leaves no holder behind; a killed one leaves its pid (stale)
+            # an ended run leaves no lock file behind (removed while still held, so no run can take the file
+            # that is going: claim() checks it locked the folder's current one); a killed run leaves its pid (stale)
+            lock = Path(key) / LOCK
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                lock.unlink()
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
             pass

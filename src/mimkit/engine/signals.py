@@ -1,18 +1,23 @@
 """Graceful stops: SIGTERM, SIGUSR1 (SLURM's --signal=USR1@N) and a first Ctrl-C ask the loop to stop.
 
 The handler only records the request; the loop notices it after the current optimiser step, agrees on it with
-every rank, writes a step checkpoint and raises `mimkit.errors.RunInterrupted` (exit code 75). A second Ctrl-C
-raises KeyboardInterrupt at once (exit code 130). DataLoader workers ignore these signals: the main process
+every rank, writes a step checkpoint and raises `mimkit.errors.RunInterrupted` (exit code 75). The first Ctrl-C says so at once
+(FIRST_CTRL_C). A second Ctrl-C raises KeyboardInterrupt at once (exit code 130; the CLI then exits without the
+interpreter's seconds-long teardown). DataLoader workers ignore these signals: the main process
 decides when they stop.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from typing import Optional
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+# the first Ctrl-C's answer, so the user knows it registered (the step may take a while to finish)
+FIRST_CTRL_C = "mimkit: Ctrl-C: stopping after this step and writing a checkpoint; Ctrl-C again to stop now"
 
 
 def _signals() -> list[signal.Signals]:
@@ -35,6 +40,9 @@ class GracefulStop:
             raise KeyboardInterrupt  # the second Ctrl-C: quit now
         if not self.signum:
             self.signum = signum
+            if signum == signal.SIGINT and int(os.environ.get("RANK", "0")) == 0:  # said once, at once
+                sys.stderr.write(f"\n{FIRST_CTRL_C}\n")
+                sys.stderr.flush()
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

@@ -29,7 +29,7 @@ from mimkit.tasks.evaluation import common as E
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
 from mimkit.models.checkpointing import apply_grad_checkpointing
-from mimkit.tasks.preflight import check_memory, meta_images, meta_labels
+from mimkit.tasks.preflight import check_memory, check_resumed_settings, meta_images, meta_labels
 from mimkit.tasks.pretrain.setup import seed_everything
 
 
@@ -170,6 +170,7 @@ def finetune(cfg) -> dict:
     size = C.input_size(cfg)
     a = cfg.data.augmentation
     resume = E.read_resume(cfg)
+    check_resumed_settings(cfg, "finetune", resume)  # a resume keeps its run-defining settings, before any work
     saved_classes = None
     if resume is not None:
         saved_classes = (resume.get("config") or {}).get("model", {}).get("nb_classes")

@@ -113,6 +113,7 @@ def probe(cfg) -> dict:
     from mimkit.engine.logging import RunLogger
     from mimkit.engine.optim import scaled_lr
     from mimkit.models.heads import LinearProbe
+    from mimkit.tasks.preflight import check_resumed_settings
 
     # 1. validate config, data and checkpoint before any training
     EC.check_classifier_config(cfg, "linprobe")
@@ -120,6 +121,7 @@ def probe(cfg) -> dict:
     seed_everything(cfg.misc.seed)
     size = C.input_size(cfg)
     resume = E.read_resume(cfg)
+    check_resumed_settings(cfg, "linprobe", resume)  # a resume keeps its run-defining settings, before any work
     encoder_path = cfg.model.finetune or ((resume or {}).get("config") or {}).get("model", {}).get("finetune")
     encoder, desc = E.load_encoder(encoder_path, cfg.model.type, size, cfg.model.random_init, cfg.misc.seed)
     aug = cfg.data.augmentation

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig
 
@@ -174,3 +174,132 @@ def meta_labels(batch: int, *shape: int):
     import torch
 
     return torch.empty(batch, *shape, dtype=torch.long, device="meta")
+
+
+# ------------------------------------------------------------------------------------- a resumed run's settings
+# One rule for every training command (incremental/resume.py brings its own lists): on an auto-resume the keys that
+# define the run must be the ones it started with, else one line names each (old -> new) and refuses; the keys of
+# where and how it runs, and of the schedule a user legitimately raises, may change: one line says which did.
+RUN_PLACEMENT = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "data.augment_on", "data.dist_eval",
+                 "misc.device", "misc.amp", "misc.tf32", "misc.compile", "misc.output_dir", "misc.auto_resume",
+                 "misc.resume", "misc.max_steps", "misc.preset", "logging.", "checkpointing.", "eval.",
+                 "distributed.", "model.grad_checkpointing", "optimization.on_nonfinite", "optimization.max_rollbacks",
+                 "optimization.rollback_", "optimization.batch_size", "optimization.accum_iter", "test.interval",
+                 "test.num_overlays", "continual.eval_initial")
+RUN_SCHEDULE = ("schedule.epochs", "schedule.warmup_epochs", "schedule.max_iters", "schedule.warmup_iters",
+                "optimization.lr", "optimization.base_lr", "optimization.min_lr")
+UNSAID = ("misc.output_dir", "misc.auto_resume", "misc.resume", "misc.preset")  # changes no one needs told
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def show(v: Any) -> str:
+    """A config value as the user typed it: none, true / false, 0.75."""
+    return "none" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal settings; 1 and 1.0 (a YAML int against a float) are the same."""
+    num = (int, float)
+    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def changed_settings(started: dict, now: dict, derived: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """[{key, old, new}] of the keys both configs hold with different values. A `derived` key the run fills in
+    when unset (the scaled lr, the classes of the data) is left out while unset now: it is derived as before."""
+    old, new = flatten(started), flatten(now)
+
+    def unset_derived(k: str) -> bool:
+        return bool(derived) and k.startswith(derived) and new[k] in (None, [], {})
+
+    return [{"key": k, "old": old[k], "new": new[k]} for k in new
+            if k in old and not same_value(old[k], new[k]) and not unset_derived(k)]
+
+
+def describe_settings(changes: list[dict[str, Any]]) -> str:
+    """'model.mask_ratio 0.75 -> 0.5, schedule.epochs 5 -> 10'."""
+    return ", ".join(f"{c['key']} {show(c['old'])} -> {show(c['new'])}" for c in changes)
+
+
+def check_resume_settings(started: Optional[dict], now: dict, command: str, folder, latest,
+                          explicit: Optional[str] = None, derived: tuple[str, ...] = ("optimization.lr",),
+                          may_change: tuple[str, ...] = RUN_PLACEMENT + RUN_SCHEDULE) -> Optional[str]:
+    """Compare the config a run in `folder` started with (`started`, its checkpoint `latest`'s) with this run's
+    (`latest` None: a run that resumes from its folder alone, as continual's sequence).
+
+    Auto-resumed (`explicit` None): a changed key outside `may_change` (the model, its sizes, the data, the input
+    size, the mask ratio, the loss ...) is a ConfigError naming every one, old -> new, before any work. Resumed from
+    an explicit --resume: the user asked to continue with new settings, so they are only said. Returns the one line
+    naming the changes that go on (None when nothing a user needs told changed)."""
+    if not started:
+        return None
+    changes = changed_settings(started, now, derived)
+    refused = [c for c in changes if not c["key"].startswith(may_change)]
+    if refused and explicit is None:
+        raise ConfigError(
+            f"{folder} holds a mimkit {command} run started with other settings ({describe_settings(refused)}), which "
+            "define the run: it is not resumed with them. Rerun without them to resume it, "
+            + (f"pass --resume {latest} to continue from its checkpoint with them deliberately, or give a new "
+               "--output_dir (--no_auto_resume starts over in this folder, writing over its checkpoints)" if latest
+               else "or give a new --output_dir"))
+    said = [c for c in changes if c["key"] not in UNSAID]
+    if not said:
+        return None
+    how = (f"with --resume {explicit}: continued with the settings given" if explicit is not None
+           else "settings that may change on resume")
+    return f"resuming with changed settings ({how}): {describe_settings(said)}"
+
+
+def started_config(ckpt_dir, auto_resume: bool, explicit: Optional[str]) -> Optional[dict]:
+    """The config saved in the checkpoint a run will resume from (<ckpt_dir>/latest.pt on an auto-resume, else the
+    explicit --resume file), read memory-mapped and weights only: cheap, before any work. None when there is none
+    or it cannot be read (the resume itself then names the problem)."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(explicit) if explicit else (Path(ckpt_dir) / "latest.pt" if auto_resume and ckpt_dir else None)
+    if path is None or not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or not a checkpoint: find_resume falls back or refuses, naming it
+        return None
+    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+# keys these runs fill in when unset (from the data, the encoder or the checkpoint): unset again on a resume,
+# they are derived as before, not changed
+DERIVED = ("optimization.lr", "model.nb_classes", "model.num_classes", "model.arch", "model.class_names",
+           "model.taps", "model.type", "data.mean", "data.std", "data.reduce_zero_label")
+
+
+def check_resumed_settings(cfg, command: str, resume: Optional[dict]) -> None:
+    """Before any work: a resumed finetune / linprobe / segment run keeps its run-defining settings (preflight's
+    rule: else one line naming each, old -> new); the line naming the allowed changes rides under `resume_note`
+    until train_classifier / the segment recipe logs it."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from mimkit import config as C
+
+    if resume is None or cfg.misc.eval or OmegaConf.select(cfg, "misc.predict", default=None):
+        return
+    ckpt_dir = Path(cfg.checkpointing.checkpoint_dir or Path(cfg.misc.output_dir or ".") / "checkpoints")
+    note = check_resume_settings(resume.get("config"), C.to_container(cfg), command, cfg.misc.output_dir or ckpt_dir,
+                                 cfg.misc.resume or ckpt_dir / "latest.pt", cfg.misc.resume, DERIVED)
+    if note:
+        resume["resume_note"] = note

@@ -152,7 +152,7 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
 
 
 class ReconstructionHook:
-    """Engine hook: after every `every` epochs (and at the end) draw fixed images with a fixed mask."""
+    """Engine hook: after every `every` epochs (and at the end: finish()) draw fixed images with a fixed mask."""
 
     def __init__(self, images: torch.Tensor, out_dir: Path, every: int, mask_ratio: float, logger, is_main: bool,
                  epochs: int, normalization=None) -> None:
@@ -166,8 +166,11 @@ class ReconstructionHook:
         self.epochs = epochs
         self.noise: torch.Tensor | None = None
         self.last_path: Path | None = None
+        self.drawn_at: int | None = None  # the optimiser step of the last picture
+        self.started_at: int | None = None  # the step this fit started from (None: it trained nothing)
 
     def on_train_start(self, trainer) -> None:
+        self.started_at = trainer.state.step
         # The mask comes from its own generator: drawing pictures never moves the training RNG.
         gen = torch.Generator().manual_seed(1234)
         self.noise = torch.rand(self.images.shape[0], trainer.model.num_patches, generator=gen)
@@ -179,6 +182,13 @@ class ReconstructionHook:
         if last or (self.every and (epoch + 1) % self.every == 0):
             self.draw(trainer, f"epoch-{epoch + 1}")
 
+    def finish(self, trainer) -> None:
+        """After a fit that trained: the picture of the weights the run ended with, when the last one is older (a
+        stop at --max_steps inside an epoch), so the run's summary never points at an earlier picture."""
+        step = trainer.state.step
+        if self.started_at is not None and step not in (self.started_at, self.drawn_at):
+            self.draw(trainer, f"step-{step}")
+
     def draw(self, trainer, tag: str) -> None:
         if not self.is_main:
             return
@@ -187,6 +197,7 @@ class ReconstructionHook:
         pic = reconstruction_grid(model, self.images.to(dev), self.mask_ratio, self.noise.to(dev), title=tag,
                                   normalization=self.normalization)
         self.last_path = save_png(pic, self.out_dir / f"recon_{tag}.png")
+        self.drawn_at = trainer.state.step
         self.logger.image("reconstruction", pic, trainer.state.step)
 
 

@@ -67,6 +67,17 @@ def startup_lines(cfg: DictConfig, model) -> list[str]:
     return lines
 
 
+def resumed_sequence(cfg: DictConfig, out_dir: Path, state_path: Path) -> str | None:
+    """A sequence resumed in out_dir keeps the run-defining settings it started with (its config.yaml): preflight's
+    rule, before any work; the line naming the settings that may change and did, or None."""
+    from mimkit.tasks.preflight import check_resume_settings
+
+    if not (cfg.misc.auto_resume and state_path.is_file() and (out_dir / "config.yaml").is_file()):
+        return None
+    started = OmegaConf.to_container(OmegaConf.load(out_dir / "config.yaml"), resolve=True)
+    return check_resume_settings(started, C.to_container(cfg), "continual", out_dir, None)
+
+
 def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     """Train every stage in turn (resuming where an earlier run stopped), evaluate, write the results."""
     from mimkit.engine import distributed as D
@@ -84,6 +95,7 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
     names = [d.name for d in eval_domains]
     state_path = out_dir / STATE_FILE
     state = load_state(state_path, domains, cfg)
+    resume_note = resumed_sequence(cfg, out_dir, state_path)  # run-defining settings changed: refused here
     if cfg.model.init_from and not state["stages"]:
         report = load_weights(model, cfg.model.init_from)  # CheckpointError: another architecture/patch size
         P.check_fresh_freeze(model, report, cfg)  # a fresh decoder frozen: refused before any work
@@ -98,6 +110,8 @@ def run_sequence(cfg: DictConfig, print_summary: bool = True) -> dict:
                  f"evaluated on {', '.join(f'{d.name} ({len(d.val)} {d.eval_split})' for d in eval_domains)}; "
                  f"freeze_mode {cfg.model.freeze_mode}, loss_mode {cfg.model.loss_mode}")
         run.info(memory)
+        if resume_note:
+            run.info(resume_note)
         for line in startup_lines(cfg, model):
             run.info(line)
         for d in eval_domains:

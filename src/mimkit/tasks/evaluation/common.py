@@ -131,16 +131,27 @@ def format_table(metrics: dict[str, Any], title: str) -> str:
 def write_results(out_dir: str | Path, command: str, metrics: dict[str, Any], checkpoint: Optional[str],
                   data: str, config: dict, extra: Optional[dict] = None, keep_earlier: bool = False) -> Path:
     """Write <out_dir>/results.json. A training run rewrites its own as it goes; with `keep_earlier` (one-shot
-    evaluations, which may share a folder) an existing one is kept and results-2.json, ... written instead."""
+    evaluations, which may share a folder) nothing is written over: results-2.json, ... (runfolder.results_path)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "metrics": metrics, "checkpoint": checkpoint, "data": data,
               "config": config, "mimkit_version": __version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-    path, n = out / "results.json", 2
-    while keep_earlier and path.exists():
-        path, n = out / f"results-{n}.json", n + 1
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    if not keep_earlier:
+        path = out / "results.json"
+        path.write_text(text)
+    else:  # an evaluation: the first free name, created exclusively (two at once never share one)
+        from mimkit.engine.runfolder import results_path
+
+        while True:
+            path = results_path(out)
+            try:
+                with open(path, "x") as f:
+                    f.write(text)
+                break
+            except FileExistsError:
+                continue
     C.note_output(path)  # the Python API hands this run's own results back
     return path
 
@@ -319,6 +330,8 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
             run_log.info(resume_ckpt["resume_warning"])
         trainer.load(resume_ckpt)
         run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
+        if resume_ckpt.get("resume_note"):
+            run_log.info(resume_ckpt["resume_note"])
         note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
                              trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
     elif sched.start_epoch:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mimkit.errors import ConfigError
+from mimkit.tasks.preflight import changed_settings, describe_settings, flatten  # noqa: F401 (flatten: importable)
 
 # where and how the run executes: free to change on resume
 PLACEMENT = ("data.num_workers", "data.pin_memory", "data.persistent_workers", "misc.device", "misc.amp",
@@ -26,21 +27,6 @@ SCHEDULE = ("schedule.epochs", "schedule.warmup_epochs", "optimization.lr", "opt
 # files of one run in its folder (moved together by --no_auto_resume)
 RUN_FILES = ("incremental.json", "results.json", "accuracy_matrix.csv", "per_task.csv", "incremental.png",
              "config.yaml", "log.txt", "metrics.jsonl", "tb", "checkpoints")
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _show(v: Any) -> str:
-    return "none" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
 
 
 def _may_change(key: str) -> bool:
@@ -63,15 +49,14 @@ def started_settings(out_dir: Path) -> Optional[dict]:
 
 def compare(started: dict, now: dict, out_dir: Path) -> list[dict[str, Any]]:
     """The allowed changes [{key, old, new}]; a ConfigError naming every run-defining one (old -> new)."""
-    old, new = effective(flatten(started)), effective(flatten(now))
-    changed = [k for k in new if k in old and old[k] != new[k] and not _same_number(old[k], new[k])]
-    refused = [k for k in changed if not _may_change(k)]
+    changed = changed_settings(effective(flatten(started)), effective(flatten(now)))
+    refused = [c for c in changed if not _may_change(c["key"])]
     if refused:
-        what = ", ".join(f"{k} {_show(old[k])} → {_show(new[k])}" for k in refused)
-        raise ConfigError(f"{out_dir} holds an incremental run started with other settings ({what}); resume it "
-                          "with its own settings, give a new --output_dir, or pass --no_auto_resume to start over "
-                          "there (the earlier run's files are moved to earlier/)")
-    return [{"key": k, "old": old[k], "new": new[k]} for k in changed if k != "misc.output_dir"]
+        raise ConfigError(f"{out_dir} holds an incremental run started with other settings "
+                          f"({describe_settings(refused)}); resume it with its own settings, give a new --output_dir, "
+                          "or pass --no_auto_resume to start over there (the earlier run's files are moved to "
+                          "earlier/)")
+    return [c for c in changed if c["key"] != "misc.output_dir"]
 
 
 def effective(flat: dict[str, Any]) -> dict[str, Any]:
@@ -87,16 +72,9 @@ def effective(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _same_number(a: Any, b: Any) -> bool:
-    """1 and 1.0 (a YAML int against a float) are the same setting."""
-    num = (int, float)
-    return isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool) \
-        and float(a) == float(b)
-
-
 def describe_changes(changes: list[dict[str, Any]], task: int, tasks: Optional[int] = None) -> str:
     """One log line for the allowed changes of a resume at `task` (of `tasks`)."""
-    what = ", ".join(f"{c['key']} {_show(c['old'])} → {_show(c['new'])}" for c in changes)
+    what = describe_settings(changes)
     note = ""
     if tasks is not None and task >= tasks and any(c["key"] in SCHEDULE for c in changes):
         note = (f"; the run is finished (all {tasks} tasks done): nothing to train, the schedule change applies "

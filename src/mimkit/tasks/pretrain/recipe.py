@@ -62,6 +62,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
 
     # 1. validate everything that can be checked before any work
     dist = D.init_distributed(cfg.misc.device)
+    resume_note = resume_settings(cfg, "continual" if parent_log is not None else "pretrain")
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank and every run
     fsdp = cfg.distributed.strategy == "fsdp"
     # FSDP over several ranks: built on meta and recorded, materialised shard by shard once sharded
@@ -196,6 +197,8 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
         trainer.load(resume_ckpt, resume_path)
         run_log.info(f"resumed from {resume_path} at epoch {trainer.state.epoch}, batch {trainer.state.batch}, "
                      f"step {trainer.state.step}")
+        if resume_note:
+            run_log.info(resume_note)
         note_schedule_change(run_log, resume_ckpt.get("config") or {}, cfg, lr,
                              trainer.state.epoch + trainer.state.batch / trainer.iters_per_epoch)
         if trainer.state.epoch >= sched.epochs:
@@ -207,12 +210,26 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
     # 3. train, 4. report
     try:
         state = trainer.fit()
+        if recon is not None:
+            recon.finish(trainer)  # a run stopped inside an epoch (--max_steps): its own last picture
     finally:
         run_log.close()
     summary = run_summary(out_dir, ckpt_dir, state, recon, model, run_log.tb_dir)
     if print_summary and dist.is_main:
         print_done(summary, out_dir)
     return summary
+
+
+def resume_settings(cfg: DictConfig, command: str) -> Optional[str]:
+    """Before any work: the run this one resumes must have started with the same run-defining settings (else one
+    line naming each, old -> new); the line naming the settings that may change and did, or None."""
+    from mimkit.tasks.preflight import check_resume_settings, started_config
+
+    ckpt_dir = cfg.checkpointing.checkpoint_dir or (cfg.misc.output_dir and Path(cfg.misc.output_dir) / "checkpoints")
+    started = started_config(ckpt_dir, cfg.misc.auto_resume, cfg.misc.resume)
+    latest = cfg.misc.resume or (Path(ckpt_dir) / "latest.pt" if ckpt_dir else None)
+    return check_resume_settings(started, C.to_container(cfg), command, cfg.misc.output_dir or ckpt_dir, latest,
+                                 cfg.misc.resume)
 
 
 # a continual stage's refusal (the sequence checked the same sizes before its first stage, with its own preset)

@@ -33,6 +33,7 @@ from mimkit.engine.fsdp import building, deferred_init, is_sharded, place_model,
 from mimkit.engine.precision import amp_decision
 from mimkit.models.checkpointing import apply_grad_checkpointing
 from mimkit.tasks.pretrain.setup import seed_everything
+from mimkit.tasks.preflight import check_resumed_settings
 
 
 HELP_EPILOG = (
@@ -213,6 +214,7 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     resume = U.read_resume(cfg)  # an MMSegmentation file too (--eval / --predict)
     if cfg.misc.eval or cfg.misc.predict:
         return evaluate_checkpoint(cfg, resume, given, dist)
+    check_resumed_settings(cfg, "segment", resume)  # a resume keeps its run-defining settings, before any work
     crop = C.input_size(cfg)
     saved = (resume or {}).get("config") or {}
     if resume is None and cfg.model.finetune and U.read_segment_checkpoint(cfg.model.finetune) is None:
@@ -379,7 +381,8 @@ def fit(cfg, model, train_set, run_eval: Callable, resume: Optional[dict], desc:
                  f"{o.layer_decay} below), warmup {s.warmup_iters}, test {test_desc}, amp {amp} ({amp_why}), "
                  f"device {dist.device}")
     if resume is not None:  # after the start-up line, which says what runs
-        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}")
+        run_log.info(f"resumed at epoch {trainer.state.epoch}, step {trainer.state.step}"
+                     + (f"; {resume['resume_note']}" if resume.get("resume_note") else ""))
     if s.warmup_iters > total:
         run_log.info(f"warning: the run is {total} steps but the warmup is {s.warmup_iters} (the lr never reaches "
                      f"{o.lr:.2e}); lower --warmup_iters")
