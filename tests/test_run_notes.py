@@ -237,3 +237,23 @@ def test_matrix_png_has_a_colour_bar(tmp_path: Path) -> None:
     column = px[top + 2: top + 58, bar_x, 0]
     assert column[0] < column[-1] and np.all(np.diff(column) >= 0)
     assert torch.tensor(column).unique().numel() > 10  # a gradient, not a flat box
+
+
+def test_the_console_log_follows_sys_stdout_after_the_old_one_is_closed(monkeypatch) -> None:
+    """A stdout swapped and closed after the logger was made (pytest's capture, wandb's console capture) must not
+    turn every later line into a '--- Logging error ---' traceback: the handler writes to the stdout of now."""
+    import io
+    import sys
+
+    from mimkit.engine.logging import get_logger
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    log = get_logger()
+    log.info("to the first")
+    first.close()
+    second, errors = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+    monkeypatch.setattr(sys, "stderr", errors)
+    log.info("to the second")
+    assert "to the second" in second.getvalue() and errors.getvalue() == ""

@@ -17,11 +17,27 @@ import numpy as np
 LOGGER_NAME = "mimkit"
 
 
+class _Console(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stdout is now, not the one of the moment it was made: a program (or pytest,
+    or wandb's console capture) that swaps stdout and later closes the old one must not break our logging."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger() -> logging.Logger:
     """The package logger (console handler added once)."""
     log = logging.getLogger(LOGGER_NAME)
     if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
+        h = _Console()
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
