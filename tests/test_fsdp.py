@@ -287,6 +287,38 @@ def test_fsdp_final_pt_loads_in_knn_linprobe_export(runs, tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_sharded_step_folder_is_read_whole_by_knn_and_export(runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mimkit.cli import main
+    from mimkit.io import load_checkpoint_file
+
+    ckpts = runs["dir"] / "resumed/checkpoints"
+    fin = final(runs["dir"] / "resumed")["model"]
+    # step-8/ holds its weights in sharded/ (2 ranks' files); read on one process they are final.pt's, bitwise
+    assert torch.load(ckpts / "step-8/model.pt", weights_only=True)["model"] == {}
+    for path in (ckpts / "step-8", ckpts / "step-8/model.pt"):
+        whole = load_checkpoint_file(path)["model"]
+        assert whole.keys() == fin.keys() and all(torch.equal(whole[k], fin[k]) for k in fin)
+    assert main(["knn", "--checkpoint", str(ckpts / "step-8"), "--data_path", str(runs["labelled"]), "--k", "3",
+                 "--device", "cpu", "--output_dir", str(tmp_path / "knn")]) == 0
+    assert main(["knn", "--checkpoint", str(ckpts / "../checkpoints/final.pt"), "--data_path", str(runs["labelled"]),
+                 "--k", "3", "--device", "cpu", "--output_dir", str(tmp_path / "knn_final")]) == 0
+    a, b = (json.loads((tmp_path / k / "results.json").read_text())["metrics"] for k in ("knn", "knn_final"))
+    assert a == b
+    out = tmp_path / "w.safetensors"
+    assert main(["export", str(ckpts / "step-8"), "--format", "safetensors", "--output", str(out)]) == 0
+    assert torch.equal(load_file(str(out))["cls_token"], fin["cls_token"])
+    # a rank's file gone: one line naming it
+    torn = tmp_path / "torn"
+    shutil.copytree(ckpts / "step-8", torn)
+    (torn / "sharded/__1_0.distcp").unlink()
+    capsys.readouterr()
+    assert main(["export", str(torn), "--format", "safetensors", "--output", str(tmp_path / "t.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is missing __1_0.distcp" in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
     # a sharded checkpoint missing a rank's file: refused before any work, the folder untouched
     run = tmp_path / "torn"

@@ -28,7 +28,7 @@ from mimkit.tasks.evaluation import config as EC
 from mimkit.tasks.evaluation import common as E
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
-from mimkit.models.checkpointing import apply_grad_checkpointing
+from mimkit.models.checkpointing import apply_grad_checkpointing, grad_checkpointing_line
 from mimkit.tasks.preflight import check_memory, check_resumed_settings, meta_images, meta_labels
 from mimkit.tasks.pretrain.setup import seed_everything
 
@@ -203,8 +203,10 @@ def finetune(cfg) -> dict:
                                           cfg.optimization.accum_iter, dist.world_size)
     cfg.optimization.lr = lr
     OmegaConf.set_struct(cfg, True)
-    apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type or "the classifier")
+    n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type or "the classifier")
     placed: list[str] = []  # logged once the run's log is open
+    if n_ckpt:
+        placed.append(grad_checkpointing_line(model, cfg.model.grad_checkpointing, n_ckpt))
     place_model(model, recorder, dist.device, amp_decision(cfg.misc.amp, dist.device)[0], cfg.distributed.strategy,
                 dist.world_size, placed.append, cfg.model.type or "the classifier", weights_needed=not sharded_resume)
     C.resolve_output_dir(cfg, "finetune")
