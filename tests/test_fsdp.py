@@ -306,6 +306,8 @@ def test_sharded_step_folder_is_read_whole_by_knn_and_export(runs, tmp_path, cap
                  "--k", "3", "--device", "cpu", "--output_dir", str(tmp_path / "knn_final")]) == 0
     a, b = (json.loads((tmp_path / k / "results.json").read_text())["metrics"] for k in ("knn", "knn_final"))
     assert a == b
+    printed = capsys.readouterr().out  # no --amp given: said as the default, not "as asked"
+    assert "amp off (fp32, the default: exact features" in printed and "as asked" not in printed
     out = tmp_path / "w.safetensors"
     assert main(["export", str(ckpts / "step-8"), "--format", "safetensors", "--output", str(out)]) == 0
     assert torch.equal(load_file(str(out))["cls_token"], fin["cls_token"])
