@@ -207,19 +207,21 @@ def finetune(cfg) -> dict:
     placed: list[str] = []  # logged once the run's log is open
     if n_ckpt:
         placed.append(grad_checkpointing_line(model, cfg.model.grad_checkpointing, n_ckpt))
+    bs = cfg.optimization.batch_size
+    # traced before sharding, as pretrain and segment do: a meta-device trace through fully_shard's hooks leaves
+    # its parameters half initialised (the first real forward then fails in FSDP's all-gather)
+    memory = None if cfg.misc.eval else check_memory(
+        f"finetune at batch {bs}, input {size[0]}x{size[1]}", model,
+        lambda m: F.cross_entropy(m(meta_images(bs, size, in_chans)), meta_labels(bs)), dist.device,
+        "lower --batch_size and raise --accum_iter (the same effective batch), a smaller --input_size, or "
+        "--grad_checkpointing; finetune/digits.yaml's sizes fit a CPU",
+        strategy=cfg.distributed.strategy, world_size=dist.world_size)
     place_model(model, recorder, dist.device, amp_decision(cfg.misc.amp, dist.device)[0], cfg.distributed.strategy,
                 dist.world_size, placed.append, cfg.model.type or "the classifier", weights_needed=not sharded_resume)
     C.resolve_output_dir(cfg, "finetune")
 
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "finetune", model, val_set, resume, dist, desc)
-
-    bs = cfg.optimization.batch_size
-    memory = check_memory(
-        f"finetune at batch {bs}, input {size[0]}x{size[1]}", model,
-        lambda m: F.cross_entropy(m(meta_images(bs, size, in_chans)), meta_labels(bs)), dist.device,
-        "lower --batch_size and raise --accum_iter (the same effective batch), a smaller --input_size, or "
-        "--grad_checkpointing; finetune/digits.yaml's sizes fit a CPU")
 
     # 2. set up: run folder, seeds, layer-decay AdamW, mixup and the loss
     run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,
