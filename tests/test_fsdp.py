@@ -104,6 +104,20 @@ def runs(tmp_path_factory):
         {"argv": seg("seg_stopped", *fsdp), "sigterm_at": 3},
         {"argv": seg("seg_resumed", *fsdp), "copy": [str(d / "seg_stopped"), str(d / "seg_resumed")]},
     ]
+    # a 1-process run (accum_iter 2: the effective batch 4 of 2 ranks x batch 2) stopped after step 2, mid-epoch:
+    # its full checkpoint is resumed under FSDP on 2 ranks in the plan (fsdp_worker run alone: one process)
+    one = [{"argv": pre("one_stop", "--accum_iter", "2", "--save_freq_steps", "100"), "sigterm_at": 2,
+            "keys": str(d / "one_stop/keys")}]
+    (d / "one/plan.json").parent.mkdir()
+    (d / "one/plan.json").write_text(json.dumps(one))
+    single = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    r = subprocess.run([sys.executable, str(WORKER), str(d / "one/plan.json")], capture_output=True, text=True,
+                       env=single, timeout=300)
+    assert json.loads((d / "one/rc-rank0.json").read_text()) == [75], r.stderr[-3000:]
+    plan.append({"argv": pre("one_to_fsdp", *fsdp, "--accum_iter", "2", "--save_freq_steps", "100"),
+                 "copy": [str(d / "one_stop"), str(d / "one_to_fsdp")], "keys": str(d / "one_to_fsdp/keys")})
+    plan.append({"argv": pre("one_to_ddp", "--accum_iter", "2", "--save_freq_steps", "100"),
+                 "copy": [str(d / "one_stop"), str(d / "one_to_ddp")]})
     (d / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
            str(d / "plan.json")]
@@ -112,7 +126,7 @@ def runs(tmp_path_factory):
     codes = [json.loads((d / f"rc-rank{k}.json").read_text()) for k in (0, 1)]
     expect = [75 if s.get("sigterm_at") else 0 for s in plan]  # a stop: a step checkpoint and exit code 75
     assert codes == [expect, expect], (codes, r.stderr[-3000:])
-    return {"dir": d, "data": data, "labelled": labelled}
+    return {"dir": d, "data": data, "labelled": labelled, "output": r.stdout + r.stderr}
 
 
 def test_meta_device_build_never_holds_the_model_and_equals_a_normal_build(runs):
@@ -150,6 +164,11 @@ def test_fsdp_matches_ddp(runs):
     assert len(fsdp) == len(ddp) == 8
     assert max(abs(a - b) for a, b in zip(fsdp, ddp)) <= 1e-5
     assert max_diff(final(d / "fsdp")["model"], final(d / "ddp")["model"]) <= 1e-5  # final.pt: the full weights
+
+
+def test_no_view_output_warning_from_fsdp(runs):
+    # FSDP2 warns of a model output that is a view (MAE's pred slice, LocalMIM's transposed preds) on every rank
+    assert "FSDP2-wrapped module" not in runs["output"] and "returned a view tensor" not in runs["output"]
 
 
 def test_localmim_fsdp_matches_ddp_within_1e_5(runs):
@@ -200,6 +219,26 @@ def test_sharded_checkpoint_layout_and_sigterm_resume_is_bitwise(runs):
     assert max_diff(as_ddp["model"], straight) <= 1e-5
 
 
+def test_full_checkpoint_of_one_process_resumes_under_fsdp_on_two_ranks(runs):
+    d = runs["dir"]
+    run = d / "one_to_fsdp"
+    log = (run / "log.txt").read_text()
+    assert "world size 1 -> 2: accum_iter 2 -> 1 keeps the effective batch 4" in log
+    assert "read the full checkpoint of 1 process(es) into the model sharded over 2 FSDP rank(s)" in log
+    assert "epoch 0 continues at sample 8 of its list (iteration 2 here, 4 before)" in log
+    keys = [json.loads(line) for f in sorted((run / "keys").glob("keys-rank*.jsonl"))
+            for line in f.read_text().splitlines()]
+    seen = Counter(i for e, i in keys if e == 0)
+    assert sorted(seen) == list(range(16)) and set(seen.values()) == {1}  # every image of epoch 0, once
+    fin = final(run)
+    assert fin["step"] == 8 and "sharded" not in fin
+    # weights and AdamW moments came from the checkpoint: the same resume under DDP gives the same run (a fresh
+    # build, or a lost optimiser state, would be far off)
+    fsdp_losses, ddp_losses = step_losses(run), step_losses(d / "one_to_ddp")
+    assert len(fsdp_losses) == len(ddp_losses) and max(abs(a - b) for a, b in zip(fsdp_losses, ddp_losses)) <= 1e-5
+    assert max_diff(fin["model"], final(d / "one_to_ddp")["model"]) <= 1e-5
+
+
 def pretrain(run: Path, data: Path, *extra: str) -> int:
     from mimkit.cli import main
 
@@ -246,6 +285,40 @@ def test_fsdp_final_pt_loads_in_knn_linprobe_export(runs, tmp_path, capsys):
     assert main(["export", str(fin), "--format", "safetensors", "--output", str(tmp_path / "w.safetensors")]) == 0
     assert (tmp_path / "w.safetensors").stat().st_size > 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_sharded_step_folder_is_read_whole_by_knn_and_export(runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mimkit.cli import main
+    from mimkit.io import load_checkpoint_file
+
+    ckpts = runs["dir"] / "resumed/checkpoints"
+    fin = final(runs["dir"] / "resumed")["model"]
+    # step-8/ holds its weights in sharded/ (2 ranks' files); read on one process they are final.pt's, bitwise
+    assert torch.load(ckpts / "step-8/model.pt", weights_only=True)["model"] == {}
+    for path in (ckpts / "step-8", ckpts / "step-8/model.pt"):
+        whole = load_checkpoint_file(path)["model"]
+        assert whole.keys() == fin.keys() and all(torch.equal(whole[k], fin[k]) for k in fin)
+    assert main(["knn", "--checkpoint", str(ckpts / "step-8"), "--data_path", str(runs["labelled"]), "--k", "3",
+                 "--device", "cpu", "--output_dir", str(tmp_path / "knn")]) == 0
+    assert main(["knn", "--checkpoint", str(ckpts / "../checkpoints/final.pt"), "--data_path", str(runs["labelled"]),
+                 "--k", "3", "--device", "cpu", "--output_dir", str(tmp_path / "knn_final")]) == 0
+    a, b = (json.loads((tmp_path / k / "results.json").read_text())["metrics"] for k in ("knn", "knn_final"))
+    assert a == b
+    printed = capsys.readouterr().out  # no --amp given: said as the default, not "as asked"
+    assert "amp off (fp32, the default: exact features" in printed and "as asked" not in printed
+    out = tmp_path / "w.safetensors"
+    assert main(["export", str(ckpts / "step-8"), "--format", "safetensors", "--output", str(out)]) == 0
+    assert torch.equal(load_file(str(out))["cls_token"], fin["cls_token"])
+    # a rank's file gone: one line naming it
+    torn = tmp_path / "torn"
+    shutil.copytree(ckpts / "step-8", torn)
+    (torn / "sharded/__1_0.distcp").unlink()
+    capsys.readouterr()
+    assert main(["export", str(torn), "--format", "safetensors", "--output", str(tmp_path / "t.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is missing __1_0.distcp" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_input_is_one_line(runs, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, write_images
 from mimkit.engine.distributed import keep_effective_batch
 from mimkit.engine.fsdp import shardable_blocks
 from mimkit.engine.sampling import EpochSampler
@@ -107,3 +107,49 @@ def test_fsdp_needs_blocks_finds_a_vit_classifier_and_a_segmenter():
     assert shardable_blocks(clf) == list(clf.blocks)
     seg = segmenter_from_encoder(enc, segmenter_arch(enc, (32, 32), 4, None, 16, 8, [1, 2], 0.1), 0.0)
     assert shardable_blocks(seg) == list(seg.backbone.blocks)
+
+
+def test_rollback_under_fsdp_over_several_processes_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from mimkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused by the config checks, before joining
+    assert main(["pretrain", *TINY_MODEL, "--strategy", "fsdp", "optimization.on_nonfinite=rollback",
+                 "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optimization.on_nonfinite=rollback is not available under --strategy fsdp" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_grad_checkpointing_help_gives_both_forms(capsys):
+    from mimkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sets model.grad_checkpointing to true alone, or to the value given (default: false)" in text
+
+
+def test_finetune_says_checkpointing_and_more_blocks_than_depth(tmp_path, image_folder):
+    """finetune logs the checkpointing line as pretrain does; N above the depth is said; a run stopped by
+    --max_steps inside an epoch evaluates through the per-epoch hook, so best.pt is kept as after an epoch."""
+    from mimkit.cli import main
+
+    enc = tmp_path / "pre"
+    assert main(["pretrain", *TINY_MODEL, "--data_path", str(image_folder), "--epochs", "1", "--batch_size", "4",
+                 "--device", "cpu", "--num_workers", "0", "--grad_checkpointing", "10",
+                 "--output_dir", str(enc)]) == 0
+    assert ("activation checkpointing: 2 block(s) recompute their activations in backward (frozen blocks are "
+            "skipped); --grad_checkpointing 10 asks for more than the encoder's 2 blocks: all 2"
+            ) in (enc / "log.txt").read_text()
+    ft, labelled = tmp_path / "ft", tmp_path / "labelled"
+    write_images(labelled / "train", 8, classes=2)
+    write_images(labelled / "val", 4, classes=2, seed=1)
+    assert main(["finetune", "--finetune", str(enc / "checkpoints/final.pt"), "--data_path", str(labelled),
+                 "--input_size", "32", "--epochs", "1", "--batch_size", "2", "--num_workers", "0", "--device",
+                 "cpu", "--amp", "off", "--max_steps", "1", "--grad_checkpointing", "--output_dir", str(ft)]) == 0
+    log = (ft / "log.txt").read_text()
+    assert "activation checkpointing: 2 block(s) recompute their activations" in log
+    assert "eval epoch 0: acc1" in log
+    best = torch.load(ft / "checkpoints/best.pt", weights_only=True)
+    fin = torch.load(ft / "checkpoints/final.pt", weights_only=True)
+    assert best["step"] == fin["step"] == 1 and all(torch.equal(best["model"][k], v) for k, v in fin["model"].items())

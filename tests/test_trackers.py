@@ -114,6 +114,12 @@ def test_pretrain_wandb_offline_and_mlflow_record_the_run_and_a_resume_continues
     assert client.get_run(run_id).info.status == "FINISHED"
     # the changed epochs stays the first value (params are immutable) and the new one is noted as a tag
     assert client.get_run(run_id).data.tags["resumed.schedule.epochs"] == "2"
+    # the start-up lines: both trackers say "(resumed)" on the second run only
+    lines = [x for x in (out / "log.txt").read_text().splitlines() if "wandb: " in x and "logging offline" in x]
+    assert len(lines) == 2 and "(resumed)" not in lines[0] and f"/{ids['wandb']['id']}) (resumed)" in lines[1]
+    # the store's Default experiment keeps its artifacts beside the database, not in ./mlruns of the cwd
+    default = client.get_experiment("0")
+    assert default.artifact_location == (tmp_path / "mlartifacts/0").resolve().as_uri()
 
 
 def test_missing_package_is_one_line_naming_the_extra_before_any_work(tmp_path, image_folder, capsys, monkeypatch):

@@ -69,11 +69,13 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "final") -> Path:
     )
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
+def load_checkpoint_file(path: str | os.PathLike, gather_shards: bool = True) -> Any:
     """Read a ``.pt``/``.pth``/``.bin`` (weights_only), ``.safetensors`` or sharded ``*.index.json`` onto the CPU.
 
     A folder is first resolved with `resolve_checkpoint`. Raises CheckpointError (one line naming the path)
     when the file is missing, corrupt, or holds objects other than tensors, containers and argparse.Namespace.
+    A step-N / epoch-N checkpoint of an FSDP run keeps its weights in `sharded/` (torch.distributed.checkpoint):
+    with gather_shards they are read whole into `model` on this one process (resuming reads them itself).
     """
     path = resolve_checkpoint(path)
     if path.name.endswith(".index.json"):
@@ -84,7 +86,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
 
             return load_file(str(path), device="cpu")
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return _config_beside(path, torch.load(path, map_location="cpu", weights_only=True))
+            obj = _config_beside(path, torch.load(path, map_location="cpu", weights_only=True))
+        if gather_shards and isinstance(obj, dict) and isinstance(obj.get("sharded"), dict) and not obj.get("model"):
+            obj = {**obj, "model": read_dcp_weights(dcp_folder(obj, path))}
+        return obj
+    except CheckpointError:
+        raise
     except Exception as e:  # torch/zipfile/pickle/safetensors raise many types; the user needs one line
         if "GLOBAL" not in str(e):  # not a class / function weights_only refused: garbage, truncation, ...
             raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, e)}") from None
@@ -105,6 +112,74 @@ def _config_beside(path: Path, obj: Any) -> Any:
     except (OSError, UnicodeDecodeError):
         return obj
     return {**obj, "meta": {**meta, "cfg": text}}
+
+
+# ---------------------------------------------------------------------------------------------- FSDP shards
+def dcp_folder(ckpt: dict, path: Path) -> Path:
+    """The `sharded/` folder of an FSDP checkpoint read from `path` (its step-N/model.pt or latest.pt)."""
+    name = ckpt["sharded"].get("folder", "")
+    for cand in (path.parent / "sharded", path.parent / name / "sharded", path.parent.parent / name / "sharded"):
+        if cand.is_dir():
+            missing = [f for f in ckpt["sharded"].get("files", []) if not (cand / f).exists()]
+            if missing:
+                raise CheckpointError(f"sharded checkpoint {cand} is missing {', '.join(missing)} (one file per "
+                                      "rank); copy the whole folder, or use the run's checkpoints/final.pt")
+            return cand
+    raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint but its {name}/sharded/ folder is not beside it; "
+                          "copy the whole checkpoint folder, or use the run's checkpoints/final.pt")
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: only its own dataclasses and torch's sizes / dtypes may load (no code runs)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module.startswith("torch.distributed.checkpoint.")
+                   or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                                         ("collections", "OrderedDict")}
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise CheckpointError(f"the sharded checkpoint's .metadata names {module}.{name}: not a "
+                                  "torch.distributed.checkpoint file mimkit reads")
+        return super().find_class(module, name)
+
+
+def read_dcp_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole model of a torch.distributed.checkpoint folder, on this one process (no process group): the
+    shards of every rank put back together -> {name: tensor} on CPU."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):  # FileSystemReader's, through the safe unpickler
+            import torch.distributed.checkpoint.filesystem as fs
+
+            real = fs.pickle.load
+            fs.pickle.load = lambda f: _DCPMetadataUnpickler(f).load()
+            try:
+                return super().read_metadata(*args, **kwargs)
+            finally:
+                fs.pickle.load = real
+
+    if not (folder / ".metadata").exists():
+        raise CheckpointError(f"sharded checkpoint {folder} has no .metadata; copy the whole folder, or use the "
+                              "run's checkpoints/final.pt")
+    sd: dict = {}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore")
+            _load_state_dict(sd, storage_reader=Reader(str(folder)),
+                             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a torn folder: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read the sharded checkpoint {folder}: {first[:300]}") from None
+    model = sd.get("model", {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+    return {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
 
 
 # ---------------------------------------------------------------------------------------------- restricted

@@ -124,6 +124,8 @@ def add_arguments(p: argparse.ArgumentParser, flags: list[Flag], schema: type) -
             if f.enables:
                 help_text = f"{text}sets {f.enables} to true, and {f.key} to the value when one is given " \
                             f"(default: {default})"
+            elif f.const is not None:  # bare: the const; with a value: that value
+                help_text = f"{text}sets {f.key} to {_show(f.const)} alone, or to the value given (default: {default})"
             action = p.add_argument(f"--{f.name}", dest=f.name, nargs=f.nargs, const=f.const, type=f.type,
                                     default=None, metavar=f.key.split(".")[-1].upper(), help=help_text)
         elif f.const is not None:

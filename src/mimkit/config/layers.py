@@ -172,6 +172,11 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("bad value for 'model.mask_ratio': 0 with model.loss_mode masked_only leaves no "
                               "patch to reconstruct (the loss is always 0); raise --mask_ratio or give "
                               "--loss_mode all_pixels")
+    if (OmegaConf.select(cfg, "distributed.strategy", default=None) == "fsdp"
+            and OmegaConf.select(cfg, "optimization.on_nonfinite", default=None) == "rollback"
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):  # (one process under fsdp shards nothing: it can)
+        raise ConfigError("optimization.on_nonfinite=rollback is not available under --strategy fsdp over several "
+                          "processes; use stop or skip (a stopped run resumes from its last sharded checkpoint)")
     if "data" in cfg:
         size = input_size(cfg)
         if any(s < 1 for s in size):

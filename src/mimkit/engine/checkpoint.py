@@ -311,7 +311,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def load_training_checkpoint(path: str | Path) -> dict:
     """Read a mimkit training checkpoint safely (weights_only); a foreign or corrupt file is a CheckpointError."""
     p = resolve_checkpoint_path(path)
-    ckpt = load_checkpoint_file(p)
+    ckpt = load_checkpoint_file(p, gather_shards=False)  # resuming reads the shards itself (each rank its own)
     missing = [k for k in ("model", "optimizer", "epoch", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(

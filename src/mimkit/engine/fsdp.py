@@ -219,6 +219,41 @@ def load_shards(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
+def load_full(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Read a full (non-sharded) checkpoint -- one written on one process or under DDP -- into a sharded model
+    and its optimiser: every rank holds the whole checkpoint and keeps its own rows of each tensor.
+
+    `optim_sd` is torch's `optimizer.state_dict()` (parameters numbered in param_groups order); DCP's loader
+    wants parameter names, so the numbers are mapped to this model's names through the optimiser's own groups.
+    Raises CheckpointError naming what does not fit."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    try:
+        set_model_state_dict(model, model_sd, options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint does not fit this model: {first[:300]}") from None
+    if not optim_sd:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups, saved_groups = optimizer.param_groups, optim_sd.get("param_groups", [])
+    if len(groups) != len(saved_groups) or any(len(g["params"]) != len(s["params"])
+                                               for g, s in zip(groups, saved_groups)):
+        raise CheckpointError("optimizer state does not fit this run: the checkpoint's parameter groups "
+                              f"({[len(s['params']) for s in saved_groups]} parameters) are not this run's "
+                              f"({[len(g['params']) for g in groups]})")
+    by_name: dict = {"state": {}, "param_groups": []}
+    for g, s in zip(groups, saved_groups):
+        fqns = [names[id(p)] for p in g["params"]]
+        for idx, fqn in zip(s["params"], fqns):
+            if idx in optim_sd.get("state", {}):
+                by_name["state"][fqn] = optim_sd["state"][idx]
+        by_name["param_groups"].append({**s, "params": fqns})
+    set_optimizer_state_dict(model, optimizer, by_name, options=opts)
+
+
 def full_model_state(model: nn.Module) -> dict:
     """The whole model's weights on CPU on rank 0 (a collective; empty on the other ranks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

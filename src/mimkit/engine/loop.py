@@ -271,7 +271,7 @@ class Trainer:
         number of processes.
         """
         sharded = ckpt.get("sharded")
-        if not sharded:
+        if not sharded and not self.fsdp:  # (a full checkpoint under FSDP: F.load_full below, weights too)
             try:
                 self.model.load_state_dict(ckpt["model"], strict=True)
             except RuntimeError as e:
@@ -291,6 +291,10 @@ class Trainer:
             if sharded.get("world_size") != self.dist.world_size or not self.fsdp:
                 self.run.info(f"read the sharded checkpoint of {sharded.get('world_size')} FSDP rank(s) on "
                               f"{self.dist.world_size} process(es)" + ("" if self.fsdp else " without FSDP"))
+        elif self.fsdp:
+            F.load_full(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+            self.run.info(f"read the full checkpoint of {ckpt.get('data_position', {}).get('world_size', 1)} "
+                          f"process(es) into the model sharded over {self.dist.world_size} FSDP rank(s)")
         else:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -130,11 +130,12 @@ class WandbTracker(Tracker):
         # drops rows whose _step is not past the last one, so it is kept in trackers.json and continued here
         self._row = int(saved.get("row", 0))
         where = f"{project}/{self.run.id}"
+        resumed = " (resumed)" if saved.get("id") else ""  # the id came from trackers.json: the same wandb run
         if mode == "offline":
-            say(f"wandb: {why + '; ' if why else ''}logging offline ({where}); upload later with: "
+            say(f"wandb: {why + '; ' if why else ''}logging offline ({where}){resumed}; upload later with: "
                 f"{self.sync_command()}")
         else:
-            say(f"wandb: logging to {self.run.url or where}" + (" (resumed)" if saved.get("id") else ""))
+            say(f"wandb: logging to {self.run.url or where}{resumed}")
 
     def sync_command(self) -> str:
         """The command that uploads every offline session of this run id, oldest first."""
@@ -242,6 +243,7 @@ class MlflowTracker(Tracker):
         uri = settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") \
             or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         self.uri = uri
+        _create_sqlite_store(uri)
         self.client = MlflowClient(tracking_uri=uri)
         name = settings.get("experiment_name") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "mimkit"
         run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
@@ -300,6 +302,20 @@ class MlflowTracker(Tracker):
         # a pre-empted run is KILLED until the rerun continues it (back to RUNNING, then FINISHED)
         self.client.set_terminated(self.run_id, status=MLFLOW_STATUS.get(status, "FAILED"))
         return None
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """A new local sqlite store made with its artifact root beside the database: MLflow's client would create it
+    with the Default experiment's artifacts in ./mlruns/0 of whatever folder the command ran from."""
+    root = _artifact_root(uri)
+    if root is None or Path(uri[len("sqlite:///"):]).exists():
+        return
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(uri, root)
+    except Exception:  # another mlflow layout: the client creates the store as before (Default in ./mlruns)
+        pass
 
 
 def _artifact_root(uri: str) -> Optional[str]:

@@ -135,3 +135,18 @@ def apply_grad_checkpointing(model: nn.Module, value: GradCheckpointing, model_n
     if own is not None and hasattr(model, "transformer_blocks"):
         return own(value)
     return checkpoint_blocks(blocks, value)
+
+
+def grad_checkpointing_line(model: nn.Module, value: GradCheckpointing, count: int) -> str | None:
+    """The start-up line for `count` checkpointed blocks (None when none); an N above the encoder's depth is
+    said, not silently cut: like a slice, N >= depth means every encoder block (a preset's N stays usable on a
+    shallower checkpoint), and the line names the depth so a typo shows."""
+    if not count:
+        return None
+    value = parse_grad_checkpointing(value)
+    depth = len(encoder_blocks(model))
+    note = ""
+    if value is not True and int(value) > depth:
+        note = f"; --grad_checkpointing {int(value)} asks for more than the encoder's {depth} blocks: all {depth}"
+    return (f"activation checkpointing: {count} block(s) recompute their activations in backward (frozen blocks "
+            f"are skipped){note}")

@@ -318,7 +318,8 @@ class LocalMIMViT(MaskedAutoencoderViT):
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         preds = self.forward_decoder(latents, ids_restore)
         loss = self.forward_loss(imgs, preds, mask, loss_mode)
-        return loss, preds, mask
+        # each pred is a transposed view: copies, as MAE's forward (FSDP2 warns of a model output that is a view)
+        return loss, [p.clone() for p in preds], mask
 
     # ------------------------------------------------------------------ freezing API
     def is_fixed_param(self, name: str) -> bool:

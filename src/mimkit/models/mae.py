@@ -227,7 +227,9 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask, loss_mode)
-        return loss, pred, mask
+        # pred is a slice (a view) of the decoder's output; a model's output that is a view trips FSDP2's
+        # warning (an in-place op on it would skip its backward hook): a copy, which replaces the view's storage
+        return loss, pred.clone(), mask
 
     # ------------------------------------------------------------------ memory: blocks, checkpointing
     def decoder_blocks_list(self) -> list[nn.Module]:

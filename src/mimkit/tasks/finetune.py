@@ -28,7 +28,7 @@ from mimkit.tasks.evaluation import config as EC
 from mimkit.tasks.evaluation import common as E
 from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
-from mimkit.models.checkpointing import apply_grad_checkpointing
+from mimkit.models.checkpointing import apply_grad_checkpointing, grad_checkpointing_line
 from mimkit.tasks.preflight import check_memory, check_resumed_settings, meta_images, meta_labels
 from mimkit.tasks.pretrain.setup import seed_everything
 
@@ -203,21 +203,25 @@ def finetune(cfg) -> dict:
                                           cfg.optimization.accum_iter, dist.world_size)
     cfg.optimization.lr = lr
     OmegaConf.set_struct(cfg, True)
-    apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type or "the classifier")
+    n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, cfg.model.type or "the classifier")
     placed: list[str] = []  # logged once the run's log is open
+    if n_ckpt:
+        placed.append(grad_checkpointing_line(model, cfg.model.grad_checkpointing, n_ckpt))
+    bs = cfg.optimization.batch_size
+    # traced before sharding, as pretrain and segment do: a meta-device trace through fully_shard's hooks leaves
+    # its parameters half initialised (the first real forward then fails in FSDP's all-gather)
+    memory = None if cfg.misc.eval else check_memory(
+        f"finetune at batch {bs}, input {size[0]}x{size[1]}", model,
+        lambda m: F.cross_entropy(m(meta_images(bs, size, in_chans)), meta_labels(bs)), dist.device,
+        "lower --batch_size and raise --accum_iter (the same effective batch), a smaller --input_size, or "
+        "--grad_checkpointing; finetune/digits.yaml's sizes fit a CPU",
+        strategy=cfg.distributed.strategy, world_size=dist.world_size)
     place_model(model, recorder, dist.device, amp_decision(cfg.misc.amp, dist.device)[0], cfg.distributed.strategy,
                 dist.world_size, placed.append, cfg.model.type or "the classifier", weights_needed=not sharded_resume)
     C.resolve_output_dir(cfg, "finetune")
 
     if cfg.misc.eval:
         return E.evaluate_only(cfg, "finetune", model, val_set, resume, dist, desc)
-
-    bs = cfg.optimization.batch_size
-    memory = check_memory(
-        f"finetune at batch {bs}, input {size[0]}x{size[1]}", model,
-        lambda m: F.cross_entropy(m(meta_images(bs, size, in_chans)), meta_labels(bs)), dist.device,
-        "lower --batch_size and raise --accum_iter (the same effective batch), a smaller --input_size, or "
-        "--grad_checkpointing; finetune/digits.yaml's sizes fit a CPU")
 
     # 2. set up: run folder, seeds, layer-decay AdamW, mixup and the loss
     run_log = RunLogger(cfg.misc.output_dir, enabled=dist.is_main, print_freq=cfg.logging.print_freq,

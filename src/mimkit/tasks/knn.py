@@ -40,12 +40,21 @@ def add_common_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    f"default: a new runs/{command}/<timestamp>")
 
 
+def feature_amp(flag: str | None, device) -> tuple[str, str]:
+    """--amp of a feature pass -> (bf16 | fp16 | off, why); off (the default) is said as fp32, whether given or not
+    (amp_decision's "as asked" read as if the user had typed it)."""
+    from mimkit.engine.precision import amp_decision
+
+    if flag == "off":
+        return "off", "fp32, the default: exact features; --amp auto for bf16"
+    return amp_decision(flag, device)
+
+
 def features(args: argparse.Namespace):
     """(model, description, train (feats, labels), val (feats, labels), classes) for knn / rankme."""
     import torch
 
     from mimkit.data.transforms import eval_transform, normalization_of
-    from mimkit.engine.precision import amp_decision
     from mimkit.tasks.evaluation.features import extract_features
 
     torch.manual_seed(args.seed)
@@ -54,7 +63,7 @@ def features(args: argparse.Namespace):
     train, val = E.open_labelled(args.data_path, tf, tf)
     device = E.pick_device(args.device)
     model.to(device)
-    amp, why = amp_decision(args.amp, device)
+    amp, why = feature_amp(args.amp, device)
     tr = extract_features(model, train, args.batch_size, device, args.pool, args.num_workers, amp)
     va = extract_features(model, val, args.batch_size, device, args.pool, args.num_workers, amp)
     return model, f"{desc}; amp {amp} ({why})", tr, va, list(train.classes)

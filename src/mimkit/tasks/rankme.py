@@ -14,7 +14,7 @@ import argparse
 
 from mimkit.tasks.evaluation import common as E
 from mimkit import config as C
-from mimkit.tasks.knn import _config, add_common_arguments
+from mimkit.tasks.knn import _config, add_common_arguments, feature_amp
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
 
     from mimkit.data.sources import open_dataset
     from mimkit.data.transforms import eval_transform, normalization_of
-    from mimkit.engine.precision import amp_decision
     from mimkit.errors import DataError
     from mimkit.metrics import rankme
     from mimkit.tasks.evaluation.features import extract_features
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if len(ds) > args.max_images:  # a fixed, evenly spread subset: the same images every run
         ds = Subset(ds, torch.linspace(0, len(ds) - 1, args.max_images).long().tolist())
     device = E.pick_device(args.device)
-    amp, why = amp_decision(args.amp, device)
+    amp, why = feature_amp(args.amp, device)
     feats, _ = extract_features(model.to(device), ds, args.batch_size, device, args.pool, args.num_workers, amp)
     value = rankme(feats)
     print(f"mimkit rankme: {desc}; {len(feats)} images, feature dim {feats.shape[1]}; amp {amp} ({why})")

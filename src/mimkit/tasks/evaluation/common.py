@@ -345,10 +345,13 @@ def train_classifier(cfg, command: str, model: torch.nn.Module, optimizer: torch
                      f"{cfg.data.data_path}); a config file or flags override it")
     try:
         trainer.fit()
+        if not hook.history or hook.history[-1]["step"] != trainer.state.step:
+            # stopped inside an epoch (--max_steps): the final evaluation goes through the hook too, so it is
+            # logged and best.pt is kept as after an epoch (on every rank: under FSDP the weights are gathered)
+            hook.on_epoch_end(trainer, trainer.state.epoch)
     finally:
         run_log.close()
-    final = hook.history[-1] if hook.history else evaluate_classifier(
-        eval_forward, val_set, opt.batch_size, dist.device, cfg.data.dist_eval)
+    final = hook.history[-1]
     metrics = classifier_metrics(hook, final)
     if dist.is_main:
         report(out_dir, command, metrics, cfg.model.finetune, cfg.data.data_path, C.to_container(cfg),

@@ -127,7 +127,8 @@ FLAGS: list[Flag] = [
     Flag("nf", "model.nf", int, "ResNet width"),
     Flag("finetune", "model.finetune", str, "MAE checkpoint whose ViT encoder is the backbone"),
     C.GRAD_CKPT_FLAG,
-    C.STRATEGY_FLAG,
+    C.Flag("strategy", "distributed.strategy", str, "ddp only here: fsdp is not available in incremental yet (its "
+           "classifier head grows at every task and its teachers copy the model)"),
     Flag("data_path", "data.data_path", str, "digits, class folders under train/ and val/, or a CIFAR folder"),
     Flag("dataset", "data.dataset", str, "auto | folder | cifar10 | cifar100"),
     Flag("input_size", "data.input_size", int),

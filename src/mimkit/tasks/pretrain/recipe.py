@@ -27,7 +27,7 @@ from mimkit.engine.logging import RunLogger
 from mimkit.engine.loop import LoopSettings, Trainer, TrainState, rollback_settings
 from mimkit.engine.optim import optimizer_kind, scaled_lr
 from mimkit.engine.precision import amp_decision
-from mimkit.models.checkpointing import apply_grad_checkpointing
+from mimkit.models.checkpointing import apply_grad_checkpointing, grad_checkpointing_line
 from mimkit.tasks.preflight import CPU_HINT, cap_workers, check_memory, check_one_batch, load_weights
 from mimkit.tasks.preflight import meta_images
 from mimkit.tasks.preflight import note_schedule_change
@@ -137,8 +137,7 @@ def train(cfg: DictConfig, extra_hooks: list = (), print_summary: bool = True, p
                          "--init_from / --continual_checkpoint): the frozen weights stay random, so little can be "
                          "learned; start from a pretrained checkpoint")
     if n_ckpt:
-        run_log.info(f"activation checkpointing: {n_ckpt} block(s) recompute their activations in backward "
-                     "(frozen blocks are skipped)")
+        run_log.info(grad_checkpointing_line(model, cfg.model.grad_checkpointing, n_ckpt))
     if dist.device.type == "cuda" and cfg.misc.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

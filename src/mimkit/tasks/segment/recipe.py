@@ -31,7 +31,7 @@ from mimkit.config import add_arguments as _add_arguments
 from mimkit.config import config_from_args
 from mimkit.engine.fsdp import building, deferred_init, is_sharded, place_model, shard_folder, shardable_blocks
 from mimkit.engine.precision import amp_decision
-from mimkit.models.checkpointing import apply_grad_checkpointing
+from mimkit.models.checkpointing import apply_grad_checkpointing, grad_checkpointing_line
 from mimkit.tasks.pretrain.setup import seed_everything
 from mimkit.tasks.preflight import check_resumed_settings
 
@@ -257,10 +257,12 @@ def segment(cfg, given: Optional[dict] = None) -> dict:
     cfg.model.arch, cfg.model.class_names = arch, list(classes)  # --eval / --predict rebuild from these
     OmegaConf.set_struct(cfg, True)
     val_set = SegmentationDataset(val_src)
-    apply_grad_checkpointing(model, cfg.model.grad_checkpointing, "the segmenter")
+    n_ckpt = apply_grad_checkpointing(model, cfg.model.grad_checkpointing, "the segmenter")
     if cfg.distributed.strategy == "fsdp":
         shardable_blocks(model, "the segmenter")
     placed: list[str] = []  # logged once the run's log is open
+    if n_ckpt:
+        placed.append(grad_checkpointing_line(model, cfg.model.grad_checkpointing, n_ckpt))
     place_model(model, recorder, dist.device, amp_decision(cfg.misc.amp, dist.device)[0], cfg.distributed.strategy,
                 dist.world_size, placed.append, "the segmenter", weights_needed=not (resume or {}).get("sharded"))
     out_dir = Path(C.resolve_output_dir(cfg, "segment"))  # default: a new runs/segment/<timestamp>
