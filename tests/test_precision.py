@@ -134,7 +134,7 @@ def test_knn_takes_amp_and_says_which_precision(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "amp bf16 (--amp bf16 as asked)" in out
     assert main(args) == 0
-    assert "amp off (--amp off as asked)" in capsys.readouterr().out  # fp32 features unless asked
+    assert "amp off (fp32, the default: exact features" in capsys.readouterr().out  # fp32 features unless asked
 
 
 def test_an_unknown_amp_value_says_off_is_fp32(tmp_path: Path, capsys) -> None:

@@ -257,3 +257,23 @@ def test_the_console_log_follows_sys_stdout_after_the_old_one_is_closed(monkeypa
     monkeypatch.setattr(sys, "stderr", errors)
     log.info("to the second")
     assert "to the second" in second.getvalue() and errors.getvalue() == ""
+
+
+def test_early_notes_reach_log_txt_even_with_a_stray_file_handler(tmp_path) -> None:
+    """A FileHandler some earlier run left on the package logger must not swallow this command's early notes."""
+    import logging
+
+    from mimkit.engine.logging import RunLogger, early_notes, get_logger
+
+    log = get_logger()
+    stray = logging.FileHandler(tmp_path / "stray.txt")
+    log.addHandler(stray)
+    try:
+        with early_notes():
+            log.warning("a note said before the run folder exists")
+            run = RunLogger(tmp_path / "run", tensorboard=False)
+            run.close()
+    finally:
+        log.removeHandler(stray)
+        stray.close()
+    assert "a note said before the run folder exists" in (tmp_path / "run" / "log.txt").read_text()

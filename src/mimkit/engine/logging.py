@@ -52,10 +52,13 @@ class _EarlyNotes(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.records: list[logging.LogRecord] = []
+        self.taken = False  # a run logger of this command has opened its log.txt (it gets later records itself)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not any(isinstance(h, logging.FileHandler) for h in logging.getLogger(LOGGER_NAME).handlers):
-            self.records = (self.records + [record])[-50:]  # a log.txt open already has it
+        # Not "is any FileHandler attached": a handler another run left behind in this process must not swallow
+        # this command's notes.
+        if not self.taken:
+            self.records = (self.records + [record])[-50:]
 
 
 _EARLY: list[_EarlyNotes] = []
@@ -148,6 +151,7 @@ class RunLogger:
             for record in early.records:
                 self._file_handler.handle(record)
             early.records.clear()
+            early.taken = True
         self.log.addHandler(self._file_handler)
         self.file_log = logging.getLogger(f"{LOGGER_NAME}.fileonly.{id(self)}")
         self.file_log.addHandler(self._file_handler)
